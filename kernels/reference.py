@@ -11,6 +11,93 @@ import torch.nn.functional as F
 # ==== END ATTENTION ====
 
 # ==== POOLING (masked_pool_ref) ====
+POOL_MODES = {"mean": "mean", "weighted_mean": "weighted_mean", "last_token": "last_token", "eos_token": "last_token",
+              "first_token": "first_token", "bos_token": "first_token"}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_pool_args(hidden, cu_seqlens, mode, pool_start, dtypes=_FLOAT_DTYPES):
+    """Validate masked_pool arguments (shared by the kernel and the twin); returns the canonical mode name."""
+    if mode not in POOL_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {sorted(POOL_MODES)}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a 2-D packed tensor [total_tokens, D], got {shape}")
+    if hidden.dtype not in dtypes:
+        raise TypeError(f"hidden must be one of {[str(d) for d in dtypes]}, got {hidden.dtype}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [B + 1], got {shape}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+    B = cu_seqlens.numel() - 1
+    if pool_start is not None:
+        if not isinstance(pool_start, torch.Tensor) or tuple(pool_start.shape) != (B,):
+            shape = tuple(pool_start.shape) if isinstance(pool_start, torch.Tensor) else type(pool_start).__name__
+            raise ValueError(f"pool_start must have shape ({B},) (one offset per sequence), got {shape}")
+        if pool_start.dtype != torch.int32:
+            raise TypeError(f"pool_start must be int32, got {pool_start.dtype}")
+        if pool_start.device != hidden.device:
+            raise ValueError(f"pool_start is on {pool_start.device} but hidden is on {hidden.device}")
+    # one host sync for all value checks; the detailed (slower) search runs only when something is wrong
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    bad = (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (lengths < 0).any()
+    if pool_start is not None:
+        bad = bad | (pool_start < 0).any() | (pool_start.long() > lengths).any()
+    if not bool(bad):
+        return POOL_MODES[mode]
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
+    if (lengths < 0).any():
+        i = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(cu[i])} > "
+                         f"cu_seqlens[{i + 1}] = {int(cu[i + 1])}")
+    if int(cu[-1]) != hidden.shape[0]:
+        raise ValueError(f"cu_seqlens[-1] = {int(cu[-1])} must equal the number of packed tokens "
+                         f"hidden.shape[0] = {hidden.shape[0]}")
+    ps = pool_start.long()
+    if (ps < 0).any():
+        i = int(torch.nonzero(ps < 0)[0])
+        raise ValueError(f"pool_start must be >= 0, got pool_start[{i}] = {int(ps[i])}")
+    i = int(torch.nonzero(ps > lengths)[0])
+    raise ValueError(f"pool_start[{i}] = {int(ps[i])} is beyond the length {int(lengths[i])} of sequence {i}")
+
+
+def masked_pool_ref(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=False):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.masked_pool` (same arguments, semantics and errors).
+
+    Vectorised (no per-sequence loop): each token gets its pooling weight, then one ``index_add`` per batch. fp32
+    math (float64 inputs, accepted here only, stay float64), output in ``hidden.dtype``. Empty pooled spans give zero
+    vectors (also after ``normalize``).
+    """
+    mode = _check_pool_args(hidden, cu_seqlens, mode, pool_start, _FLOAT_DTYPES + (torch.float64,))
+    T, D = hidden.shape
+    B = cu_seqlens.numel() - 1
+    dev = hidden.device
+    cu = cu_seqlens.long()
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]  # (B,)
+    seg = torch.repeat_interleave(torch.arange(B, device=dev), lengths)  # (T,) sequence id of each token
+    pos = torch.arange(T, device=dev) - starts[seg]  # (T,) position inside its sequence
+    ps = pool_start.long() if pool_start is not None else torch.zeros(B, dtype=torch.long, device=dev)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n = (lengths - ps).to(acc)  # (B,) pooled tokens per sequence
+    rank = (pos - ps[seg] + 1).to(acc)  # (T,) 1-based rank inside the pooled span, <= 0 before it
+    if mode == "mean":
+        w = (rank >= 1).to(acc) / n.clamp(min=1)[seg]
+    elif mode == "weighted_mean":
+        w = rank.clamp(min=0) / (n * (n + 1) / 2).clamp(min=1)[seg]
+    elif mode == "last_token":
+        w = (pos == lengths[seg] - 1).to(acc)
+    else:  # first_token
+        w = (pos == 0).to(acc)
+    x = hidden.to(acc) * w[:, None]
+    out = torch.zeros(B, D, dtype=acc, device=dev).index_add(0, seg, x)
+    if normalize:
+        out = F.normalize(out, dim=-1, eps=1e-12)
+    return out.to(hidden.dtype)
 # ==== END POOLING ====
 
 # ==== CROSS ENTROPY (fused_linear_cross_entropy_ref) ====
