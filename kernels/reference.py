@@ -101,4 +101,56 @@ def masked_pool_ref(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=
 # ==== END POOLING ====
 
 # ==== CROSS ENTROPY (fused_linear_cross_entropy_ref) ====
+def _check_ce_args(hidden, weight, labels, ignore_index, bias, dtypes=_FLOAT_DTYPES):
+    """Validate fused_linear_cross_entropy arguments (shared by kernel and twin); returns the number of valid rows.
+
+    One host sync: the label range check and the count of non-ignored rows are read back together.
+    """
+    for name, t, dim in (("hidden", hidden, 2), ("weight", weight, 2), ("labels", labels, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a {dim}-D tensor, got {shape}")
+    if hidden.dtype not in dtypes:
+        raise TypeError(f"hidden must be one of {[str(d) for d in dtypes]}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    N, H = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, {H}] to match hidden [N, {H}], got {tuple(weight.shape)}")
+    if labels.shape[0] != N:
+        raise ValueError(f"labels must have {N} entries (one per hidden row), got {labels.shape[0]}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape ({V},), got {shape}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= V))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {V}) and is not "
+                         f"ignore_index ({ignore_index})")
+    return n_valid
+
+
+def fused_linear_cross_entropy_ref(hidden, weight, labels, *, ignore_index=-100, bias=None):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.fused_linear_cross_entropy`: full fp32 logits + F.cross_entropy.
+
+    Mean over the non-ignored rows; when every row is ignored the loss is 0.0 with zero gradients (F.cross_entropy
+    would give NaN). Returns a float32 scalar (float64 inputs, accepted here only, stay float64).
+    """
+    n_valid = _check_ce_args(hidden, weight, labels, ignore_index, bias, _FLOAT_DTYPES + (torch.float64,))
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = F.linear(hidden.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None)  # (N, V)
+    if n_valid == 0:
+        return logits.sum() * 0.0  # keeps the graph so that every input gets a zero gradient
+    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="mean")
 # ==== END CROSS ENTROPY ====
