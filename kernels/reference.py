@@ -8,6 +8,57 @@ import torch
 import torch.nn.functional as F
 
 # ==== ATTENTION (flash_attention_ref) ====
+def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
+                        return_lse=False, _dropout_mask=None, _upcast=True):
+    """Plain PyTorch twin of :func:`llm2vec_fast.kernels.flash_attention` (same signature and semantics).
+
+    q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` packed; ``cu_seqlens`` int32 ``[B + 1]``. Each sequence attends to itself
+    only, bidirectionally. Scores and softmax in fp32, output in the input dtype; lse ``[Hq, T]`` fp32. Dropout is
+    drawn from a torch generator seeded with ``seed`` (same distribution as the kernel, not the same bits); the private
+    ``_dropout_mask`` (bool ``[Hq, T, T]``, True = kept, e.g. from ``attention.dropout_keep_mask``) replaces the draw so
+    that a test can compare against the kernel's exact mask. ``_upcast=False`` keeps both matmuls in the input dtype
+    (softmax still fp32, P rounded to the input dtype before P·V, like a flash kernel): tests use it as the
+    low-precision reference whose error sets the tolerance. Differentiable through autograd.
+    """
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {cu}")
+    longest = max((b - a for a, b in zip(cu[:-1], cu[1:], strict=True)), default=0)
+    if longest > int(max_seqlen):
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+    if HQ % HKV != 0:
+        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
+    gen = None
+    if dropout_p > 0 and _dropout_mask is None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        gen = torch.Generator(device=q.device).manual_seed(int(seed) % (1 << 63))
+    # GQA: query head i reads kv head i // G
+    cdt = torch.float32 if _upcast else q.dtype  # matmul dtype
+    kf = k.to(cdt).repeat_interleave(HQ // HKV, dim=1)
+    vf = v.to(cdt).repeat_interleave(HQ // HKV, dim=1)
+    qf = q.to(cdt)
+    outs, lses = [], []
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (qf, kf, vf))  # (H, L, D)
+        s = (qs @ ks.transpose(-1, -2)).float() * scale  # (H, L, L)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        lses.append(torch.logsumexp(s, dim=-1))  # (H, L)
+        p = torch.softmax(s, dim=-1)
+        if dropout_p > 0:
+            if _dropout_mask is not None:
+                keep = _dropout_mask[:, a:b, a:b].to(p.device)
+            else:
+                keep = torch.rand(p.shape, generator=gen, device=p.device) >= dropout_p
+            p = p * keep / (1.0 - dropout_p)
+        outs.append((p.to(cdt) @ vs).transpose(0, 1))  # (L, H, D)
+    o = torch.cat(outs, 0).to(q.dtype) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros((HQ, T), dtype=torch.float32)
+    return (o, lse) if return_lse else o
 # ==== END ATTENTION ====
 
 # ==== POOLING (masked_pool_ref) ====

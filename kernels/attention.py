@@ -1,0 +1,626 @@
+"""Bidirectional flash attention on packed variable-length sequences (Triton), forward and backward.
+
+Five layers, one way down: ``@triton.jit`` kernels → launchers (``attention_fwd`` / ``attention_bwd``: validate the
+layout, allocate, pick blocks, compute the grid) → ``FlashAttentionFunction`` (autograd; saves q, k, v, o, lse) →
+``flash_attention`` (the public function, documented and validated). The plain PyTorch twin is
+:func:`llm2vec_fast.kernels.reference.flash_attention_ref`.
+
+Kernel naming follows FLA: ``i_`` program indices, ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` blocks,
+uppercase compile-time sizes. Scores live in the log2 domain (``log2(e)`` folded into the scale) so that every
+exponential is an ``exp2``; the log-sum-exp is stored in natural units.
+"""
+import math
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Tests flip this so that every output buffer starts as NaN: a row the kernels forget to write then fails loudly.
+_POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(p_base, o_r, o_d, stride_r, n_rows, D: tl.constexpr, MASK_R: tl.constexpr, EVEN_D: tl.constexpr):
+    # [len(o_r), BD] block of a [rows, D] slab; masks are only built where a block can run off the end
+    p = p_base + o_r[:, None] * stride_r + o_d[None, :]
+    if MASK_R:
+        if EVEN_D:
+            b = tl.load(p, mask=(o_r < n_rows)[:, None], other=0.0)
+        else:
+            b = tl.load(p, mask=(o_r < n_rows)[:, None] & (o_d < D)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            b = tl.load(p)
+        else:
+            b = tl.load(p, mask=(o_d < D)[None, :], other=0.0)
+    return b
+
+
+@triton.jit
+def _store_rows(p_base, b, o_r, o_d, stride_r, n_rows, D: tl.constexpr, EVEN_D: tl.constexpr):
+    p = p_base + o_r[:, None] * stride_r + o_d[None, :]
+    if EVEN_D:
+        tl.store(p, b, mask=(o_r < n_rows)[:, None])
+    else:
+        tl.store(p, b, mask=(o_r < n_rows)[:, None] & (o_d < D)[None, :])
+
+
+def _fwd_configs():
+    if INTERPRET:
+        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
+        for BM, BN, w, s in [
+            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2),
+            (64, 32, 4, 2),
+        ]
+    ]
+
+
+def _bwd_configs():
+    # BM: query rows per step, BN: key rows per step (dK/dV: BN keys held, BM queries streamed; dQ the other way)
+    if INTERPRET:
+        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
+        for BM, BN, w, s in [
+            (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),
+            (64, 32, 4, 2),
+        ]
+    ]
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        bd = kwargs.get("BD", named_args.get("BD"))
+        if bd is None:
+            return configs
+        if bd >= 256:  # keep shared memory in budget: q/k/v tiles of 256 columns
+            keep = [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 64 and c.num_stages <= 2]
+        elif bd <= 64:
+            keep = [c for c in configs if c.kwargs["BM"] >= 64 or c.kwargs["BN"] >= 64]
+        else:
+            keep = configs
+        return keep or configs[:1]
+
+    return prune
+
+
+# Notes shared by the kernels below.
+# - Scores: the raw q·k block is turned into log2-domain logits x = q·k · scale · log2(e), or with a softcap c,
+#   x = c · log2(e) · tanh(q·k · scale / c); the launcher folds the constants into `qk_mul` and `cap_mul`.
+#   tanh(y) = 1 - 2 / (exp2(2·log2(e)·y) + 1): no libdevice call (works in the interpreter), saturates cleanly.
+#   Its derivative 1 - tanh² multiplies dS in the backward.
+# - Dropout: the keep decision for (query head h, query token i, key token j), global packed indices, is
+#   tl.rand(seed, (h·T + i)·T + j) >= p, so it depends only on (seed, h, i, j, T) and every kernel (and
+#   dropout_keep_mask) regenerates the same bits.
+# - Hot loops call no nested @triton.jit helpers other than _load_rows: the interpreter re-patches triton.language
+#   on every device-function call, which made CPU tests several times slower.
+_KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "SEQ_BUCKET"]
+
+
+@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # sequences are visited longest first (ORDER), so the long tail of work starts early
+    i_b = tl.load(ORDER + i_s)
+    bos = tl.load(CU + i_b)
+    L = tl.load(CU + i_b + 1) - bos
+    if i_m * BM >= L:
+        return
+    i_h = i_hq // G
+    EVEN_D: tl.constexpr = BD == D
+
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    bos64 = bos.to(tl.int64)
+    p_k = K + bos64 * stride_kt + i_h * stride_kh
+    p_v = V + bos64 * stride_vt + i_h * stride_vh
+    # [BM, BD]
+    b_q = _load_rows(Q + bos64 * stride_qt + i_hq * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
+
+    b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_li = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]  # dropout counter base per query row
+
+    # full key blocks load without masks; only the last, partial block pays for them
+    n_full = (L // BN) * BN
+    for start_n in range(0, n_full, BN):
+        b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
+        b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+        else:
+            b_s = b_s * qk_mul
+        # online softmax: rescale the running sum and accumulator to the new row maximum
+        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.exp2(b_mi - b_mn)
+        b_li = b_li * b_alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            # the normaliser counts every key; only the value mixing is dropped (as torch's SDPA does)
+            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_mi = b_mn
+    if n_full < L:
+        start_n = n_full
+        b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
+        b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        if HAS_SOFTCAP:
+            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+        else:
+            b_s = b_s * qk_mul
+        b_s = tl.where((start_n + o_n < L)[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.exp2(b_mi - b_mn)
+        b_li = b_li * b_alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_mi = b_mn
+
+    b_acc = b_acc * (drop_scale / b_li)[:, None]
+    _store_rows(O + bos64 * stride_ot + i_hq * stride_oh, b_acc.to(O.dtype.element_ty), o_m, o_d, stride_ot, L, D,
+                EVEN_D)
+    # natural-log lse of the *undropped* softmax: what the backward needs to rebuild P
+    b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
+    tl.store(LSE + i_hq * T + bos64 + o_m, b_lse, mask=o_m < L)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, T,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+):
+    # delta_i = rowsum(dO_i ∘ O_i) = rowsum(dP̃ ∘ P̃): the softmax-backward correction, also right under dropout
+    i_t, i_hq = tl.program_id(0), tl.program_id(1)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    m = (o_t < T)[:, None] & (o_d < D)[None, :]
+    b_o = tl.load(O + o_t[:, None].to(tl.int64) * stride_ot + i_hq * stride_oh + o_d[None, :], mask=m, other=0.0)
+    b_do = tl.load(DO + o_t[:, None].to(tl.int64) * stride_dot + i_hq * stride_doh + o_d[None, :], mask=m, other=0.0)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(DELTA + i_hq * T + o_t, b_delta, mask=o_t < T)
+
+
+@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    # one program owns BN keys of one kv head and loops over the G query heads of its group: dK/dV are summed in
+    # registers, no atomics, deterministic
+    i_n, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.load(ORDER + i_s)
+    bos = tl.load(CU + i_b)
+    L = tl.load(CU + i_b + 1) - bos
+    if i_n * BN >= L:
+        return
+    EVEN_D: tl.constexpr = BD == D
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_m0 = tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    bos64 = bos.to(tl.int64)
+
+    # [BN, BD]
+    b_k = _load_rows(K + bos64 * stride_kt + i_h * stride_kh, o_n, o_d, stride_kt, L, D, True, EVEN_D)
+    b_v = _load_rows(V + bos64 * stride_vt + i_h * stride_vh, o_n, o_d, stride_vt, L, D, True, EVEN_D)
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    o_col = (bos64 + o_n)[None, :]
+
+    for g in range(G):
+        i_hq = i_h * G + g
+        p_q = Q + bos64 * stride_qt + i_hq * stride_qh
+        p_do = DO + bos64 * stride_dot + i_hq * stride_doh
+        for start_m in range(0, L, BM):
+            o_m = start_m + o_m0
+            m_m = o_m < L
+            b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
+            b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
+            # padded query rows get lse = +inf so their P is exactly 0
+            b_lse2 = tl.load(LSE + i_hq * T + bos64 + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+            b_delta = tl.load(DELTA + i_hq * T + bos64 + o_m, mask=m_m, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+            if HAS_SOFTCAP:
+                b_t = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
+                b_p = tl.exp2(cap_mul * b_t - b_lse2[:, None])
+            else:
+                b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
+            if HAS_DROPOUT:
+                b_keep = tl.rand(seed, ((i_hq * T + bos64 + o_m) * T)[:, None] + o_col) >= dropout_p
+                b_pd = tl.where(b_keep, b_p * drop_scale, 0.0)
+                b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+            else:
+                b_pd = b_p
+            b_dv += tl.dot(tl.trans(b_pd.to(b_do.dtype)), b_do, input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            if HAS_SOFTCAP:
+                b_ds = b_ds * (1.0 - b_t * b_t)
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+
+    b_dk = b_dk * scale
+    _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L, D,
+                EVEN_D)
+    _store_rows(DV + bos64 * stride_dvt + i_h * stride_dvh, b_dv.to(DV.dtype.element_ty), o_n, o_d, stride_dvt, L, D,
+                EVEN_D)
+
+
+@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic
+    i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.load(ORDER + i_s)
+    bos = tl.load(CU + i_b)
+    L = tl.load(CU + i_b + 1) - bos
+    if i_m * BM >= L:
+        return
+    i_h = i_hq // G
+    EVEN_D: tl.constexpr = BD == D
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n0 = tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < L
+    bos64 = bos.to(tl.int64)
+
+    b_q = _load_rows(Q + bos64 * stride_qt + i_hq * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
+    b_do = _load_rows(DO + bos64 * stride_dot + i_hq * stride_doh, o_m, o_d, stride_dot, L, D, True, EVEN_D)
+    b_lse2 = tl.load(LSE + i_hq * T + bos64 + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_delta = tl.load(DELTA + i_hq * T + bos64 + o_m, mask=m_m, other=0.0)
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    p_k = K + bos64 * stride_kt + i_h * stride_kh
+    p_v = V + bos64 * stride_vt + i_h * stride_vh
+    o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
+
+    for start_n in range(0, L, BN):
+        o_n = start_n + o_n0
+        b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, True, EVEN_D)  # [BN, BD]
+        b_v = _load_rows(p_v, o_n, o_d, stride_vt, L, D, True, EVEN_D)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_t = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
+            b_p = tl.exp2(cap_mul * b_t - b_lse2[:, None])
+        else:
+            b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
+        b_p = tl.where((o_n < L)[None, :], b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        if HAS_DROPOUT:
+            b_keep = tl.rand(seed, o_row + (bos64 + o_n)[None, :]) >= dropout_p
+            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        if HAS_SOFTCAP:
+            b_ds = b_ds * (1.0 - b_t * b_t)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+    b_dq = b_dq * scale
+    _store_rows(DQ + bos64 * stride_dqt + i_hq * stride_dqh, b_dq.to(DQ.dtype.element_ty), o_m, o_d, stride_dqt, L, D,
+                EVEN_D)
+
+
+@triton.jit(do_not_specialize=["T", "seed"])
+def _dropout_mask_kernel(M, T, dropout_p, seed, BM: tl.constexpr, BN: tl.constexpr):
+    # materialises the kernels' own keep-mask over all (head, query, key) pairs: a test and debugging aid
+    i_m, i_n, i_hq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+    b_keep = tl.rand(seed, ((i_hq * T + o_m) * T)[:, None] + o_n[None, :]) >= dropout_p
+    tl.store(M + (i_hq * T + o_m[:, None]) * T + o_n[None, :], b_keep.to(tl.int8),
+             mask=(o_m < T)[:, None] & (o_n < T)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Launchers
+# ----------------------------------------------------------------------------------------------------------------------
+def _empty(shape, like, dtype=None):
+    dtype = dtype or like.dtype
+    if _POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _kernel_seed(seed: int) -> int:
+    # always a 63-bit value ≥ 2**62: one argument type (i64) for every seed, so a new seed never recompiles
+    return (int(seed) % (1 << 62)) + (1 << 62)
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    # autotune key: block shapes that win on 128-token sentences lose on 8k documents
+    return min(max(triton.next_power_of_2(max(int(max_seqlen), 1)), 64), 4096)
+
+
+def _scalars(scale, softcap, dropout_p):
+    if softcap > 0:
+        qk_mul, cap_mul = scale / softcap, softcap * LOG2E
+    else:
+        qk_mul, cap_mul = scale * LOG2E, 1.0
+    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    return float(qk_mul), float(cap_mul), float(drop_scale)
+
+
+def _check_layout(name, x):
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(x.stride())}")
+
+
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
+    """Launch the forward kernel. Returns (o [T, Hq, D], lse [Hq, T] fp32). Inputs are assumed validated."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_layout(name, x)
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    B = cu_seqlens.numel() - 1
+    o = _empty((T, HQ, D), q)
+    lse = _empty((HQ, T), q, torch.float32)
+    if T == 0 or B == 0:
+        return o, lse
+    qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, cu_seqlens, order,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        T, qk_mul, cap_mul, float(dropout_p), drop_scale, _kernel_seed(seed), _seq_bucket(max_seqlen),
+        G=HQ // HKV, D=D, BD=triton.next_power_of_2(D),
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
+    """Launch the backward kernels. Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group)."""
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    B = cu_seqlens.numel() - 1
+    dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+    if T == 0 or B == 0:
+        return dq, dk, dv
+    BD = triton.next_power_of_2(D)
+    delta = _empty((HQ, T), q, torch.float32)
+    BT = 64 if BD <= 128 else 32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, BT), HQ)](
+        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BD=BD, BT=BT,
+    )
+    qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
+    common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
+                  PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, _kernel_seed(seed),
+               _seq_bucket(max_seqlen))
+
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BN"]), HKV, B)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, order,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common,
+    )
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, order,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), *runtime, **common,
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed, dropout_p, num_heads, total_tokens, device):
+    """The kernels' own dropout keep-mask, materialised: bool [num_heads, T, T] (True = kept).
+
+    Entry ``[h, i, j]`` is the decision for query token ``i`` and key token ``j`` (global packed indices) of query head
+    ``h``; only the block-diagonal (same sequence) entries are ever used. For tests and debugging on tiny shapes.
+    """
+    T = int(total_tokens)
+    m = torch.empty((num_heads, T, T), dtype=torch.int8, device=device)
+    if T:
+        BM = BN = 32
+        _dropout_mask_kernel[(triton.cdiv(T, BM), triton.cdiv(T, BN), num_heads)](
+            m, T, float(dropout_p), _kernel_seed(seed), BM=BM, BN=BN)
+    return m.bool()
+
+
+# one-entry cache: the HF adapter passes the same cu_seqlens tensor to every layer of a forward, so validation (a
+# host copy) and the longest-first order run once per batch, not once per layer
+_SEQ_CACHE = {"ref": None, "key": None, "order": None}
+
+
+def _seq_info(cu_seqlens, total_tokens, max_seqlen):
+    key = (cu_seqlens._version, cu_seqlens.data_ptr(), total_tokens, max_seqlen)
+    ref = _SEQ_CACHE["ref"]
+    if ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"] == key:
+        return _SEQ_CACHE["order"]
+    _validate_cu_seqlens(cu_seqlens, total_tokens, max_seqlen)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
+    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, order=order)
+    return order
+
+
+def _validate_cu_seqlens(cu_seqlens, total_tokens, max_seqlen):
+    cu = cu_seqlens.tolist()
+    if len(cu) < 1 or cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[:4]}")
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    bad = [i for i, l in enumerate(lens) if l < 0]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}]={cu[i]} > cu_seqlens[{i + 1}]="
+                         f"{cu[i + 1]}")
+    if cu[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens[-1] must equal total_tokens = q.shape[0] = {total_tokens}, got {cu[-1]}")
+    longest = max(lens, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence in cu_seqlens ({longest})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Autograd
+# ----------------------------------------------------------------------------------------------------------------------
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, o, lse (plus cu_seqlens and the launch order); backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
+        o, lse = attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, order)
+        ctx.args = (max_seqlen, scale, softcap, dropout_p, seed)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, cu_seqlens, order = ctx.saved_tensors
+        max_seqlen, scale, softcap, dropout_p, seed = ctx.args
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p,
+                                   seed)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Public function
+# ----------------------------------------------------------------------------------------------------------------------
+def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
+                    return_lse=False):
+    """Bidirectional (non-causal) exact softmax attention over packed variable-length sequences.
+
+    Sequences are packed back to back along the token axis; ``cu_seqlens`` marks where each one starts. Every query
+    attends to every key *of its own sequence* (no causal mask) and never across a sequence boundary, so no padded
+    token is ever computed.
+
+    Args:
+        q: ``[T, Hq, D]`` queries, ``T`` = total tokens of the pack.
+        k, v: ``[T, Hkv, D]`` keys and values (same ``T`` and ``D`` as ``q``).
+        cu_seqlens: int32 ``[B + 1]`` cumulative sequence lengths on ``q``'s device: ``cu_seqlens[0] == 0``,
+            non-decreasing, ``cu_seqlens[-1] == T``; sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``.
+            Empty sequences are allowed.
+        max_seqlen: Python int ≥ the longest sequence (sizes the launch grid; a larger value only launches programs
+            that exit at once). Changing it, or ``T``, never recompiles the kernels.
+        scale: softmax scale applied to ``q·k``; default ``1 / sqrt(D)``.
+        softcap: Gemma-2 style logit soft-capping ``s ← softcap · tanh(s / softcap)`` applied to the scaled scores
+            (0 disables it); the backward uses its exact derivative.
+        dropout_p: attention dropout probability, applied to the normalised probabilities with inverted scaling
+            ``1 / (1 - p)``, as ``torch.nn.functional.scaled_dot_product_attention`` does. ``0`` runs exactly the
+            no-dropout kernels. Pass ``0`` at inference: this function does not look at ``module.training``.
+        seed: integer seed of the Philox stream that decides which probabilities are dropped. The keep decision of
+            score ``(head h, query i, key j)`` is a pure function of ``(seed, h, i, j, T)``, so the backward
+            regenerates exactly the forward's mask and the same seed gives the same output. ``None`` draws a seed
+            from torch's default (CPU) generator, so ``torch.manual_seed`` makes runs reproducible. Ignored when
+            ``dropout_p == 0``. :func:`dropout_keep_mask` materialises the mask for inspection.
+        return_lse: also return the log-sum-exp of the (scaled, capped, undropped) scores, ``[Hq, T]`` fp32.
+
+    Grouped-query attention: ``Hq`` must be a multiple of ``Hkv``; query head ``i`` reads kv head ``i // (Hq // Hkv)``
+    (contiguous groups, as ``repeat_interleave`` in Hugging Face's ``repeat_kv``). ``Hkv == 1`` is multi-query
+    attention. Gradients ``dk``/``dv`` are summed over each group.
+
+    Dtypes: fp16, bf16 or fp32, the same for q, k and v; softmax statistics and accumulation are fp32; outputs have the
+    input dtype. fp32 inputs use true fp32 products (no TF32).
+
+    Head dims: 32, 64, 80, 96, 128, 256 (non-powers of two are padded to the next power of two inside the kernel).
+    Layout: the last dimension of q, k, v must be contiguous; the token and head strides are free, so slices of a fused
+    QKV projection work without a copy.
+
+    Returns:
+        ``o`` ``[T, Hq, D]`` in the input dtype, or ``(o, lse)`` when ``return_lse``. Differentiable in q, k, v.
+
+    Raises:
+        TypeError: non-tensor inputs, unsupported or mismatched dtypes, ``cu_seqlens`` not int32, ``max_seqlen`` not an
+            int.
+        ValueError: wrong ranks or shapes, device mismatch, non-contiguous last dimension, ``Hq % Hkv != 0``,
+            unsupported head dim, ``cu_seqlens`` not starting at 0, decreasing, not ending at ``T``, or longer than
+            ``max_seqlen``, ``dropout_p`` outside ``[0, 1)``, ``softcap < 0``.
+    """
+    _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p)
+    T, HQ, D = q.shape
+    order = _seq_info(cu_seqlens, T, int(max_seqlen))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = 0 if seed is None else int(seed)
+    o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), order, scale, float(softcap),
+                                          dropout_p, seed)
+    return (o, lse) if return_lse else o
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p):
+    for name, x in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [total_tokens, heads, head_dim], got shape {tuple(x.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q.dtype must be one of float16, bfloat16, float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        if isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() == 1 and not max_seqlen.is_floating_point():
+            pass  # a 0-d int tensor (as some HF paths pass it) is accepted and read once
+        else:
+            raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
+    devices = {x.device for x in (q, k, v, cu_seqlens)}
+    if len(devices) != 1:
+        raise ValueError(f"q, k, v and cu_seqlens must be on one device, got q {q.device}, k {k.device}, v {v.device}, "
+                         f"cu_seqlens {cu_seqlens.device}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); use "
+                         "llm2vec_fast.kernels.reference.flash_attention_ref on CPU")
+    T, HQ, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != T:
+        raise ValueError(f"k/v must have total_tokens = q.shape[0] = {T} rows, got {k.shape[0]}")
+    if k.shape[2] != D:
+        raise ValueError(f"k/v head_dim must equal q's ({D}), got {k.shape[2]}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
+    HKV = k.shape[1]
+    if HKV == 0 or HQ % HKV != 0:
+        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_layout(name, x)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if float(softcap) < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")

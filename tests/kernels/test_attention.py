@@ -1,0 +1,299 @@
+"""Packed bidirectional flash attention (kernels/attention.py) against its PyTorch twin.
+
+CPU runs go through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are tiny and each
+parametrisation is chosen to cover one axis (head dim, head grouping, softcap, dtype, strides) rather than the full
+product. bf16 and larger shapes are @pytest.mark.gpu.
+"""
+import math
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import attention as attn
+from llm2vec_fast.kernels.attention import dropout_keep_mask, flash_attention
+from llm2vec_fast.kernels.reference import flash_attention_ref
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+# one pack mixing a length-1 segment, an empty one, partial blocks and a segment spanning several blocks
+LENS = (1, 7, 63, 0, 97, 130)
+
+
+def _cu(lens, device=DEV):
+    cu = [0]
+    for l in lens:
+        cu.append(cu[-1] + l)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _inputs(lens, hq, hkv, d, dtype, fused=False, qscale=1.0, seed=0):
+    """q, k, v packed; with ``fused`` they are strided views of one [T, hq + 2·hkv, d] projection (no copies)."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    if fused:
+        qkv = torch.randn(T, hq + 2 * hkv, d, generator=g).to(DEV, dtype)
+        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+        q = q * qscale if qscale != 1.0 else q
+    else:
+        q = (torch.randn(T, hq, d, generator=g) * qscale).to(DEV, dtype)
+        k = torch.randn(T, hkv, d, generator=g).to(DEV, dtype)
+        v = torch.randn(T, hkv, d, generator=g).to(DEV, dtype)
+    do = torch.randn(T, hq, d, generator=g).to(DEV, dtype)
+    return q, k, v, do
+
+
+def _run(fn, q, k, v, do, cu, max_seqlen, **kw):
+    """Forward (with lse) and the three gradients of <o, do>."""
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    o, lse = fn(q, k, v, cu, max_seqlen, return_lse=True, **kw)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    return o, lse, dq, dk, dv
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    # every buffer the kernels allocate starts as NaN: an element they forget to write fails the comparison
+    monkeypatch.setattr(attn, "_POISON_OUTPUTS", True)
+
+
+CASES_FP32 = [
+    pytest.param(64, 2, 2, 0.0, False, id="D64-HQ2-H2-mha"),
+    pytest.param(80, 4, 1, 0.0, True, id="D80-HQ4-H1-mqa-fusedqkv"),
+    pytest.param(128, 4, 1, 0.0, False, id="D128-HQ4-H1-gqa4"),
+    pytest.param(80, 8, 2, 2.0, False, id="D80-HQ8-H2-gqa4-softcap"),
+]
+
+
+@pytest.mark.parametrize("d, hq, hkv, softcap, fused", CASES_FP32)
+def test_fp32_matches_reference(poison, d, hq, hkv, softcap, fused):
+    cu = _cu(LENS)
+    # a larger q scale pushes scores into the softcap's non-linear range
+    q, k, v, do = _inputs(LENS, hq, hkv, d, torch.float32, fused=fused, qscale=3.0 if softcap else 1.0)
+    ours = _run(flash_attention, q, k, v, do, cu, max(LENS), softcap=softcap)
+    ref = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), softcap=softcap)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert ours[0].shape == (sum(LENS), hq, d) and ours[1].shape == (hq, sum(LENS))
+
+
+def _check_lowp(ours, ref32, ref_lp, names, factors):
+    for name, a, b32, blp, fac in zip(names, ours, ref32, ref_lp, factors, strict=True):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+        err = (a.float() - b32.float()).abs().max().item()
+        err_lp = (blp.float() - b32.float()).abs().max().item()
+        atol = 1e-3 * max(1.0, b32.float().abs().max().item())
+        assert err <= fac * err_lp + atol, f"{name}: max err {err:.3g} > {fac}·{err_lp:.3g} + {atol:.2g}"
+
+
+CASES_LP = [
+    pytest.param(128, 4, 1, 0.0, torch.float16, id="D128-HQ4-H1-gqa4-fp16"),
+    pytest.param(64, 2, 2, 2.0, torch.float16, id="D64-HQ2-H2-mha-softcap-fp16"),
+    pytest.param(128, 4, 1, 0.0, torch.bfloat16, id="D128-HQ4-H1-gqa4-bf16", marks=pytest.mark.gpu),
+    pytest.param(80, 6, 2, 2.0, torch.bfloat16, id="D80-HQ6-H2-gqa3-softcap-bf16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("d, hq, hkv, softcap, dtype", CASES_LP)
+def test_low_precision_within_twice_reference_error(poison, d, hq, hkv, softcap, dtype):
+    cu = _cu(LENS)
+    q, k, v, do = _inputs(LENS, hq, hkv, d, dtype, qscale=3.0 if softcap else 1.0)
+    ours = _run(flash_attention, q, k, v, do, cu, max(LENS), softcap=softcap)
+    ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max(LENS), softcap=softcap)
+    ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), softcap=softcap, _upcast=False)
+    _check_lowp(ours, ref32, ref_lp, ("o", "lse", "dq", "dk", "dv"), (2, 2, 3, 3, 3))
+
+
+def test_custom_scale_and_lse_only_rows_of_each_sequence():
+    lens = (5, 33)
+    cu = _cu(lens)
+    q, k, v, _ = _inputs(lens, 2, 1, 64, torch.float32, seed=3)
+    o, lse = flash_attention(q, k, v, cu, 40, scale=0.3, return_lse=True)
+    o_ref, lse_ref = flash_attention_ref(q, k, v, cu, 40, scale=0.3, return_lse=True)
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-5, rtol=1e-4)
+    # attention never crosses a boundary: changing the second sequence leaves the first one's output untouched
+    k2 = k.clone()
+    k2[5:] += 1.0
+    torch.testing.assert_close(flash_attention(q, k2, v, cu, 40, scale=0.3)[:5], o[:5], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------------------------------
+DROP_LENS = (1, 40, 70)
+
+
+def test_dropout_deterministic_per_seed_and_seed_sensitive():
+    cu = _cu(DROP_LENS)
+    q, k, v, _ = _inputs(DROP_LENS, 2, 1, 32, torch.float32)
+    a = flash_attention(q, k, v, cu, 70, dropout_p=0.3, seed=1234)
+    b = flash_attention(q, k, v, cu, 70, dropout_p=0.3, seed=1234)
+    c = flash_attention(q, k, v, cu, 70, dropout_p=0.3, seed=1235)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # seed=None draws from torch's generator, so torch.manual_seed makes it reproducible
+    torch.manual_seed(7)
+    d = flash_attention(q, k, v, cu, 70, dropout_p=0.3)
+    torch.manual_seed(7)
+    e = flash_attention(q, k, v, cu, 70, dropout_p=0.3)
+    assert torch.equal(d, e) and not torch.equal(d, a)
+    # p = 0 is exactly the no-dropout path, whatever the seed
+    assert torch.equal(flash_attention(q, k, v, cu, 70, dropout_p=0.0, seed=99), flash_attention(q, k, v, cu, 70))
+
+
+def test_dropout_keep_fraction_matches_one_minus_p():
+    p, H, T = 0.3, 2, 300
+    keep = dropout_keep_mask(4321, p, H, T, DEV)
+    assert keep.shape == (H, T, T) and keep.dtype == torch.bool
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 5 * sigma, f"kept {frac:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
+    # no structure across heads or rows: different heads and rows draw different bits
+    assert not torch.equal(keep[0], keep[1])
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert torch.equal(keep, dropout_keep_mask(4321, p, H, T, DEV))
+
+
+def test_dropout_matches_reference_with_the_kernels_mask(poison):
+    """Forward and all gradients equal the reference applied with the kernel's own keep-mask."""
+    cu = _cu(DROP_LENS)
+    T = sum(DROP_LENS)
+    q, k, v, do = _inputs(DROP_LENS, 4, 2, 32, torch.float32, seed=5)
+    mask = dropout_keep_mask(77, 0.3, 4, T, DEV)
+    ours = _run(flash_attention, q, k, v, do, cu, 70, dropout_p=0.3, seed=77, softcap=3.0)
+    ref = _run(flash_attention_ref, q, k, v, do, cu, 70, dropout_p=0.3, _dropout_mask=mask, softcap=3.0)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_dropout_gradient_matches_finite_differences():
+    """The backward regenerates the forward's mask: directional derivatives agree with central differences."""
+    lens = (3, 9)
+    cu = _cu(lens)
+    q, k, v, do = _inputs(lens, 2, 1, 32, torch.float32, seed=11)
+    f = lambda q_, k_, v_: (flash_attention(q_, k_, v_, cu, 9, dropout_p=0.5, seed=2024) * do).sum()
+    _, _, dq, dk, dv = _run(flash_attention, q, k, v, do, cu, 9, dropout_p=0.5, seed=2024)
+    g = torch.Generator().manual_seed(1)
+    eps = 1e-2
+    for name, grad, idx in (("q", dq, 0), ("k", dk, 1), ("v", dv, 2)):
+        xs = [q, k, v]
+        dirn = torch.randn(xs[idx].shape, generator=g).to(DEV)
+        plus, minus = list(xs), list(xs)
+        plus[idx] = xs[idx] + eps * dirn
+        minus[idx] = xs[idx] - eps * dirn
+        fd = (f(*plus) - f(*minus)).item() / (2 * eps)
+        an = (grad * dirn).sum().item()
+        assert abs(fd - an) <= 2e-3 * max(1.0, abs(an)), f"d{name}: finite difference {fd:.5f} vs autograd {an:.5f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------------------------
+def _valid():
+    q, k, v, _ = _inputs((3, 5), 4, 2, 64, torch.float32)
+    return dict(q=q, k=k, v=v, cu_seqlens=_cu((3, 5)), max_seqlen=5)
+
+
+def _call(**over):
+    a = {**_valid(), **over}
+    return flash_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"])
+
+
+BAD = [
+    pytest.param(dict(q=torch.zeros(8, 4, 64, dtype=torch.float64)), TypeError, "q.dtype", id="q-float64"),
+    pytest.param(dict(k=torch.zeros(8, 2, 64, dtype=torch.float16)), TypeError, "share one dtype", id="k-dtype"),
+    pytest.param(dict(q=[1, 2]), TypeError, "torch.Tensor", id="q-not-tensor"),
+    pytest.param(dict(q=torch.zeros(8, 256)), ValueError, "total_tokens, heads, head_dim", id="q-2d"),
+    pytest.param(dict(q=torch.zeros(8, 64, 4).transpose(1, 2)), ValueError, "contiguous last dimension",
+                 id="q-strided-last-dim"),
+    pytest.param(dict(q=torch.zeros(8, 3, 64)), ValueError, "multiple of the number of kv heads", id="hq-not-mult"),
+    pytest.param(dict(q=torch.zeros(8, 4, 48), k=torch.zeros(8, 2, 48), v=torch.zeros(8, 2, 48)), ValueError,
+                 "head_dim must be one of", id="d48"),
+    pytest.param(dict(k=torch.zeros(8, 2, 32)), ValueError, "same shape", id="kv-shape"),
+    pytest.param(dict(k=torch.zeros(7, 2, 64), v=torch.zeros(7, 2, 64)), ValueError, "total_tokens", id="kv-rows"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 3, 8])), TypeError, "int32", id="cu-int64"),
+    pytest.param(dict(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, "start at 0",
+                 id="cu-start"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 6, 3, 8], dtype=torch.int32)), ValueError, "non-decreasing",
+                 id="cu-decreasing"),
+    pytest.param(dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError, "total_tokens",
+                 id="cu-last"),
+    pytest.param(dict(max_seqlen=4), ValueError, "max_seqlen=4", id="max-seqlen-small"),
+    pytest.param(dict(max_seqlen=5.0), TypeError, "max_seqlen", id="max-seqlen-float"),
+]
+
+
+@pytest.mark.parametrize("over, exc, msg", BAD)
+def test_invalid_inputs_raise(over, exc, msg):
+    over = {n: (x.to(DEV) if isinstance(x, torch.Tensor) else x) for n, x in over.items()}
+    with pytest.raises(exc, match=msg):
+        _call(**over)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(dropout_p=1.0), "dropout_p"), (dict(softcap=-1.0), "softcap")],
+                         ids=["dropout-1", "softcap-negative"])
+def test_invalid_options_raise(kw, msg):
+    a = _valid()
+    with pytest.raises(ValueError, match=msg):
+        flash_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], **kw)
+
+
+@pytest.mark.gpu
+def test_device_mismatch_raises():
+    a = _valid()
+    with pytest.raises(ValueError, match="one device"):
+        flash_attention(a["q"], a["k"], a["v"], a["cu_seqlens"].cpu(), a["max_seqlen"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: bf16, every head dim, bigger shapes, no recompiles
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_head_dims_large_pack(poison, d, dtype):
+    g = torch.Generator().manual_seed(d)
+    lens = torch.randint(1, 1500, (12,), generator=g).tolist() + [1, 2048]
+    cu = _cu(lens)
+    q, k, v, do = _inputs(lens, 8, 2, d, dtype)
+    ours = _run(flash_attention, q, k, v, do, cu, max(lens))
+    ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max(lens))
+    ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max(lens), _upcast=False)
+    _check_lowp(ours, ref32, ref_lp, ("o", "lse", "dq", "dk", "dv"), (2, 2, 3, 3, 3))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_not_tf32():
+    cu = _cu(LENS)
+    q, k, v, do = _inputs(LENS, 4, 2, 128, torch.float32, qscale=4.0)
+    ours = _run(flash_attention, q, k, v, do, cu, max(LENS))
+    ref = _run(flash_attention_ref, q, k, v, do, cu, max(LENS))
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_new_lengths_do_not_recompile():
+    q, k, v, _ = _inputs((600,), 4, 2, 64, torch.bfloat16)
+    kernel = attn._attn_fwd_kernel.fn  # the JITFunction under the autotuner
+
+    def n_compiled():
+        caches = getattr(kernel, "device_caches", None)
+        if caches is None:
+            return None
+        return sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in caches.values())
+
+    def call(lens):
+        T = sum(lens)
+        flash_attention(q[:T], k[:T], v[:T], _cu(lens), max(lens))
+
+    call((300,))  # all maxima below stay in one autotune bucket (257..512), so only T and cu_seqlens change
+    before = n_compiled()
+    for lens in ((100, 290), (1, 299), (37, 63, 400), (450, 150)):
+        call(lens)
+    if before is None:
+        pytest.skip("this triton exposes no compile cache to count")
+    assert n_compiled() == before
