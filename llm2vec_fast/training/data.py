@@ -1,0 +1,289 @@
+"""Training data: text files → MNTP blocks and masking collator; sentence, pair and triplet datasets for contrastive
+training; an ordering that keeps each (global) batch inside one source dataset.
+
+Nothing here touches a model: the collators only need a tokenizer.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# text files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_documents(path: str | Path, split: str = "auto") -> list[str]:
+    """Read a plain text file as a list of documents.
+
+    ``split``: ``"line"`` = one document per non-empty line; ``"blank"`` = documents separated by blank lines (lines
+    holding only whitespace count as blank; the lines of one document are joined with a newline); ``"auto"`` = ``blank``
+    when the file contains at least one blank line between two non-blank lines, else ``line``.
+    """
+    if split not in ("auto", "line", "blank"):
+        raise ValueError(f"split must be 'auto', 'line' or 'blank', got {split!r}")
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if split == "auto":
+        stripped = [bool(l.strip()) for l in lines]
+        first = next((i for i, s in enumerate(stripped) if s), None)
+        last = max((i for i, s in enumerate(stripped) if s), default=None)
+        inner_blank = first is not None and not all(stripped[first:last + 1])
+        split = "blank" if inner_blank else "line"
+    if split == "line":
+        return [l.strip() for l in lines if l.strip()]
+    docs, cur = [], []
+    for l in lines:
+        if l.strip():
+            cur.append(l.strip())
+        elif cur:
+            docs.append("\n".join(cur))
+            cur = []
+    if cur:
+        docs.append("\n".join(cur))
+    return docs
+
+
+def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
+    """One sentence per non-empty line (the SimCSE wiki1m format)."""
+    out = read_documents(path, split="line")
+    return out[:limit] if limit else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MNTP: blocks + masking
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length token blocks: every document tokenized (with the tokenizer's own special tokens, as the original
+    ``run_mntp`` does), concatenated, and cut into ``block_size`` tokens; the tail shorter than a block is dropped."""
+
+    def __init__(self, documents: Sequence[str], tokenizer, block_size: int = 512, max_blocks: int | None = None):
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (a token predicts the next), got {block_size}")
+        ids: list[int] = []
+        step = 1000
+        for i in range(0, len(documents), step):
+            for row in tokenizer(list(documents[i:i + step]), add_special_tokens=True)["input_ids"]:
+                ids.extend(row)
+            if max_blocks is not None and len(ids) >= max_blocks * block_size:
+                break
+        n = len(ids) // block_size
+        if max_blocks is not None:
+            n = min(n, max_blocks)
+        if n == 0:
+            raise ValueError(f"the text gives {len(ids)} tokens, fewer than one block of {block_size}")
+        self.blocks = torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+        self.block_size = block_size
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i]}
+
+
+def resolve_mask_token(tokenizer, kind: str = "auto") -> int:
+    """Pick (and set) the tokenizer's mask token; returns its id.
+
+    ``auto``: the tokenizer's own mask token when it has one, else ``"_"`` (the original LLM2Vec choice for Llama and
+    Mistral tokenizers); ``blank`` forces ``"_"``; ``eos`` uses the end-of-sequence token; ``mask`` adds a new
+    ``"<mask>"`` token (the caller must then resize the model's embeddings to ``len(tokenizer)``).
+    """
+    if kind not in ("auto", "blank", "eos", "mask"):
+        raise ValueError(f"mask token kind must be auto, blank, eos or mask, got {kind!r}")
+    if kind == "auto" and tokenizer.mask_token is not None:
+        return tokenizer.mask_token_id
+    if kind in ("auto", "blank"):
+        tid = tokenizer.convert_tokens_to_ids("_")
+        if tid is None or tid == tokenizer.unk_token_id:
+            enc = tokenizer("_", add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                raise ValueError(f"'_' is not a single token in this tokenizer ({enc}); use --mask-token eos or mask")
+            tid = enc[0]
+            tokenizer.mask_token = tokenizer.convert_ids_to_tokens(tid)
+        else:
+            tokenizer.mask_token = "_"
+        return tid
+    if kind == "eos":
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no eos token to use as mask token")
+        tokenizer.mask_token = tokenizer.eos_token
+        return tokenizer.eos_token_id
+    tokenizer.add_special_tokens({"mask_token": "<mask>"})
+    return tokenizer.mask_token_id
+
+
+@dataclass
+class MNTPCollator:
+    """Stack blocks and mask them for masked next-token prediction.
+
+    A token is selected with probability ``mlm_probability``; special tokens (``tokenizer.all_special_ids``, the
+    mask token excluded) are never selected. Selected tokens become the mask token with probability ``mask_replace``,
+    a uniformly random vocabulary token with probability ``random_replace``, and stay unchanged otherwise.
+    ``labels`` hold the original token at selected positions and ``-100`` elsewhere; the model predicts position i
+    from its output at i − 1 (the shift is the loss's job, not the collator's).
+
+    Recipes: ``MNTPCollator.llama(tok)`` = 0.2 with 80/10/10 (the BERT rule, the original's Llama default);
+    ``MNTPCollator.mistral(tok)`` = 0.8 with every selected token → mask token.
+    """
+
+    tokenizer: object
+    mask_token_id: int
+    mlm_probability: float = 0.2
+    mask_replace: float = 0.8
+    random_replace: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 < self.mlm_probability <= 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
+        if self.mask_replace < 0 or self.random_replace < 0 or self.mask_replace + self.random_replace > 1 + 1e-9:
+            raise ValueError(
+                f"mask_replace + random_replace must be within [0, 1], got {self.mask_replace} + {self.random_replace}"
+            )
+        special = set(self.tokenizer.all_special_ids) - {self.mask_token_id}
+        self._special = torch.tensor(sorted(special), dtype=torch.long)
+        self._vocab = len(self.tokenizer)
+
+    @classmethod
+    def recipe(cls, name: str, tokenizer, mask_token_id: int, mlm_probability: float | None = None):
+        """``llama`` (p 0.2, 80/10/10) or ``mistral`` (p 0.8, all → mask); ``mlm_probability`` overrides p."""
+        if name == "llama":
+            c = dict(mlm_probability=0.2, mask_replace=0.8, random_replace=0.1)
+        elif name == "mistral":
+            c = dict(mlm_probability=0.8, mask_replace=1.0, random_replace=0.0)
+        else:
+            raise ValueError(f"masking recipe must be 'llama' or 'mistral', got {name!r}")
+        if mlm_probability is not None:
+            c["mlm_probability"] = mlm_probability
+        return cls(tokenizer, mask_token_id, **c)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids = torch.stack([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])
+        return self.mask(ids)
+
+    def mask(self, input_ids: torch.Tensor) -> dict:
+        """Mask a [B, L] batch; returns ``input_ids`` (masked copy) and ``labels``."""
+        input_ids = input_ids.clone()
+        labels = input_ids.clone()
+        prob = torch.full(labels.shape, self.mlm_probability)
+        prob.masked_fill_(torch.isin(labels, self._special), 0.0)
+        selected = torch.bernoulli(prob).bool()
+        labels[~selected] = -100
+        to_mask = torch.bernoulli(torch.full(labels.shape, self.mask_replace)).bool() & selected
+        input_ids[to_mask] = self.mask_token_id
+        if self.random_replace > 0:
+            # of the tokens not turned into the mask token, this share becomes a random token
+            p_rand = self.random_replace / max(1.0 - self.mask_replace, 1e-12)
+            to_rand = torch.bernoulli(torch.full(labels.shape, min(p_rand, 1.0))).bool() & selected & ~to_mask
+            input_ids[to_rand] = torch.randint(self._vocab, labels.shape, dtype=torch.long)[to_rand]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# contrastive data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of examples (anything the collator understands)."""
+
+    def __init__(self, items: Sequence):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+_QUERY_KEYS = ("query", "anchor", "sent0", "q")
+_POS_KEYS = ("positive", "pos", "sent1", "document", "d")
+_NEG_KEYS = ("negative", "neg", "hard_neg", "hard_negative")
+
+
+def _pick(row: dict, keys, what: str, path, required: bool = True):
+    for k in keys:
+        if k in row and row[k] not in (None, ""):
+            v = row[k]
+            if isinstance(v, list):  # E5-style files sometimes hold a list of negatives; take the first
+                v = v[0] if v else None
+            return v
+    if required:
+        raise ValueError(f"{path}: a row has no {what} column (looked for {', '.join(keys)}); got {sorted(row)}")
+    return None
+
+
+def read_triplets(path: str | Path, split: str | None = None, limit: int | None = None) -> list[dict]:
+    """Read query/positive/(hard negative) examples from JSONL or CSV.
+
+    Columns: query = one of ``query, anchor, sent0``; positive = ``positive, pos, sent1, document``; negative (optional)
+    = ``negative, neg, hard_neg, hard_negative``. A ``split`` column, when present and ``split`` is given, filters
+    rows (the SNLI dev/test triplet file has one). Returns dicts with keys ``query``, ``positive``, ``negative``
+    (``None`` when absent).
+    """
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(l) for l in f if l.strip()]
+    elif path.suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    else:
+        raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
+    out = []
+    for r in rows:
+        if split is not None and "split" in r and r["split"] != split:
+            continue
+        out.append({
+            "query": _pick(r, _QUERY_KEYS, "query", path),
+            "positive": _pick(r, _POS_KEYS, "positive", path),
+            "negative": _pick(r, _NEG_KEYS, "negative", path, required=False),
+        })
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{path}: no examples read (split={split!r})")
+    return out
+
+
+def one_dataset_per_batch(datasets: dict[str, list], global_batch_size: int, seed: int = 42) -> list:
+    """Order examples so that every run of ``global_batch_size`` consecutive examples comes from one dataset.
+
+    Each dataset is shuffled, cut into full global batches (the remainder is dropped, as the original does), and the
+    batches of all datasets are shuffled together. Read with a sequential sampler, each device then gets its share of
+    one global batch (accelerate shards consecutive per-device batches), so cross-device negatives stay in-domain.
+    Each example is returned as ``(dataset_name, example)``.
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    rng = random.Random(seed)
+    batches = []
+    for name, items in datasets.items():
+        idx = list(range(len(items)))
+        rng.shuffle(idx)
+        for i in range(0, len(idx) - global_batch_size + 1, global_batch_size):
+            batches.append([(name, items[j]) for j in idx[i:i + global_batch_size]])
+    if not batches:
+        raise ValueError(f"no dataset has a full batch of {global_batch_size} examples")
+    rng.shuffle(batches)
+    return [x for b in batches for x in b]
+
+
+def with_instruction(text: str, instruction: str | None):
+    """A query item as the encoder takes it: ``[instruction, text]`` (the encoder pools the text only), or the text.
+
+    The original joins a training query as ``f"{instruction}; " + separator + text``; we pass the instruction with
+    the same ``"; "`` suffix and let the encoder's tokenize mark where the text starts.
+    """
+    if not instruction:
+        return text
+    return [f"{instruction.strip()}; ", text]

@@ -1,0 +1,179 @@
+"""Training losses: MNTP (shifted, masked rows only, fused linear cross-entropy), SimCSE InfoNCE and the supervised
+hard-negative NLL, each with a plain PyTorch twin (``*_ref``) that the tests hold them to.
+
+Contrastive losses gather the candidate embeddings of every process (with gradient) when torch.distributed is
+initialised; each process scores its own queries against all candidates. The loss is then the mean over local queries
+and, since the gather's backward sums gradients over processes and DDP averages them, the parameter gradient equals
+that of the global mean over all queries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# linear cross-entropy backend (Triton on CUDA, the PyTorch twin on CPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` over non-ignored rows (0 when none).
+
+    On CUDA the Triton ``fused_linear_cross_entropy`` (never materializes full logits for all rows); elsewhere its
+    PyTorch twin.
+    """
+    if hidden.is_cuda:
+        from llm2vec_fast.kernels import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index)
+    from llm2vec_fast.kernels.reference import fused_linear_cross_entropy_ref
+
+    return fused_linear_cross_entropy_ref(hidden, weight, labels, ignore_index=ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MNTP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shift_masked_rows(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                      ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``hidden`` that predict a masked token, and those tokens.
+
+    The token at position i is predicted from the output at i − 1 (the causal-LM shift LLM2Vec's MNTP keeps), so a
+    label at the first position of a sequence has no predictor and is dropped.
+
+    ``hidden`` [B, L, H] with ``labels`` [B, L], or packed ``hidden`` [T, H] with ``labels`` [T] and ``cu_seqlens``
+    int32 [B+1] (then no row predicts across a sequence boundary). Returns ``(rows [N, H], targets [N])``.
+    """
+    if hidden.dim() == 3:
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's [B, L] {tuple(hidden.shape[:2])}")
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+    elif hidden.dim() == 2:
+        if labels.shape != hidden.shape[:1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must be [T] = [{hidden.shape[0]}]")
+        y = labels.clone()
+        if cu_seqlens is not None:
+            # a sequence's first token must not be predicted from the previous sequence's last token
+            y[cu_seqlens[:-1].long().clamp(max=y.numel() - 1)] = ignore_index
+        h, y = hidden[:-1], y[1:]
+    else:
+        raise ValueError(f"hidden must be [B, L, H] or packed [T, H], got shape {tuple(hidden.shape)}")
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    return h.index_select(0, idx), y.index_select(0, idx)
+
+
+def mntp_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+              ignore_index: int = -100) -> torch.Tensor:
+    """MNTP loss: gather the rows that predict a masked token, then fused linear cross-entropy with the LM head."""
+    rows, targets = shift_masked_rows(hidden, labels, cu_seqlens, ignore_index)
+    return linear_cross_entropy(rows, weight, targets, ignore_index)
+
+
+def mntp_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Twin of :func:`mntp_loss` for [B, L, H]: the original path, full-vocabulary logits for every position."""
+    logits = hidden.float() @ weight.float().T
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed gather with gradient
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` [n, H] over processes with gradient (this rank's slice first in rank order); returns the
+    gathered tensor and the row offset of this rank's slice. Identity when torch.distributed is not initialised.
+    Every rank must pass the same ``n`` (the trainers drop the last incomplete batch)."""
+    if not _dist_ready():
+        return x, 0
+    import torch.distributed.nn.functional as dist_fn
+
+    parts = dist_fn.all_gather(x.contiguous())
+    return torch.cat(parts, dim=0), torch.distributed.get_rank() * x.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# contrastive losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16 embeddings are scored in fp32; fp64 stays fp64 for exact tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.normalize(_acc(a), dim=-1) @ F.normalize(_acc(b), dim=-1).T
+
+
+def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, scale: float = 50.0,
+                           mask_false_negatives: bool = False, gather: bool = True) -> torch.Tensor:
+    """InfoNCE with in-batch and hard negatives (LLM2Vec's ``HardNegativeNLLLoss``).
+
+    Query i is scored (cosine × ``scale``) against every positive and every hard negative of the (global) batch;
+    cross-entropy towards its own positive, mean over queries.
+
+    ``q`` [B, H], ``p`` [B, H], ``n`` [B, H] or None. ``mask_false_negatives``: a positive of another query that scores
+    above query i's own positive is taken for a false negative and left out of query i's softmax. Under
+    torch.distributed (and ``gather``) positives and negatives of all processes are candidates.
+    """
+    if q.dim() != 2 or p.shape != q.shape:
+        raise ValueError(f"q and p must both be [B, H] of the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
+    if n is not None and n.shape[1:] != q.shape[1:]:
+        raise ValueError(f"hard negatives must be [*, {q.shape[1]}], got {tuple(n.shape)}")
+    if gather:
+        p_all, off = gather_with_grad(p)
+        n_all = gather_with_grad(n)[0] if n is not None else None
+    else:
+        p_all, off = p, 0
+        n_all = n
+    cand = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)
+    scores = _cos(q, cand) * scale  # [B, Bp (+ Bn)]
+    target = torch.arange(q.shape[0], device=q.device) + off
+    if mask_false_negatives:
+        n_pos = p_all.shape[0]
+        own = scores.gather(1, target[:, None])  # [B, 1]
+        col = torch.arange(scores.shape[1], device=q.device)[None, :]
+        false_neg = (col < n_pos) & (col != target[:, None]) & (scores > own)
+        scores = scores.masked_fill(false_neg, float("-inf"))
+    return F.cross_entropy(scores, target)
+
+
+def simcse_loss(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0, gather: bool = True) -> torch.Tensor:
+    """Unsupervised SimCSE InfoNCE: ``a[i]`` and ``b[i]`` are two dropout views of sentence i, every other ``b[j]``
+    is an in-batch negative; cosine × ``scale`` (20 = temperature 0.05), cross-entropy, mean over ``a``."""
+    return hard_negative_nll_loss(a, b, None, scale=scale, gather=gather)
+
+
+def hard_negative_nll_loss_ref(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, scale: float = 50.0,
+                               mask_false_negatives: bool = False) -> torch.Tensor:
+    """Twin of :func:`hard_negative_nll_loss` (single process): one query at a time, written out."""
+    cands = list(p) + (list(n) if n is not None else [])
+    losses = []
+    for i in range(q.shape[0]):
+        qi = _acc(q[i])
+        s = torch.stack([torch.dot(qi, _acc(c)) / (qi.norm() * _acc(c).norm()).clamp_min(1e-12) for c in cands])
+        s = s * scale
+        keep = torch.ones(len(cands), dtype=torch.bool)
+        if mask_false_negatives:
+            for j in range(p.shape[0]):
+                if j != i and s[j] > s[i]:
+                    keep[j] = False
+        losses.append(torch.logsumexp(s[keep], dim=0) - s[i])
+    return torch.stack(losses).mean()
+
+
+def simcse_loss_ref(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Twin of :func:`simcse_loss`."""
+    return hard_negative_nll_loss_ref(a, b, None, scale=scale)

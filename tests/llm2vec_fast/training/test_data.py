@@ -1,0 +1,145 @@
+"""MNTP data and masking collator, contrastive data readers."""
+import json
+
+import pytest
+import torch
+
+from llm2vec_fast.training.data import (
+    BlockDataset,
+    MNTPCollator,
+    one_dataset_per_batch,
+    read_documents,
+    read_triplets,
+    resolve_mask_token,
+    with_instruction,
+)
+
+from .conftest import make_tokenizer, sentences
+
+
+def test_read_documents_splits(tmp_path):
+    blank = tmp_path / "b.txt"
+    blank.write_text("\n a b \n c\n \n\n d e\n")
+    assert read_documents(blank) == ["a b\nc", "d e"]
+    assert read_documents(blank, "line") == ["a b", "c", "d e"]
+    lines = tmp_path / "l.txt"
+    lines.write_text("one\ntwo\n\n")  # trailing blank lines do not make it blank-separated
+    assert read_documents(lines) == ["one", "two"]
+    with pytest.raises(ValueError, match="split"):
+        read_documents(lines, "para")
+
+
+def test_block_dataset_concatenates_and_drops_tail():
+    tok = make_tokenizer()
+    docs = sentences(20)
+    ids = [t for d in docs for t in tok(d)["input_ids"]]
+    ds = BlockDataset(docs, tok, block_size=16)
+    assert len(ds) == len(ids) // 16
+    assert ds[1]["input_ids"].tolist() == ids[16:32]
+    assert ds.blocks[:, 0].tolist() != [1] * len(ds)  # blocks cut across documents, not per document
+    assert len(BlockDataset(docs, tok, block_size=16, max_blocks=3)) == 3
+    with pytest.raises(ValueError, match="fewer than one block"):
+        BlockDataset(["w1 w2"], tok, block_size=64)
+
+
+def _big_batch(tok, n=256, length=64):
+    torch.manual_seed(0)
+    ids = torch.randint(7, len(tok), (n, length))
+    ids[:, 0] = tok.bos_token_id
+    ids[:, 5] = tok.eos_token_id
+    return ids
+
+
+@pytest.mark.parametrize("recipe", ["llama", "mistral"])
+def test_collator_statistics(recipe):
+    tok = make_tokenizer()
+    mask_id = resolve_mask_token(tok)
+    coll = MNTPCollator.recipe(recipe, tok, mask_id)
+    ids = _big_batch(tok)
+    torch.manual_seed(1)
+    out = coll.mask(ids)
+    sel = out["labels"] != -100
+    maskable = ~torch.isin(ids, torch.tensor(tok.all_special_ids))
+    p = sel.sum().item() / maskable.sum().item()
+    n = sel.sum().item()
+    assert torch.equal(out["labels"][sel], ids[sel])
+    assert torch.equal(out["input_ids"][~sel], ids[~sel])  # unselected tokens are never touched
+    as_mask = (out["input_ids"][sel] == mask_id).float().mean().item()
+    unchanged = (out["input_ids"][sel] == ids[sel]).float().mean().item()
+    if recipe == "llama":
+        assert abs(p - 0.2) < 0.015, p
+        assert abs(as_mask - 0.8) < 0.03, as_mask
+        # 10 % kept as is (plus random draws that hit the same token: ~1/len(vocab))
+        assert abs(unchanged - 0.1) < 0.025, unchanged
+        assert n > 2000
+    else:
+        assert abs(p - 0.8) < 0.015, p
+        assert as_mask == 1.0
+
+
+def test_special_tokens_never_masked():
+    tok = make_tokenizer()
+    mask_id = resolve_mask_token(tok)
+    coll = MNTPCollator(tok, mask_id, mlm_probability=1.0, mask_replace=0.5, random_replace=0.5)
+    ids = _big_batch(tok, n=8, length=32)
+    out = coll.mask(ids)
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    assert (out["labels"][special] == -100).all()
+    assert torch.equal(out["input_ids"][special], ids[special])
+    assert (out["labels"][~special] != -100).all()  # p = 1: every other token is a target
+
+
+def test_collator_rejects_bad_probabilities():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="mlm_probability"):
+        MNTPCollator(tok, 4, mlm_probability=0.0)
+    with pytest.raises(ValueError, match="mask_replace"):
+        MNTPCollator(tok, 4, mask_replace=0.9, random_replace=0.2)
+    with pytest.raises(ValueError, match="recipe"):
+        MNTPCollator.recipe("bert", tok, 4)
+
+
+def test_mask_token_choices():
+    tok = make_tokenizer()
+    assert tok.mask_token is None
+    assert resolve_mask_token(tok) == tok.convert_tokens_to_ids("_")  # the original's "_"
+    assert resolve_mask_token(tok, "auto") == tok.convert_tokens_to_ids("_")  # now the tokenizer has one
+    tok = make_tokenizer()
+    assert resolve_mask_token(tok, "eos") == tok.eos_token_id
+    tok = make_tokenizer()
+    n = len(tok)
+    mid = resolve_mask_token(tok, "mask")
+    assert mid == n and tok.mask_token == "<mask>" and len(tok) == n + 1
+    with pytest.raises(ValueError, match="mask token kind"):
+        resolve_mask_token(tok, "pad")
+
+
+def test_read_triplets_snli_and_jsonl(data_dir, tmp_path):
+    snli = data_dir / "snli" / "snli_devtest_triplets.csv"
+    dev = read_triplets(snli, split="dev", limit=50)
+    assert len(dev) == 50 and all(e["negative"] for e in dev)
+    assert dev[0]["query"].startswith("Two women are embracing")
+    assert read_triplets(snli, split="test", limit=3)[0]["query"] != dev[0]["query"]
+    j = tmp_path / "x.jsonl"
+    j.write_text(json.dumps({"query": "q", "positive": "p", "negative": ["n1", "n2"]}) + "\n"
+                 + json.dumps({"query": "q2", "positive": "p2"}) + "\n")
+    assert read_triplets(j) == [{"query": "q", "positive": "p", "negative": "n1"},
+                                {"query": "q2", "positive": "p2", "negative": None}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "positive": "p"}) + "\n")
+    with pytest.raises(ValueError, match="no query column"):
+        read_triplets(bad)
+
+
+def test_one_dataset_per_batch_groups():
+    data = {"a": [f"a{i}" for i in range(10)], "b": [f"b{i}" for i in range(7)]}
+    order = one_dataset_per_batch(data, 3, seed=0)
+    assert len(order) == 9 + 6  # full batches only
+    for i in range(0, len(order), 3):
+        assert len({name for name, _ in order[i:i + 3]}) == 1
+    assert len({x for _, x in order}) == len(order)
+
+
+def test_with_instruction_on_queries():
+    assert with_instruction("text", None) == "text"
+    assert with_instruction("text", " Retrieve it ") == ["Retrieve it; ", "text"]

@@ -1,0 +1,160 @@
+"""Training losses against their PyTorch twins (values and gradients), shift alignment, distributed gather."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm2vec_fast.training.losses import (
+    hard_negative_nll_loss,
+    hard_negative_nll_loss_ref,
+    mntp_loss,
+    mntp_loss_ref,
+    shift_masked_rows,
+    simcse_loss,
+    simcse_loss_ref,
+)
+
+
+def test_shift_alignment_padded():
+    B, L, H = 2, 7, 3
+    hidden = torch.arange(B * L, dtype=torch.float32)[:, None].repeat(1, H).view(B, L, H)  # row value = b*L + pos
+    labels = torch.full((B, L), -100)
+    labels[0, 3] = 11
+    labels[1, 0] = 12  # first position: no predictor, dropped
+    labels[1, 6] = 13
+    rows, targets = shift_masked_rows(hidden, labels)
+    assert targets.tolist() == [11, 13]
+    assert rows[:, 0].tolist() == [2.0, 1 * L + 5.0]  # predicted from position i - 1 of the same sequence
+
+
+def test_shift_alignment_packed_boundaries():
+    cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    hidden = torch.arange(8, dtype=torch.float32)[:, None]
+    labels = torch.full((8,), -100)
+    labels[3] = 5  # first token of sequence 1: must not be predicted from sequence 0's last token
+    labels[4] = 6  # first token of sequence 2
+    labels[2] = 7
+    labels[7] = 8
+    rows, targets = shift_masked_rows(hidden, labels, cu)
+    assert targets.tolist() == [7, 8]
+    assert rows[:, 0].tolist() == [1.0, 6.0]
+
+
+@pytest.mark.parametrize("V", [97, 130])
+def test_mntp_loss_matches_full_logits_twin(V):
+    torch.manual_seed(0)
+    B, L, H = 3, 11, 16
+    hidden = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, L))
+    labels[torch.rand(B, L) > 0.3] = -100
+    labels[:, 1] = 3  # at least one target
+    ours = mntp_loss(hidden, weight, labels)
+    g = torch.autograd.grad(ours, (hidden, weight))
+    ref = mntp_loss_ref(hidden, weight, labels)
+    gr = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(g, gr, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_mntp_loss_without_targets_is_zero_with_zero_grads():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    labels[:, 0] = 4  # only first positions: nothing to predict after the shift
+    loss = mntp_loss(hidden, weight, labels)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def _reps(n, h, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, h, generator=g, dtype=dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("with_neg", [False, True], ids=["in-batch", "hard-neg"])
+@pytest.mark.parametrize("mask_fn", [False, True], ids=["plain", "mask-false-neg"])
+def test_hard_negative_loss_matches_twin(with_neg, mask_fn):
+    q, p = _reps(5, 8, 0), _reps(5, 8, 1)
+    n = _reps(5, 8, 2) if with_neg else None
+    args = [q, p] + ([n] if with_neg else [])
+    ours = hard_negative_nll_loss(q, p, n, scale=50.0, mask_false_negatives=mask_fn)
+    ref = hard_negative_nll_loss_ref(q, p, n, scale=50.0, mask_false_negatives=mask_fn)
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(ours, args), torch.autograd.grad(ref, args), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_false_negative_mask_changes_the_loss_only_when_triggered():
+    q, p = _reps(4, 6, 3), _reps(4, 6, 4)
+    with torch.no_grad():
+        p[1] = q[0] * 2  # query 0's best match is positive 1: a likely false negative for query 0
+    plain = hard_negative_nll_loss(q, p, scale=20.0)
+    masked = hard_negative_nll_loss(q, p, scale=20.0, mask_false_negatives=True)
+    assert masked < plain
+    # when every query's own positive scores highest, masking removes nothing
+    q2 = _reps(4, 6, 5)
+    p2 = q2.detach() + 0.01 * torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(hard_negative_nll_loss(q2, p2, mask_false_negatives=True),
+                               hard_negative_nll_loss(q2, p2))
+
+
+def test_simcse_loss_matches_twin_and_definition():
+    a, b = _reps(6, 8, 6), _reps(6, 8, 7)
+    ours = simcse_loss(a, b)
+    torch.testing.assert_close(ours, simcse_loss_ref(a, b).to(ours.dtype))
+    logits = F.cosine_similarity(a[:, None], b[None], dim=-1) * 20.0
+    torch.testing.assert_close(ours, F.cross_entropy(logits, torch.arange(6)), rtol=1e-6, atol=1e-6)
+    for x, y in zip(torch.autograd.grad(ours, (a, b)), torch.autograd.grad(simcse_loss_ref(a, b), (a, b)),
+                    strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        hard_negative_nll_loss(torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="hard negatives"):
+        hard_negative_nll_loss(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5))
+
+
+def _dist_worker(rank, world, port, path, q, p, n):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        b = q.shape[0] // world
+        sl = slice(rank * b, (rank + 1) * b)
+        ql, pl, nl = (x[sl].clone().requires_grad_(True) for x in (q, p, n))
+        loss = hard_negative_nll_loss(ql, pl, nl, scale=50.0, mask_false_negatives=True)
+        loss.backward()
+        torch.save((loss.detach(), [g.clone() for g in (ql.grad, pl.grad, nl.grad)]), f"{path}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_across_processes_equals_global_batch(tmp_path):
+    """Two gloo processes, half the batch each: the mean of their losses equals the single-process loss on the
+    whole batch, and their representation gradients, divided by the world size as DDP's averaging of parameter
+    gradients does, equal the whole-batch gradients."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    q, p, n = (_reps(6, 8, s).detach() for s in (10, 11, 12))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: no re-import of torch in the children (spawn costs ~10 s here)
+    mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n), nprocs=2, join=True,
+                       start_method="fork")
+    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    qg, pg, ng = (x.clone().requires_grad_(True) for x in (q, p, n))
+    full = hard_negative_nll_loss(qg, pg, ng, scale=50.0, mask_false_negatives=True, gather=False)
+    full.backward()
+    torch.testing.assert_close((r0[0] + r1[0]) / 2, full.detach())
+    for i, ref in enumerate((qg.grad, pg.grad, ng.grad)):
+        torch.testing.assert_close(torch.cat([r0[1][i], r1[1][i]]) / 2, ref)
