@@ -1,0 +1,303 @@
+"""Bidirectional attention for Hugging Face decoders, through transformers' own extension points.
+
+``to_bidirectional(model)`` registers one attention implementation, ``"llm2vec_fast"``, with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask builder), switches the model
+to it and flips every attention module's ``is_causal`` flag. HF's modeling code stays untouched.
+
+Two input forms reach the attention function:
+
+* **packed** (native): one row of concatenated sequences, ``position_ids`` restarting at 0 per sequence and
+  ``cu_seq_lens_q``/``max_length_q`` passed as model kwargs (transformers forwards them to the attention function).
+  When only ``position_ids`` are given, the boundaries are derived from them.
+* **padded**: a usual ``[B, T]`` batch with a 2D ``attention_mask``; the mask builder turns it into a key-padding mask
+  (no causal part).
+
+Backends: ``"torch"`` (reference: SDPA on a padded view, eager math for logit softcap), ``"triton"`` (the packed
+flash-attention kernel, CUDA only), ``"flash_attn"`` (the optional flash-attn package's varlen function), and
+``"auto"`` (triton on CUDA tensors, torch elsewhere), resolved per call from the tensors' device.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "llm2vec_fast"
+BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Per-family differences only; everything else is HF's own modeling code."""
+
+    # honour the config's sliding window (bidirectionally, |i - j| < window) on the layers HF marks as sliding
+    sliding_window: bool = False
+
+
+# model_type -> Family. Mistral/Qwen2 windows are ignored, as the original llm2vec does (full bidirectional).
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "gemma": Family(),
+    "gemma2": Family(sliding_window=True),  # logit softcap arrives as the `softcap` kwarg from HF's attention
+    "gemma3_text": Family(sliding_window=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def to_bidirectional(model, backend: str = "auto"):
+    """Make a loaded HF decoder (base model or ``*ForCausalLM``) attend bidirectionally, in place; returns it.
+
+    Args:
+        model: a ``transformers`` model of a supported family (``SUPPORTED_MODEL_TYPES``), possibly wrapped by peft.
+        backend: ``"auto"`` (Triton kernel for CUDA tensors, PyTorch otherwise), ``"torch"``, ``"triton"`` or
+            ``"flash_attn"``.
+
+    Raises:
+        ValueError: unknown backend, or a model family that is not supported (the message lists the supported ones).
+        ImportError: ``backend="flash_attn"`` without the flash-attn package.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "flash_attn":
+        _import_flash_attn()
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model type {model_type!r} is not supported for bidirectional conversion; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    register()
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    _set_implementation(model, ATTN_IMPLEMENTATION)
+    for cfg in _configs(model):
+        cfg.llm2vec_fast_backend = backend
+        # transformers >= 5.2x reads this to build bidirectional masks natively; older versions ignore it
+        cfg.is_causal = False
+    return model
+
+
+def is_bidirectional(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
+def set_attention_dropout(model, p: float):
+    """Attention dropout used in training mode (SimCSE uses 0.3); HF attention modules read ``attention_dropout``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"attention dropout must be in [0, 1), got {p}")
+    for cfg in _configs(model):
+        cfg.attention_dropout = p
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+    return model
+
+
+def _configs(model):
+    seen, out = set(), []
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def _set_implementation(model, name):
+    try:
+        model.set_attn_implementation(name)
+    except (AttributeError, ValueError, TypeError):
+        pass
+    for cfg in _configs(model):
+        try:
+            cfg._attn_implementation = name
+        except AttributeError:
+            cfg._attn_implementation_internal = name
+
+
+_REGISTERED = False
+
+
+def register():
+    """Register the ``"llm2vec_fast"`` attention and mask functions with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
+    _REGISTERED = True
+
+
+def padding_mask(*args, attention_mask=None, **kwargs):
+    """Mask builder: a key-padding mask ``[B, 1, 1, kv]`` (True = attend), or None when nothing is padded.
+
+    The causal (and HF packed-sequence) parts of the mask function HF passes are ignored on purpose: packed
+    boundaries travel as ``cu_seq_lens_q`` instead.
+    """
+    if attention_mask is None or attention_mask.ndim != 2:
+        return attention_mask
+    attention_mask = attention_mask.bool()
+    if bool(attention_mask.all()):
+        return None
+    return attention_mask[:, None, None, :]
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sequence boundaries of a packed row from positions that restart at 0: int32 cu_seqlens and max length."""
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    total = torch.tensor([pos.numel()], device=pos.device, dtype=starts.dtype)
+    cu = torch.cat([starts, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                      sliding_window=None, **kwargs):
+    """The function transformers calls for ``"llm2vec_fast"``: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``.
+
+    Returns ``(out [B, T, Hq, D], None)`` as HF's attention functions do.
+    """
+    config = getattr(module, "config", None)
+    backend = getattr(config, "llm2vec_fast_backend", "auto")
+    model_type = getattr(config, "model_type", None)
+    if not getattr(FAMILIES.get(model_type), "sliding_window", False):
+        sliding_window = None
+    bsz, _, seq, dim = query.shape
+    scale = scaling if scaling is not None else dim ** -0.5
+    softcap = float(softcap or 0.0)
+    dropout = float(dropout or 0.0) if module.training else 0.0
+
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None and attention_mask is None and bsz == 1 and kwargs.get("position_ids") is not None:
+        pos = kwargs["position_ids"]
+        if pos.shape[-1] == seq and bool((pos.reshape(-1)[1:] == 0).any()):
+            cu, max_len = cu_seqlens_from_position_ids(pos)
+    if cu is not None and bsz != 1:
+        raise ValueError(f"packed input (cu_seq_lens_q given) must have batch size 1, got {bsz}")
+    if cu is not None and max_len is None:
+        max_len = int((cu[1:] - cu[:-1]).max())
+
+    window = sliding_window if sliding_window and (max_len or seq) > sliding_window else None
+    resolved = _resolve_backend(backend, query)
+    if window is not None:
+        resolved = "torch"  # the kernels have no window; only long Gemma-2/3 inputs take this path
+
+    if cu is None:
+        # dense or padded batch
+        keep = None
+        if attention_mask is not None:
+            # our mask builder gives bool; a user's own 4D float mask is additive (0 = attend)
+            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        if resolved == "torch":
+            return _torch_attention(query, key, value, keep, scale, softcap, dropout, window), None
+        if keep is None:
+            keep = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)
+        elif keep.shape[-2] != 1:
+            raise ValueError(f"the {resolved!r} backend takes key-padding masks only, got a mask of shape "
+                             f"{tuple(keep.shape)}; use backend='torch' for arbitrary masks")
+        keep = keep.reshape(bsz, -1)
+        lengths = keep.sum(-1)
+        idx = keep.reshape(-1).nonzero().flatten()
+        cu_p = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        q, k, v = (t.transpose(1, 2).reshape(bsz * seq, t.shape[1], dim)[idx] for t in (query, key, value))
+        out = _packed_kernel(resolved, q, k, v, cu_p, int(lengths.max()), scale, softcap, dropout)
+        full = out.new_zeros(bsz * seq, out.shape[1], dim)
+        full[idx] = out
+        return full.view(bsz, seq, -1, dim), None
+
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if resolved == "torch":
+        out = packed_torch_attention(q, k, v, cu, int(max_len), scale, softcap, dropout, window)
+    else:
+        out = _packed_kernel(resolved, q, k, v, cu, int(max_len), scale, softcap, dropout)
+    return out.unsqueeze(0), None
+
+
+def _resolve_backend(backend, tensor):
+    if backend == "auto":
+        if tensor.is_cuda and os.environ.get("LLM2VEC_FAST_DISABLE_TRITON") != "1":
+            return "triton"
+        return "torch"
+    if backend in ("triton", "flash_attn") and not tensor.is_cuda:
+        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got device {tensor.device}; "
+                         "use backend='torch' or 'auto' on CPU")
+    return backend
+
+
+def _packed_kernel(backend, q, k, v, cu, max_len, scale, softcap, dropout):
+    if backend == "flash_attn":
+        fa = _import_flash_attn()
+        kw = {"softcap": softcap} if softcap else {}
+        return fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
+                                         causal=False, **kw)
+    from llm2vec_fast.kernels import flash_attention
+
+    return flash_attention(q, k, v, cu, max_len, scale=scale, softcap=softcap, dropout_p=dropout)
+
+
+def _import_flash_attn():
+    try:
+        import flash_attn
+    except ImportError as e:
+        raise ImportError("backend 'flash_attn' needs the flash-attn package: pip install flash-attn") from e
+    return flash_attn
+
+
+def packed_torch_attention(q, k, v, cu_seqlens, max_seqlen, scale, softcap=0.0, dropout=0.0, window=None):
+    """Reference path for packed input: scatter to a padded ``[B, H, L, D]`` view, attend with a key-padding mask,
+    gather back. Length-sorted batches keep the padding small; peak memory is that of one padded batch."""
+    total, hq, dim = q.shape
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    bsz = lengths.numel()
+    # token t of sequence b goes to row b, column t - start_b
+    seq_id = torch.repeat_interleave(torch.arange(bsz, device=q.device), lengths, output_size=total)
+    col = torch.arange(total, device=q.device) - cu_seqlens[:-1].long()[seq_id]
+    flat = seq_id * max_seqlen + col
+
+    def pad(t):
+        out = t.new_zeros(bsz * max_seqlen, t.shape[1], dim)
+        out[flat] = t
+        return out.view(bsz, max_seqlen, t.shape[1], dim).transpose(1, 2)
+
+    keep = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
+    out = _torch_attention(pad(q), pad(k), pad(v), keep, scale, softcap, dropout, window)  # [B, L, H, D]
+    return out.reshape(bsz * max_seqlen, hq, dim)[flat]
+
+
+def _torch_attention(q, k, v, keep, scale, softcap, dropout, window):
+    """q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]``; keep: None, ``[B, L]`` or a broadcastable 4D bool key mask.
+    Returns ``[B, L, Hq, D]``."""
+    bsz, hq, seq, dim = q.shape
+    mask = None
+    if keep is not None:
+        mask = keep if keep.ndim == 4 else keep[:, None, None, :]
+    if window is not None:
+        i = torch.arange(seq, device=q.device)
+        band = (i[:, None] - i[None, :]).abs() < window
+        mask = band[None, None] if mask is None else (mask & band[None, None])
+    if softcap:
+        g = hq // k.shape[1]
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.nan_to_num(probs)  # fully masked (padding) query rows
+        if dropout:
+            probs = F.dropout(probs, p=dropout)
+        out = torch.matmul(probs.to(v.dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                             enable_gqa=k.shape[1] != hq)
+    return out.transpose(1, 2)

@@ -1,0 +1,523 @@
+"""LLM2Vec: encode texts with a (bidirectional) decoder LLM; a drop-in for the original ``llm2vec`` 0.2.3.
+
+Texts are tokenized once (one batched call with character offsets finds the instruction span), globally sorted by
+length, cut into token-budget batches and run **packed**: sequences back to back, no padding token anywhere from the
+tokenizer to the pooled vector. A background thread prepares the next batch while the current one runs.
+"""
+import json
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .bidirectional import FAMILIES, is_bidirectional, to_bidirectional
+from .models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+# our pooling op's names for the original's modes
+_POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last_token",
+                 "last_token": "last_token", "bos_token": "first_token"}
+# the original joins instruction and text with this marker, then removes it before tokenizing
+SEPARATOR = "!@#$%^&*()"
+CONFIG_NAME = "llm2vec_config.json"
+_ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+_DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
+# the original appends these to every text in eos_token mode, keyed by config class (its quirk: Llama-family
+# tokenizers without a "</s>" token get the three pieces " </", "s", ">")
+_EOS_SUFFIX = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
+# chat wrappers the original applies for these exact model names
+_TEMPLATES = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+    "mistralai/Mistral-7B-Instruct-v0.2": ("[INST] ", " [/INST]"),
+    "meta-llama/Llama-2-7b-chat-hf": ("[INST] ", " [/INST]"),
+    "google/gemma-2-9b-it": ("<bos><start_of_turn>user\n", "<end_of_turn>"),
+    "Qwen/Qwen2-1.5B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
+    "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
+}
+
+
+class LLM2Vec(nn.Module):
+    """A decoder LLM as a text encoder.
+
+    Args:
+        model: a loaded HF base model (``LlamaModel``, …) or ``*ForCausalLM`` (its decoder is used), possibly a
+            ``PeftModel``. Convert it with :func:`llm2vec_fast.to_bidirectional` first for LLM2Vec behaviour.
+        tokenizer: its tokenizer (a fast tokenizer: character offsets locate the instruction span).
+        pooling_mode: ``mean`` | ``weighted_mean`` (weights 1..L over the pooled span) | ``eos_token`` /
+            ``last_token`` (last token) | ``bos_token`` (first token).
+        max_length: tokens per text after joining the instruction; longer inputs are cut at the end.
+        doc_max_length: texts longer than this many tokens are first shortened word-wise, as the original does.
+        skip_instruction: instruction tokens are attended to but not pooled.
+        prompts: named instructions stored with the model, e.g. ``{"query": "Given a question, ..."}``.
+        instruction_span: ``"compat"`` (default) pools the last n tokens, n = the text's token count when tokenized
+            alone, exactly as the original; ``"offsets"`` pools exactly the tokens that overlap the text.
+    """
+
+    def __init__(self, model, tokenizer, pooling_mode="mean", max_length=512, doc_max_length=400,
+                 skip_instruction=True, prompts=None, instruction_span="compat"):
+        super().__init__()
+        if instruction_span not in ("compat", "offsets"):
+            raise ValueError(f"instruction_span must be 'compat' or 'offsets', got {instruction_span!r}")
+        if pooling_mode not in POOLING_MODES:
+            raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {POOLING_MODES}")
+        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if getattr(tokenizer, "is_fast", True) is False:
+            raise TypeError("LLM2Vec needs a fast (Rust) tokenizer for character offsets; got a slow one: load it "
+                            "with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        # a *ForCausalLM wrapper: use its decoder, the LM head is not needed to embed
+        if hasattr(model, "lm_head") and hasattr(model, "model") and not hasattr(model, "peft_config"):
+            model = model.model
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling_mode = pooling_mode
+        self.max_length = max_length
+        self.doc_max_length = doc_max_length
+        self.skip_instruction = skip_instruction
+        self.prompts = dict(prompts or {})
+        self.instruction_span = instruction_span
+        self.config = model.config
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, base_model_name_or_path=None, peft_model_name_or_path=None, merge_peft=False,
+                        enable_bidirectional=None, pooling_mode=None, max_length=None, doc_max_length=None,
+                        skip_instruction=None, attn_backend="auto", device=None, dtype=None, **hf_kwargs):
+        """Load a model as the original ``LLM2Vec.from_pretrained`` does, plus device/dtype/backend choices.
+
+        ``base_model_name_or_path``: a local HF folder, a hub id, or None / ``"smollm2-135m"`` for the embedded
+        default model. A base folder that itself carries a LoRA adapter (the original MNTP releases) gets it merged.
+        ``peft_model_name_or_path``: an adapter to apply on top (merged when ``merge_peft``). Encoder settings come
+        from ``llm2vec_config.json`` (adapter folder first, else base folder) unless given here; their defaults are
+        pooling ``mean``, max_length 512, doc_max_length 400, skip_instruction True. ``enable_bidirectional``
+        defaults to the saved config's choice, else True. ``device`` defaults to CUDA when available; ``dtype`` to
+        bfloat16 on CUDA and float32 on CPU. Other keyword arguments go to ``AutoModel.from_pretrained``.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_model(base_model_name_or_path)
+        if "torch_dtype" in hf_kwargs:  # the original's spelling
+            dtype = dtype if dtype is not None else hf_kwargs.pop("torch_dtype")
+            hf_kwargs.pop("torch_dtype", None)
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _parse_dtype(dtype) if dtype is not None else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+        config_addr = peft_model_name_or_path if peft_model_name_or_path is not None else path
+        saved = _read_config(config_addr) or (_read_config(path) if peft_model_name_or_path else {})
+        args = dict(_DEFAULTS)
+        args.update({k: saved[k] for k in _ENCODER_KEYS if k in saved})
+        given = {"pooling_mode": pooling_mode, "max_length": max_length, "doc_max_length": doc_max_length,
+                 "skip_instruction": skip_instruction}
+        args.update({k: v for k, v in given.items() if v is not None})
+        if args["pooling_mode"] not in POOLING_MODES:
+            raise ValueError(f"unknown pooling mode {args['pooling_mode']!r}; expected one of {POOLING_MODES}")
+        if enable_bidirectional is None:
+            enable_bidirectional = saved.get("bidirectional", True)
+
+        config = AutoConfig.from_pretrained(path)
+        if enable_bidirectional and getattr(config, "model_type", None) not in FAMILIES:
+            raise ValueError(f"model type {config.model_type!r} is not supported with bidirectional attention; "
+                             f"supported: {', '.join(FAMILIES)} (or pass enable_bidirectional=False)")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        hf_kwargs.setdefault("attn_implementation", "sdpa")
+        model = AutoModel.from_pretrained(path, dtype=dtype, **hf_kwargs)
+        if getattr(model, "_hf_peft_config_loaded", False) or os.path.exists(os.path.join(path,
+                                                                                         "adapter_config.json")):
+            model = _merge_embedded_adapter(model, path)
+        if enable_bidirectional:
+            to_bidirectional(model, backend=attn_backend)
+        if peft_model_name_or_path is not None:
+            from peft import PeftModel
+
+            if not os.path.exists(peft_model_name_or_path) and peft_model_name_or_path.count("/") != 1:
+                raise FileNotFoundError(f"adapter {peft_model_name_or_path!r} not found: expected a folder with "
+                                        "adapter_config.json or a hub id")
+            model = PeftModel.from_pretrained(model, peft_model_name_or_path)
+            if merge_peft:
+                model = model.merge_and_unload()
+        model.to(device)
+        model.eval()
+        return cls(model, tokenizer, prompts=saved.get("prompts"), **args)
+
+    def save(self, output_path, merge_before_save=False, save_config=True):
+        """Write model, tokenizer and ``llm2vec_config.json``; ``from_pretrained(output_path)`` reloads it."""
+        model = self.model
+        if merge_before_save and hasattr(model, "merge_and_unload"):
+            model = self.model = model.merge_and_unload()
+        os.makedirs(output_path, exist_ok=True)
+        model.save_pretrained(output_path)
+        self.tokenizer.save_pretrained(output_path)
+        if save_config:
+            cfg = {k: getattr(self, k) for k in _ENCODER_KEYS}
+            cfg["bidirectional"] = is_bidirectional(_base(model))
+            if self.prompts:
+                cfg["prompts"] = self.prompts
+            with open(os.path.join(output_path, CONFIG_NAME), "w") as f:
+                json.dump(cfg, f, indent=4)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ tokenization
+    def prepare_for_tokenization(self, text: str) -> str:
+        """The original's per-model wrapping (chat templates for a few named models, the eos suffix)."""
+        name = getattr(self.model.config, "_name_or_path", "")
+        if name in _TEMPLATES:
+            head, tail = _TEMPLATES[name]
+            text = head + text.strip() + tail
+        if self.pooling_mode == "eos_token":
+            if name == "meta-llama/Meta-Llama-3-8B":
+                text = text.strip() + "<|end_of_text|>"
+            else:
+                suffix = _EOS_SUFFIX.get(getattr(self.model.config, "model_type", None))
+                if suffix is not None:
+                    text = text.strip() + suffix
+        return text
+
+    def _shorten(self, text: str) -> str:
+        """The original's ``doc_max_length`` rule: drop words in proportion until the text fits."""
+        def count(t):
+            return len(self.tokenizer(t, add_special_tokens=False, truncation=True,
+                                      max_length=self.max_length)["input_ids"])
+        n = count(text)
+        while n > self.doc_max_length:
+            words = text.split()
+            text = " ".join(words[: int(len(words) * self.doc_max_length / n)])
+            n = count(text)
+        return text
+
+    def _joint_strings(self, pairs):
+        """Build what the original tokenizes; returns (joint strings, character offset where the text starts)."""
+        joints, cuts, texts = [], [], []
+        for instruction, text in pairs:
+            marked = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+            parts = self.prepare_for_tokenization(marked).split(SEPARATOR)
+            cuts.append(len(parts[0]) if len(parts) > 1 else None)
+            joints.append("".join(parts))
+            texts.append(parts[1] if len(parts) > 1 else "")
+        return joints, cuts, texts
+
+    def tokenize_items(self, pairs):
+        """Tokenize ``(instruction, text)`` pairs: token ids (list of int32 arrays) and pooled-span starts.
+
+        One batched tokenizer call with character offsets; only texts near ``doc_max_length`` are tokenized again.
+        """
+        enc, n_text = self._encode_joint(pairs)
+        # near the word-truncation limit: apply the original's rule exactly (rare for sentence-length inputs)
+        long = [i for i, n in enumerate(n_text) if n > self.doc_max_length - 16]
+        if long:
+            enc2, n2 = self._encode_joint([(pairs[i][0], self._shorten(pairs[i][1])) for i in long])
+            ids = list(enc["input_ids"])
+            for k, i in enumerate(long):
+                ids[i] = enc2["input_ids"][k]
+                n_text[i] = n2[k]
+        else:
+            ids = enc["input_ids"]
+        ids = [np.asarray(x, dtype=np.int32) for x in ids]
+        if self.skip_instruction:
+            # the original pools the last n positions, n = the text's own token count
+            starts = np.array([len(x) - n for x, n in zip(ids, n_text, strict=True)], dtype=np.int32)
+        else:
+            starts = np.zeros(len(ids), dtype=np.int32)
+        return ids, np.maximum(starts, 0), np.asarray(n_text)
+
+    def _encode_joint(self, pairs):
+        """One batched call on the joint strings; the text's token count from offsets, or (``instruction_span=
+        "compat"``, the default) from one more batched call on the instructed items' texts alone, which is what the
+        original counts: " Orange" inside a joint string is one token, "Orange" alone two."""
+        joints, cuts, texts = self._joint_strings(pairs)
+        enc = self.tokenizer(joints, add_special_tokens=True, truncation=True, max_length=self.max_length,
+                             return_offsets_mapping=True, return_special_tokens_mask=True)
+        n_text = self._count_text_tokens(enc, cuts)
+        if self.instruction_span == "compat":
+            instructed = [i for i, c in enumerate(cuts) if c]
+            if instructed:
+                alone = self.tokenizer([texts[i] for i in instructed], add_special_tokens=False, truncation=True,
+                                       max_length=self.max_length)["input_ids"]
+                for i, a in zip(instructed, alone, strict=True):
+                    n_text[i] = min(len(a), len(enc["input_ids"][i]))
+        return enc, n_text
+
+    @staticmethod
+    def _count_text_tokens(enc, cuts):
+        counts = []
+        for i, cut in enumerate(cuts):
+            special = enc["special_tokens_mask"][i]
+            if cut is None:  # no text marker survived: nothing to pool
+                counts.append(0)
+            elif cut == 0:
+                counts.append(len(special) - sum(special))
+            else:
+                offsets = enc["offset_mapping"][i]
+                counts.append(sum(1 for (_, end), sp in zip(offsets, special, strict=True) if not sp and end > cut))
+        return counts
+
+    def tokenize(self, items):
+        """Packed features for ``items`` (strings or ``[instruction, text]`` pairs), ready for :meth:`forward`.
+
+        Returns a dict: ``input_ids`` int64 ``[T]``, ``position_ids`` int64 ``[T]``, ``cu_seqlens`` int32
+        ``[B + 1]``, ``max_seqlen`` int, ``pool_start`` int32 ``[B]`` (instruction tokens at each sequence start).
+        """
+        pairs = _normalize_inputs(items)
+        ids, starts, _ = self.tokenize_items(pairs)
+        return pack(ids, starts)
+
+    # ------------------------------------------------------------------ model
+    def forward(self, features):
+        """Pooled embeddings ``[B, H]`` of packed features (differentiable; used by training)."""
+        device = self.device
+        f = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+        hidden = self.hidden_states(f)
+        return pool(hidden, f["cu_seqlens"], self.pooling_mode, f["pool_start"])
+
+    def hidden_states(self, f):
+        """Last hidden states ``[T, H]`` of a packed batch."""
+        cu, m = f["cu_seqlens"], int(f["max_seqlen"])
+        out = self.model(input_ids=f["input_ids"][None], position_ids=f["position_ids"][None],
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[0]
+
+    # ------------------------------------------------------------------ encode
+    @torch.inference_mode()
+    def encode(self, sentences, batch_size=32, show_progress_bar=True, convert_to_numpy=False,
+               convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None):
+        """Embed texts. Rows come back in input order.
+
+        Args:
+            sentences: a string, a list of strings, a list of ``[instruction, text]`` pairs, or a mix.
+            batch_size: with ``max_length`` sets the default token budget, ``batch_size × max_length`` tokens per
+                packed batch (the original's memory bound; short texts then share a batch).
+            show_progress_bar: a tqdm bar over texts.
+            convert_to_numpy / convert_to_tensor: numpy float32 array, or a torch float32 tensor (the default, on
+                the CPU, as the original returns).
+            device: where to run (the model moves there); default: where the model is.
+            normalize_embeddings: L2-normalise each row.
+            max_batch_tokens: token budget per packed batch (overrides the default above).
+
+        Returns ``[N, H]`` (``[H]`` for a single string). Empty or whitespace-only texts (after the instruction)
+        have nothing to pool: their rows are zero vectors. Texts longer than ``max_length`` tokens are cut at the
+        end (after ``doc_max_length`` word truncation, as in the original).
+        """
+        single = isinstance(sentences, str)
+        pairs = _normalize_inputs(sentences)
+        for name, v in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        budget = max_batch_tokens or batch_size * self.max_length
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
+        dev = self.device
+        width = self.model.config.hidden_size
+        out = torch.zeros(len(pairs), width, dtype=torch.float32)
+
+        live = [i for i, (_, t) in enumerate(pairs) if t.strip()]
+        if len(live) < len(pairs):
+            logger.info("%d empty or whitespace-only texts embed to zero vectors", len(pairs) - len(live))
+        ids, starts, n_text = [], np.zeros(0, np.int32), np.zeros(0, np.int64)
+        if live:
+            ids, starts, n_text = self.tokenize_items([pairs[i] for i in live])
+        keep = [k for k in range(len(live)) if n_text[k] > 0 or not self.skip_instruction]
+        lengths = np.array([len(ids[k]) for k in keep], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        batches = _budget_batches(lengths[order], budget)
+
+        bar = tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar)
+        bar.update(len(pairs) - len(keep))
+        for sel, feats in _prefetch(batches, order, keep, ids, starts, dev):
+            emb = self.forward(feats).float()
+            if normalize_embeddings:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            if not torch.isfinite(emb).all():
+                bad = [live[keep[order[j]]] for j in sel]
+                raise FloatingPointError(f"non-finite embeddings for inputs {bad[:10]} (dtype "
+                                         f"{next(self.model.parameters()).dtype}); try dtype=torch.float32")
+            rows = torch.as_tensor([live[keep[order[j]]] for j in sel])
+            out.index_copy_(0, rows, emb.cpu())
+            bar.update(len(sel))
+        bar.close()
+        if single:
+            out = out[0]
+        if convert_to_tensor:
+            return out
+        if convert_to_numpy:
+            return out.numpy()
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def _normalize_inputs(sentences):
+    """str | list[str | [instruction, text]] → list of (instruction, text); errors name the bad item."""
+    if isinstance(sentences, str):
+        return [("", sentences)]
+    if isinstance(sentences, tuple) and len(sentences) == 2 and all(isinstance(x, str) for x in sentences):
+        return [tuple(sentences)]
+    if not isinstance(sentences, (list, tuple)):
+        if isinstance(sentences, np.ndarray):
+            sentences = sentences.tolist()
+        else:
+            raise TypeError(f"sentences must be a string or a list of strings / [instruction, text] pairs, got "
+                            f"{type(sentences).__name__}")
+    pairs = []
+    for i, item in enumerate(sentences):
+        if isinstance(item, str):
+            pairs.append(("", item))
+        elif isinstance(item, (list, tuple)):
+            if len(item) != 2 or not all(isinstance(x, str) for x in item):
+                raise ValueError(f"item {i} must be a string or an [instruction, text] pair of two strings, got "
+                                 f"{_short(item)}")
+            pairs.append((item[0], item[1]))
+        else:
+            raise TypeError(f"item {i} must be a string or an [instruction, text] pair, got "
+                            f"{type(item).__name__}: {_short(item)}")
+    return pairs
+
+
+def _short(x, n=80):
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def pack(ids, starts):
+    """Concatenate token arrays into packed features (see :meth:`LLM2Vec.tokenize`)."""
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    cu = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    flat = np.concatenate(ids) if len(ids) else np.zeros(0, np.int32)
+    pos = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
+    return {
+        "input_ids": torch.from_numpy(flat.astype(np.int64)),
+        "position_ids": torch.from_numpy(pos.astype(np.int64)),
+        "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
+        "max_seqlen": int(lengths.max()) if len(lengths) else 0,
+        "pool_start": torch.from_numpy(np.asarray(starts, dtype=np.int32)),
+    }
+
+
+def _budget_batches(sorted_lengths, budget):
+    """Split length-sorted sequences into consecutive batches of at most ``budget`` tokens (one over-long
+    sequence forms a batch alone)."""
+    batches, start, total = [], 0, 0
+    for j, n in enumerate(sorted_lengths.tolist()):
+        if j > start and total + n > budget:
+            batches.append(range(start, j))
+            start, total = j, 0
+        total += n
+    if len(sorted_lengths) > start:
+        batches.append(range(start, len(sorted_lengths)))
+    return batches
+
+
+def _prefetch(batches, order, keep, ids, starts, device, depth=2):
+    """Yield (positions in sorted order, packed features on ``device``); a thread builds batches ahead."""
+    pin = device.type == "cuda"
+
+    def build(sel):
+        chosen = [keep[order[j]] for j in sel]
+        feats = pack([ids[k] for k in chosen], starts[chosen])
+        if pin:
+            feats = {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                     for k, v in feats.items()}
+        return sel, feats
+
+    if len(batches) <= 1:
+        for sel in batches:
+            yield build(sel)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for sel in batches:
+                if stop.is_set():
+                    return
+                q.put(build(sel))
+        except BaseException as e:  # surfaced in the consumer, never swallowed
+            q.put(e)
+        q.put(None)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.01)
+
+
+def pool(hidden, cu_seqlens, pooling_mode, pool_start):
+    """Pool packed hidden states with the original's modes (the Triton op on CUDA, its twin elsewhere)."""
+    mode = _POOL_OP_MODE[pooling_mode]
+    if hidden.is_cuda and os.environ.get("LLM2VEC_FAST_DISABLE_TRITON") != "1":
+        from llm2vec_fast.kernels import masked_pool
+
+        return masked_pool(hidden, cu_seqlens, mode, pool_start)
+    from llm2vec_fast.kernels.reference import masked_pool_ref
+
+    return masked_pool_ref(hidden, cu_seqlens, mode, pool_start)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _read_config(folder):
+    if folder is None:
+        return {}
+    p = Path(folder) / CONFIG_NAME
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from e
+
+
+def _parse_dtype(dtype):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(names)} or a torch.dtype")
+    return names[dtype]
+
+
+def _merge_embedded_adapter(model, path):
+    """A base folder carrying a LoRA adapter (the original MNTP releases): merge it into the weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        model.load_adapter(path)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    model._hf_peft_config_loaded = False
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
