@@ -73,8 +73,9 @@ def linear_ce_fwd(hidden, weight, labels, ignore_index, bias, n_valid, need_gh, 
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    gh = torch.empty_like(hidden) if need_gh else None
-    gw = torch.zeros_like(weight) if need_gw else None
+    # contiguous gradients whatever the inputs' strides: the per-chunk matmuls write into row slices of them
+    gh = torch.empty(N, H, dtype=hidden.dtype, device=dev) if need_gh else None
+    gw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_gw else None
     gb32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_gb else None
     if n_valid == 0 or N == 0:
         # every row ignored: loss 0 and zero gradients (no matmul at all), as the twin documents

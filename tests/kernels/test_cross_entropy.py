@@ -129,6 +129,18 @@ def test_only_hidden_needs_grad_and_grad_scaling():
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_strided_inputs(poisoned):
+    # hidden and weight as transposed views (not contiguous): gradients come back right, in the inputs' shapes
+    hidden, weight, _, labels = _inputs(20, 16, 37, torch.float32, False)
+    h1 = hidden.t().contiguous().requires_grad_()
+    w1 = weight.t().contiguous().requires_grad_()
+    h2, w2 = _leaves(hidden, weight)
+    fused_linear_cross_entropy(h1.t(), w1.t(), labels, _chunk_rows=8).backward()
+    fused_linear_cross_entropy_ref(h2, w2, labels).backward()
+    torch.testing.assert_close(h1.grad.t(), h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w1.grad.t(), w2.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_no_grad_skips_gradient_work(monkeypatch):
     hidden, weight, b, labels = _inputs(20, 16, 37, torch.float32, True)
     calls = []
