@@ -1,0 +1,230 @@
+"""The ``llm2vec-fast`` command line: encode, demo, and the eval / train / bench families."""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DEMO_TEXTS = [
+    "A man is playing a flute.",
+    "Someone is playing a wind instrument.",
+    "A cat is sleeping on the sofa.",
+    "The stock market fell sharply on Monday.",
+    ["Given a question, retrieve passages that answer it", "What instrument is the man playing?"],
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm2vec-fast",
+        description="Decoder LLMs as text encoders (LLM2Vec): encode, evaluate, train, benchmark.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    enc = sub.add_parser("encode", help="embed texts", description=(
+        "Embed texts given as arguments, in a file (--input) or on standard input (one text per line). "
+        "Writes .npy or .jsonl (--output), or JSON lines on standard output."))
+    enc.add_argument("texts", nargs="*", help="texts to embed (default: --input, else standard input)")
+    enc.add_argument("--input", "-i", type=Path, help=".txt (one text per line; an empty line embeds to a zero "
+                     "vector, keeping rows aligned with lines) or .jsonl with {\"text\": ..., \"instruction\": ...}")
+    enc.add_argument("--output", "-o", type=Path, help=".npy (float32 matrix, rows in input order) or .jsonl "
+                     "({\"text\", \"embedding\"} per line); written atomically. Default: JSON lines on stdout")
+    _model_options(enc)
+    enc.add_argument("--instruction", default="", help="instruction prepended to every text that has none of its "
+                     "own; attended to but not pooled")
+    enc.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    enc.add_argument("--batch-size", type=int, default=32, help="with max_length sets the default token budget "
+                     "(batch-size x max-length tokens per packed batch); default 32")
+    enc.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    enc.set_defaults(func=cmd_encode)
+
+    demo = sub.add_parser("demo", help="embed a few example texts with the default model and print similarities",
+                          description="Embed example texts and print their cosine-similarity table.")
+    _model_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    for module, func in (("llm2vec_fast.evaluation", "add_subcommands"),
+                         ("llm2vec_fast.training.cli", "add_subcommands")):
+        _try_add(module, func, sub)
+    bench = sub.add_parser("bench", help="benchmarks (encode throughput, report)",
+                           description="Benchmarks: encode throughput against peers, and the results report.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    bench_sub.required = True
+    _try_add("benchmarks.bench_encode", "add_bench_encode", bench_sub)
+    _try_add("llm2vec_fast.report", "add_bench_report", bench_sub)
+    return parser
+
+
+def _try_add(module, func, sub):
+    """Subcommand families live beside their code; a family whose optional dependencies are missing is left out."""
+    import importlib
+
+    try:
+        getattr(importlib.import_module(module), func)(sub)
+    except (ImportError, AttributeError):
+        if module.startswith("benchmarks."):
+            root = str(Path(__file__).resolve().parent.parent)
+            if root not in sys.path and (Path(root) / "benchmarks").is_dir():
+                sys.path.insert(0, root)
+                try:
+                    getattr(importlib.import_module(module), func)(sub)
+                except (ImportError, AttributeError):
+                    pass
+
+
+def _model_options(p):
+    p.add_argument("--model", "-m", default=None, help="HF model folder or hub id; default: the embedded "
+                   "SmolLM2-135M-Instruct ('smollm2-135m')")
+    p.add_argument("--peft", default=None, help="LoRA adapter folder applied on top of --model")
+    p.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "eos_token", "last_token",
+                                                       "bos_token"], help="pooling mode (default: the model's "
+                   "llm2vec_config.json, else mean)")
+    p.add_argument("--no-bidirectional", action="store_true", help="keep causal attention")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per text (default 512)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton", "flash_attn"],
+                   help="attention implementation (default auto: Triton on CUDA)")
+
+
+def load_model(args):
+    from llm2vec_fast import LLM2Vec
+
+    return LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, pooling_mode=args.pooling,
+                                   enable_bidirectional=False if args.no_bidirectional else None,
+                                   max_length=args.max_length, attn_backend=args.attn_backend, device=args.device,
+                                   dtype=args.dtype)
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def read_inputs(args):
+    """Texts from arguments, --input, or stdin; returns (items, display texts)."""
+    if args.texts and args.input:
+        raise CLIError("give texts as arguments or --input FILE, not both")
+    if args.texts:
+        texts = list(args.texts)
+        return [[args.instruction, t] if args.instruction else t for t in texts], texts
+    if args.input:
+        return read_file(args.input, args.instruction)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise CLIError("no input: give texts as arguments, --input FILE, or pipe text on standard input")
+    texts = sys.stdin.read().splitlines()
+    return [[args.instruction, t] if args.instruction else t for t in texts], texts
+
+
+def read_file(path: Path, instruction: str = ""):
+    if not path.exists():
+        raise CLIError(f"input file {str(path)!r} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read input file {str(path)!r}: {e}") from e
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        items, texts = [], []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got {line[:80]!r}")
+            instr = row.get("instruction", instruction) or ""
+            if not isinstance(instr, str):
+                raise CLIError(f"{path}:{n}: \"instruction\" must be a string, got {type(instr).__name__}")
+            items.append([instr, row["text"]] if instr else row["text"])
+            texts.append(row["text"])
+        return items, texts
+    if suffix in (".txt", ".text", ""):
+        texts = raw.splitlines()
+        return [[instruction, t] if instruction else t for t in texts], texts
+    raise CLIError(f"unsupported input file type {suffix!r} for {str(path)!r}; expected .txt or .jsonl")
+
+
+def write_output(path, emb, texts):
+    """Write atomically: a failure never leaves a partial file under the final name."""
+    import numpy as np
+
+    if path is None:
+        for t, e in zip(texts, emb, strict=True):
+            sys.stdout.write(json.dumps({"text": t, "embedding": [round(float(x), 7) for x in e]}) + "\n")
+        return
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".jsonl"):
+        raise CLIError(f"unsupported output type {suffix!r} for {str(path)!r}; expected .npy or .jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if suffix == ".npy":
+                np.save(f, np.asarray(emb, dtype=np.float32))
+            else:
+                for t, e in zip(texts, emb, strict=True):
+                    f.write((json.dumps({"text": t, "embedding": [float(x) for x in e]}) + "\n").encode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_encode(args) -> int:
+    if args.output is not None and args.output.suffix.lower() not in (".npy", ".jsonl"):
+        raise CLIError(f"unsupported output type {args.output.suffix!r} for {str(args.output)!r}; "
+                       "expected .npy or .jsonl")
+    items, texts = read_inputs(args)
+    model = load_model(args)
+    emb = model.encode(items, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                       normalize_embeddings=args.normalize, convert_to_numpy=True,
+                       show_progress_bar=not args.no_progress and len(items) > 64)
+    write_output(args.output, emb, texts)
+    if args.output is not None:
+        print(f"wrote {len(texts)} embeddings of width {emb.shape[1]} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+
+    model = load_model(args)
+    emb = model.encode(DEMO_TEXTS, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    sim = emb @ emb.T
+    labels = [t if isinstance(t, str) else f"[{t[0][:18]}…] {t[1]}" for t in DEMO_TEXTS]
+    print(f"model: {model.model.config._name_or_path}  pooling: {model.pooling_mode}  width: {emb.shape[1]}")
+    for i, label in enumerate(labels):
+        print(f"  [{i}] {label}")
+    print("cosine similarity:")
+    print("      " + "".join(f"[{j}]".rjust(7) for j in range(len(labels))))
+    for i in range(len(labels)):
+        print(f"  [{i}] " + "".join(f"{sim[i, j]:7.3f}" for j in range(len(labels))))
+    best = int(np.argsort(-sim[0])[1])
+    print(f"closest to [0]: [{best}] {labels[best]}")
+    if not args.no_bidirectional:
+        print("note: bidirectional attention on an untrained decoder blurs similarities (the LLM2Vec paper's "
+              "finding); MNTP then SimCSE training (`llm2vec-fast train ...`) recovers and improves them.")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"llm2vec-fast: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"llm2vec-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
