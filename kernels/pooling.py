@@ -24,23 +24,22 @@ def _pooled_span(cu, ps, i_b, MODE: tl.constexpr, HAS_PS: tl.constexpr):
     if MODE == 2:  # last token of the sequence, none when it is empty
         lo = tl.maximum(eos - 1, bos)
         hi = eos
-        scale = 1.0
     elif MODE == 3:  # first token of the sequence
         lo = bos
         hi = tl.minimum(bos + 1, eos)
-        scale = 1.0
     else:
         if HAS_PS:
             lo = bos + tl.load(ps + i_b).to(tl.int64)
         else:
             lo = bos
         hi = eos
-        # fp32: L (L + 1) / 2 is exact enough up to L ~ 4k and within 1 ulp-ish beyond, like the original's sum
-        n = (hi - lo).to(tl.float32)
-        if MODE == 0:
-            scale = 1.0 / tl.maximum(n, 1.0)
-        else:
-            scale = 2.0 / tl.maximum(n * (n + 1.0), 2.0)
+    n = (hi - lo).to(tl.float32)
+    if MODE == 1:
+        # weights k / (L (L + 1) / 2) for k = 1..L; fp32 holds L (L + 1) exactly up to L ~ 4k, to 1 ulp beyond
+        scale = 2.0 / tl.maximum(n * (n + 1.0), 2.0)
+    else:
+        # the mean over the span; last/first token spans hold at most one token, so it is that token (or zeros)
+        scale = 1.0 / tl.maximum(n, 1.0)
     return bos, eos, lo, hi, scale
 
 
