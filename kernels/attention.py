@@ -58,45 +58,38 @@ def _store_rows(p_base, b, o_r, o_d, stride_r, n_rows, D: tl.constexpr, EVEN_D: 
         tl.store(p, b, mask=(o_r < n_rows)[:, None] & (o_d < D)[None, :])
 
 
-def _fwd_configs():
-    if INTERPRET:
+def _configs(small_d, big_d):
+    if INTERPRET:  # the interpreter cannot autotune; 64-wide blocks keep CPU tests quick and still cross blocks
         return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
-        for BM, BN, w, s in [
-            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2),
-            (64, 32, 4, 2),
-        ]
-    ]
+    return [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s) for BM, BN, w, s in small_d + big_d]
 
 
-def _bwd_configs():
-    # BM: query rows per step, BN: key rows per step (dK/dV: BN keys held, BM queries streamed; dQ the other way)
-    if INTERPRET:
-        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
-        for BM, BN, w, s in [
-            (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),
-            (64, 32, 4, 2),
-        ]
-    ]
+# (BM, BN, num_warps, num_stages). Forward: BM query rows per program, BN keys per step. Head dim 256 gets its own
+# smaller tiles so q, k, v stay within Hopper's shared memory.
+_FWD_SMALL_D = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
+_FWD_BIG_D = [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
+# Backward: BM query rows and BN key rows per tile (dK/dV programs hold BN keys and stream queries; dQ the reverse)
+_BWD_SMALL_D = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
+_BWD_BIG_D = [(32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)]
 
 
-def _prune(kind):
+def _prune(small_d):
+    n_small = len(small_d)
+
     def prune(configs, named_args, **kwargs):
         bd = kwargs.get("BD", named_args.get("BD"))
-        if bd is None:
+        if bd is None or len(configs) <= n_small:
             return configs
-        if bd >= 256:  # keep shared memory in budget: q/k/v tiles of 256 columns
-            keep = [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 64 and c.num_stages <= 2]
-        elif bd <= 64:
-            keep = [c for c in configs if c.kwargs["BM"] >= 64 or c.kwargs["BN"] >= 64]
-        else:
-            keep = configs
-        return keep or configs[:1]
+        return configs[n_small:] if bd >= 256 else configs[:n_small]
 
     return prune
+
+
+def _tune_bench(fn, quantiles):
+    # shorter than triton's default (25 + 100 ms per config): enough to rank tiles, keeps first calls quick
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
 # Notes shared by the kernels below.
@@ -112,7 +105,8 @@ def _prune(kind):
 _KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "SEQ_BUCKET"]
 
 
-@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.autotune(configs=_configs(_FWD_SMALL_D, _FWD_BIG_D), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune(_FWD_SMALL_D)})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, ORDER,
@@ -208,7 +202,8 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + i_hq * T + o_t, b_delta, mask=o_t < T)
 
 
-@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.autotune(configs=_configs(_BWD_SMALL_D, _BWD_BIG_D), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune(_BWD_SMALL_D)})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
@@ -277,7 +272,8 @@ def _attn_bwd_dkdv_kernel(
                 EVEN_D)
 
 
-@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.autotune(configs=_configs(_BWD_SMALL_D, _BWD_BIG_D), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune(_BWD_SMALL_D)})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,
@@ -362,8 +358,8 @@ def _kernel_seed(seed: int) -> int:
 
 
 def _seq_bucket(max_seqlen: int) -> int:
-    # autotune key: block shapes that win on 128-token sentences lose on 8k documents
-    return min(max(triton.next_power_of_2(max(int(max_seqlen), 1)), 64), 4096)
+    # autotune key: tiles that win on 100-token sentences lose on 8k documents; three buckets bound the tuning runs
+    return 256 if max_seqlen <= 256 else 1024 if max_seqlen <= 1024 else 8192
 
 
 def _scalars(scale, softcap, dropout_p):

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from llm2vec_fast.kernels import attention as attn
 from llm2vec_fast.kernels.attention import dropout_keep_mask, flash_attention
 from llm2vec_fast.kernels.reference import flash_attention_ref
