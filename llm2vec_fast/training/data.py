@@ -170,21 +170,29 @@ class MNTPCollator:
         return self.mask(ids)
 
     def mask(self, input_ids: torch.Tensor) -> dict:
-        """Mask a [B, L] batch; returns ``input_ids`` (masked copy) and ``labels``."""
+        """Mask a [B, L] batch (on its own device, with the global RNG of that device); returns ``input_ids`` (a
+        masked copy) and ``labels``."""
+        dev = input_ids.device
         input_ids = input_ids.clone()
         labels = input_ids.clone()
-        prob = torch.full(labels.shape, self.mlm_probability)
-        prob.masked_fill_(torch.isin(labels, self._special), 0.0)
+        prob = torch.full(labels.shape, self.mlm_probability, device=dev)
+        prob.masked_fill_(torch.isin(labels, self._special.to(dev)), 0.0)
         selected = torch.bernoulli(prob).bool()
         labels[~selected] = -100
-        to_mask = torch.bernoulli(torch.full(labels.shape, self.mask_replace)).bool() & selected
+        to_mask = torch.bernoulli(torch.full(labels.shape, self.mask_replace, device=dev)).bool() & selected
         input_ids[to_mask] = self.mask_token_id
         if self.random_replace > 0:
             # of the tokens not turned into the mask token, this share becomes a random token
             p_rand = self.random_replace / max(1.0 - self.mask_replace, 1e-12)
-            to_rand = torch.bernoulli(torch.full(labels.shape, min(p_rand, 1.0))).bool() & selected & ~to_mask
-            input_ids[to_rand] = torch.randint(self._vocab, labels.shape, dtype=torch.long)[to_rand]
+            to_rand = torch.bernoulli(torch.full(labels.shape, min(p_rand, 1.0), device=dev)).bool() & selected \
+                & ~to_mask
+            input_ids[to_rand] = torch.randint(self._vocab, labels.shape, dtype=torch.long, device=dev)[to_rand]
         return {"input_ids": input_ids, "labels": labels}
+
+
+def stack_blocks(examples: list[dict]) -> dict:
+    """Collate unmasked blocks into ``{"input_ids": [B, L]}`` (the MNTP trainer masks them in the training step)."""
+    return {"input_ids": torch.stack([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

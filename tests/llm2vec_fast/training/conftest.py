@@ -61,3 +61,16 @@ def tiny_sentence_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("sent") / "sentences.txt"
     path.write_text("\n".join(sentences(200, seed=7)) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_pattern_file(tmp_path_factory):
+    """Learnable text: every document counts upwards through the word list, so masked words are predictable."""
+    path = tmp_path_factory.mktemp("pattern") / "count.txt"
+    rng = random.Random(1)
+    docs = []
+    for _ in range(80):
+        k = rng.randrange(N_WORDS)
+        docs.append(" ".join(f"w{(k + j) % 16}" for j in range(rng.randint(8, 20))))
+    path.write_text("\n".join(docs) + "\n")
+    return str(path)

@@ -1,0 +1,168 @@
+"""``llm2vec-fast train {mntp,simcse,supervised}``: argparse subcommands (the main CLI calls
+:func:`add_subcommands`). Multi-GPU: launch the same command through ``torchrun --nproc-per-node N -m
+llm2vec_fast.training.cli train ...`` or ``accelerate launch``; the Trainer picks the distributed set-up up."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import LORA_TARGETS
+
+
+def _common(p: argparse.ArgumentParser, steps=1000) -> None:
+    g = p.add_argument_group("model and output")
+    g.add_argument("--model", default=None,
+                   help="base model: a local HF folder, a hub id, or smollm2-135m (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    g.add_argument("--output-dir", required=True, help="where the adapter, tokenizer and llm2vec_config.json go "
+                                                        "(checkpoints in checkpoint-N subfolders)")
+    g.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton", "flash_attn"],
+                   help="bidirectional attention backend (auto: Triton on CUDA, PyTorch elsewhere)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 with autocast on CUDA, float32 on CPU)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="comma-separated module names")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=steps)
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--logging-steps", type=int, default=10)
+    g.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (0: none)")
+    g.add_argument("--save-total-limit", type=int, default=None, help="keep only the last N checkpoints")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT, or from the last checkpoint in --output-dir when no path is given")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _shared_kwargs(a) -> dict:
+    return dict(model=a.model, output_dir=a.output_dir, attn_backend=a.attn_backend, dtype=a.dtype,
+                lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
+                max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=a.gradient_checkpointing,
+                seed=a.seed, logging_steps=a.logging_steps, save_steps=a.save_steps,
+                save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
+                disable_tqdm=True if a.no_progress else None)
+
+
+def _report(result: dict) -> int:
+    last = result["losses"][-1] if result["losses"] else None
+    print(json.dumps({"output_dir": result["output_dir"], "final_loss": last and last["loss"],
+                      "steps": last and last["step"], "train_runtime_s": result.get("train_runtime")}))
+    return 0
+
+
+def run_mntp(a) -> int:
+    """``train mntp``."""
+    from .mntp import MNTPArguments, train_mntp
+
+    args = MNTPArguments(train_files=a.train_file, max_seq_length=a.max_seq_length, doc_split=a.doc_split,
+                         max_blocks=a.max_blocks, recipe=a.recipe, mlm_probability=a.mlm_probability,
+                         mask_token=a.mask_token, learning_rate=a.learning_rate, batch_size=a.batch_size,
+                         warmup_steps=a.warmup_steps, release_layout=not a.adapter_only, **_shared_kwargs(a))
+    return _report(train_mntp(args))
+
+
+def run_contrastive(a) -> int:
+    """``train simcse`` and ``train supervised``."""
+    from .contrastive import ContrastiveArguments, train_contrastive
+
+    args = ContrastiveArguments(
+        mode=a.mode, train_files=a.train_file, peft=a.peft, instructions=getattr(a, "instruction", None) or [],
+        split=getattr(a, "split", None), max_examples=a.max_examples, batch_size=a.batch_size,
+        max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale, attention_dropout=a.attention_dropout,
+        warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
+        gradcache_chunk_size=a.gradcache_chunk_size, pooling_mode=a.pooling_mode, **_shared_kwargs(a))
+    return _report(train_contrastive(args))
+
+
+def add_subcommands(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` with ``mntp``, ``simcse`` and ``supervised`` to an argparse subparsers object."""
+    train = subparsers.add_parser(
+        "train", help="train an encoder: MNTP, unsupervised SimCSE, supervised contrastive",
+        description="LLM2Vec training stages on transformers' Trainer with LoRA. Typical chain: "
+                    "`train mntp --output-dir out/mntp` → `train simcse --model out/mntp --output-dir out/simcse` → "
+                    "encode with LLM2Vec.from_pretrained('out/mntp', peft_model_name_or_path='out/simcse'). "
+                    "Multi-GPU: torchrun --nproc-per-node N -m llm2vec_fast.training.cli train ...")
+    stages = train.add_subparsers(dest="stage", metavar="{mntp,simcse,supervised}", required=True)
+
+    p = stages.add_parser(
+        "mntp", help="masked next-token prediction (LLM2Vec step 2)",
+        description="Masked next-token prediction on plain text: tokens at masked positions are predicted from the "
+                    "previous position's output with the bidirectional model; LoRA r16/α32 on all linear layers. "
+                    "Defaults: the original recipe (batch 32 × 512 tokens, lr 5e-5, 1000 steps, p 0.2 with 80/10/10). "
+                    "The output folder is a PEFT adapter and, by default, also a base-model folder carrying it "
+                    "(the original MNTP release layout; the base weights are hard-linked when possible).")
+    p.add_argument("--train-file", action="append", required=True,
+                   help="text file, one document per line or blank-line separated (repeatable)")
+    p.add_argument("--doc-split", default="auto", choices=["auto", "line", "blank"],
+                   help="how files split into documents (auto: blank-line separated if the file has blank lines)")
+    p.add_argument("--max-seq-length", type=int, default=512, help="tokens per training block")
+    p.add_argument("--max-blocks", type=int, default=None, help="use at most this many blocks")
+    p.add_argument("--batch-size", type=int, default=32, help="blocks per device and step")
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--recipe", default="llama", choices=["llama", "mistral"],
+                   help="llama: p 0.2, 80%% mask / 10%% random / 10%% kept; mistral: p 0.8, all → mask token")
+    p.add_argument("--mlm-probability", type=float, default=None, help="override the recipe's masking probability")
+    p.add_argument("--mask-token", default="auto", choices=["auto", "blank", "eos", "mask"],
+                   help="auto: the tokenizer's mask token, else '_' (blank, the original's choice); eos; mask: add "
+                        "a new '<mask>' token (its embedding row is untrained and not saved in the adapter)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only the adapter, tokenizer and config (not the base model's files)")
+    _common(p)
+    p.set_defaults(func=run_mntp)
+
+    for mode, helptext, desc in (
+        ("simcse", "unsupervised SimCSE (LLM2Vec step 3)",
+         "Each sentence is encoded twice with attention dropout (0.3) and its other view is its positive; in-batch "
+         "negatives, cosine × 20, mean pooling, a fresh LoRA on the base with the MNTP adapter merged. Defaults: "
+         "batch 128, 128 tokens, lr 3e-5, 1000 steps. Data: one sentence per line."),
+        ("supervised", "supervised contrastive training (query / positive / hard negative)",
+         "Queries (with instructions), positives and hard negatives from JSONL (query, positive, negative) or CSV "
+         "(e.g. sent0, sent1, hard_neg); in-batch plus hard negatives, cosine × 50; batches from one file at a "
+         "time when several are given; negatives gathered across GPUs; GradCache for large batches. Defaults: "
+         "batch 64 per device, 512 tokens, lr 2e-4, warm-up 300, 1000 steps."),
+    ):
+        p = stages.add_parser(mode, help=helptext, description=desc)
+        p.add_argument("--train-file", action="append", required=True,
+                       help="training file (repeatable)" if mode == "supervised" else
+                       "sentences, one per line (repeatable)")
+        p.add_argument("--peft", default=None,
+                       help="adapter to merge into --model first (e.g. an --adapter-only MNTP output)")
+        p.add_argument("--max-examples", type=int, default=None, help="read at most this many examples per file")
+        p.add_argument("--batch-size", type=int, default=None, help="examples per device and step")
+        p.add_argument("--max-length", type=int, default=None, help="tokens per text")
+        p.add_argument("--learning-rate", type=float, default=None)
+        p.add_argument("--warmup-steps", type=int, default=None)
+        p.add_argument("--scale", type=float, default=None, help="cosine similarity scale (1 / temperature)")
+        p.add_argument("--attention-dropout", type=float, default=None)
+        p.add_argument("--pooling-mode", default="mean",
+                       choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+        p.add_argument("--gradcache-chunk-size", type=int, default=None,
+                       help="GradCache: encode the batch in chunks of this many texts (memory of a small batch)")
+        if mode == "supervised":
+            p.add_argument("--instruction", action="append", default=None,
+                           help="instruction for queries: once for all files, or once per --train-file")
+            p.add_argument("--split", default=None, help="CSV with a split column: keep rows of this split")
+            p.add_argument("--mask-false-negatives", action="store_true",
+                           help="drop another query's positive that scores above a query's own positive")
+        _common(p)
+        p.set_defaults(func=run_contrastive, mode=mode)
+    return train
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m llm2vec_fast.training.cli train ...``), e.g. under torchrun."""
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

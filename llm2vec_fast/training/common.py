@@ -1,0 +1,143 @@
+"""Pieces the MNTP and contrastive drivers share: model loading, LoRA, Trainer plumbing that saves and resumes
+adapters only, and the output folder layout."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# LLM2Vec's LoRA: every linear layer of the decoder blocks
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_NAME = "llm2vec_config.json"
+TRAINING_NAME = "llm2vec_training.json"
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bf16 weights on CUDA (the original's ``torch_dtype bfloat16``), fp32 on CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=LORA_TARGETS):
+    """peft LoraConfig with LLM2Vec's defaults (r 16, alpha 32, dropout 0.05, all linear layers), no task type:
+    it is applied to the base model (``LlamaModel``), so adapter keys match what ``LLM2Vec`` loads."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                      task_type=None)
+
+
+def add_lora(base_model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
+    """Wrap ``base_model`` with a fresh LoRA adapter; only the adapter trains."""
+    from peft import get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules()}
+    targets = [t for t in targets if t in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {LORA_TARGETS} exist in {type(base_model).__name__}")
+    return get_peft_model(base_model, lora_config(r, alpha, dropout, targets))
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing on the HF model inside (non-reentrant: works with frozen inputs and LoRA)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target.config, "use_cache"):
+        target.config.use_cache = False
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+class AdapterTrainer(Trainer):
+    """Trainer whose checkpoints hold the LoRA adapter only (``self.peft_module``), not the frozen base weights.
+
+    The model handed to the Trainer is a small wrapper module; ``peft_module`` is the ``PeftModel`` inside it.
+    Resuming loads the adapter back and lets the Trainer restore optimizer, scheduler, RNG and data position.
+    """
+
+    peft_module = None  # set by subclasses' __init__
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.peft_module.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no adapter_model.safetensors in checkpoint {resume_from_checkpoint}")
+        result = set_peft_model_state_dict(self.peft_module, load_file(str(path)))
+        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if bad:
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint} has adapter keys this model lacks: {bad[:4]}")
+
+    def _load_best_model(self):  # checkpoints are adapters; "best model" tracking is not supported
+        logger.warning("load_best_model_at_end is not supported for adapter checkpoints; keeping the last model")
+
+
+def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max_steps, warmup_steps=0,
+                       logging_steps=10, save_steps=200, save_total_limit=None, seed=42, bf16=None,
+                       dataloader_num_workers=0, report_to="none", disable_tqdm=None, drop_last=False,
+                       weight_decay=0.0, lr_scheduler_type="linear", extra: dict | None = None):
+    """TrainingArguments with our conventions: no column pruning (collators take raw examples), adapter
+    checkpoints every ``save_steps``, bf16 autocast on CUDA."""
+    from transformers import TrainingArguments
+
+    if bf16 is None:
+        bf16 = torch.cuda.is_available()
+    kw = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        lr_scheduler_type=lr_scheduler_type,
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        remove_unused_columns=False,
+        dataloader_num_workers=dataloader_num_workers,
+        dataloader_drop_last=drop_last,
+        report_to=report_to,
+        disable_tqdm=disable_tqdm,
+    )
+    kw.update(extra or {})
+    return TrainingArguments(**kw)
+
+
+def loss_history(trainer) -> list[dict]:
+    """``[{"step": s, "loss": l}, ...]`` from the Trainer's log history."""
+    return [{"step": r["step"], "loss": r["loss"]} for r in trainer.state.log_history if "loss" in r]
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps this process ran (a resumed run starts counting at the checkpoint)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1

@@ -1,0 +1,214 @@
+"""Masked next-token prediction (MNTP), LLM2Vec's step 2, on transformers' Trainer.
+
+The bidirectional decoder sees a masked block; the token at a masked position i is predicted from the output at
+i − 1. Only those rows reach the LM head (gathered, then the fused linear cross-entropy), so full-vocabulary logits
+are never formed for the ~80 % of positions that carry no label. LoRA on every linear layer of the base model; the
+adapter is saved with keys of the base model (``LlamaModel``), the layout ``LLM2Vec.from_pretrained(base,
+peft_model_name_or_path=out)`` loads.
+
+Python API::
+
+    from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
+    result = train_mntp(MNTPArguments(train_files=["wiki.txt"], output_dir="out/mntp", max_steps=1000))
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import (
+    CONFIG_NAME,
+    LORA_TARGETS,
+    TRAINING_NAME,
+    AdapterTrainer,
+    StepCounter,
+    add_lora,
+    default_dtype,
+    enable_checkpointing,
+    loss_history,
+    training_arguments,
+    write_json,
+)
+from .data import BlockDataset, MNTPCollator, read_documents, resolve_mask_token, stack_blocks
+from .losses import mntp_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MNTPArguments:
+    """Options of an MNTP run; defaults are the original LLM2Vec recipe (Llama family)."""
+
+    train_files: list[str]
+    output_dir: str
+    model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
+    max_seq_length: int = 512
+    doc_split: str = "auto"  # how a text file splits into documents: auto, line, blank
+    max_blocks: int | None = None  # cap on the number of training blocks (quick runs)
+    recipe: str = "llama"  # llama: p 0.2, 80/10/10; mistral: p 0.8, all selected -> mask token
+    mlm_probability: float | None = None  # overrides the recipe's probability
+    mask_token: str = "auto"  # auto (tokenizer's, else "_"), blank ("_"), eos, mask (adds "<mask>")
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    learning_rate: float = 5e-5
+    batch_size: int = 32  # per device
+    grad_accum: int = 1
+    max_steps: int = 1000
+    warmup_steps: int = 0
+    gradient_checkpointing: bool = False
+    attn_backend: str = "auto"
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | bool | None = None
+    release_layout: bool = True  # also write the base config into the output (original MNTP release layout)
+    disable_tqdm: bool | None = None
+    dataloader_num_workers: int = 0
+    extra_training_args: dict = field(default_factory=dict)
+
+
+class MNTPModel(nn.Module):
+    """What the Trainer trains: the LoRA-wrapped bidirectional base model plus the frozen LM head."""
+
+    accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+    def __init__(self, backbone: nn.Module, lm_head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.lm_head = lm_head
+        for p in self.lm_head.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.lm_head.bias is not None:
+            raise ValueError("LM heads with a bias are not supported by the fused MNTP loss")
+        return {"loss": mntp_loss(hidden, self.lm_head.weight, labels)}
+
+
+class MNTPTrainer(AdapterTrainer):
+    """Trainer for :class:`MNTPModel` (adapter-only checkpoints).
+
+    Masking runs here, in the training step, rather than in the data collator: the Trainer restores the RNG state
+    of a checkpoint right before the first resumed step, but the data loader has already collated (and, under
+    accelerate, pre-fetched) batches by then, so masks drawn in the collator would differ after a resume.
+    """
+
+    def __init__(self, *args, masker: MNTPCollator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peft_module = self.model.backbone
+        self.masker = masker
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            inputs = {**inputs, **self.masker.mask(inputs["input_ids"])}
+        out = model(input_ids=inputs["input_ids"], labels=inputs["labels"],
+                    attention_mask=inputs.get("attention_mask"))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+
+def load_causal_lm(model_name_or_path, dtype: torch.dtype, attn_backend: str = "auto"):
+    """Load a ``*ForCausalLM`` and its tokenizer, bidirectional."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm2vec_fast import resolve_model, to_bidirectional
+
+    path = resolve_model(model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    to_bidirectional(model, attn_backend)
+    return model, tokenizer, path
+
+
+def build_mntp(args: MNTPArguments):
+    """Model, tokenizer, dataset and collator of an MNTP run (no Trainer yet)."""
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype()
+    causal_lm, tokenizer, base_path = load_causal_lm(args.model, dtype, args.attn_backend)
+    mask_id = resolve_mask_token(tokenizer, args.mask_token)
+    if len(tokenizer) > causal_lm.get_input_embeddings().weight.shape[0]:
+        causal_lm.resize_token_embeddings(len(tokenizer))  # the added "<mask>" token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    docs = []
+    for f in args.train_files:
+        docs.extend(read_documents(f, args.doc_split))
+    dataset = BlockDataset(docs, tokenizer, args.max_seq_length, max_blocks=args.max_blocks)
+    collator = MNTPCollator.recipe(args.recipe, tokenizer, mask_id, args.mlm_probability)
+    backbone = add_lora(causal_lm.get_decoder(), args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    if args.gradient_checkpointing:
+        enable_checkpointing(backbone)
+    model = MNTPModel(backbone, causal_lm.get_output_embeddings())
+    return model, tokenizer, dataset, collator, base_path
+
+
+def train_mntp(args: MNTPArguments) -> dict:
+    """Run MNTP and write the adapter, tokenizer and ``llm2vec_config.json`` to ``args.output_dir``.
+
+    Returns ``{"output_dir", "base_model", "losses": [{"step", "loss"}], "train_runtime", "blocks"}``.
+    """
+    model, tokenizer, dataset, collator, base_path = build_mntp(args)
+    targs = training_arguments(
+        args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+        max_steps=args.max_steps, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
+        bf16=torch.cuda.is_available() and (args.dtype in (None, "bfloat16")), disable_tqdm=args.disable_tqdm,
+        dataloader_num_workers=args.dataloader_num_workers, extra=args.extra_training_args)
+    trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
+                          processing_class=tokenizer, masker=collator)
+    counter = StepCounter()
+    trainer.add_callback(counter)
+    out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    losses = loss_history(trainer)
+    if trainer.args.should_save:
+        save_mntp_output(model.backbone, tokenizer, args, base_path, losses)
+    return {"output_dir": args.output_dir, "base_model": base_path, "losses": losses,
+            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "blocks": len(dataset)}
+
+
+def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, losses: list[dict]) -> None:
+    """Adapter + tokenizer + ``llm2vec_config.json``; with ``release_layout`` also the base model's files, so the
+    folder is a base model carrying its adapter (the original MNTP release layout): ``LLM2Vec.from_pretrained(out)``
+    (ours or the original) merges the adapter, and SimCSE can take the folder as its MNTP-merged base."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.release_layout:
+        link_base_files(base_path, out)
+    backbone.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / CONFIG_NAME, {"pooling_mode": "mean", "max_length": args.max_seq_length, "doc_max_length": 400,
+                                   "skip_instruction": True, "bidirectional": True})
+    write_json(out / TRAINING_NAME, {"stage": "mntp", "base_model": base_path, "arguments": dataclasses.asdict(args),
+                                     "losses": losses})
+
+
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def link_base_files(base_path: str, out: Path) -> None:
+    """Hard-link (else copy) the base model's config and weights into ``out``."""
+    base = Path(base_path)
+    if not base.is_dir():
+        logger.warning("base model %s is not a local folder: the release layout needs its files; skipped", base_path)
+        return
+    names = [p.name for p in base.iterdir() if p.is_file() and (p.name in _MODEL_FILES or
+                                                                 p.name.startswith("model-0"))]
+    for name in names:
+        dst = out / name
+        if dst.exists():
+            dst.unlink()
+        try:
+            os.link(base / name, dst)
+        except OSError:
+            shutil.copy2(base / name, dst)
