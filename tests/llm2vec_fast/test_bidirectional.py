@@ -1,0 +1,168 @@
+"""to_bidirectional on every supported family: bidirectional, exact vs an independent eager computation, packed
+equals padded, the causal path untouched."""
+import copy
+
+import pytest
+import torch
+
+from llm2vec_fast import SUPPORTED_MODEL_TYPES, to_bidirectional
+from llm2vec_fast.bidirectional import cu_seqlens_from_position_ids, set_attention_dropout
+
+from .conftest import tiny_config, tiny_model
+
+FAMILIES = list(SUPPORTED_MODEL_TYPES)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _eager_bidirectional(model, ids):
+    """Independent reference: HF's own eager attention with an all-visible 4D mask (HF passes 4D masks through)."""
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    bsz, seq = ids.shape
+    mask = torch.zeros(bsz, 1, seq, seq)  # additive: 0 everywhere = every token sees every token
+    return ref(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_bidirectional_matches_eager_reference(model_type):
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 256, (2, 13))
+    expected = _eager_bidirectional(model, ids)
+    to_bidirectional(model, backend="torch")
+    with torch.no_grad():
+        got = model(input_ids=ids).last_hidden_state
+    assert _rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_first_token_sees_later_tokens(model_type):
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 256, (1, 9))
+    ids2 = ids.clone()
+    ids2[0, -1] = (ids[0, -1] + 1) % 256
+    with torch.no_grad():
+        causal_a, causal_b = model(input_ids=ids).last_hidden_state, model(input_ids=ids2).last_hidden_state
+        # causal before conversion: the first token cannot see the last
+        torch.testing.assert_close(causal_a[0, 0], causal_b[0, 0])
+        to_bidirectional(model)
+        a, b = model(input_ids=ids).last_hidden_state, model(input_ids=ids2).last_hidden_state
+    assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_packed_equals_padded(model_type):
+    model = to_bidirectional(tiny_model(model_type), backend="torch")
+    lengths = [5, 1, 9]
+    seqs = [torch.randint(0, 256, (n,)) for n in lengths]
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(seqs)[None], position_ids=pos[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                       max_length_q=9, max_length_k=9).last_hidden_state[0]
+        # positions alone (no cu_seqlens) mark the boundaries too
+        from_pos = model(input_ids=torch.cat(seqs)[None], position_ids=pos[None]).last_hidden_state[0]
+        for side in ("right", "left"):
+            ids = torch.zeros(3, 9, dtype=torch.long)
+            mask = torch.zeros(3, 9, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                sl = slice(0, len(s)) if side == "right" else slice(9 - len(s), 9)
+                ids[i, sl], mask[i, sl] = s, 1
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            padded = out[mask.bool()]
+            assert _rel(packed, padded) <= 1e-5, side
+    assert _rel(from_pos, packed) <= 1e-6
+
+
+def test_converting_one_model_leaves_others_causal():
+    a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=1)
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        before = b(input_ids=ids).last_hidden_state
+        to_bidirectional(a)
+        after = b(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert b.config._attn_implementation == "sdpa" and b.layers[0].self_attn.is_causal
+
+
+def test_causal_lm_wrapper_and_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_config("qwen2"), attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 256, (1, 6))
+    expected = _eager_bidirectional(lm.model, ids)
+    peft = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=True))
+    to_bidirectional(peft)
+    with torch.no_grad():
+        got = peft(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert _rel(got, expected) <= 1e-5
+
+
+def test_unsupported_family_and_bad_backend():
+    from transformers import AutoConfig, AutoModel
+
+    gpt2 = AutoModel.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported.*llama.*gemma2"):
+        to_bidirectional(gpt2)
+    with pytest.raises(ValueError, match="unknown attention backend 'cudnn'"):
+        to_bidirectional(tiny_model("llama"), backend="cudnn")
+
+
+def test_gemma2_long_input_uses_bidirectional_window():
+    """Past the sliding window, Gemma-2's sliding layers see |i - j| < window only (both directions)."""
+    model = tiny_model("gemma2", sliding_window=4)
+    ids = torch.randint(0, 256, (1, 10))
+    to_bidirectional(model, backend="torch")
+    with torch.no_grad():
+        got = model(input_ids=ids).last_hidden_state
+    ref = tiny_model("gemma2", sliding_window=4)  # same seed: same weights, still causal and eager
+    # independent: HF's eager attention with explicit masks per layer type (Gemma-2 takes a prepared mask mapping)
+    i = torch.arange(10)
+    band = (i[:, None] - i[None, :]).abs() < 4
+    masks = {"full_attention": torch.zeros(1, 1, 10, 10),
+             "sliding_attention": torch.zeros(1, 1, 10, 10).masked_fill(~band, float("-inf"))}
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=masks).last_hidden_state
+    assert _rel(got, expected) <= 1e-5
+
+
+def test_cu_seqlens_from_position_ids():
+    cu, m = cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 0, 1]]))
+    assert cu.tolist() == [0, 3, 4, 6] and cu.dtype == torch.int32 and m == 3
+
+
+def test_attention_dropout_only_in_training():
+    model = to_bidirectional(tiny_model("llama"), backend="torch")
+    set_attention_dropout(model, 0.3)
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        e1, e2 = model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(e1, e2, rtol=0, atol=0)
+        model.train()
+        t1, t2 = model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+    assert (t1 - t2).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="attention dropout must be in"):
+        set_attention_dropout(model, 1.5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_triton_backend_matches_torch(model_type):
+    """Whole-model check of the Triton kernel (interpreter on CPU, real kernel on GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(model_type, head_dim=32).to(device)  # the kernel's smallest head dim
+    twin = copy.deepcopy(model)
+    to_bidirectional(model, backend="triton")
+    to_bidirectional(twin, backend="torch")
+    lengths = [3, 1, 6]
+    ids = torch.randint(0, 256, (sum(lengths),), device=device)
+    pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=device)
+    kw = dict(input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
+              max_length_k=6)
+    with torch.no_grad():
+        got, expected = model(**kw).last_hidden_state, twin(**kw).last_hidden_state
+    assert _rel(got, expected) <= 1e-4  # fp32 kernel (tf32-free on CPU); GPU tf32 dots stay well inside this
