@@ -1,0 +1,555 @@
+"""Built-in evaluation on local files (no downloads): STS, BEIR-style retrieval, classification.
+
+Every ``evaluate_*`` function takes any encoder with the ``LLM2Vec.encode`` signature (``encode(sentences,
+batch_size=..., show_progress_bar=..., convert_to_numpy=..., max_batch_tokens=...)``, items are strings or
+``[instruction, text]`` pairs) and returns one result dict in MTEB's per-task layout::
+
+    {"dataset_revision": ..., "task_name": ..., "mteb_version": ..., "evaluation_time": seconds,
+     "kg_co2_emissions": None,
+     "scores": {"test": [{"main_score": ..., <metrics>, "hf_subset": "default", "languages": ["eng-Latn"]}]},
+     "llm2vec_fast": {<what was run: data file, sizes, instruction, model settings>}}
+
+so ``mteb.results.TaskResult.from_dict`` reads it. Scores are fractions (0.8123), as MTEB stores them; the summary
+table shows them ×100. The CLI (``llm2vec-fast eval sts|retrieval|classification``) calls the same functions, so the
+numbers match the Python API exactly.
+
+Formats:
+
+- STS-B (``sts-dev.csv``): tab-separated, no quoting, columns genre, file, year, id, score, s1, s2 (a few rows carry
+  extra columns after s2: ignored). SICK (``SICK_trial.txt`` etc.): a header ``pair_ID sentence_A sentence_B
+  relatedness_score ...``. Metrics: Spearman and Pearson correlation of the cosine similarity with the gold score.
+- Retrieval, BEIR layout: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
+  ``qrels/<split>.tsv`` (header, then query-id, corpus-id, score). Documents are ``title + " " + text``; the query
+  instruction goes to queries only. Metrics: nDCG@10 (linear gain = the graded score, as trec_eval), MRR@10 and
+  Recall@100 (relevant = score ≥ ``relevance_threshold``). Queries without any relevant document are skipped.
+- Classification: CSV with a header, a text column (``text`` or ``sentence``) and a label column (``label`` or
+  ``category``); logistic regression (scikit-learn) on standardized embeddings; accuracy and macro-F1.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+LANGUAGES = ["eng-Latn"]
+DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+TASKS = ("sts", "retrieval", "classification")
+
+
+# ---------------------------------------------------------------------- encoding helper
+def _items(texts, instruction):
+    """Strings, or ``[instruction, text]`` pairs when an instruction is given."""
+    if instruction:
+        return [[instruction, t] for t in texts]
+    return list(texts)
+
+
+def _embed(model, texts, instruction=None, batch_size=32, max_batch_tokens=None, show_progress_bar=False):
+    """Encode ``texts`` (optionally instructed) into a float32 numpy array ``[N, D]``."""
+    if not texts:
+        raise ValueError("nothing to encode: the data file gave no texts")
+    kwargs = dict(batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=True)
+    if max_batch_tokens is not None:
+        kwargs["max_batch_tokens"] = max_batch_tokens
+    emb = model.encode(_items(texts, instruction), **kwargs)
+    emb = np.asarray(emb.detach().cpu() if hasattr(emb, "detach") else emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(texts):
+        raise ValueError(f"encoder returned shape {emb.shape} for {len(texts)} texts; expected [{len(texts)}, D]")
+    return emb
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    # zero vectors (empty texts) stay zero: cosine 0 with everything rather than NaN
+    return x / np.where(n == 0, 1, n)
+
+
+def _model_info(model) -> dict:
+    info = {}
+    for key in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction"):
+        if hasattr(model, key):
+            info[key] = getattr(model, key)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "_name_or_path", None):
+        info["model"] = str(cfg._name_or_path)
+    return info
+
+
+def _mteb_version():
+    try:
+        import importlib.metadata as md
+
+        return md.version("mteb")
+    except Exception:  # mteb is optional: the layout does not depend on it
+        return None
+
+
+def task_result(task_name, scores: dict, evaluation_time: float, split: str = "test", extra: dict | None = None,
+                dataset_revision: str = "local") -> dict:
+    """Wrap one split's scores in MTEB's per-task result layout (see the module docstring)."""
+    entry = dict(scores)
+    entry.setdefault("hf_subset", "default")
+    entry.setdefault("languages", list(LANGUAGES))
+    return {
+        "dataset_revision": dataset_revision,
+        "task_name": task_name,
+        "mteb_version": _mteb_version(),
+        "scores": {split: [entry]},
+        "evaluation_time": evaluation_time,
+        "kg_co2_emissions": None,
+        "llm2vec_fast": dict(extra or {}),
+    }
+
+
+# ---------------------------------------------------------------------- STS
+def load_sts(path) -> tuple[list[str], list[str], np.ndarray]:
+    """Read an STS-B TSV or a SICK file: (sentences 1, sentences 2, gold scores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"STS data file {str(path)!r} not found")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    s1, s2, gold = [], [], []
+    header = lines[0].split("\t") if lines else []
+    if header and header[0].strip() == "pair_ID":  # SICK
+        try:
+            ia, ib, isc = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score"))
+        except ValueError as e:
+            raise ValueError(f"{path}: SICK header must name sentence_A, sentence_B and relatedness_score; got "
+                             f"{header}") from e
+        rows, first = lines[1:], 2
+    else:  # STS-B: genre, file, year, id, score, s1, s2 [, extra columns]
+        ia, ib, isc = 5, 6, 4
+        rows, first = lines, 1
+    for n, line in enumerate(rows, start=first):
+        if not line.strip():
+            continue
+        cols = line.rstrip("\r").split("\t")
+        if len(cols) <= max(ia, ib, isc):
+            raise ValueError(f"{path}:{n}: expected at least {max(ia, ib, isc) + 1} tab-separated columns, got "
+                             f"{len(cols)}")
+        try:
+            score = float(cols[isc])
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: score column {isc} is not a number: {cols[isc]!r}") from e
+        s1.append(cols[ia])
+        s2.append(cols[ib])
+        gold.append(score)
+    if not gold:
+        raise ValueError(f"{path}: no sentence pairs found")
+    return s1, s2, np.asarray(gold, dtype=np.float64)
+
+
+def sts_scores(emb1: np.ndarray, emb2: np.ndarray, gold) -> dict:
+    """Pearson and Spearman correlation of row-wise cosine similarity with ``gold`` (MTEB's STS keys)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    cos = np.sum(_unit(emb1) * _unit(emb2), axis=1).astype(np.float64)
+    gold = np.asarray(gold, dtype=np.float64)
+    if len(gold) < 2:
+        raise ValueError(f"correlation needs at least 2 pairs, got {len(gold)}")
+    pearson = float(pearsonr(cos, gold)[0])
+    spearman = float(spearmanr(cos, gold)[0])
+    return {"pearson": pearson, "spearman": spearman, "cosine_pearson": pearson, "cosine_spearman": spearman,
+            "main_score": spearman}
+
+
+def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=32, max_batch_tokens=None,
+                 task_name=None, split="test", show_progress_bar=False) -> dict:
+    """STS on a local STS-B TSV or SICK file; main score: Spearman of cosine similarity.
+
+    Each distinct sentence is encoded once. ``limit`` keeps the first N pairs. ``instruction`` (optional) is
+    applied to both sides, as LLM2Vec does for symmetric tasks.
+    """
+    t0 = time.perf_counter()
+    s1, s2, gold = load_sts(data)
+    if limit is not None:
+        s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
+    unique = list(dict.fromkeys(s1 + s2))
+    index = {s: i for i, s in enumerate(unique)}
+    emb = _embed(model, unique, instruction, batch_size, max_batch_tokens, show_progress_bar)
+    scores = sts_scores(emb[[index[s] for s in s1]], emb[[index[s] for s in s2]], gold)
+    name = task_name or ("SICK-R" if Path(data).name.startswith("SICK") else "STSBenchmark")
+    extra = {"task": "sts", "data": str(data), "n_pairs": len(gold), "n_sentences": len(unique),
+             "instruction": instruction, **_model_info(model)}
+    return task_result(name, scores, time.perf_counter() - t0, split, extra)
+
+
+# ---------------------------------------------------------------------- retrieval
+def _read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found")
+    rows = []
+    # split on "\n" only: str.splitlines would also break on U+2028 inside MS MARCO passages
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or "_id" not in row:
+            raise ValueError(f"{path}:{n}: expected an object with an '_id' field")
+        rows.append(row)
+    return rows
+
+
+def load_beir(folder, split="test"):
+    """Read a BEIR folder: (corpus {id: "title text"}, queries {id: text}, qrels {qid: {doc_id: score}})."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"retrieval data folder {str(folder)!r} not found")
+    corpus = {}
+    for row in _read_jsonl(folder / "corpus.jsonl"):
+        title, text = (row.get("title") or "").strip(), row.get("text") or ""
+        corpus[str(row["_id"])] = f"{title} {text}" if title else text
+    queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(folder / "queries.jsonl")}
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise FileNotFoundError(f"qrels file {str(qrels_path)!r} not found")
+    qrels: dict[str, dict[str, int]] = {}
+    lines = qrels_path.read_text(encoding="utf-8").split("\n")
+    for n, line in enumerate(lines, start=1):
+        cols = line.rstrip("\r").split("\t")
+        if not line.strip() or (n == 1 and not cols[-1].strip().lstrip("-").isdigit()):
+            continue  # blank line or the header
+        if len(cols) < 3:
+            raise ValueError(f"{qrels_path}:{n}: expected query-id, corpus-id, score; got {line!r}")
+        try:
+            qrels.setdefault(cols[0], {})[cols[1]] = int(float(cols[2]))
+        except ValueError as e:
+            raise ValueError(f"{qrels_path}:{n}: score is not a number: {cols[2]!r}") from e
+    return corpus, queries, qrels
+
+
+def subsample_beir(corpus, queries, qrels, max_docs=None, max_queries=None, relevance_threshold=1):
+    """A deterministic small slice for quick runs: the first ``max_queries`` judged queries (file order), all their
+    judged documents, then other documents in file order up to ``max_docs`` (judged ones are kept even past it)."""
+    qids = [q for q in queries if any(s >= relevance_threshold for s in qrels.get(q, {}).values())]
+    if max_queries is not None:
+        qids = qids[:max_queries]
+    keep = dict.fromkeys(d for q in qids for d in qrels[q] if d in corpus)
+    for d in corpus:
+        if max_docs is not None and len(keep) >= max_docs:
+            break
+        keep.setdefault(d, None)
+    # file order, so that the subset's ranking ties break the same way as in the full corpus
+    return ({d: t for d, t in corpus.items() if d in keep}, {q: queries[q] for q in qids},
+            {q: {d: s for d, s in qrels[q].items() if d in keep} for q in qids})
+
+
+def ndcg_at_k(ranked: list, rels: dict, k: int = 10) -> float:
+    """nDCG@k with linear gain (the graded score, as trec_eval): DCG = Σ rel_i / log2(i + 1), i = 1-based rank."""
+    dcg = sum(max(rels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    ideal = sorted((max(r, 0) for r in rels.values()), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def mrr_at_k(ranked: list, rels: dict, k: int = 10, relevance_threshold: int = 1) -> float:
+    """Reciprocal rank of the first relevant document within the top ``k`` (0 if none)."""
+    for i, d in enumerate(ranked[:k]):
+        if rels.get(d, 0) >= relevance_threshold:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def recall_at_k(ranked: list, rels: dict, k: int = 100, relevance_threshold: int = 1) -> float:
+    """Fraction of the relevant documents found in the top ``k`` (0 if the query has none)."""
+    relevant = {d for d, r in rels.items() if r >= relevance_threshold}
+    if not relevant:
+        return 0.0
+    return len(relevant.intersection(ranked[:k])) / len(relevant)
+
+
+def retrieval_scores(rankings: dict, qrels: dict, relevance_threshold: int = 1) -> dict:
+    """Mean nDCG@10, MRR@10 and Recall@100 over the queries of ``rankings`` ({qid: [doc ids, best first]})."""
+    qids = [q for q in rankings if any(s >= relevance_threshold for s in qrels.get(q, {}).values())]
+    if not qids:
+        raise ValueError("no query has a relevant document in the qrels: nothing to score")
+    per = {
+        "ndcg_at_10": [ndcg_at_k(rankings[q], qrels[q], 10) for q in qids],
+        "mrr_at_10": [mrr_at_k(rankings[q], qrels[q], 10, relevance_threshold) for q in qids],
+        "recall_at_100": [recall_at_k(rankings[q], qrels[q], 100, relevance_threshold) for q in qids],
+    }
+    out = {k: float(np.mean(v)) for k, v in per.items()}
+    out["main_score"] = out["ndcg_at_10"]
+    return out
+
+
+def rank(query_emb: np.ndarray, doc_emb: np.ndarray, doc_ids: list, top_k: int = 100) -> list[list]:
+    """Doc ids by cosine similarity, best first, top ``top_k`` per query (ties keep corpus order)."""
+    sims = _unit(query_emb) @ _unit(doc_emb).T
+    k = min(top_k, len(doc_ids))
+    out = []
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]
+        out.append([doc_ids[j] for j in top])
+    return out
+
+
+def evaluate_retrieval(model, data, *, instruction=DEFAULT_RETRIEVAL_INSTRUCTION, split="test", max_docs=None,
+                       max_queries=None, relevance_threshold=1, batch_size=32, max_batch_tokens=None,
+                       task_name=None, show_progress_bar=False) -> dict:
+    """Dense retrieval on a local BEIR folder; main score nDCG@10.
+
+    ``instruction`` goes to queries only (``""`` or None: none); documents are ``title + " " + text``, encoded
+    without one. ``max_docs`` / ``max_queries`` take a deterministic subset (see :func:`subsample_beir`).
+    """
+    t0 = time.perf_counter()
+    corpus, queries, qrels = load_beir(data, split)
+    corpus, queries, qrels = subsample_beir(corpus, queries, qrels, max_docs, max_queries, relevance_threshold)
+    doc_ids, qids = list(corpus), list(queries)
+    doc_emb = _embed(model, [corpus[d] for d in doc_ids], None, batch_size, max_batch_tokens, show_progress_bar)
+    q_emb = _embed(model, [queries[q] for q in qids], instruction, batch_size, max_batch_tokens, show_progress_bar)
+    rankings = dict(zip(qids, rank(q_emb, doc_emb, doc_ids, 100), strict=True))
+    scores = retrieval_scores(rankings, qrels, relevance_threshold)
+    name = task_name or f"{Path(data).resolve().name}-local"
+    extra = {"task": "retrieval", "data": str(data), "n_docs": len(doc_ids), "n_queries": len(qids),
+             "relevance_threshold": relevance_threshold, "instruction": instruction or None, **_model_info(model)}
+    return task_result(name, scores, time.perf_counter() - t0, split, extra)
+
+
+# ---------------------------------------------------------------------- classification
+def load_classification(path) -> tuple[list[str], list[str]]:
+    """Read a CSV with a header naming a text column (``text``/``sentence``) and a label column
+    (``label``/``category``): (texts, labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classification data file {str(path)!r} not found")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file; expected a header such as 'text,label'")
+        names = [h.strip().lower() for h in header]
+        ti = next((names.index(c) for c in ("text", "sentence") if c in names), None)
+        li = next((names.index(c) for c in ("label", "category", "labels") if c in names), None)
+        if ti is None or li is None:
+            raise ValueError(f"{path}: header {header} must name a text column (text/sentence) and a label column "
+                             "(label/category)")
+        texts, labels = [], []
+        for n, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) <= max(ti, li):
+                raise ValueError(f"{path}:{n}: expected {len(header)} columns, got {len(row)}")
+            texts.append(row[ti])
+            labels.append(row[li])
+    if not texts:
+        raise ValueError(f"{path}: no rows after the header")
+    return texts, labels
+
+
+def split_rows(texts, labels, test_fraction=0.2, seed=0, n_train=None, n_test=None):
+    """Shuffle with a fixed seed and cut into (train texts, train labels, test texts, test labels).
+
+    ``n_train`` / ``n_test`` pick exact sizes (e.g. 400 + 200 rows of Banking77 train); otherwise the last
+    ``test_fraction`` of the shuffled rows is the test part.
+    """
+    n = len(texts)
+    order = np.random.default_rng(seed).permutation(n)
+    if n_train is None and n_test is None:
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        n_test = max(1, int(round(n * test_fraction)))
+        n_train = n - n_test
+    n_train = n - (n_test or 0) if n_train is None else n_train
+    n_test = n - n_train if n_test is None else n_test
+    if n_train < 1 or n_test < 1 or n_train + n_test > n:
+        raise ValueError(f"cannot take {n_train} train + {n_test} test rows from {n}")
+    tr, te = order[:n_train], order[n_train:n_train + n_test]
+    return ([texts[i] for i in tr], [labels[i] for i in tr], [texts[i] for i in te], [labels[i] for i in te])
+
+
+def _take(texts, labels, n, seed):
+    """All rows, or ``n`` of them after a seeded shuffle."""
+    if n is None or n >= len(texts):
+        return list(texts), list(labels)
+    if n < 1:
+        raise ValueError(f"row count must be at least 1, got {n}")
+    idx = np.random.default_rng(seed).permutation(len(texts))[:n]
+    return [texts[i] for i in idx], [labels[i] for i in idx]
+
+
+def classification_scores(train_emb, train_labels, test_emb, test_labels, seed=0, max_iter=1000) -> dict:
+    """Logistic regression (scikit-learn, on standardized features) fit on train, scored on test."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import accuracy_score, f1_score
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as e:
+        raise ImportError("classification needs scikit-learn: pip install scikit-learn") from e
+    # decoder hidden states carry a few huge-magnitude dimensions; standardizing keeps lbfgs well conditioned
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
+    clf.fit(np.asarray(train_emb, dtype=np.float64), np.asarray(train_labels))
+    pred = clf.predict(np.asarray(test_emb, dtype=np.float64))
+    acc = float(accuracy_score(test_labels, pred))
+    f1 = float(f1_score(test_labels, pred, average="macro"))
+    return {"accuracy": acc, "f1": f1, "main_score": acc}
+
+
+def evaluate_classification(model, train, test=None, *, instruction=None, test_fraction=0.2, n_train=None,
+                            n_test=None, seed=0, batch_size=32, max_batch_tokens=None, task_name=None,
+                            show_progress_bar=False) -> dict:
+    """Linear-probe classification; main score accuracy (plus macro-F1 as ``f1``, MTEB's key).
+
+    With ``test`` None, ``train`` is split with a fixed ``seed`` (see :func:`split_rows`); with both files given,
+    ``n_train`` / ``n_test`` still cap each side (first rows after a seeded shuffle).
+    """
+    t0 = time.perf_counter()
+    texts, labels = load_classification(train)
+    if test is None:
+        tr_x, tr_y, te_x, te_y = split_rows(texts, labels, test_fraction, seed, n_train, n_test)
+    else:
+        tx, ty = load_classification(test)
+        tr_x, tr_y = _take(texts, labels, n_train, seed)
+        te_x, te_y = _take(tx, ty, n_test, seed)
+    if len(set(tr_y)) < 2:
+        raise ValueError(f"the training part has {len(set(tr_y))} distinct label(s); need at least 2")
+    tr_e = _embed(model, tr_x, instruction, batch_size, max_batch_tokens, show_progress_bar)
+    te_e = _embed(model, te_x, instruction, batch_size, max_batch_tokens, show_progress_bar)
+    scores = classification_scores(tr_e, tr_y, te_e, te_y, seed)
+    name = task_name or f"{Path(train).resolve().parent.name or Path(train).stem}-local"
+    extra = {"task": "classification", "train": str(train), "test": str(test) if test else None,
+             "n_train": len(tr_x), "n_test": len(te_x), "n_labels": len(set(tr_y)), "seed": seed,
+             "instruction": instruction, **_model_info(model)}
+    return task_result(name, scores, time.perf_counter() - t0, "test", extra)
+
+
+# ---------------------------------------------------------------------- reporting
+_MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10", "classification": "accuracy"}
+
+
+def main_metric_name(result: dict) -> str:
+    """The metric that ``main_score`` equals for this result (from its task kind)."""
+    return _MAIN_METRIC.get(result.get("llm2vec_fast", {}).get("task"), "main_score")
+
+
+def summary_table(results) -> str:
+    """Markdown table (scores ×100) of one or more result dicts."""
+    if isinstance(results, dict):
+        results = [results]
+    lines = ["| task | split | main metric | main score | other metrics | seconds |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for split, entries in r["scores"].items():
+            for e in entries:
+                others = ", ".join(f"{k} {100 * v:.2f}" for k, v in e.items()
+                                   if isinstance(v, float) and k != "main_score")
+                lines.append(f"| {r['task_name']} | {split} | {main_metric_name(r)} | {100 * e['main_score']:.2f} | "
+                             f"{others} | {r.get('evaluation_time') or 0:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_result(result: dict, path) -> Path:
+    """Write ``result`` as JSON at ``path`` and the summary table beside it (same name, ``.md``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)  # no half-written result file if interrupted
+    path.with_suffix(".md").write_text(f"# {result['task_name']}\n\n" + summary_table(result))
+    return path
+
+
+# ---------------------------------------------------------------------- CLI
+def _common_options(p):
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "eos_token", "last_token",
+                                                       "bos_token"],
+                   help="pooling mode (default: the model's saved setting, else mean)")
+    p.add_argument("--no-bidirectional", action="store_true", help="keep causal attention")
+    p.add_argument("--output", default=None, help="write the MTEB-layout result JSON here (and a .md summary)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch (sets the default token budget)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--task-name", default=None, help="name recorded in the result (default: from the data path)")
+    p.add_argument("--progress", action="store_true", help="show progress bars on stderr")
+
+
+def add_subcommands(subparsers):
+    """Add ``eval`` (with ``sts``, ``retrieval``, ``classification``) to an argparse subparsers object.
+
+    Each leaf parser sets ``func`` to :func:`run_eval`; the caller runs ``args.func(args)`` and exits with its
+    return value.
+    """
+    ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / classification files",
+                               description="Evaluate on local files; prints a summary table and, as the very last "
+                                           "line, the main score (a fraction, e.g. 0.7712).")
+    sub = ev.add_subparsers(dest="eval_task", metavar="{sts,retrieval,classification}")
+    sub.required = True
+
+    p = sub.add_parser("sts", help="STS-B TSV or SICK file: Spearman of cosine similarity")
+    p.add_argument("--data", required=True, help="STS-B style TSV (e.g. sts-dev.csv) or SICK_*.txt")
+    p.add_argument("--instruction", default=None, help="instruction applied to both sentences (default: none)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    _common_options(p)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("retrieval", help="BEIR folder: nDCG@10, MRR@10, Recall@100")
+    p.add_argument("--data", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    p.add_argument("--instruction", default=DEFAULT_RETRIEVAL_INSTRUCTION,
+                   help="instruction for queries only ('' for none; default: %(default)r)")
+    p.add_argument("--split", default="test", help="qrels split (default: test)")
+    p.add_argument("--max-docs", type=int, default=None, help="subset the corpus (judged documents kept)")
+    p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
+    p.add_argument("--relevance-threshold", type=int, default=1,
+                   help="qrels score counted as relevant for MRR and recall (default 1; 2 for TREC-DL style)")
+    _common_options(p)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("classification", help="train/test CSV: logistic regression accuracy and macro-F1")
+    p.add_argument("--data", required=True, help="training CSV with a header (text,label or text,category)")
+    p.add_argument("--test", default=None, help="test CSV (default: split --data with --seed)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share when splitting --data")
+    p.add_argument("--n-train", type=int, default=None, help="exact number of training rows")
+    p.add_argument("--n-test", type=int, default=None, help="exact number of test rows")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed for splitting (default 0)")
+    p.add_argument("--instruction", default=None, help="instruction applied to every text (default: none)")
+    _common_options(p)
+    p.set_defaults(func=run_eval)
+    return ev
+
+
+def _load_model(args):
+    from .encoder import LLM2Vec
+
+    kwargs = {}
+    if args.pooling:
+        kwargs["pooling_mode"] = args.pooling
+    if args.no_bidirectional:
+        kwargs["enable_bidirectional"] = False
+    return LLM2Vec.from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
+
+
+def run_eval(args, model=None) -> int:
+    """Run one ``eval`` subcommand from parsed args (``model`` overrides ``--model``, for tests); returns 0."""
+    model = model if model is not None else _load_model(args)
+    common = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, task_name=args.task_name,
+                  show_progress_bar=args.progress)
+    if args.eval_task == "sts":
+        result = evaluate_sts(model, args.data, instruction=args.instruction, limit=args.limit, **common)
+    elif args.eval_task == "retrieval":
+        result = evaluate_retrieval(model, args.data, instruction=args.instruction, split=args.split,
+                                    max_docs=args.max_docs, max_queries=args.max_queries,
+                                    relevance_threshold=args.relevance_threshold, **common)
+    elif args.eval_task == "classification":
+        result = evaluate_classification(model, args.data, args.test, instruction=args.instruction,
+                                         test_fraction=args.test_fraction, n_train=args.n_train,
+                                         n_test=args.n_test, seed=args.seed, **common)
+    else:
+        raise ValueError(f"unknown eval task {args.eval_task!r}; expected one of {TASKS}")
+    if args.output:
+        save_result(result, args.output)
+    print(summary_table(result), end="")
+    if args.output:
+        print(f"result written to {args.output}")
+    print(f"main score ({main_metric_name(result)}):")
+    print(f"{result['scores'][next(iter(result['scores']))][0]['main_score']:.6f}")
+    return 0

@@ -1,0 +1,292 @@
+"""Evaluation: file readers, metrics against hand-computed cases, result layout, CLI = Python API, real model."""
+import argparse
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from llm2vec_fast import evaluation as ev
+
+
+class FakeEncoder:
+    """Deterministic bag-of-words hashing encoder with the LLM2Vec.encode signature; records what it was given."""
+
+    def __init__(self, dim=64):
+        self.dim = dim
+        self.calls = []
+
+    def encode(self, sentences, batch_size=32, show_progress_bar=True, convert_to_numpy=False,
+               convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None):
+        self.calls.append(list(sentences))
+        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
+        for i, item in enumerate(sentences):
+            text = item[1] if isinstance(item, list) else item
+            for w in text.lower().split():
+                out[i, zlib.crc32(w.strip(".,?!").encode()) % self.dim] += 1
+        return out
+
+
+# ---------------------------------------------------------------------- STS
+def test_load_stsb_dev_handles_extra_columns(data_dir):
+    s1, s2, gold = ev.load_sts(data_dir / "stsb" / "sts-dev.csv")
+    assert len(s1) == len(s2) == len(gold) == 1500
+    assert s1[0] == "A man with a hard hat is dancing." and gold[0] == 5.0
+    assert gold.min() >= 0 and gold.max() <= 5
+
+
+def test_load_sick_trial(data_dir):
+    s1, s2, gold = ev.load_sts(data_dir / "sick" / "SICK_trial.txt")
+    assert len(gold) == 500
+    assert s2[0] == "There is no boy playing outdoors and there is no man smiling" and gold[0] == 3.6
+
+
+def test_load_sts_errors(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("g\tf\t2012\t0001\t4.0\ta\tb\ng\tf\t2012\t0002\tfour\ta\tb\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:2: score column 4 is not a number: 'four'"):
+        ev.load_sts(bad)
+    short = tmp_path / "short.tsv"
+    short.write_text("g\tf\t2012\t0001\t4.0\tonly one sentence\n")
+    with pytest.raises(ValueError, match=r"short.tsv:1: expected at least 7 tab-separated columns, got 6"):
+        ev.load_sts(short)
+    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+        ev.load_sts(tmp_path / "nope.tsv")
+
+
+def test_sts_scores_perfect_and_inverted():
+    gold = np.array([0.0, 1.0, 2.5, 4.0, 5.0])
+    angles = gold / 5 * (np.pi / 2)  # cosine falls as gold rises
+    e1 = np.tile([[1.0, 0.0]], (5, 1))
+    e2 = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    s = ev.sts_scores(e1, e2, gold)
+    assert s["spearman"] == pytest.approx(-1.0) and s["main_score"] == s["cosine_spearman"] == s["spearman"]
+    s = ev.sts_scores(e1, e2, -gold)
+    assert s["spearman"] == pytest.approx(1.0) and s["pearson"] > 0.9
+
+
+def test_evaluate_sts_encodes_each_sentence_once_and_layout(tmp_path):
+    data = tmp_path / "sts.tsv"
+    rows = [("a cat sits", "a cat sits", 5.0), ("a cat sits", "a dog runs", 1.0), ("red car", "red car fast", 4.0),
+            ("blue sky", "green grass", 0.0)]
+    data.write_text("".join(f"g\tf\ty\t{i}\t{sc}\t{a}\t{b}\textra\n" for i, (a, b, sc) in enumerate(rows)))
+    enc = FakeEncoder()
+    r = ev.evaluate_sts(enc, data, instruction="Retrieve similar text:")
+    assert len(enc.calls) == 1
+    sent = enc.calls[0]
+    assert len(sent) == 6 and all(isinstance(x, list) and x[0] == "Retrieve similar text:" for x in sent)
+    assert r["task_name"] == "STSBenchmark" and set(r["scores"]) == {"test"}
+    e = r["scores"]["test"][0]
+    assert e["hf_subset"] == "default" and e["languages"] == ["eng-Latn"]
+    assert e["main_score"] == e["cosine_spearman"] and e["main_score"] > 0.5
+    assert r["llm2vec_fast"]["n_pairs"] == 4 and r["evaluation_time"] >= 0
+    json.dumps(r)  # serializable
+
+
+def test_result_reads_as_mteb_task_result(tmp_path):
+    mteb_results = pytest.importorskip("mteb.results")
+    data = tmp_path / "sts.tsv"
+    data.write_text("g\tf\ty\t0\t5\ta b\ta b\ng\tf\ty\t1\t0\ta b\tc d\ng\tf\ty\t2\t3\ta b c\ta b d\n")
+    r = ev.evaluate_sts(FakeEncoder(), data)
+    tr = mteb_results.TaskResult.from_dict(r)
+    assert tr.get_score() == pytest.approx(r["scores"]["test"][0]["main_score"])
+
+
+# ---------------------------------------------------------------------- retrieval metrics
+def test_metrics_hand_computed():
+    ranked = ["a", "b", "c", "d"]
+    rels = {"b": 2, "d": 1, "e": 1, "z": 0}
+    dcg = 2 / math.log2(3) + 1 / math.log2(5)
+    idcg = 2 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert ev.ndcg_at_k(ranked, rels, 10) == pytest.approx(dcg / idcg)
+    assert ev.ndcg_at_k(ranked, rels, 1) == 0.0
+    assert ev.ndcg_at_k(["b", "d", "e"], rels, 10) == pytest.approx(1.0)
+    assert ev.mrr_at_k(ranked, rels, 10) == 0.5
+    assert ev.mrr_at_k(ranked, rels, 1) == 0.0
+    assert ev.mrr_at_k(ranked, rels, 10, relevance_threshold=2) == 0.5
+    assert ev.mrr_at_k(["d", "b"], rels, 10, relevance_threshold=2) == 0.5
+    assert ev.recall_at_k(ranked, rels, 100) == pytest.approx(2 / 3)
+    assert ev.recall_at_k(ranked, rels, 2) == pytest.approx(1 / 3)
+    assert ev.recall_at_k(ranked, rels, 100, relevance_threshold=2) == 1.0
+    assert ev.recall_at_k(ranked, {"x": 0}, 100) == 0.0
+
+
+def test_retrieval_scores_average_and_skip_unjudged():
+    rankings = {"q1": ["a", "b"], "q2": ["c", "d"], "q3": ["a"]}
+    qrels = {"q1": {"a": 1}, "q2": {"d": 1}, "q3": {"a": 0}}  # q3 has no relevant document: skipped
+    s = ev.retrieval_scores(rankings, qrels)
+    assert s["mrr_at_10"] == pytest.approx((1 + 0.5) / 2)
+    assert s["recall_at_100"] == 1.0
+    assert s["ndcg_at_10"] == pytest.approx((1 + 1 / math.log2(3)) / 2) == s["main_score"]
+    with pytest.raises(ValueError, match="no query has a relevant document"):
+        ev.retrieval_scores({"q3": ["a"]}, qrels)
+
+
+def test_metrics_match_pytrec_eval():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(0)
+    docs = [f"d{i}" for i in range(150)]
+    qrels, run, rankings = {}, {}, {}
+    for q in range(20):
+        judged = rng.choice(150, size=12, replace=False)
+        qrels[f"q{q}"] = {docs[j]: int(rng.integers(0, 3)) for j in judged}
+        qrels[f"q{q}"][docs[judged[0]]] = 2  # at least one relevant
+        scores = rng.normal(size=150)
+        order = np.argsort(-scores)
+        rankings[f"q{q}"] = [docs[j] for j in order]
+        run[f"q{q}"] = {docs[j]: float(scores[j]) for j in order[:100]}
+    ours = ev.retrieval_scores({q: r[:100] for q, r in rankings.items()}, qrels)
+    te = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recip_rank", "recall.100"})
+    res = te.evaluate(run)
+    assert ours["ndcg_at_10"] == pytest.approx(np.mean([v["ndcg_cut_10"] for v in res.values()]), abs=1e-9)
+    assert ours["recall_at_100"] == pytest.approx(np.mean([v["recall_100"] for v in res.values()]), abs=1e-9)
+    mrr10 = np.mean([ev.mrr_at_k(rankings[q], qrels[q], 10) for q in qrels])
+    assert ours["mrr_at_10"] == pytest.approx(mrr10)
+
+
+def test_rank_cosine_and_stable_ties():
+    q = np.array([[1.0, 0.0]])
+    d = np.array([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
+    assert ev.rank(q, d, ["w", "x", "y", "z"], top_k=3) == [["x", "z", "y"]]
+
+
+# ---------------------------------------------------------------------- BEIR files
+@pytest.mark.parametrize("name, n_qrels", [("msmarco", 4102), ("dbpedia", 3709)])
+def test_load_beir_mini_sets(data_dir, name, n_qrels):
+    corpus, queries, qrels = ev.load_beir(data_dir / "mini_retrieval" / name)
+    assert len(corpus) == 5000 and len(queries) == 50  # msmarco passages hold U+2028: split on "\n" only
+    assert sum(len(v) for v in qrels.values()) == n_qrels
+    if name == "dbpedia":
+        assert corpus["<dbpedia:Oceanic_Airlines>"].startswith("Oceanic Airlines Oceanic Airlines and less")
+    small = ev.subsample_beir(corpus, queries, qrels, max_docs=300, max_queries=10)
+    c2, q2, r2 = small
+    assert len(q2) == 10 and len(c2) >= 300
+    assert all(d in c2 for q in q2 for d in r2[q])
+    assert small == ev.subsample_beir(corpus, queries, qrels, max_docs=300, max_queries=10)
+
+
+def _write_beir(folder):
+    (folder / "qrels").mkdir(parents=True)
+    docs = [("d1", "Cats", "cats purr softly"), ("d2", "", "dogs bark loudly"), ("d3", "Fish", "fish swim deep"),
+            ("d4", "", "birds sing\u2028at dawn")]
+    (folder / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": i, "title": t, "text": x})
+                                                   for i, t, x in docs) + "\n")
+    qs = [("q1", "why do cats purr"), ("q2", "fish swim"), ("q3", "unjudged question")]
+    (folder / "queries.jsonl").write_text("\n".join(json.dumps({"_id": i, "text": x}) for i, x in qs))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td3\t2\nq2\td2\t0\n")
+
+
+def test_evaluate_retrieval_instruction_on_queries_only(tmp_path):
+    _write_beir(tmp_path / "toy")
+    enc = FakeEncoder()
+    r = ev.evaluate_retrieval(enc, tmp_path / "toy", instruction="Find it")
+    docs_call, query_call = enc.calls
+    assert docs_call == ["Cats cats purr softly", "dogs bark loudly", "Fish fish swim deep", "birds sing\u2028at dawn"]
+    assert query_call == [["Find it", "why do cats purr"], ["Find it", "fish swim"]]
+    e = r["scores"]["test"][0]
+    assert e["ndcg_at_10"] == e["mrr_at_10"] == e["recall_at_100"] == e["main_score"] == 1.0
+    assert r["llm2vec_fast"]["n_queries"] == 2 and r["task_name"] == "toy-local"
+    enc2 = FakeEncoder()
+    ev.evaluate_retrieval(enc2, tmp_path / "toy", instruction="")
+    assert enc2.calls[1] == ["why do cats purr", "fish swim"]
+
+
+def test_load_beir_errors(tmp_path):
+    _write_beir(tmp_path / "toy")
+    with pytest.raises(FileNotFoundError, match="qrels"):
+        ev.load_beir(tmp_path / "toy", split="dev")
+    (tmp_path / "toy" / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{broken\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl:2: not valid JSON"):
+        ev.load_beir(tmp_path / "toy")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ev.load_beir(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------- classification
+def test_load_banking77_and_split(data_dir):
+    texts, labels = ev.load_classification(data_dir / "banking77" / "train.csv")
+    assert len(texts) == 10003 and len(set(labels)) == 77
+    a = ev.split_rows(texts, labels, n_train=400, n_test=200, seed=0)
+    assert len(a[0]) == 400 and len(a[2]) == 200 and not set(a[0]) & set(a[2]) - {"_"}
+    assert a == ev.split_rows(texts, labels, n_train=400, n_test=200, seed=0)
+    assert a[0] != ev.split_rows(texts, labels, n_train=400, n_test=200, seed=1)[0]
+    with pytest.raises(ValueError, match="cannot take 10000 train \\+ 200 test rows from 10003"):
+        ev.split_rows(texts, labels, n_train=10000, n_test=200)
+
+
+def test_load_classification_errors(tmp_path):
+    f = tmp_path / "x.csv"
+    f.write_text("sentence,topic\na,b\n")
+    with pytest.raises(ValueError, match="must name a text column"):
+        ev.load_classification(f)
+    f.write_text("text,label\n")
+    with pytest.raises(ValueError, match="no rows after the header"):
+        ev.load_classification(f)
+
+
+def _write_cls(path, n, seed):
+    rng = np.random.default_rng(seed)
+    words = {"sports": ["goal", "match", "team", "score"], "food": ["pizza", "bread", "soup", "cheese"],
+             "tech": ["laptop", "code", "chip", "server"]}
+    lines = ["text,label"]
+    for _ in range(n):
+        lab = rng.choice(list(words))
+        lines.append(f"\"I like the {' '.join(rng.choice(words[lab], 2))}, really\",{lab}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_evaluate_classification_separable(tmp_path):
+    pytest.importorskip("sklearn")
+    _write_cls(tmp_path / "train.csv", 60, 0)
+    _write_cls(tmp_path / "test.csv", 30, 1)
+    r = ev.evaluate_classification(FakeEncoder(), tmp_path / "train.csv", tmp_path / "test.csv")
+    e = r["scores"]["test"][0]
+    assert e["accuracy"] == e["main_score"] == 1.0 and e["f1"] == 1.0
+    r2 = ev.evaluate_classification(FakeEncoder(), tmp_path / "train.csv", n_train=40, n_test=20, seed=3)
+    assert r2["llm2vec_fast"]["n_train"] == 40 and r2["llm2vec_fast"]["n_test"] == 20
+
+
+# ---------------------------------------------------------------------- CLI
+def _parser():
+    p = argparse.ArgumentParser(prog="llm2vec-fast")
+    ev.add_subcommands(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_cli_sts_matches_api(data_dir, tmp_path, capsys):
+    data = data_dir / "sick" / "SICK_trial.txt"
+    out = tmp_path / "res" / "sick.json"
+    args = _parser().parse_args(["eval", "sts", "--data", str(data), "--limit", "60", "--output", str(out)])
+    assert args.func(args, model=FakeEncoder()) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    api = ev.evaluate_sts(FakeEncoder(), data, limit=60)
+    saved = json.loads(out.read_text())
+    assert saved["scores"] == api["scores"] and saved["task_name"] == "SICK-R"
+    assert printed[-1] == f"{api['scores']['test'][0]['main_score']:.6f}"
+    assert "| SICK-R | test | cosine_spearman |" in "\n".join(printed)
+    assert out.with_suffix(".md").read_text().startswith("# SICK-R")
+
+
+def test_cli_retrieval_and_classification_parse(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    _write_beir(tmp_path / "toy")
+    args = _parser().parse_args(["eval", "retrieval", "--data", str(tmp_path / "toy"), "--instruction", ""])
+    args.func(args, model=FakeEncoder())
+    assert capsys.readouterr().out.strip().split("\n")[-1] == "1.000000"
+    _write_cls(tmp_path / "train.csv", 60, 0)
+    args = _parser().parse_args(["eval", "classification", "--data", str(tmp_path / "train.csv"), "--n-train", "40",
+                                 "--n-test", "20", "--seed", "2"])
+    assert args.eval_task == "classification" and args.pooling is None and not args.no_bidirectional
+    args.func(args, model=FakeEncoder())
+    api = ev.evaluate_classification(FakeEncoder(), tmp_path / "train.csv", n_train=40, n_test=20, seed=2)
+    assert capsys.readouterr().out.strip().split("\n")[-1] == f"{api['scores']['test'][0]['main_score']:.6f}"
+
+
+def test_cli_requires_task_and_data():
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["eval"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["eval", "sts"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["eval", "sts", "--data", "x", "--pooling", "max"])
