@@ -1,0 +1,269 @@
+"""Contrastive training on transformers' Trainer: unsupervised SimCSE (LLM2Vec step 3) and supervised
+query / positive / hard-negative training.
+
+The encoder is :class:`llm2vec_fast.LLM2Vec`: texts are tokenized into packed features and pooled through the
+masked-pooling op (Triton on CUDA), so the gradient flows through the pooling kernel's backward. A fresh LoRA adapter
+trains on top of the base model, into which an MNTP adapter (if any) has been merged. Queries, positives and
+negatives of a batch run as one packed forward; with ``gradcache_chunk_size`` the batch runs in chunks through
+:mod:`.gradcache`.
+
+Python API::
+
+    from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
+    train_contrastive(ContrastiveArguments(mode="simcse", model="out/mntp", train_files=["wiki1m.txt"],
+                                           output_dir="out/simcse"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import (
+    CONFIG_NAME,
+    LORA_TARGETS,
+    TRAINING_NAME,
+    AdapterTrainer,
+    StepCounter,
+    add_lora,
+    enable_checkpointing,
+    loss_history,
+    training_arguments,
+    write_json,
+)
+from .data import ListDataset, one_dataset_per_batch, read_sentences, read_triplets, with_instruction
+from .gradcache import grad_cache_step
+from .losses import hard_negative_nll_loss
+
+logger = logging.getLogger(__name__)
+
+# the original recipes' defaults per mode
+RECIPES = {
+    "simcse": dict(batch_size=128, max_length=128, learning_rate=3e-5, scale=20.0, attention_dropout=0.3,
+                   warmup_steps=0),
+    "supervised": dict(batch_size=64, max_length=512, learning_rate=2e-4, scale=50.0, attention_dropout=0.0,
+                       warmup_steps=300),
+}
+
+
+@dataclass
+class ContrastiveArguments:
+    """Options of a SimCSE or supervised run; ``None`` fields take the mode's recipe default (``RECIPES``)."""
+
+    mode: str  # "simcse" or "supervised"
+    train_files: list[str]
+    output_dir: str
+    model: str | None = None  # base model, or an MNTP output folder (its adapter is merged)
+    peft: str | None = None  # an adapter to merge into the base before training (e.g. the MNTP output)
+    instructions: list[str] = field(default_factory=list)  # supervised: one per train file, or one for all
+    split: str | None = None  # supervised CSV: keep rows whose `split` column equals this
+    max_examples: int | None = None  # per file
+    batch_size: int | None = None  # per device
+    max_length: int | None = None
+    learning_rate: float | None = None
+    scale: float | None = None  # cosine similarity multiplier (1 / temperature)
+    attention_dropout: float | None = None
+    warmup_steps: int | None = None
+    mask_false_negatives: bool = False
+    gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
+    pooling_mode: str = "mean"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    grad_accum: int = 1
+    max_steps: int = 1000
+    gradient_checkpointing: bool = False
+    attn_backend: str = "auto"
+    dtype: str | None = None
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | bool | None = None
+    disable_tqdm: bool | None = None
+    extra_training_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in RECIPES:
+            raise ValueError(f"mode must be one of {sorted(RECIPES)}, got {self.mode!r}")
+        for k, v in RECIPES[self.mode].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+
+
+class ContrastiveModel(nn.Module):
+    """What the Trainer trains: an LLM2Vec encoder whose ``.model`` is a PeftModel."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, features: dict) -> torch.Tensor:
+        return self.encoder(features)
+
+
+class TextCollator:
+    """Batches of raw texts: ``{"texts": [...], "sizes": (n_query, n_positive, n_negative)}``; the trainer
+    tokenizes (per GradCache chunk when chunking). SimCSE examples are sentences (query = positive = the sentence);
+    supervised examples are dicts or ``(dataset, dict)`` pairs; instructions go on queries only."""
+
+    def __init__(self, mode: str, instructions: dict | None = None):
+        self.mode = mode
+        self.instructions = instructions or {}
+
+    def __call__(self, examples: list) -> dict:
+        if self.mode == "simcse":
+            texts = list(examples)
+            return {"texts": texts + texts, "sizes": (len(texts), len(texts), 0)}
+        q, p, n = [], [], []
+        for ex in examples:
+            name, ex = ex if isinstance(ex, tuple) else (None, ex)
+            q.append(with_instruction(ex["query"], self.instructions.get(name, self.instructions.get(None))))
+            p.append(ex["positive"])
+            n.append(ex.get("negative"))
+        if any(x is None for x in n):
+            n = []  # a batch without hard negatives for every query uses in-batch negatives only
+        return {"texts": q + p + n, "sizes": (len(q), len(p), len(n))}
+
+
+class ContrastiveTrainer(AdapterTrainer):
+    """Trainer with the contrastive loss in ``compute_loss`` and GradCache in ``training_step``."""
+
+    def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False,
+                 gradcache_chunk_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peft_module = self.model.encoder.model
+        self.scale = scale
+        self.mask_false_negatives = mask_false_negatives
+        self.gradcache_chunk_size = gradcache_chunk_size
+
+    def _encode(self, model, texts):
+        return model(self.model.encoder.tokenize(texts))
+
+    def _loss(self, reps, sizes):
+        nq, np_, nn_ = sizes
+        q, p = reps[:nq], reps[nq:nq + np_]
+        n = reps[nq + np_:nq + np_ + nn_] if nn_ else None
+        return hard_negative_nll_loss(q, p, n, scale=self.scale, mask_false_negatives=self.mask_false_negatives)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reps = self._encode(model, inputs["texts"])
+        loss = self._loss(reps, inputs["sizes"])
+        return (loss, {"embeddings": reps}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.gradcache_chunk_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        ga = self.current_gradient_accumulation_steps if hasattr(self, "current_gradient_accumulation_steps") \
+            else self.args.gradient_accumulation_steps
+        with self.compute_loss_context_manager():
+            loss = self._grad_cache(model, inputs, ga)
+        return loss / ga
+
+    def _grad_cache(self, model, inputs, ga):
+        return grad_cache_step(
+            encode=lambda texts: self._encode(model, texts),
+            loss_fn=lambda reps: self._loss(reps, inputs["sizes"]),
+            items=inputs["texts"], chunk_size=self.gradcache_chunk_size,
+            backward=lambda t: self.accelerator.backward(t / ga),
+            no_sync=lambda: self.accelerator.no_sync(model),
+            device=self.args.device)
+
+
+def load_encoder(args: ContrastiveArguments):
+    """LLM2Vec encoder with the MNTP adapter merged, attention dropout set and a fresh LoRA adapter."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.bidirectional import set_attention_dropout
+
+    encoder = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, merge_peft=True,
+                                      pooling_mode=args.pooling_mode, max_length=args.max_length,
+                                      attn_backend=args.attn_backend, dtype=args.dtype)
+    set_attention_dropout(encoder.model, args.attention_dropout)
+    encoder.model = add_lora(encoder.model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    if args.gradient_checkpointing:
+        enable_checkpointing(encoder.model)
+    return encoder
+
+
+def build_dataset(args: ContrastiveArguments, world_size: int = 1):
+    """The training dataset and collator of a run."""
+    if args.mode == "simcse":
+        sents = []
+        for f in args.train_files:
+            sents.extend(read_sentences(f, args.max_examples))
+        return ListDataset(sents), TextCollator("simcse"), False
+    if args.instructions and len(args.instructions) not in (1, len(args.train_files)):
+        raise ValueError(f"give one instruction for all files or one per file: {len(args.instructions)} "
+                         f"instructions for {len(args.train_files)} files")
+    names = [Path(f).stem for f in args.train_files]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    data = {n: read_triplets(f, split=args.split, limit=args.max_examples)
+            for n, f in zip(names, args.train_files, strict=True)}
+    if len(args.instructions) == 1:
+        instr = {None: args.instructions[0]}
+    else:
+        instr = dict(zip(names, args.instructions, strict=False))
+    if len(data) == 1:
+        return ListDataset(next(iter(data.values()))), TextCollator("supervised", instr), False
+    ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
+    return ListDataset(ordered), TextCollator("supervised", instr), True
+
+
+class _SequentialTrainer(ContrastiveTrainer):
+    """Keeps the dataset's order (batches pre-grouped by source dataset)."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def train_contrastive(args: ContrastiveArguments) -> dict:
+    """Run SimCSE or supervised contrastive training; writes the adapter, tokenizer, ``llm2vec_config.json`` and
+    ``llm2vec_training.json`` (which names the base to load it on) to ``args.output_dir``.
+
+    Returns ``{"output_dir", "base_model", "losses", "train_runtime", "examples"}``.
+    """
+    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    encoder = load_encoder(args)
+    dataset, collator, grouped = build_dataset(args, world)
+    targs = training_arguments(
+        args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+        max_steps=args.max_steps, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
+        bf16=torch.cuda.is_available() and (args.dtype in (None, "bfloat16")), disable_tqdm=args.disable_tqdm,
+        drop_last=True, extra=args.extra_training_args)
+    cls = _SequentialTrainer if grouped else ContrastiveTrainer
+    trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,
+                  processing_class=encoder.tokenizer, scale=args.scale,
+                  mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size)
+    counter = StepCounter()
+    trainer.add_callback(counter)
+    out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    losses = loss_history(trainer)
+    if trainer.args.should_save:
+        save_contrastive_output(encoder, args, losses)
+    return {"output_dir": args.output_dir, "base_model": args.model, "losses": losses,
+            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "examples": len(dataset)}
+
+
+def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict]) -> None:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.model.save_pretrained(out)
+    encoder.tokenizer.save_pretrained(out)
+    write_json(out / CONFIG_NAME, {"pooling_mode": args.pooling_mode, "max_length": args.max_length,
+                                   "doc_max_length": encoder.doc_max_length, "skip_instruction": True,
+                                   "bidirectional": True})
+    base_hint = args.model if args.peft is None else f"{args.model} with {args.peft} merged"
+    write_json(out / TRAINING_NAME, {
+        "stage": args.mode, "load_with": {"base_model_name_or_path": args.model, "merged_adapter": args.peft},
+        "note": f"load with LLM2Vec.from_pretrained(base, peft_model_name_or_path=this folder), base = {base_hint}",
+        "arguments": dataclasses.asdict(args), "losses": losses})

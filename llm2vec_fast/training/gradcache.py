@@ -1,0 +1,84 @@
+"""GradCache (Gao et al., 2021): contrastive training with a large batch in the memory of a small one.
+
+The contrastive loss couples every example of the batch, so the batch cannot simply be split into accumulation
+steps. GradCache splits the *encoder* work instead:
+
+1. encode the batch chunk by chunk without autograd, keeping only the representations (and each chunk's RNG state);
+2. compute the loss on the cached representations and its gradient with respect to them (cheap: [N, H]);
+3. encode each chunk again with autograd, replaying its RNG state so dropout draws the same masks, and back-propagate
+   the cached gradient through it (``backward(reps · grad)``); parameter gradients accumulate over chunks.
+
+The result equals the full-batch gradient (exactly, up to float summation order), at the cost of a second forward.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+class RandState:
+    """The CPU generator's state and, for a CUDA device, that device's generator state; ``replay()`` restores them
+    inside a forked RNG scope so the caller's stream is left where it was."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device if device is not None and device.type == "cuda" else None
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.device is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def chunked(items: Sequence, size: int) -> list:
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def grad_cache_step(encode: Callable[[Sequence], torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                    items: Sequence, chunk_size: int, backward: Callable[[torch.Tensor], None] | None = None,
+                    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """One GradCache step over ``items``; parameter gradients are accumulated, the loss (detached) returned.
+
+    Args:
+        encode: ``encode(chunk_of_items) -> reps [len(chunk), H]`` (runs the model; called twice per chunk).
+        loss_fn: ``loss_fn(reps [len(items), H]) -> scalar``, on all representations in item order.
+        items: the whole batch (e.g. queries + positives + negatives, concatenated).
+        chunk_size: items per encoder call.
+        backward: how to back-propagate a chunk's surrogate (default ``Tensor.backward``; the Trainer passes
+            ``accelerator.backward`` with its loss scaling).
+        no_sync: context manager factory that suspends DDP gradient all-reduce; used for every chunk but the last.
+        device: the model's device, whose RNG state is saved and replayed per chunk (CPU state always is).
+    """
+    backward = backward or (lambda t: t.backward())
+    chunks = chunked(items, chunk_size)
+    states, cached = [], []
+    # 1. representations without autograd
+    with torch.no_grad():
+        for ch in chunks:
+            states.append(RandState(device))
+            cached.append(encode(ch))
+    reps = torch.cat(cached).detach().requires_grad_(True)
+    # 2. loss and its gradient with respect to the representations only
+    loss = loss_fn(reps)
+    (grad,) = torch.autograd.grad(loss, reps)
+    # 3. re-encode with autograd and push the cached gradient through each chunk
+    offset = 0
+    for i, (ch, state) in enumerate(zip(chunks, states, strict=True)):
+        with state.replay():
+            r = encode(ch)
+        g = grad[offset:offset + r.shape[0]].to(r.dtype)
+        offset += r.shape[0]
+        ctx = no_sync() if (no_sync is not None and i < len(chunks) - 1) else contextlib.nullcontext()
+        with ctx:
+            backward((r * g).sum())
+    return loss.detach()

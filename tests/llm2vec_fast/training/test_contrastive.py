@@ -1,0 +1,104 @@
+"""SimCSE and supervised drivers end to end on a tiny random Llama; outputs load with LLM2Vec."""
+import csv
+import json
+
+import pytest
+import torch
+
+from llm2vec_fast.training.contrastive import (
+    ContrastiveArguments,
+    TextCollator,
+    build_dataset,
+    load_encoder,
+    train_contrastive,
+)
+
+from .conftest import sentences
+
+
+def _triplet_csv(path, seed):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "sent0", "sent1", "hard_neg"])
+        for a, b, c in zip(sentences(24, seed), sentences(24, seed + 1), sentences(24, seed + 2), strict=True):
+            w.writerow(["train", a, b, c])
+        w.writerow(["test", "w1 w2", "w3 w4", "w5 w6"])
+    return str(path)
+
+
+def _args(mode, files, out, **kw):
+    base = dict(mode=mode, train_files=files, output_dir=str(out), batch_size=6, max_steps=3, logging_steps=1,
+                save_steps=0, learning_rate=1e-3, disable_tqdm=True, max_length=32)
+    base.update(kw)
+    return ContrastiveArguments(**base)
+
+
+def test_recipe_defaults():
+    a = ContrastiveArguments(mode="simcse", train_files=["x"], output_dir="o")
+    assert (a.batch_size, a.max_length, a.learning_rate, a.scale, a.attention_dropout) == (128, 128, 3e-5, 20.0, 0.3)
+    s = ContrastiveArguments(mode="supervised", train_files=["x"], output_dir="o")
+    assert (s.scale, s.attention_dropout) == (50.0, 0.0)
+    with pytest.raises(ValueError, match="mode"):
+        ContrastiveArguments(mode="mlm", train_files=["x"], output_dir="o")
+
+
+def test_simcse_after_mntp_trains_and_loads(tiny_model_dir, tiny_text_file, tiny_sentence_file, tmp_path):
+    """MNTP (release layout) → SimCSE on the MNTP-merged base → LLM2Vec.from_pretrained(mntp, peft=simcse)."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
+
+    mntp = tmp_path / "mntp"
+    train_mntp(MNTPArguments(train_files=[tiny_text_file], output_dir=str(mntp), model=tiny_model_dir,
+                             max_seq_length=32, batch_size=2, max_steps=2, save_steps=0, learning_rate=1e-2,
+                             disable_tqdm=True))
+    out = tmp_path / "simcse"
+    args = _args("simcse", [tiny_sentence_file], out, model=str(mntp))
+    r = train_contrastive(args)
+    assert r["steps_run"] == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in r["losses"])
+    info = json.loads((out / "llm2vec_training.json").read_text())
+    assert info["stage"] == "simcse" and info["load_with"]["base_model_name_or_path"] == str(mntp)
+
+    texts = sentences(4, seed=77)
+    loaded = LLM2Vec.from_pretrained(str(mntp), peft_model_name_or_path=str(out), device="cpu")
+    e = loaded.encode(texts, show_progress_bar=False)
+    # the same model assembled by hand: base + MNTP adapter merged, then the SimCSE adapter
+    from peft import PeftModel
+
+    by_hand = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(mntp), merge_peft=True,
+                                      device="cpu")
+    by_hand.model = PeftModel.from_pretrained(by_hand.model, str(out))
+    torch.testing.assert_close(e, by_hand.encode(texts, show_progress_bar=False), rtol=1e-4, atol=1e-5)
+    mntp_only = LLM2Vec.from_pretrained(str(mntp), device="cpu").encode(texts, show_progress_bar=False)
+    assert (e - mntp_only).abs().max() > 1e-4  # the SimCSE adapter changed something
+
+
+def test_simcse_views_differ_by_attention_dropout(tiny_model_dir, tiny_sentence_file, tmp_path):
+    enc = load_encoder(_args("simcse", [tiny_sentence_file], tmp_path, model=tiny_model_dir, lora_dropout=0.0))
+    feats = enc.tokenize(sentences(3, seed=4))
+    enc.train()
+    with torch.no_grad():
+        assert (enc(feats) - enc(feats)).abs().max() > 1e-4  # dropout 0.3 in attention only
+    batch = TextCollator("simcse")(["a b", "c d"])
+    assert batch == {"texts": ["a b", "c d", "a b", "c d"], "sizes": (2, 2, 0)}
+
+
+def test_supervised_multi_dataset_gradcache(tiny_model_dir, tmp_path):
+    f1, f2 = _triplet_csv(tmp_path / "one.csv", 1), _triplet_csv(tmp_path / "two.csv", 5)
+    args = _args("supervised", [f1, f2], tmp_path / "out", model=tiny_model_dir, split="train",
+                 instructions=["w7 w8", "w9"], gradcache_chunk_size=5, mask_false_negatives=True)
+    dataset, collator, grouped = build_dataset(args)
+    assert grouped and len(dataset) == 48
+    for i in range(0, 48, 6):
+        batch = [dataset[j] for j in range(i, i + 6)]
+        assert len({name for name, _ in batch}) == 1  # one source dataset per batch
+    b = collator([dataset[j] for j in range(6)])
+    assert b["sizes"] == (6, 6, 6)
+    instr = "w7 w8; " if dataset[0][0] == "one" else "w9; "
+    assert b["texts"][0] == [instr, dataset[0][1]["query"]] and isinstance(b["texts"][6], str)
+    r = train_contrastive(args)
+    assert r["steps_run"] == 3 and len(r["losses"]) == 3
+    from llm2vec_fast import LLM2Vec
+
+    e = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(tmp_path / "out"), device="cpu")
+    assert e.pooling_mode == "mean"
+    assert torch.isfinite(e.encode([["w9;", "w1 w2"], "w3"], show_progress_bar=False)).all()
