@@ -232,7 +232,7 @@ def _attn_bwd_dkdv_kernel(
     b_v = _load_rows(V + bos64 * stride_vt + i_h * stride_vh, o_n, o_d, stride_vt, L, D, True, EVEN_D)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    o_col = (bos64 + o_n)[None, :]
+    o_col = (bos64 + o_n)[:, None]
 
     for g in range(G):
         i_hq = i_h * G + g
@@ -246,24 +246,26 @@ def _attn_bwd_dkdv_kernel(
             # padded query rows get lse = +inf so their P is exactly 0
             b_lse2 = tl.load(LSE + i_hq * T + bos64 + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
             b_delta = tl.load(DELTA + i_hq * T + bos64 + o_m, mask=m_m, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+            # transposed tiles ([BN, BM]: keys × queries) so that P^T and dS^T come out of the MMAs already in the
+            # A-operand orientation of the dV and dK products: no register transposes through shared memory
+            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
             if HAS_SOFTCAP:
-                b_t = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
-                b_p = tl.exp2(cap_mul * b_t - b_lse2[:, None])
+                b_tT = 1.0 - 2.0 / (tl.exp2(b_sT * qk_mul * 2.8853900817779268) + 1.0)
+                b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
             else:
-                b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
+                b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
             if HAS_DROPOUT:
-                b_keep = tl.rand(seed, ((i_hq * T + bos64 + o_m) * T)[:, None] + o_col) >= dropout_p
-                b_pd = tl.where(b_keep, b_p * drop_scale, 0.0)
-                b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+                b_keep = tl.rand(seed, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col) >= dropout_p
+                b_pdT = tl.where(b_keep, b_pT * drop_scale, 0.0)
+                b_dpT = tl.where(b_keep, b_dpT * drop_scale, 0.0)
             else:
-                b_pd = b_p
-            b_dv += tl.dot(tl.trans(b_pd.to(b_do.dtype)), b_do, input_precision=PREC)
-            b_ds = b_p * (b_dp - b_delta[:, None])
+                b_pdT = b_pT
+            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PREC)
+            b_dsT = b_pT * (b_dpT - b_delta[None, :])
             if HAS_SOFTCAP:
-                b_ds = b_ds * (1.0 - b_t * b_t)
-            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+                b_dsT = b_dsT * (1.0 - b_tT * b_tT)
+            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PREC)
 
     b_dk = b_dk * scale
     _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L, D,
@@ -446,7 +448,7 @@ def dropout_keep_mask(seed, dropout_p, num_heads, total_tokens, device):
     T = int(total_tokens)
     m = torch.empty((num_heads, T, T), dtype=torch.int8, device=device)
     if T:
-        BM = BN = 32
+        BM = BN = 64
         _dropout_mask_kernel[(triton.cdiv(T, BM), triton.cdiv(T, BN), num_heads)](
             m, T, float(dropout_p), _kernel_seed(seed), BM=BM, BN=BN)
     return m.bool()

@@ -142,7 +142,7 @@ def test_dropout_deterministic_per_seed_and_seed_sensitive():
 
 
 def test_dropout_keep_fraction_matches_one_minus_p():
-    p, H, T = 0.3, 2, 300
+    p, H, T = 0.3, 2, 256
     keep = dropout_keep_mask(4321, p, H, T, DEV)
     assert keep.shape == (H, T, T) and keep.dtype == torch.bool
     n = keep.numel()
@@ -230,6 +230,25 @@ def test_invalid_inputs_raise(over, exc, msg):
     over = {n: (x.to(DEV) if isinstance(x, torch.Tensor) else x) for n, x in over.items()}
     with pytest.raises(exc, match=msg):
         _call(**over)
+
+
+def test_cu_seqlens_edited_in_place_is_validated_again():
+    # validation is cached per cu_seqlens tensor (once per batch, not per layer); an in-place edit must re-validate
+    a = _valid()
+    cu = a["cu_seqlens"]
+    flash_attention(a["q"], a["k"], a["v"], cu, 5)
+    cu[1] = 7
+    with pytest.raises(ValueError, match="max_seqlen=5"):
+        flash_attention(a["q"], a["k"], a["v"], cu, 5)
+
+
+def test_empty_pack():
+    q = torch.zeros(0, 2, 32, device=DEV, requires_grad=True)
+    k = torch.zeros(0, 1, 32, device=DEV, requires_grad=True)
+    o, lse = flash_attention(q, k, k, torch.zeros(1, dtype=torch.int32, device=DEV), 0, return_lse=True)
+    assert o.shape == (0, 2, 32) and lse.shape == (2, 0)
+    o.sum().backward()
+    assert q.grad.shape == q.shape
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(dropout_p=1.0), "dropout_p"), (dict(softcap=-1.0), "softcap")],
