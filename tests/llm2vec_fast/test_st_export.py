@@ -1,0 +1,119 @@
+"""sentence-transformers drop-in: a saved folder loads in SentenceTransformer and embeds exactly as LLM2Vec.encode."""
+import json
+
+import numpy as np
+import pytest
+
+from llm2vec_fast import LLM2Vec
+from llm2vec_fast.st_export import MODULE_CLASS, is_st_folder, load_st_folder, save_sentence_transformers
+
+INSTR = "Given a web search query, retrieve relevant passages that answer the query"
+TEXTS = ["A man is playing a guitar.", "Cats purr.", "", "   ",
+         "The quick brown fox jumps over the lazy dog near the river bank, twice.", "Orange"]
+
+
+def _cos(a, b):
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    return np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-30))
+
+
+def _check_same(st_emb, ref):
+    assert st_emb.shape == ref.shape
+    assert _cos(st_emb, ref).min() >= 0.99999
+    np.testing.assert_allclose(st_emb, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sentence_transformers():
+    return pytest.importorskip("sentence_transformers")
+
+
+def _load(path, pooling_mode="mean"):
+    return LLM2Vec.from_pretrained(str(path), device="cpu", dtype="float32", pooling_mode=pooling_mode)
+
+
+def test_folder_layout_without_sentence_transformers(tiny_encoder_dir, tmp_path):
+    l2v = _load(tiny_encoder_dir)
+    out = save_sentence_transformers(l2v, tmp_path / "st", prompts={"query": INSTR, "document": ""})
+    assert json.loads((out / "modules.json").read_text()) == [{"idx": 0, "name": "0", "path": "",
+                                                               "type": MODULE_CLASS}]
+    cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert cfg["prompts"] == {"query": INSTR, "document": ""} and cfg["similarity_fn_name"] == "cosine"
+    assert is_st_folder(out) and not is_st_folder(tiny_encoder_dir)
+    folder, l2v_cfg = load_st_folder(out)
+    assert folder == str(out) and l2v_cfg["pooling_mode"] == "mean" and l2v_cfg["prompts"]["query"] == INSTR
+    assert l2v.prompts == {}  # the caller's model is left as it was
+    with pytest.raises(ValueError, match="not a folder written by save_sentence_transformers"):
+        load_st_folder(tiny_encoder_dir)
+
+
+def test_save_argument_errors(tiny_encoder_dir, tmp_path):
+    l2v = _load(tiny_encoder_dir)
+    with pytest.raises(TypeError, match="prompts must map str to str"):
+        save_sentence_transformers(l2v, tmp_path / "a", prompts={"query": None})
+    with pytest.raises(ValueError, match="default_prompt_name 'doc' is not one of the prompts"):
+        save_sentence_transformers(l2v, tmp_path / "b", prompts={"query": INSTR}, default_prompt_name="doc")
+
+
+@pytest.mark.parametrize("pooling_mode", ["mean", "weighted_mean", "eos_token"])
+def test_sentence_transformer_matches_encode(sentence_transformers, tiny_encoder_dir, tmp_path, pooling_mode):
+    l2v = _load(tiny_encoder_dir, pooling_mode)
+    path = save_sentence_transformers(l2v, tmp_path / "st", prompts={"query": INSTR})
+    st = sentence_transformers.SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
+    assert st.get_embedding_dimension() == l2v.model.config.hidden_size
+    ref = l2v.encode(TEXTS, show_progress_bar=False, convert_to_numpy=True)
+    _check_same(st.encode(TEXTS, convert_to_numpy=True, batch_size=4), ref)
+    ref_q = l2v.encode([[INSTR, t] for t in TEXTS], show_progress_bar=False, convert_to_numpy=True)
+    _check_same(st.encode(TEXTS, prompt_name="query", convert_to_numpy=True), ref_q)
+    _check_same(st.encode(TEXTS, prompt=INSTR, convert_to_numpy=True), ref_q)
+    _check_same(st.encode_query(TEXTS, convert_to_numpy=True), ref_q)
+    assert np.abs(ref_q - ref).max() > 1e-3  # the instruction is attended to: the test can tell them apart
+
+
+def test_bidirectional_is_kept(sentence_transformers, tiny_encoder_dir, tmp_path):
+    l2v = _load(tiny_encoder_dir)
+    st = sentence_transformers.SentenceTransformer(str(save_sentence_transformers(l2v, tmp_path / "st")),
+                                                   trust_remote_code=True, device="cpu")
+    causal = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype="float32",
+                                     enable_bidirectional=False)
+    texts = ["first sentence here", "another one, longer than the first"]
+    ours = st.encode(texts, convert_to_numpy=True)
+    assert np.abs(ours - causal.encode(texts, show_progress_bar=False, convert_to_numpy=True)).max() > 1e-3
+
+
+def test_reload_with_llm2vec_and_st_save_round_trip(sentence_transformers, tiny_encoder_dir, tmp_path):
+    l2v = _load(tiny_encoder_dir, "weighted_mean")
+    path = save_sentence_transformers(l2v, tmp_path / "st", prompts={"query": INSTR})
+    back = LLM2Vec.from_pretrained(str(path), device="cpu", dtype="float32")
+    assert back.pooling_mode == "weighted_mean" and back.prompts == {"query": INSTR}
+    ref = l2v.encode(TEXTS, show_progress_bar=False, convert_to_numpy=True)
+    _check_same(back.encode(TEXTS, show_progress_bar=False, convert_to_numpy=True), ref)
+    st = sentence_transformers.SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
+    st.save(str(tmp_path / "again"))
+    st2 = sentence_transformers.SentenceTransformer(str(tmp_path / "again"), trust_remote_code=True, device="cpu")
+    _check_same(st2.encode(TEXTS, convert_to_numpy=True), ref)
+
+
+def test_untrusted_load_is_refused_clearly(sentence_transformers, tiny_encoder_dir, tmp_path):
+    path = save_sentence_transformers(_load(tiny_encoder_dir), tmp_path / "st")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        sentence_transformers.SentenceTransformer(str(path), device="cpu")
+
+
+@pytest.mark.slow
+def test_default_model_sentence_transformer_parity(sentence_transformers, data_dir, tmp_path):
+    """The real SmolLM2-135M in fp32: texts and [instruction, text] pairs, cosine >= 0.99999 with LLM2Vec.encode."""
+    from llm2vec_fast import evaluation as ev
+
+    from .real_model_eval import default_model
+
+    l2v = default_model()
+    s1, s2, _ = ev.load_sts(data_dir / "stsb" / "sts-dev.csv")
+    texts = s1[:3] + s2[:3] + TEXTS
+    path = save_sentence_transformers(l2v, tmp_path / "st", prompts={"query": INSTR})
+    st = sentence_transformers.SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
+    ref = l2v.encode(texts, show_progress_bar=False, convert_to_numpy=True)
+    _check_same(st.encode(texts, convert_to_numpy=True), ref)
+    ref_q = l2v.encode([[INSTR, t] for t in texts], show_progress_bar=False, convert_to_numpy=True)
+    _check_same(st.encode_query(texts, convert_to_numpy=True), ref_q)
