@@ -58,29 +58,47 @@ def _store_rows(p_base, b, o_r, o_d, stride_r, n_rows, D: tl.constexpr, EVEN_D: 
         tl.store(p, b, mask=(o_r < n_rows)[:, None] & (o_d < D)[None, :])
 
 
-def _configs(small_d, big_d):
+# Tile sets per head-dim class, (BM, BN, num_warps, num_stages). Every set was compiled ahead of time for sm_90 with
+# triton 3.9 and ptxas reports no register spills for it except where noted; the autotuner picks among them on the
+# card. Forward: BM query rows per program, BN keys per step. Backward: BM query rows and BN key rows per tile (dK/dV
+# programs hold BN keys and stream queries; dQ programs hold BM queries and stream keys).
+_TILES = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+            256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
+    # (64, 128, 8, 2) and (64, 64, 8, 2) spill 64-80 bytes at D=128 but hold more work per program: candidates
+    "dkdv": {64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2)],
+             256: [(32, 32, 4, 2), (32, 64, 8, 2)]},  # D=256 spills 64-240 bytes in both
+    "dq": {64: [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
+           128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+           256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)]},
+}
+_CLASSES = (64, 128, 256)
+
+
+def _head_class(bd):
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
+def _configs(kind):
     if INTERPRET:  # the interpreter cannot autotune; 64-wide blocks keep CPU tests quick and still cross blocks
         return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s) for BM, BN, w, s in small_d + big_d]
+    return [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
+            for c in _CLASSES for BM, BN, w, s in _TILES[kind][c]]
 
 
-# (BM, BN, num_warps, num_stages). Forward: BM query rows per program, BN keys per step. Head dim 256 gets its own
-# smaller tiles so q, k, v stay within Hopper's shared memory.
-_FWD_SMALL_D = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
-_FWD_BIG_D = [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
-# Backward: BM query rows and BN key rows per tile (dK/dV programs hold BN keys and stream queries; dQ the reverse)
-_BWD_SMALL_D = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
-_BWD_BIG_D = [(32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)]
-
-
-def _prune(small_d):
-    n_small = len(small_d)
+def _prune(kind):
+    # configs arrive as the per-class lists concatenated in _CLASSES order: keep the slice of this head dim
+    sizes = [len(_TILES[kind][c]) for c in _CLASSES]
 
     def prune(configs, named_args, **kwargs):
         bd = kwargs.get("BD", named_args.get("BD"))
-        if bd is None or len(configs) <= n_small:
+        if bd is None or len(configs) != sum(sizes):
             return configs
-        return configs[n_small:] if bd >= 256 else configs[:n_small]
+        k = _CLASSES.index(_head_class(bd))
+        start = sum(sizes[:k])
+        return configs[start:start + sizes[k]]
 
     return prune
 
@@ -100,19 +118,21 @@ def _tune_bench(fn, quantiles):
 # - Dropout: the keep decision for (query head h, query token i, key token j), global packed indices, is
 #   tl.rand(seed, (h·T + i)·T + j) >= p, so it depends only on (seed, h, i, j, T) and every kernel (and
 #   dropout_keep_mask) regenerates the same bits.
+# - The GQA group size G is a runtime argument (specialised only when it is 1): one compile serves every GQA ratio
+#   of a head dim.
 # - Hot loops call no nested @triton.jit helpers other than _load_rows: the interpreter re-patches triton.language
 #   on every device-function call, which made CPU tests several times slower.
 _KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "SEQ_BUCKET"]
 
 
-@triton.autotune(configs=_configs(_FWD_SMALL_D, _FWD_BIG_D), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune(_FWD_SMALL_D)})
+@triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
-    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -202,15 +222,15 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + i_hq * T + o_t, b_delta, mask=o_t < T)
 
 
-@triton.autotune(configs=_configs(_BWD_SMALL_D, _BWD_BIG_D), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune(_BWD_SMALL_D)})
+@triton.autotune(configs=_configs("dkdv"), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
-    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     # one program owns BN keys of one kv head and loops over the G query heads of its group: dK/dV are summed in
@@ -274,14 +294,14 @@ def _attn_bwd_dkdv_kernel(
                 EVEN_D)
 
 
-@triton.autotune(configs=_configs(_BWD_SMALL_D, _BWD_BIG_D), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune(_BWD_SMALL_D)})
+@triton.autotune(configs=_configs("dq"), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
-    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic
