@@ -281,8 +281,11 @@ class LLM2Vec(nn.Module):
         """Pooled embeddings ``[B, H]`` of packed features (differentiable; used by training)."""
         device = self.device
         f = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+        n = f["cu_seqlens"].numel() - 1
+        if device.type == "cpu" and 0 < f["input_ids"].numel() < _MIN_CPU_TOKENS:
+            f = _add_filler(f, _MIN_CPU_TOKENS - f["input_ids"].numel())
         hidden = self.hidden_states(f)
-        return pool(hidden, f["cu_seqlens"], self.pooling_mode, f["pool_start"])
+        return pool(hidden, f["cu_seqlens"], self.pooling_mode, f["pool_start"])[:n]
 
     def hidden_states(self, f):
         """Last hidden states ``[T, H]`` of a packed batch."""
@@ -406,6 +409,24 @@ def pack(ids, starts):
         "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
         "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         "pool_start": torch.from_numpy(np.asarray(starts, dtype=np.int32)),
+    }
+
+
+# CPU BLAS takes another kernel for matrices of fewer rows (seen with MKL: fewer than 15), which rounds differently;
+# a tiny batch gets a filler sequence so that a text's embedding never depends on its batch (batch invariance)
+_MIN_CPU_TOKENS = 16
+
+
+def _add_filler(f, n):
+    """Append a throw-away sequence of ``n`` tokens to packed features (its pooled row is dropped)."""
+    dev = f["input_ids"].device
+    total = f["input_ids"].numel()
+    return {
+        "input_ids": torch.cat([f["input_ids"], f["input_ids"].new_zeros(n)]),
+        "position_ids": torch.cat([f["position_ids"], torch.arange(n, device=dev)]),
+        "cu_seqlens": torch.cat([f["cu_seqlens"], f["cu_seqlens"].new_tensor([total + n])]),
+        "max_seqlen": max(int(f["max_seqlen"]), n),
+        "pool_start": torch.cat([f["pool_start"], f["pool_start"].new_zeros(1)]),
     }
 
 

@@ -1,0 +1,231 @@
+"""LLM2Vec encoder: conformance with the original llm2vec 0.2.3, batch invariance, pooling, save/load, PEFT, errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llm2vec_fast import LLM2Vec, to_bidirectional
+from llm2vec_fast.encoder import pack
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_encoder_dir):
+    return LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- conformance with the original library
+@pytest.fixture(scope="module")
+def default_bidirectional(default_model_dir):
+    return LLM2Vec.from_pretrained(device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "mean_causal"])
+def test_conformance_with_llm2vec_0_2_3(mode, shared_dir, default_bidirectional):
+    inputs = json.loads((shared_dir / "conformance" / "inputs.json").read_text())
+    ref = np.load(shared_dir / "conformance" / "llm2vec-0.2.3-smollm2-135m.npz")[mode]
+    if mode == "mean_causal":
+        model = LLM2Vec.from_pretrained(enable_bidirectional=False, device="cpu", dtype=torch.float32)
+    else:
+        model = default_bidirectional
+        model.pooling_mode = mode
+    emb = model.encode(inputs, batch_size=8, show_progress_bar=False, convert_to_numpy=True)
+    default_bidirectional.pooling_mode = "mean"
+    cos = _cos(emb, ref)
+    assert cos.min() >= 0.99999, f"worst rows {np.argsort(cos)[:5].tolist()}: {np.sort(cos)[:5].tolist()}"
+
+
+@pytest.mark.slow
+def test_batch_invariance_default_model(default_bidirectional, data_dir):
+    lines = (data_dir / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()[:12]
+    texts = [ln.split("\t")[5] for ln in lines]
+    items = texts[:8] + [["Retrieve semantically similar text", t] for t in texts[8:]]
+    model = default_bidirectional
+    base = model.encode(items, batch_size=1, max_batch_tokens=1, show_progress_bar=False)
+    for kw in (dict(batch_size=32), dict(batch_size=5), dict(max_batch_tokens=64)):
+        other = model.encode(items, show_progress_bar=False, **kw)
+        assert (other - base).abs().max() <= 1e-5, kw
+    # a text's embedding does not depend on its neighbours
+    alone = model.encode(items[3], show_progress_bar=False)
+    assert (alone - base[3]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- pooling semantics, independently computed
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+def test_pooling_modes_match_padded_forward(tiny, mode):
+    tiny.pooling_mode = mode
+    items = ["A man is playing a flute.", ["Retrieve similar text", "A cat sleeps."], "Hi"]
+    emb = tiny.encode(items, show_progress_bar=False)
+    tok = tiny.tokenizer
+    for i, item in enumerate(items):
+        instr, text = (item if isinstance(item, list) else ["", item])
+        joint = f"{instr.strip()} {text}" if instr else text
+        if mode == "eos_token":
+            joint, text = joint.strip() + " </s>", text.strip() + " </s>"
+        ids = torch.tensor([tok(joint)["input_ids"]])
+        with torch.no_grad():
+            h = tiny.model(input_ids=ids).last_hidden_state[0]
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        span = h[-n:]
+        expected = {"mean": span.mean(0),
+                    "weighted_mean": (span * torch.arange(1, n + 1)[:, None]).sum(0) / (n * (n + 1) / 2),
+                    "eos_token": h[-1], "last_token": h[-1], "bos_token": h[0]}[mode]
+        torch.testing.assert_close(emb[i], expected, rtol=1e-5, atol=1e-5)
+    tiny.pooling_mode = "mean"
+
+
+def test_skip_instruction_off_pools_everything(tiny_encoder_dir):
+    on = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+    off = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, skip_instruction=False)
+    item = ["Represent this", "A cat sleeps."]
+    assert on.tokenize([item])["pool_start"].item() > 0
+    assert off.tokenize([item])["pool_start"].item() == 0
+    joint = on.encode(["Represent this A cat sleeps."], show_progress_bar=False)
+    torch.testing.assert_close(off.encode([item], show_progress_bar=False), joint, rtol=1e-5, atol=1e-5)
+
+
+def test_tokenize_packs_without_padding(tiny):
+    f = tiny.tokenize(["one two three", ["instr", "four"], "five"])
+    lengths = (f["cu_seqlens"][1:] - f["cu_seqlens"][:-1]).tolist()
+    assert f["input_ids"].numel() == sum(lengths) and f["cu_seqlens"].dtype == torch.int32
+    assert f["position_ids"].tolist()[: lengths[0]] == list(range(lengths[0]))
+    assert f["max_seqlen"] == max(lengths)
+    assert f["pool_start"].tolist()[0] == 0 and f["pool_start"].tolist()[1] > 0
+
+
+def test_forward_is_differentiable(tiny):
+    f = tiny.tokenize(["a b c", "d e"])
+    tiny.model.train()
+    emb = tiny(f)
+    emb.sum().backward()
+    grads = [p.grad for p in tiny.model.parameters() if p.grad is not None]
+    tiny.model.zero_grad()
+    tiny.model.eval()
+    assert emb.shape == (2, tiny.model.config.hidden_size) and grads
+
+
+# ---------------------------------------------------------------- inputs and outputs
+def test_output_forms_and_order(tiny):
+    items = ["short", "a much longer sentence than the others in this list", "mid length text"]
+    t = tiny.encode(items, show_progress_bar=False)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (3, 64)
+    n = tiny.encode(items, convert_to_numpy=True, show_progress_bar=False)
+    assert isinstance(n, np.ndarray) and np.allclose(n, t.numpy())
+    one = tiny.encode("short", show_progress_bar=False)
+    assert one.shape == (64,) and torch.allclose(one, t[0], atol=1e-6)
+    normed = tiny.encode(items, normalize_embeddings=True, show_progress_bar=False)
+    torch.testing.assert_close(normed.norm(dim=1), torch.ones(3))
+    rev = tiny.encode(items[::-1], show_progress_bar=False)
+    torch.testing.assert_close(rev, t.flip(0), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_and_whitespace_inputs(tiny):
+    assert tiny.encode([], show_progress_bar=False).shape == (0, 64)
+    assert tiny.encode([], convert_to_numpy=True, show_progress_bar=False).shape == (0, 64)
+    out = tiny.encode(["", "   ", "real text", ["instr", ""]], show_progress_bar=False)
+    assert torch.isfinite(out).all()
+    assert (out[[0, 1, 3]] == 0).all() and out[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    ([None], TypeError, r"item 0 .* got NoneType"),
+    (["ok", 3], TypeError, r"item 1 .* got int"),
+    ([["only one"]], ValueError, r"item 0 must be .* pair"),
+    ([["a", "b", "c"]], ValueError, r"item 0 must be .* pair"),
+    ([["a", 5]], ValueError, r"item 0 must be"),
+    (42, TypeError, "sentences must be a string or a list"),
+])
+def test_bad_inputs(tiny, bad, err, match):
+    with pytest.raises(err, match=match):
+        tiny.encode(bad, show_progress_bar=False)
+
+
+def test_bad_arguments(tiny, tiny_encoder_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown pooling mode 'max'"):
+        LLM2Vec.from_pretrained(str(tiny_encoder_dir), pooling_mode="max")
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        tiny.encode(["x"], batch_size=0)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        LLM2Vec.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLM2Vec.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        LLM2Vec.from_pretrained(str(tiny_encoder_dir), dtype="fp8")
+
+
+def test_unknown_family(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'gpt2' is not supported.*enable_bidirectional=False"):
+        LLM2Vec.from_pretrained(str(tmp_path))
+    causal = LLM2Vec.from_pretrained(str(tmp_path), enable_bidirectional=False, device="cpu")
+    assert causal.encode(["works causally"], show_progress_bar=False).shape == (1, 32)
+
+
+def test_long_texts_are_truncated(tiny_encoder_dir):
+    model = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, max_length=32,
+                                    doc_max_length=20)
+    long = " ".join(["word"] * 500)
+    f = model.tokenize([long, ["an instruction here", long]])
+    lengths = (f["cu_seqlens"][1:] - f["cu_seqlens"][:-1]).tolist()
+    assert max(lengths) <= 32
+    # doc_max_length shortened the text word-wise: at most 20 text tokens are pooled
+    assert (torch.tensor(lengths) - f["pool_start"]).max() <= 20
+    assert torch.isfinite(model.encode([long], show_progress_bar=False)).all()
+
+
+# ---------------------------------------------------------------- save / load, PEFT
+def test_save_and_reload(tiny, tmp_path):
+    tiny.pooling_mode = "weighted_mean"
+    items = ["a sentence", ["instr", "another one"]]
+    before = tiny.encode(items, show_progress_bar=False)
+    tiny.save(tmp_path / "saved")
+    tiny.pooling_mode = "mean"
+    cfg = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
+    assert cfg["pooling_mode"] == "weighted_mean" and cfg["bidirectional"] is True
+    again = LLM2Vec.from_pretrained(str(tmp_path / "saved"), device="cpu", dtype=torch.float32)
+    assert again.pooling_mode == "weighted_mean"
+    torch.testing.assert_close(again.encode(items, show_progress_bar=False), before, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_adapter_load_and_merge(tiny_encoder_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    base = AutoModel.from_pretrained(tiny_encoder_dir)
+    to_bidirectional(base)
+    torch.manual_seed(1)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    expected = LLM2Vec(peft.eval(), tok).encode(["text one", "two"], show_progress_bar=False)
+    for merge in (False, True):
+        l2v = LLM2Vec.from_pretrained(str(tiny_encoder_dir), peft_model_name_or_path=str(tmp_path / "adapter"),
+                                      merge_peft=merge, device="cpu", dtype=torch.float32)
+        torch.testing.assert_close(l2v.encode(["text one", "two"], show_progress_bar=False), expected,
+                                   rtol=1e-5, atol=1e-5)
+    # the original MNTP release layout: the base folder itself carries the adapter; it is merged on load
+    import shutil
+
+    release = tmp_path / "release"
+    shutil.copytree(tiny_encoder_dir, release)
+    for f in (tmp_path / "adapter").iterdir():
+        shutil.copy(f, release / f.name)
+    l2v = LLM2Vec.from_pretrained(str(release), device="cpu", dtype=torch.float32)
+    assert not any("lora" in n for n, _ in l2v.model.named_parameters())
+    torch.testing.assert_close(l2v.encode(["text one", "two"], show_progress_bar=False), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pack_helper():
+    f = pack([np.array([5, 6, 7], np.int32), np.array([8], np.int32)], np.array([1, 0], np.int32))
+    assert f["cu_seqlens"].tolist() == [0, 3, 4] and f["position_ids"].tolist() == [0, 1, 2, 0]
+    assert f["input_ids"].dtype == torch.int64 and f["pool_start"].tolist() == [1, 0]
