@@ -1,0 +1,111 @@
+"""The llm2vec-fast command line: inputs, outputs, errors, and no partial files."""
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llm2vec_fast.cli import main
+
+
+def run(argv, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def model_args(tiny_encoder_dir):
+    return ["--model", str(tiny_encoder_dir), "--device", "cpu"]
+
+
+def test_encode_arguments_to_stdout(model_args, capsys):
+    code, out, _ = run(["encode", "hello world", "second text", *model_args], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["text"] for r in rows] == ["hello world", "second text"]
+    assert len(rows[0]["embedding"]) == 64
+
+
+def test_encode_txt_to_npy_matches_api(model_args, tiny_encoder_dir, tmp_path, capsys):
+    from llm2vec_fast import LLM2Vec
+
+    src = tmp_path / "in.txt"
+    src.write_text("first line\n\nthird line after an empty one\n", encoding="utf-8")
+    out = tmp_path / "emb.npy"
+    code, _, err = run(["encode", "--input", str(src), "--output", str(out), "--normalize", *model_args], capsys)
+    emb = np.load(out)
+    assert code == 0 and emb.shape == (3, 64) and "wrote 3 embeddings" in err
+    assert np.allclose(emb[1], 0)  # the empty line keeps its row, as a zero vector
+    api = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu").encode(
+        ["first line", "", "third line after an empty one"], normalize_embeddings=True, convert_to_numpy=True,
+        show_progress_bar=False)
+    assert np.allclose(emb, api, atol=1e-6)
+
+
+def test_encode_jsonl_with_instructions(model_args, tiny_encoder_dir, tmp_path, capsys):
+    from llm2vec_fast import LLM2Vec
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "a query", "instruction": "Retrieve passages"}) + "\n" +
+                   json.dumps({"text": "a document"}) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert run(["encode", "-i", str(src), "-o", str(out), *model_args], capsys)[0] == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    api = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu").encode(
+        [["Retrieve passages", "a query"], "a document"], convert_to_numpy=True, show_progress_bar=False)
+    assert np.allclose(np.array([r["embedding"] for r in rows]), api, atol=1e-6)
+
+
+def test_stdin_and_global_instruction(model_args, capsys, monkeypatch):
+    code, out, _ = run(["encode", "--instruction", "Classify", *model_args], capsys, stdin="one\ntwo\n",
+                       monkeypatch=monkeypatch)
+    assert code == 0 and len(out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"text": "ok"}\nnot json\n', ".jsonl", r"in.jsonl:2: not valid JSON"),
+    ('{"txt": "wrong key"}\n', ".jsonl", r"in.jsonl:1: expected an object with a string \"text\" field"),
+    ("a,b\n", ".csv", r"unsupported input file type '.csv'"),
+])
+def test_malformed_input_files(model_args, tmp_path, capsys, content, suffix, message):
+    import re
+
+    src = tmp_path / f"in{suffix}"
+    src.write_text(content)
+    out = tmp_path / "out.npy"
+    code, _, err = run(["encode", "-i", str(src), "-o", str(out), *model_args], capsys)
+    assert code == 2 and re.search(message, err), err
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_missing_input_bad_output_and_model(model_args, tmp_path, capsys):
+    code, _, err = run(["encode", "-i", str(tmp_path / "missing.txt"), *model_args], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(["encode", "x", "-o", str(tmp_path / "out.csv"), *model_args], capsys)
+    assert code == 2 and "unsupported output type '.csv'" in err and not (tmp_path / "out.csv").exists()
+    code, _, err = run(["encode", "x", "--model", str(tmp_path / "no-model")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_failure_during_encoding_leaves_no_file(model_args, tmp_path, capsys, monkeypatch):
+    from llm2vec_fast import LLM2Vec
+
+    def boom(*a, **k):
+        raise ValueError("simulated failure")
+
+    monkeypatch.setattr(LLM2Vec, "encode", boom)
+    out = tmp_path / "out.npy"
+    code, _, err = run(["encode", "x", "-o", str(out), *model_args], capsys)
+    assert code == 2 and "simulated failure" in err and not out.exists()
+
+
+def test_help_explains_options():
+    res = subprocess.run([sys.executable, "-m", "llm2vec_fast.cli", "encode", "--help"], capture_output=True,
+                         text=True, check=True)
+    for option in ("--input", "--output", "--model", "--pooling", "--instruction", "--normalize",
+                   "--max-batch-tokens", "--batch-size", "--device", "--dtype"):
+        assert option in res.stdout
