@@ -15,7 +15,7 @@ DEMO_TEXTS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm2vec-fast",
         description="Decoder LLMs as text encoders (LLM2Vec): encode, evaluate, train, benchmark.")
@@ -45,16 +45,42 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    for module, func in (("llm2vec_fast.evaluation", "add_subcommands"),
-                         ("llm2vec_fast.training.cli", "add_subcommands")):
-        _try_add(module, func, sub)
-    bench = sub.add_parser("bench", help="benchmarks (encode throughput, report)",
-                           description="Benchmarks: encode throughput against peers, and the results report.")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
-    bench_sub.required = True
-    _try_add("benchmarks.bench_encode", "add_bench_encode", bench_sub)
-    _try_add("llm2vec_fast.report", "add_bench_report", bench_sub)
+    # the other families import heavy modules (Trainer, scikit-learn, matplotlib): only the one asked for is built
+    for name, (help_text, hooks) in FAMILIES.items():
+        if command != name:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
+        if name == "bench":
+            bench = sub.add_parser("bench", help=help_text, description="Benchmarks: encode throughput against "
+                                   "peers, and the results report.")
+            target = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+            target.required = True
+        else:
+            target = sub
+        for module, func in hooks:
+            _try_add(module, func, target)
+        if name not in sub.choices:  # its module could not be imported: say why instead of a bare usage error
+            sub.add_parser(name, help=help_text).set_defaults(func=_missing_family(name, hooks))
     return parser
+
+
+FAMILIES = {
+    "eval": ("evaluate on local STS / retrieval / classification files",
+             [("llm2vec_fast.evaluation", "add_subcommands")]),
+    "train": ("train: mntp, simcse, supervised", [("llm2vec_fast.training.cli", "add_subcommands")]),
+    "bench": ("benchmarks: encode throughput, results report",
+              [("benchmarks.bench_encode", "add_bench_encode"), ("llm2vec_fast.report", "add_bench_report")]),
+}
+
+
+def _missing_family(name, hooks):
+    def fail(args):
+        import importlib
+
+        for module, _ in hooks:
+            importlib.import_module(module)  # re-raise the real import error
+        raise CLIError(f"the {name!r} commands are unavailable")
+    return fail
 
 
 def _try_add(module, func, sub):
@@ -214,7 +240,9 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
