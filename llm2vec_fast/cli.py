@@ -28,12 +28,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     enc.add_argument("texts", nargs="*", help="texts to embed (default: --input, else standard input)")
     enc.add_argument("--input", "-i", type=Path, help=".txt (one text per line; an empty line embeds to a zero "
                      "vector, keeping rows aligned with lines) or .jsonl with {\"text\": ..., \"instruction\": ...}")
-    enc.add_argument("--output", "-o", type=Path, help=".npy (float32 matrix, rows in input order) or .jsonl "
-                     "({\"text\", \"embedding\"} per line); written atomically. Default: JSON lines on stdout")
+    enc.add_argument("--output", "-o", type=Path, help=".npy (matrix, rows in input order) or .jsonl "
+                     "({\"text\", \"embedding\"} per line), written atomically; or a folder (no suffix): inputs are "
+                     "streamed in chunks to .npy shards plus manifest.json (\"complete\": false until done; a rerun "
+                     "resumes). Default: JSON lines on stdout")
+    enc.add_argument("--chunk-size", type=int, default=100_000, help="rows per shard with --output FOLDER")
     _model_options(enc)
     enc.add_argument("--instruction", default="", help="instruction prepended to every text that has none of its "
                      "own; attended to but not pooled")
+    enc.add_argument("--prompt-name", default=None, help="a named instruction stored with the model (e.g. query)")
     enc.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    enc.add_argument("--precision", default="float32", choices=["float32", "int8", "uint8", "binary", "ubinary"],
+                     help="output precision (binary/ubinary: packed bits, ceil(dim/8) bytes per row)")
+    enc.add_argument("--truncate-dim", type=int, default=None, help="keep the first N dimensions (Matryoshka); "
+                     "renormalised with --normalize")
     enc.add_argument("--batch-size", type=int, default=32, help="with max_length sets the default token budget "
                      "(batch-size x max-length tokens per packed batch); default 32")
     enc.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
@@ -145,34 +153,39 @@ def read_inputs(args):
 
 
 def read_file(path: Path, instruction: str = ""):
+    """All items of a .txt / .jsonl file: (items, texts)."""
+    pairs = list(iter_file(path, instruction))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def iter_file(path: Path, instruction: str = ""):
+    """Lazily yield (item, text) from a .txt (one text per line) or .jsonl file; errors name the line."""
     if not path.exists():
         raise CLIError(f"input file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".txt", ".text", ""):
+        raise CLIError(f"unsupported input file type {suffix!r} for {str(path)!r}; expected .txt or .jsonl")
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline=None) as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if suffix != ".jsonl":
+                    yield ([instruction, line] if instruction else line), line
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got {line[:80]!r}")
+                instr = row.get("instruction", instruction) or ""
+                if not isinstance(instr, str):
+                    raise CLIError(f"{path}:{n}: \"instruction\" must be a string, got {type(instr).__name__}")
+                yield ([instr, row["text"]] if instr else row["text"]), row["text"]
     except (OSError, UnicodeDecodeError) as e:
         raise CLIError(f"cannot read input file {str(path)!r}: {e}") from e
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        items, texts = [], []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got {line[:80]!r}")
-            instr = row.get("instruction", instruction) or ""
-            if not isinstance(instr, str):
-                raise CLIError(f"{path}:{n}: \"instruction\" must be a string, got {type(instr).__name__}")
-            items.append([instr, row["text"]] if instr else row["text"])
-            texts.append(row["text"])
-        return items, texts
-    if suffix in (".txt", ".text", ""):
-        texts = raw.splitlines()
-        return [[instruction, t] if instruction else t for t in texts], texts
-    raise CLIError(f"unsupported input file type {suffix!r} for {str(path)!r}; expected .txt or .jsonl")
 
 
 def write_output(path, emb, texts):
@@ -181,7 +194,8 @@ def write_output(path, emb, texts):
 
     if path is None:
         for t, e in zip(texts, emb, strict=True):
-            sys.stdout.write(json.dumps({"text": t, "embedding": [round(float(x), 7) for x in e]}) + "\n")
+            vec = [round(float(x), 7) for x in e] if e.dtype.kind == "f" else e.tolist()
+            sys.stdout.write(json.dumps({"text": t, "embedding": vec}) + "\n")
         return
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".jsonl"):
@@ -191,10 +205,10 @@ def write_output(path, emb, texts):
     try:
         with os.fdopen(fd, "wb") as f:
             if suffix == ".npy":
-                np.save(f, np.asarray(emb, dtype=np.float32))
+                np.save(f, np.asarray(emb))
             else:
                 for t, e in zip(texts, emb, strict=True):
-                    f.write((json.dumps({"text": t, "embedding": [float(x) for x in e]}) + "\n").encode())
+                    f.write((json.dumps({"text": t, "embedding": e.tolist()}) + "\n").encode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -203,15 +217,27 @@ def write_output(path, emb, texts):
 
 
 def cmd_encode(args) -> int:
-    if args.output is not None and args.output.suffix.lower() not in (".npy", ".jsonl"):
-        raise CLIError(f"unsupported output type {args.output.suffix!r} for {str(args.output)!r}; "
-                       "expected .npy or .jsonl")
-    items, texts = read_inputs(args)
+    out = args.output
+    to_folder = out is not None and (out.is_dir() or out.suffix == "")
+    if out is not None and not to_folder and out.suffix.lower() not in (".npy", ".jsonl"):
+        raise CLIError(f"unsupported output type {out.suffix!r} for {str(out)!r}; expected .npy, .jsonl or a "
+                       "folder")
+    if to_folder and args.input and not args.texts:
+        # streamed: the input is never held in memory as a whole
+        items, texts = (pair[0] for pair in iter_file(args.input, args.instruction)), None
+        next(iter_file(args.input, args.instruction), None)  # fail fast on a missing / unreadable file
+    else:
+        items, texts = read_inputs(args)
     model = load_model(args)
-    emb = model.encode(items, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-                       normalize_embeddings=args.normalize, convert_to_numpy=True,
-                       show_progress_bar=not args.no_progress and len(items) > 64)
-    write_output(args.output, emb, texts)
+    kw = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, prompt_name=args.prompt_name,
+              normalize_embeddings=args.normalize, precision=args.precision, truncate_dim=args.truncate_dim)
+    if to_folder:
+        manifest = model.encode_to_disk(items, out, chunk_size=args.chunk_size, show_progress_bar=not args.no_progress,
+                                        **kw)
+        print(f"wrote {manifest['rows']} embeddings in {len(manifest['shards'])} shard(s) to {out}", file=sys.stderr)
+        return 0
+    emb = model.encode(items, convert_to_numpy=True, show_progress_bar=not args.no_progress and len(items) > 64, **kw)
+    write_output(out, emb, texts)
     if args.output is not None:
         print(f"wrote {len(texts)} embeddings of width {emb.shape[1]} to {args.output}", file=sys.stderr)
     return 0

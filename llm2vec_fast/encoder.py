@@ -296,9 +296,9 @@ class LLM2Vec(nn.Module):
         return hidden[0]
 
     # ------------------------------------------------------------------ encode
-    @torch.inference_mode()
     def encode(self, sentences, batch_size=32, show_progress_bar=True, convert_to_numpy=False,
-               convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None):
+               convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None,
+               prompt_name=None, prompt=None, precision="float32", truncate_dim=None):
         """Embed texts. Rows come back in input order.
 
         Args:
@@ -311,13 +311,110 @@ class LLM2Vec(nn.Module):
             device: where to run (the model moves there); default: where the model is.
             normalize_embeddings: L2-normalise each row.
             max_batch_tokens: token budget per packed batch (overrides the default above).
+            prompt_name: a name from ``self.prompts`` (e.g. ``"query"``): its instruction goes to every plain-string
+                item. ``prompt``: the same with the instruction given directly.
+            precision: ``float32`` (default), ``int8``, ``uint8``, ``binary`` or ``ubinary`` (numpy output, as
+                sentence-transformers' ``quantize_embeddings``; int8/uint8 ranges come from this call's rows).
+            truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka-style); with
+                ``normalize_embeddings`` the truncated rows are renormalised.
 
         Returns ``[N, H]`` (``[H]`` for a single string). Empty or whitespace-only texts (after the instruction)
         have nothing to pool: their rows are zero vectors. Texts longer than ``max_length`` tokens are cut at the
         end (after ``doc_max_length`` word truncation, as in the original).
         """
+        from .quantization import PRECISIONS, quantize_embeddings, truncate_embeddings
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        instruction = self._prompt(prompt_name, prompt)
+        out = self._encode(sentences, batch_size, show_progress_bar, device, normalize_embeddings and
+                           truncate_dim is None, max_batch_tokens, instruction)
+        if truncate_dim is not None:
+            out = truncate_embeddings(out, truncate_dim, renormalize=normalize_embeddings)
+        if precision != "float32":
+            q = quantize_embeddings(out.reshape(-1, out.shape[-1]), precision).reshape(*out.shape[:-1], -1)
+            return torch.from_numpy(q) if convert_to_tensor else q
+        if convert_to_tensor:
+            return out
+        if convert_to_numpy:
+            return out.numpy()
+        return out
+
+    def encode_queries(self, queries, **kwargs):
+        """``encode`` with the stored ``"query"`` prompt (if any) on plain-string queries."""
+        kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
+        return self.encode(queries, **kwargs)
+
+    def encode_corpus(self, corpus, **kwargs):
+        """``encode`` for documents: the stored ``"document"`` prompt (if any); dicts with ``title``/``text`` are
+        joined as ``title + " " + text`` (BEIR style)."""
+        if isinstance(corpus, dict):  # one document, or {doc_id: document}
+            corpus = [corpus] if "text" in corpus else list(corpus.values())
+        if isinstance(corpus, list) and corpus and isinstance(corpus[0], dict):
+            corpus = [(d.get("title", "") + " " + d["text"]).strip() for d in corpus]
+        kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
+        return self.encode(corpus, **kwargs)
+
+    def _prompt(self, prompt_name, prompt):
+        if prompt_name is not None and prompt is not None:
+            raise ValueError("give prompt_name or prompt, not both")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"unknown prompt name {prompt_name!r}; stored prompts: {sorted(self.prompts)}")
+            return self.prompts[prompt_name]
+        return prompt
+
+    def encode_to_disk(self, sentences, output_dir, chunk_size=100_000, resume=True, show_progress_bar=True,
+                       **encode_kwargs):
+        """Stream embeddings of an iterable of any size to ``output_dir`` as ``.npy`` shards of ``chunk_size`` rows.
+
+        Inputs are read lazily (a generator over a huge file works); each shard is written atomically, and
+        ``manifest.json`` says ``"complete": false`` until the last shard lands, then lists every shard. With
+        ``resume``, shards already present from an interrupted run (same ``chunk_size``) are skipped.
+        Returns the manifest.
+        """
+        import itertools
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest_path = out / "manifest.json"
+        old = json.loads(manifest_path.read_text()) if manifest_path.exists() and resume else {}
+        if old and old.get("chunk_size") != chunk_size:
+            raise ValueError(f"{out} holds shards of chunk_size {old.get('chunk_size')}, not {chunk_size}; "
+                             "use another folder or resume=False")
+        manifest = {"complete": False, "chunk_size": chunk_size, "rows": 0, "dim": None, "shards": [],
+                    "model": getattr(self.model.config, "_name_or_path", None), "pooling_mode": self.pooling_mode}
+        it = iter([sentences] if isinstance(sentences, str) else sentences)
+        bar = tqdm(desc="Encoding to disk", unit="text", disable=not show_progress_bar)
+        for index in itertools.count():
+            chunk = list(itertools.islice(it, chunk_size))
+            if not chunk:
+                break
+            name = f"embeddings-{index:05d}.npy"
+            done = [s for s in old.get("shards", []) if s["file"] == name and s["rows"] == len(chunk)]
+            if done and (out / name).exists():
+                dim = done[0]["dim"]
+            else:
+                emb = self.encode(chunk, show_progress_bar=False, convert_to_numpy=True, **encode_kwargs)
+                _atomic_save(out / name, emb)
+                dim = int(emb.shape[1]) if emb.ndim == 2 else int(emb.shape[-1])
+            manifest["shards"].append({"file": name, "rows": len(chunk), "dim": dim})
+            manifest["rows"] += len(chunk)
+            manifest["dim"] = dim
+            _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+            bar.update(len(chunk))
+        bar.close()
+        manifest["complete"] = True
+        _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+        return manifest
+
+    @torch.inference_mode()
+    def _encode(self, sentences, batch_size, show_progress_bar, device, normalize_embeddings, max_batch_tokens,
+                instruction=None):
         single = isinstance(sentences, str)
         pairs = _normalize_inputs(sentences)
+        if instruction:
+            pairs = [(instruction, t) if not i else (i, t) for i, t in pairs]
         for name, v in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -354,13 +451,7 @@ class LLM2Vec(nn.Module):
             out.index_copy_(0, rows, emb.cpu())
             bar.update(len(sel))
         bar.close()
-        if single:
-            out = out[0]
-        if convert_to_tensor:
-            return out
-        if convert_to_numpy:
-            return out.numpy()
-        return out
+        return out[0] if single else out
 
 
 # ---------------------------------------------------------------------- helpers
@@ -389,6 +480,19 @@ def _normalize_inputs(sentences):
             raise TypeError(f"item {i} must be a string or an [instruction, text] pair, got "
                             f"{type(item).__name__}: {_short(item)}")
     return pairs
+
+
+def _atomic_save(path, array):
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path, text):
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _short(x, n=80):

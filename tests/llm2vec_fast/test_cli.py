@@ -109,3 +109,32 @@ def test_help_explains_options():
     for option in ("--input", "--output", "--model", "--pooling", "--instruction", "--normalize",
                    "--max-batch-tokens", "--batch-size", "--device", "--dtype"):
         assert option in res.stdout
+
+
+def test_stream_to_folder_and_resume(model_args, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text number {i}\n" for i in range(21)))
+    out = tmp_path / "shards"
+    code, _, err = run(["encode", "-i", str(src), "-o", str(out), "--chunk-size", "8", *model_args], capsys)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert code == 0 and manifest["complete"] and manifest["rows"] == 21 and len(manifest["shards"]) == 3
+    full = np.concatenate([np.load(out / s["file"]) for s in manifest["shards"]])
+    code, _, _ = run(["encode", "-i", str(src), "-o", str(tmp_path / "all.npy"), *model_args], capsys)
+    assert np.allclose(full, np.load(tmp_path / "all.npy"), atol=1e-6)
+    # an interrupted run resumes: a present shard is kept as is
+    stamp = (out / "embeddings-00000.npy").stat().st_mtime_ns
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "embeddings-00002.npy").unlink()
+    assert run(["encode", "-i", str(src), "-o", str(out), "--chunk-size", "8", *model_args], capsys)[0] == 0
+    assert (out / "embeddings-00000.npy").stat().st_mtime_ns == stamp and (out / "embeddings-00002.npy").exists()
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_precision_and_truncation_options(model_args, tmp_path, capsys):
+    out = tmp_path / "bits.npy"
+    code, _, _ = run(["encode", "one", "two", "three", "-o", str(out), "--precision", "ubinary", *model_args], capsys)
+    assert code == 0 and np.load(out).dtype == np.uint8 and np.load(out).shape == (3, 8)
+    out = tmp_path / "small.npy"
+    run(["encode", "one", "two", "-o", str(out), "--truncate-dim", "16", "--normalize", *model_args], capsys)
+    assert np.load(out).shape == (2, 16) and np.allclose(np.linalg.norm(np.load(out), axis=1), 1, atol=1e-5)

@@ -229,3 +229,22 @@ def test_pack_helper():
     f = pack([np.array([5, 6, 7], np.int32), np.array([8], np.int32)], np.array([1, 0], np.int32))
     assert f["cu_seqlens"].tolist() == [0, 3, 4] and f["position_ids"].tolist() == [0, 1, 2, 0]
     assert f["input_ids"].dtype == torch.int64 and f["pool_start"].tolist() == [1, 0]
+
+
+def test_prompts_precision_truncation(tiny_encoder_dir, tmp_path):
+    l2v = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+    l2v.prompts = {"query": "Retrieve passages", "document": ""}
+    q = l2v.encode_queries(["what is x"], show_progress_bar=False)
+    torch.testing.assert_close(q, l2v.encode([["Retrieve passages", "what is x"]], show_progress_bar=False))
+    docs = l2v.encode_corpus([{"title": "T", "text": "body"}], show_progress_bar=False)
+    torch.testing.assert_close(docs, l2v.encode(["T body"], show_progress_bar=False))
+    l2v.save(tmp_path / "p")
+    assert LLM2Vec.from_pretrained(str(tmp_path / "p"), device="cpu").prompts["query"] == "Retrieve passages"
+    with pytest.raises(ValueError, match="unknown prompt name 'passage'"):
+        l2v.encode(["x"], prompt_name="passage")
+    bits = l2v.encode(["a", "b"], precision="binary", show_progress_bar=False)
+    assert bits.dtype == np.int8 and bits.shape == (2, 8)
+    small = l2v.encode(["a", "b"], truncate_dim=10, normalize_embeddings=True, show_progress_bar=False)
+    torch.testing.assert_close(small.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        l2v.encode(["a"], precision="int4")
