@@ -93,6 +93,9 @@ def _prune(kind):
     sizes = [len(_TILES[kind][c]) for c in _CLASSES]
 
     def prune(configs, named_args, **kwargs):
+        if kwargs.get("PREC") == "ieee":
+            # exact fp32 runs on FMA units, not tensor cores: larger tiles spill heavily or overflow shared memory
+            return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
         bd = kwargs.get("BD", named_args.get("BD"))
         if bd is None or len(configs) != sum(sizes):
             return configs
@@ -568,7 +571,8 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
     attention. Gradients ``dk``/``dv`` are summed over each group.
 
     Dtypes: fp16, bf16 or fp32, the same for q, k and v; softmax statistics and accumulation are fp32; outputs have the
-    input dtype. fp32 inputs use true fp32 products (no TF32).
+    input dtype. fp32 inputs use true fp32 products (no TF32) on small tiles without tensor cores: exact, but
+    several times slower than bf16/fp16, which are the fast path.
 
     Head dims: 32, 64, 80, 96, 128, 256 (non-powers of two are padded to the next power of two inside the kernel).
     Layout: the last dimension of q, k, v must be contiguous; the token and head strides are free, so slices of a fused
