@@ -58,6 +58,10 @@ CONFIGS = {
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, intermediate_size=14336, vocab_size=49152, rope_theta=1e6,
                        max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None),
+    # a 2-layer toy for smoke runs of this script (checks every path in seconds; its figures mean nothing)
+    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=49152, rope_theta=10000.0,
+                 max_position_embeddings=1024, rms_norm_eps=1e-5),
 }
 MODELS = ("smollm2", *CONFIGS)
 TARGET_MFU = {"llama-1.3b": 0.60, "mistral-7b": 0.75}
@@ -317,7 +321,8 @@ def run(args) -> Path:
 
 def summary_notes(model, rows, n_params, peak, peak_how, weights, st_note, limit, repeats, device) -> str:
     peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.1f} GFLOP/s"
-    lines = [f"Non-embedding parameters {n_params / 1e9:.3f} B; weights {weights}. Peak {peak_text} "
+    size = f"{n_params / 1e9:.3f} B" if n_params >= 1e8 else f"{n_params / 1e6:.2f} M"
+    lines = [f"Non-embedding parameters {size}; weights {weights}. Peak {peak_text} "
              f"({peak_how}); dense limit {peak / (2 * n_params):,.0f} tok/s. Real tokens only (no padding); "
              f"max length {MAX_LENGTH}; best of {repeats} timed pass(es) after warm-up; peak memory includes the "
              f"weights. sentence-transformers: {st_note or 'mean pooling over the same weights (causal decoder)'}."]
@@ -389,7 +394,8 @@ def _peers(text: str) -> str:
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default="smollm2",
-                   help="smollm2 (the default model), llama-1.3b or mistral-7b (random weights)")
+                   help="smollm2 (the default model), llama-1.3b or mistral-7b (random weights); tiny: a 2-layer "
+                        "random Llama for smoke runs")
     p.add_argument("--corpus", choices=(*CORPORA, "all"), default="all",
                    help="wikitext (WikiText-2 test paragraphs), wiki1m (first 8,000 sentences) or all")
     p.add_argument("--limit", type=int, help="first N texts of each corpus (default: all on GPU, 32 on CPU)")
