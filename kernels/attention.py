@@ -552,7 +552,8 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             non-decreasing, ``cu_seqlens[-1] == T``; sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``.
             Empty sequences are allowed.
         max_seqlen: Python int ≥ the longest sequence (sizes the launch grid; a larger value only launches programs
-            that exit at once). Changing it, or ``T``, never recompiles the kernels.
+            that exit at once). Changing it, or ``T``, never recompiles the kernels; the autotuner re-tunes once per
+            length bucket (≤ 256, ≤ 1024, longer) and dtype/head-dim/flag combination.
         scale: softmax scale applied to ``q·k``; default ``1 / sqrt(D)``.
         softcap: Gemma-2 style logit soft-capping ``s ← softcap · tanh(s / softcap)`` applied to the scaled scores
             (0 disables it); the backward uses its exact derivative.

@@ -26,10 +26,15 @@ def _cu(lens, device=DEV):
 
 
 def _inputs(lens, hq, hkv, d, dtype, fused=False, qscale=1.0, seed=0):
-    """q, k, v packed; with ``fused`` they are strided views of one [T, hq + 2·hkv, d] projection (no copies)."""
+    """q, k, v packed. ``fused="qkv"``: strided views of one [T, hq + 2·hkv, d] projection; ``fused="hf"``: views of
+    Hugging Face's [1, H, T, d] attention layout (token stride d, head stride T·d). No copies either way."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lens)
-    if fused:
+    if fused == "hf":
+        q = (torch.randn(1, hq, T, d, generator=g) * qscale).to(DEV, dtype)[0].transpose(0, 1)
+        k = torch.randn(1, hkv, T, d, generator=g).to(DEV, dtype)[0].transpose(0, 1)
+        v = torch.randn(1, hkv, T, d, generator=g).to(DEV, dtype)[0].transpose(0, 1)
+    elif fused:
         qkv = torch.randn(T, hq + 2 * hkv, d, generator=g).to(DEV, dtype)
         q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
         q = q * qscale if qscale != 1.0 else q
@@ -57,8 +62,8 @@ def poison(monkeypatch):
 
 CASES_FP32 = [
     pytest.param(64, 2, 2, 0.0, False, id="D64-HQ2-H2-mha"),
-    pytest.param(80, 4, 1, 0.0, True, id="D80-HQ4-H1-mqa-fusedqkv"),
-    pytest.param(128, 4, 1, 0.0, False, id="D128-HQ4-H1-gqa4"),
+    pytest.param(80, 4, 1, 0.0, "qkv", id="D80-HQ4-H1-mqa-fusedqkv"),
+    pytest.param(128, 4, 1, 0.0, "hf", id="D128-HQ4-H1-gqa4-hflayout"),
     pytest.param(80, 8, 2, 2.0, False, id="D80-HQ8-H2-gqa4-softcap"),
 ]
 
