@@ -1,0 +1,104 @@
+"""Cheap checks of the benchmark scaffolding: corpora, the transformers-4.44 conversion, the GPU check script."""
+import argparse
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_encode, prepare_device
+from benchmarks.bench_cpu_vs_llm2vec import stsb_sentences
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.mark.parametrize("corpus, n", [("wikitext", 2183), ("wiki1m", 8000)])
+def test_corpus_sizes(data_dir, corpus, n):
+    texts = bench_encode.load_corpus(corpus, data_dir)
+    assert len(texts) == n
+    assert all(t and t == t.strip() for t in texts)
+    assert not any(t.startswith("=") for t in texts)  # WikiText headings are left out
+    assert bench_encode.load_corpus(corpus, data_dir, limit=5) == texts[:5]
+
+
+def test_unknown_corpus_names_the_choices(data_dir):
+    with pytest.raises(ValueError, match="wikitext"):
+        bench_encode.load_corpus("wiki2", data_dir)
+
+
+def test_stsb_sentences(data_dir):
+    s = stsb_sentences(800, data_dir)
+    assert len(s) == 800
+    assert s[0] == "A man with a hard hat is dancing."
+
+
+def test_legacy_config_lifts_rope_theta():
+    cfg = {"model_type": "llama", "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}, "dtype": "float32",
+           "quantization_config": {"quant_method": "gguf"}, "tie_word_embeddings": True}
+    out = prepare_device.legacy_config(cfg)
+    assert out["rope_theta"] == 1e5 and out["rope_scaling"] is None
+    assert "quantization_config" not in out and "rope_parameters" not in out and "dtype" not in out
+    assert out["torch_dtype"] == "float32" and out["tie_word_embeddings"] is True
+    with pytest.raises(ValueError, match="rope_theta"):
+        prepare_device.legacy_config({"model_type": "llama"})
+
+
+def test_legacy_tokenizer_json_writes_merges_as_strings():
+    tok = {"model": {"type": "BPE", "merges": [["Ġ", "t"], ["a", "b"]]}}
+    out = prepare_device.legacy_tokenizer_json(tok)
+    assert out["model"]["merges"] == ["Ġ t", "a b"]
+    assert tok["model"]["merges"][0] == ["Ġ", "t"]  # input untouched
+    with pytest.raises(ValueError, match="merge 0"):
+        prepare_device.legacy_tokenizer_json({"model": {"merges": [["a b", "c"]]}})
+
+
+def test_legacy_tokenizer_config_keeps_special_tokens():
+    out = prepare_device.legacy_tokenizer_config({"tokenizer_class": "TokenizersBackend", "eos_token": "<e>",
+                                                  "pad_token": None, "backend": "tokenizers"})
+    assert out["tokenizer_class"] == "PreTrainedTokenizerFast" and out["eos_token"] == "<e>"
+    assert "pad_token" not in out and "backend" not in out
+    assert out["model_input_names"] == ["input_ids", "attention_mask"]
+
+
+def test_bench_encode_cli_hooks():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers()
+    bench_encode.add_bench_encode(sub)
+    args = ap.parse_args(["encode", "--model", "llama-1.3b", "--budgets", "1024,4096", "--peers", "hf,ours"])
+    assert args.model == "llama-1.3b" and args.budgets == [1024, 4096] and callable(args.func)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["encode", "--peers", "hf,foo"])
+    with pytest.raises(SystemExit):
+        ap.parse_args(["encode", "--budgets", "0"])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_runs_every_step_and_packs_results(tmp_path):
+    """A dry run with a stand-in python: every step runs or is skipped, failures do not stop it, results come back."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = "-" ]; then cat >/dev/null; echo "FakeCard · torch 0"; exit 0; fi\n'
+        'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit 0; fi\n'
+        'n=$(echo "$*" | md5sum | cut -c1-8); echo "# result $n" >"$OUT/r_$n.md"\n'
+        'case "$*" in *pooling_ce.py\\ --check*) echo "FAIL parity"; exit 1;; esac\n'
+        'echo "done: $*"\n')
+    fake.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(work), PYTHON=str(fake), GPU_CHECK_BUDGET="68",
+               PATH=f"{tmp_path}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = (out / "summary.md").read_text()
+    assert "FakeCard" in summary
+    assert "| pooling_ce --check | FAILED (exit 1) |" in summary and "FAIL parity" in summary
+    assert "| encode llama-1.3b (both corpora) | ok |" in summary  # ran after the failure
+    assert "| encode mistral-7b (wikitext) | skipped: budget |" in summary  # under 68 s left < its 70 s minimum
+    assert (out / "gpu_check.log").exists()
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert sum(n.endswith(".md") for n in names) >= 6
+    assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
