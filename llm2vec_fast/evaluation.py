@@ -460,6 +460,7 @@ def save_result(result: dict, path) -> Path:
 # ---------------------------------------------------------------------- CLI
 def _common_options(p):
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--peft", default=None, help="LoRA adapter folder applied on top of --model")
     p.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "eos_token", "last_token",
                                                        "bos_token"],
                    help="pooling mode (default: the model's saved setting, else mean)")
@@ -525,6 +526,8 @@ def _load_model(args):
         kwargs["pooling_mode"] = args.pooling
     if args.no_bidirectional:
         kwargs["enable_bidirectional"] = False
+    if args.peft:
+        kwargs["peft_model_name_or_path"] = args.peft
     return LLM2Vec.from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
 
 

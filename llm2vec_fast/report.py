@@ -250,8 +250,12 @@ _FIRST = {
                "mfu", "peak_mem_gib"],
     "training": ["step", "path", "tokens_per_s", "step_ms", "peak_mem_gb"],
 }
-_TITLES = {"attention": "Attention TFLOP/s by length and peer", "encode": "Encode throughput and MFU by corpus and peer",
-           "training": "Training steps: tokens/s and peak memory by peer", "table": "Other results"}
+_TITLES = {
+    "attention": "Attention TFLOP/s by length and peer",
+    "encode": "Encode throughput and MFU by corpus and peer",
+    "training": "Training steps: tokens/s and peak memory by peer",
+    "table": "Other results",
+}
 
 
 def build_report(results_dir=None, output=None, plots: bool = True) -> Path:

@@ -105,3 +105,46 @@ def load_st_folder(path) -> tuple[str, dict]:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(cfg_path)!r} missing: the folder is incomplete")
     return os.fspath(path), json.loads(cfg_path.read_text())
+
+
+# ---------------------------------------------------------------------- CLI
+def add_subcommands(subparsers):
+    """Add ``export-st`` (``llm2vec-fast export-st --output DIR [--model M] ...``); sets ``func``."""
+    p = subparsers.add_parser(
+        "export-st", help="save a model as a sentence-transformers folder",
+        description="Write a folder that SentenceTransformer(path, trust_remote_code=True) loads with bidirectional "
+                    "attention, the model's pooling and instructions excluded from pooling; LLM2Vec.from_pretrained "
+                    "loads it too.")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--peft", default=None, help="LoRA adapter applied on top of --model (merged before saving)")
+    p.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "eos_token", "last_token",
+                                                       "bos_token"], help="pooling mode (default: the model's)")
+    p.add_argument("--no-bidirectional", action="store_true", help="keep causal attention")
+    p.add_argument("--query-prompt", default=None, help="instruction stored as the 'query' prompt")
+    p.add_argument("--document-prompt", default=None, help="instruction stored as the 'document' prompt")
+    p.add_argument("--dtype", default=None, help="weights dtype to save (default float32)")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args) -> int:
+    """Run ``export-st`` from parsed args; prints the folder as the last line; returns 0."""
+    from .encoder import LLM2Vec
+
+    kwargs = {}
+    if args.pooling:
+        kwargs["pooling_mode"] = args.pooling
+    if args.no_bidirectional:
+        kwargs["enable_bidirectional"] = False
+    if args.peft:
+        kwargs.update(peft_model_name_or_path=args.peft, merge_peft=True)
+    l2v = LLM2Vec.from_pretrained(args.model, device="cpu", dtype=args.dtype or "float32", **kwargs)
+    prompts = dict(getattr(l2v, "prompts", None) or {})
+    if args.query_prompt is not None:
+        prompts["query"] = args.query_prompt
+    if args.document_prompt is not None:
+        prompts["document"] = args.document_prompt
+    path = save_sentence_transformers(l2v, args.output, prompts=prompts)
+    print(path)
+    return 0

@@ -1,4 +1,4 @@
-"""The sentence-transformers input module behind folders written by :func:`llm2vec_fast.st_export.save_sentence_transformers`.
+"""The sentence-transformers module behind folders from :func:`llm2vec_fast.st_export.save_sentence_transformers`.
 
 One module does everything (tokenize, bidirectional forward, pooling) by delegating to :class:`llm2vec_fast.LLM2Vec`,
 so a ``SentenceTransformer`` built on it embeds exactly as ``LLM2Vec.encode`` does, including the original llm2vec's

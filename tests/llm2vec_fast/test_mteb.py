@@ -164,9 +164,9 @@ def test_mteb_evaluate_local_sts_task(mteb, data_dir):
 # ---------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_real_model_query_matches_llm2vec_encode():
-    from llm2vec_fast import LLM2Vec
+    from .real_model_eval import default_model
 
-    l2v = LLM2Vec.from_pretrained()
+    l2v = default_model()
     w = MTEBEncoder(l2v, prompts={"query": "Given a web search query, retrieve relevant passages"})
     texts = ["how do cats purr", "capital of France"]
     q = _enc(w, texts, prompt_type="query")

@@ -117,3 +117,21 @@ def test_default_model_sentence_transformer_parity(sentence_transformers, data_d
     _check_same(st.encode(texts, convert_to_numpy=True), ref)
     ref_q = l2v.encode([[INSTR, t] for t in texts], show_progress_bar=False, convert_to_numpy=True)
     _check_same(st.encode_query(texts, convert_to_numpy=True), ref_q)
+
+
+def test_export_cli(sentence_transformers, tiny_encoder_dir, tmp_path, capsys):
+    import argparse
+
+    from llm2vec_fast import st_export
+
+    p = argparse.ArgumentParser()
+    st_export.add_subcommands(p.add_subparsers(dest="command"))
+    out = tmp_path / "exported"
+    args = p.parse_args(["export-st", "--model", str(tiny_encoder_dir), "--output", str(out), "--pooling",
+                         "eos_token", "--query-prompt", INSTR])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip().split("\n")[-1] == str(out)
+    st = sentence_transformers.SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    ref = _load(tiny_encoder_dir, "eos_token")
+    _check_same(st.encode_query(TEXTS[:2], convert_to_numpy=True),
+                ref.encode([[INSTR, t] for t in TEXTS[:2]], show_progress_bar=False, convert_to_numpy=True))
