@@ -123,6 +123,8 @@ def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max
         dataloader_drop_last=drop_last,
         report_to=report_to,
         disable_tqdm=disable_tqdm,
+        # accelerate only sets up multi-process CPU training (gloo DDP under torchrun) when told it is CPU-only
+        use_cpu=not torch.cuda.is_available(),
     )
     kw.update(extra or {})
     return TrainingArguments(**kw)

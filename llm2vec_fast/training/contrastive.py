@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +188,9 @@ def load_encoder(args: ContrastiveArguments):
                                       pooling_mode=args.pooling_mode, max_length=args.max_length,
                                       attn_backend=args.attn_backend, dtype=args.dtype)
     set_attention_dropout(encoder.model, args.attention_dropout)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # LoRA's random init: the same on every rank and in every run
     encoder.model = add_lora(encoder.model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if args.gradient_checkpointing:
         enable_checkpointing(encoder.model)
@@ -231,7 +235,8 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
 
     Returns ``{"output_dir", "base_model", "losses", "train_runtime", "examples"}``.
     """
-    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    # the process group may not exist yet (TrainingArguments creates it): read the launcher's environment
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     encoder = load_encoder(args)
     dataset, collator, grouped = build_dataset(args, world)
     targs = training_arguments(

@@ -31,6 +31,49 @@ def stsb_spearman(model=None, peft=None, bidirectional=True, pooling="mean", dat
     return float(res["scores"]["test"][0]["main_score"])
 
 
+def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct") -> dict:
+    """JSON + markdown (+ PNG with matplotlib) of what has run so far."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.common import environment, markdown_table
+
+    env = environment()
+    n_pairs = rows[0]["sts_pairs"] if rows else 0
+    payload = {"benchmark": "training_evidence", "environment": env, "rows": rows, "runs": runs,
+               "total_s": round(time.time() - t0, 1)}
+    (out / "training_evidence.json").write_text(json.dumps(payload, indent=2))
+    md = [f"# Training evidence: {model}, STS-B dev Spearman × 100 ({n_pairs} pairs)\n",
+          f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
+          markdown_table(rows)]
+    for name, r in runs.items():
+        ls = r["losses"]
+        md.append(f"\n**{name}**: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, lr {r['lr']}, "
+                  f"{r['data']}, {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} (step {ls[0]['step']}) → "
+                  f"{ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
+        md.append("loss curve: " + ", ".join(f"{x['step']}:{x['loss']:.3f}" for x in ls) + "\n")
+    (out / "training_evidence.md").write_text("\n".join(md))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not runs:
+            return payload
+        fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
+        for ax, (name, r) in zip(axes if len(runs) > 1 else [axes], runs.items(), strict=True):
+            ax.plot([x["step"] for x in r["losses"]], [x["loss"] for x in r["losses"]])
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+        fig.tight_layout()
+        fig.savefig(out / "training_loss.png", dpi=100)
+    except ImportError:
+        pass
+    return payload
+
+
 def main(argv=None) -> int:
     from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
     from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
@@ -49,81 +92,52 @@ def main(argv=None) -> int:
     p.add_argument("--simcse-lr", type=float, default=1e-4)
     p.add_argument("--sts-limit", type=int, default=None, help="first N STS-B dev pairs (default all 1500)")
     p.add_argument("--skip-simcse", action="store_true")
+    p.add_argument("--no-weighted-baseline", dest="weighted_baseline", action="store_false",
+                   help="skip the causal weighted-mean baseline (evaluated last)")
     a = p.parse_args(argv)
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     wiki = _shared() / "data" / "wiki_text"
-    rows, t0 = [], time.time()
+    rows, runs, t0 = [], {}, time.time()
 
     def sts(stage, **kw):
         t = time.time()
-        s = stsb_spearman(a.model if "model" not in kw else kw.pop("model"), limit=a.sts_limit, **kw)
+        s = stsb_spearman(kw.pop("model", a.model), limit=a.sts_limit, **kw)
         rows.append({"stage": stage, "attention": "bidirectional" if kw.get("bidirectional", True) else "causal",
                      "pooling": kw.get("pooling", "mean"), "stsb_dev_spearman": round(100 * s, 2),
-                     "eval_s": round(time.time() - t, 1)})
+                     "eval_s": round(time.time() - t, 1), "sts_pairs": a.sts_limit or 1500})
         print(rows[-1], flush=True)
+        write_report(out, rows, runs, t0)
 
     sts("base", bidirectional=False)
-    sts("base", bidirectional=False, pooling="weighted_mean")
     sts("base", bidirectional=True)
 
     mntp_dir = work / "mntp"
     m = train_mntp(MNTPArguments(
         train_files=[str(wiki / "wikitext-2-raw.wiki.test.raw")], output_dir=str(mntp_dir), model=a.model,
         max_seq_length=a.mntp_len, batch_size=a.mntp_batch, max_steps=a.mntp_steps, learning_rate=a.mntp_lr,
-        logging_steps=5, save_steps=0, disable_tqdm=True))
+        logging_steps=max(1, a.mntp_steps // 25), save_steps=0, disable_tqdm=True))
     sts("mntp", model=str(mntp_dir), bidirectional=True)
     sts("mntp", model=str(mntp_dir), bidirectional=False)
-    runs = {"mntp": {"steps": a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len, "lr": a.mntp_lr,
-                     "data": "wikitext-2-raw test", "train_runtime_s": m["train_runtime"], "losses": m["losses"]}}
+    runs["mntp"] = {"steps": a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len, "lr": a.mntp_lr,
+                     "data": "wikitext-2-raw test", "train_runtime_s": m["train_runtime"], "losses": m["losses"]}
+    write_report(out, rows, runs, t0)
 
     if not a.skip_simcse:
         simcse_dir = work / "simcse"
         s = train_contrastive(ContrastiveArguments(
             mode="simcse", train_files=[str(wiki / "wiki1m_for_simcse.head1280000B.txt")], output_dir=str(simcse_dir),
             model=str(mntp_dir), batch_size=a.simcse_batch, max_length=a.simcse_len, max_steps=a.simcse_steps,
-            learning_rate=a.simcse_lr, logging_steps=5, save_steps=0, disable_tqdm=True))
+            learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=0, disable_tqdm=True))
         sts("mntp+simcse", model=str(mntp_dir), peft=str(simcse_dir), bidirectional=True)
         runs["simcse"] = {"steps": a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
                           "lr": a.simcse_lr, "attention_dropout": 0.3, "data": "wiki1m head (1.28 MB)",
                           "train_runtime_s": s["train_runtime"], "losses": s["losses"]}
 
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from benchmarks.common import environment, markdown_table
-
-    env = environment()
-    payload = {"benchmark": "training_evidence", "environment": env, "rows": rows, "runs": runs,
-               "total_s": round(time.time() - t0, 1)}
-    (out / "training_evidence.json").write_text(json.dumps(payload, indent=2))
-    md = ["# Training evidence: SmolLM2-135M-Instruct, STS-B dev (1,500 pairs) Spearman × 100\n",
-          f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
-          markdown_table(rows)]
-    for name, r in runs.items():
-        ls = r["losses"]
-        md.append(f"\n**{name}**: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, lr {r['lr']}, "
-                  f"{r['data']}, {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} (step {ls[0]['step']}) → "
-                  f"{ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
-        md.append("loss curve: " + ", ".join(f"{x['step']}:{x['loss']:.3f}" for x in ls) + "\n")
-    (out / "training_evidence.md").write_text("\n".join(md))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
-        for ax, (name, r) in zip(axes if len(runs) > 1 else [axes], runs.items(), strict=True):
-            ax.plot([x["step"] for x in r["losses"]], [x["loss"] for x in r["losses"]])
-            ax.set_title(name)
-            ax.set_xlabel("step")
-            ax.set_ylabel("loss")
-        fig.tight_layout()
-        fig.savefig(out / "training_loss.png", dpi=100)
-    except ImportError:
-        pass
+    if a.weighted_baseline:
+        sts("base", bidirectional=False, pooling="weighted_mean")
+    payload = write_report(out, rows, runs, t0)
     print(json.dumps({"rows": rows, "total_s": payload["total_s"]}))
     return 0
 

@@ -145,6 +145,9 @@ def build_mntp(args: MNTPArguments):
         docs.extend(read_documents(f, args.doc_split))
     dataset = BlockDataset(docs, tokenizer, args.max_seq_length, max_blocks=args.max_blocks)
     collator = MNTPCollator.recipe(args.recipe, tokenizer, mask_id, args.mlm_probability)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # LoRA's random init: the same on every rank and in every run
     backbone = add_lora(causal_lm.get_decoder(), args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if args.gradient_checkpointing:
         enable_checkpointing(backbone)
