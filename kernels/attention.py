@@ -27,6 +27,8 @@ LN2 = 0.6931471805599453
 
 # Tests flip this so that every output buffer starts as NaN: a row the kernels forget to write then fails loudly.
 _POISON_OUTPUTS = False
+# Forces the TMA forward (tests use it under the interpreter); on GPUs LLM2VEC_FAST_ATTN_TMA=1 opts in.
+_FORCE_TMA = False
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,6 +207,84 @@ def _attn_fwd_kernel(
     _store_rows(O + bos64 * stride_ot + i_hq * stride_oh, b_acc.to(O.dtype.element_ty), o_m, o_d, stride_ot, L, D,
                 EVEN_D)
     # natural-log lse of the *undropped* softmax: what the backward needs to rebuild P
+    b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
+    tl.store(LSE + i_hq * T + bos64 + o_m, b_lse, mask=o_m < L)
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
+def _attn_fwd_tma_kernel(
+    Q, K, V, O, LSE, CU, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    # The forward with Hopper TMA loads: one [L, D] tensor descriptor per (sequence, head), so tiles stream through
+    # the copy engine (pipelined, no per-element pointers in registers) and rows past the sequence end arrive as
+    # zeros. Same math as _attn_fwd_kernel; head dims that are powers of two only (BD == D).
+    i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.load(ORDER + i_s)
+    bos = tl.load(CU + i_b)
+    L = tl.load(CU + i_b + 1) - bos
+    if i_m * BM >= L:
+        return
+    i_h = i_hq // G
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    bos64 = bos.to(tl.int64)
+    d_q = tl.make_tensor_descriptor(Q + bos64 * stride_qt + i_hq * stride_qh, [L, D], [stride_qt, 1], [BM, BD])
+    d_k = tl.make_tensor_descriptor(K + bos64 * stride_kt + i_h * stride_kh, [L, D], [stride_kt, 1], [BN, BD])
+    d_v = tl.make_tensor_descriptor(V + bos64 * stride_vt + i_h * stride_vh, [L, D], [stride_vt, 1], [BN, BD])
+    b_q = d_q.load([i_m * BM, 0])  # [BM, BD]
+
+    b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_li = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
+
+    n_full = (L // BN) * BN
+    for start_n in range(0, n_full, BN):
+        b_k = d_k.load([start_n, 0])  # [BN, BD]
+        b_v = d_v.load([start_n, 0])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+        else:
+            b_s = b_s * qk_mul
+        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.exp2(b_mi - b_mn)
+        b_li = b_li * b_alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_mi = b_mn
+    if n_full < L:
+        start_n = n_full
+        b_k = d_k.load([start_n, 0])  # zero rows past L: their scores are masked below, their values never mix
+        b_v = d_v.load([start_n, 0])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        if HAS_SOFTCAP:
+            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+        else:
+            b_s = b_s * qk_mul
+        b_s = tl.where((start_n + o_n < L)[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.exp2(b_mi - b_mn)
+        b_li = b_li * b_alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_mi = b_mn
+
+    b_acc = b_acc * (drop_scale / b_li)[:, None]
+    # a masked pointer store: a descriptor store would clip at L too, but stores are once per program anyway
+    _store_rows(O + bos64 * stride_ot + i_hq * stride_oh, b_acc.to(O.dtype.element_ty), o_m, o_d, stride_ot, L, D,
+                True)
     b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
     tl.store(LSE + i_hq * T + bos64 + o_m, b_lse, mask=o_m < L)
 
@@ -401,6 +481,29 @@ def _check_layout(name, x):
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(x.stride())}")
 
 
+def _use_tma(q):
+    """Whether the forward takes the TMA-descriptor kernel: opt-in (LLM2VEC_FAST_ATTN_TMA=1 or ``_FORCE_TMA``) until
+    the GPU benchmark shows it ahead; Hopper or newer, 16-bit inputs, power-of-two head dims, 16-byte aligned rows."""
+    if not (_FORCE_TMA or os.environ.get("LLM2VEC_FAST_ATTN_TMA") == "1") or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    D = q.shape[-1]
+    if D != triton.next_power_of_2(D) or q.dtype == torch.float32:
+        return False
+    if not INTERPRET and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return False
+    return True
+
+
+def _tma_alloc(size, alignment, stream):
+    # scratch for descriptors built on the device (128 bytes per program)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _set_tma_allocator():
+    if not INTERPRET:
+        triton.set_allocator(_tma_alloc)
+
+
 def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
     """Launch the forward kernel. Returns (o [T, Hq, D], lse [Hq, T] fp32). Inputs are assumed validated."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -417,7 +520,11 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)
 
-    _attn_fwd_kernel[grid](
+    kernel = _attn_fwd_kernel
+    if _use_tma(q):
+        _set_tma_allocator()
+        kernel = _attn_fwd_tma_kernel
+    kernel[grid](
         q, k, v, o, lse, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         T, qk_mul, cap_mul, float(dropout_p), drop_scale, _kernel_seed(seed), _seq_bucket(max_seqlen),

@@ -108,6 +108,20 @@ def test_low_precision_within_twice_reference_error(poison, d, hq, hkv, softcap,
     _check_lowp(ours, ref32, ref_lp, ("o", "lse", "dq", "dk", "dv"), (2, 2, 3, 3, 3))
 
 
+@pytest.mark.parametrize("fused", [False, "hf"], ids=["packed", "hflayout"])
+def test_tma_forward_matches_reference(poison, monkeypatch, fused):
+    """The opt-in Hopper TMA forward (per-sequence tensor descriptors) against the reference, fp16."""
+    monkeypatch.setattr(attn, "_FORCE_TMA", True)
+    cu = _cu(LENS)
+    q, k, v, _ = _inputs(LENS, 4, 1, 64, torch.float16, fused=fused)
+    if not attn._use_tma(q):
+        pytest.skip("no tensor descriptors in this triton / not a Hopper GPU")
+    o, lse = flash_attention(q, k, v, cu, max(LENS), return_lse=True)
+    o32, lse32 = flash_attention_ref(q.float(), k.float(), v.float(), cu, max(LENS), return_lse=True)
+    o_lp = flash_attention_ref(q, k, v, cu, max(LENS), _upcast=False)
+    _check_lowp((o, lse), (o32, lse32), (o_lp, lse32 + 0), ("o", "lse"), (2, 2))
+
+
 def test_custom_scale_and_lse_only_rows_of_each_sequence():
     lens = (5, 33)
     cu = _cu(lens)
@@ -324,8 +338,8 @@ def test_gpu_new_lengths_do_not_recompile():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hopper compile check without a GPU: the interpreter never runs the real compiler, so GPU-only compile errors would
-# otherwise surface on the first GPU run. Compiles the three kernels (softcap + dropout + padded head dim, the
-# longest code path) for sm_90 in a subprocess without TRITON_INTERPRET.
+# otherwise surface on the first GPU run. Compiles the kernels (softcap + dropout + padded head dim, the longest code
+# path; the TMA forward at D=128) for sm_90 in a subprocess without TRITON_INTERPRET.
 # ---------------------------------------------------------------------------------------------------------------------
 _AOT = r"""
 import os, sys
@@ -340,10 +354,14 @@ except ImportError as e:
 import llm2vec_fast.kernels.attention as A
 
 ptrs = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-for name, BM, BN, w, s in (("_attn_fwd_kernel", 128, 64, 8, 2), ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2),
-                           ("_attn_bwd_dq_kernel", 128, 64, 8, 2)):
+import triton.language as tl
+todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80), ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80),
+        ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80)]
+if hasattr(tl, "make_tensor_descriptor"):
+    todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128))
+for name, BM, BN, w, s, D in todo:
     fn = getattr(A, name).fn
-    consts = dict(D=80, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, PREC="tf32")
+    consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, PREC="tf32")
     sig = {}
     for n in fn.arg_names:
         sig[n] = ("constexpr" if n in consts else "*bf16" if n in ptrs else "*fp32" if n in ("LSE", "DELTA")
@@ -376,4 +394,4 @@ def test_kernels_compile_for_hopper(tmp_path):
     out = r.stdout + r.stderr[-3000:]
     if r.stdout.startswith("SKIP"):
         pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and r.stdout.count("OK") == 3, out
+    assert r.returncode == 0 and r.stdout.count("OK") >= 3, out
