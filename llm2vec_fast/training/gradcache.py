@@ -23,7 +23,11 @@ class RandState:
     inside a forked RNG scope so the caller's stream is left where it was."""
 
     def __init__(self, device: torch.device | None = None):
-        self.device = device if device is not None and device.type == "cuda" else None
+        self.device = None
+        if device is not None and torch.device(device).type == "cuda":
+            # fork_rng takes CUDA device indices
+            idx = torch.device(device).index
+            self.device = idx if idx is not None else torch.cuda.current_device()
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
 
