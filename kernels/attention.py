@@ -66,14 +66,14 @@ def _store_rows(p_base, b, o_r, o_d, stride_r, n_rows, D: tl.constexpr, EVEN_D: 
 # programs hold BN keys and stream queries; dQ programs hold BM queries and stream keys).
 _TILES = {
     "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-            128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
             256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
     # (64, 128, 8, 2) and (64, 64, 8, 2) spill 64-80 bytes at D=128 but hold more work per program: candidates
     "dkdv": {64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
              128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2)],
              256: [(32, 32, 4, 2), (32, 64, 8, 2)]},  # D=256 spills 64-240 bytes in both
     "dq": {64: [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
-           128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+           128: [(128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
            256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)]},
 }
 _CLASSES = (64, 128, 256)
@@ -95,6 +95,9 @@ def _prune(kind):
     sizes = [len(_TILES[kind][c]) for c in _CLASSES]
 
     def prune(configs, named_args, **kwargs):
+        return _prune_impl(configs, named_args, kwargs)[:_autotune_limit()]
+
+    def _prune_impl(configs, named_args, kwargs):
         if kwargs.get("PREC") == "ieee":
             # exact fp32 runs on FMA units, not tensor cores: larger tiles spill heavily or overflow shared memory
             return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
@@ -106,6 +109,13 @@ def _prune(kind):
         return configs[start:start + sizes[k]]
 
     return prune
+
+
+def _autotune_limit():
+    """How many tiles of a class the autotuner may try: LLM2VEC_FAST_AUTOTUNE=1 takes the first (no tuning, for
+    time-boxed GPU test runs), =2 the first two; unset, all of them. The lists put the likely winners first."""
+    v = os.environ.get("LLM2VEC_FAST_AUTOTUNE", "")
+    return max(1, int(v)) if v.isdigit() else None
 
 
 def _tune_bench(fn, quantiles):

@@ -5,6 +5,7 @@ parametrisation is chosen to cover one axis (head dim, head grouping, softcap, d
 product. bf16 and larger shapes are @pytest.mark.gpu.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -52,6 +53,14 @@ def _run(fn, q, k, v, do, cu, max_seqlen, **kw):
     o, lse = fn(q, k, v, cu, max_seqlen, return_lse=True, **kw)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o, lse, dq, dk, dv
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    # GPU runs are time-boxed: take each head dim's first tile instead of compiling and timing all of them (parity
+    # does not depend on the tile; the benchmark tunes). An explicit LLM2VEC_FAST_AUTOTUNE wins.
+    if "LLM2VEC_FAST_AUTOTUNE" not in os.environ:
+        monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "1")
 
 
 @pytest.fixture
@@ -289,8 +298,8 @@ def test_device_mismatch_raises():
 # GPU: bf16, every head dim, bigger shapes, no recompiles
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256], ids=lambda d: f"D{d}")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d, dtype", [(d, torch.bfloat16) for d in (32, 64, 80, 96, 128, 256)]
+                         + [(128, torch.float16)], ids=lambda x: f"D{x}" if isinstance(x, int) else str(x)[6:])
 def test_gpu_head_dims_large_pack(poison, d, dtype):
     g = torch.Generator().manual_seed(d)
     lens = torch.randint(1, 1500, (12,), generator=g).tolist() + [1, 2048]
