@@ -491,13 +491,16 @@ def _check_layout(name, x):
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(x.stride())}")
 
 
-def _use_tma(q):
+def _use_tma(q, *others):
     """Whether the forward takes the TMA-descriptor kernel: opt-in (LLM2VEC_FAST_ATTN_TMA=1 or ``_FORCE_TMA``) until
     the GPU benchmark shows it ahead; Hopper or newer, 16-bit inputs, power-of-two head dims, 16-byte aligned rows."""
     if not (_FORCE_TMA or os.environ.get("LLM2VEC_FAST_ATTN_TMA") == "1") or not hasattr(tl, "make_tensor_descriptor"):
         return False
     D = q.shape[-1]
     if D != triton.next_power_of_2(D) or q.dtype == torch.float32:
+        return False
+    # TMA needs 16-byte aligned bases and row strides (the kernel's per-sequence bases inherit it from the strides)
+    if any(x.data_ptr() % 16 or any(st % 8 for st in x.stride()[:-1]) for x in (q, *others)):
         return False
     if not INTERPRET and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9):
         return False
@@ -531,7 +534,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
         return (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)
 
     kernel = _attn_fwd_kernel
-    if _use_tma(q):
+    if _use_tma(q, k, v):
         _set_tma_allocator()
         kernel = _attn_fwd_tma_kernel
     kernel[grid](
