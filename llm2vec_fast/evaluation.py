@@ -227,12 +227,13 @@ def load_beir(folder, split="test"):
 
 
 def subsample_beir(corpus, queries, qrels, max_docs=None, max_queries=None, relevance_threshold=1):
-    """A deterministic small slice for quick runs: the first ``max_queries`` judged queries (file order), all their
-    judged documents, then other documents in file order up to ``max_docs`` (judged ones are kept even past it)."""
+    """A deterministic small slice for quick runs: the first ``max_queries`` queries (file order) that have a relevant
+    document, all their relevant documents (kept even past ``max_docs``), then other documents in file order up to
+    ``max_docs``. Judged non-relevant documents get no special place: they come in with the fill or not at all."""
     qids = [q for q in queries if any(s >= relevance_threshold for s in qrels.get(q, {}).values())]
     if max_queries is not None:
         qids = qids[:max_queries]
-    keep = dict.fromkeys(d for q in qids for d in qrels[q] if d in corpus)
+    keep = dict.fromkeys(d for q in qids for d, s in qrels[q].items() if s >= relevance_threshold and d in corpus)
     for d in corpus:
         if max_docs is not None and len(keep) >= max_docs:
             break

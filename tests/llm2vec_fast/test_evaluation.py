@@ -162,7 +162,10 @@ def test_load_beir_mini_sets(data_dir, name, n_qrels):
     small = ev.subsample_beir(corpus, queries, qrels, max_docs=300, max_queries=10)
     c2, q2, r2 = small
     assert len(q2) == 10 and len(c2) >= 300
+    assert all(d in c2 for q in q2 for d, s in qrels[q].items() if s >= 1)
     assert all(d in c2 for q in q2 for d in r2[q])
+    if name == "dbpedia":  # 0-graded judgments are not forced in: the slice stays small
+        assert len(c2) == 300
     assert small == ev.subsample_beir(corpus, queries, qrels, max_docs=300, max_queries=10)
 
 
@@ -290,3 +293,59 @@ def test_cli_requires_task_and_data():
         _parser().parse_args(["eval", "sts"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["eval", "sts", "--data", "x", "--pooling", "max"])
+
+
+def test_cli_loads_model_from_flags(tiny_encoder_dir, data_dir, capsys):
+    """The CLI path end to end on a tiny random model: --model, --pooling, --no-bidirectional reach from_pretrained."""
+    from llm2vec_fast import LLM2Vec
+
+    data = data_dir / "stsb" / "sts-dev.csv"
+    args = _parser().parse_args(["eval", "sts", "--data", str(data), "--limit", "12", "--model", str(tiny_encoder_dir),
+                                 "--pooling", "weighted_mean", "--no-bidirectional", "--device", "cpu",
+                                 "--dtype", "float32"])
+    assert args.func(args) == 0
+    last = float(capsys.readouterr().out.strip().split("\n")[-1])
+    ref = LLM2Vec.from_pretrained(str(tiny_encoder_dir), pooling_mode="weighted_mean", enable_bidirectional=False,
+                                  device="cpu", dtype="float32")
+    assert last == pytest.approx(ev.evaluate_sts(ref, data, limit=12)["scores"]["test"][0]["main_score"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------- real default model (small subsets)
+@pytest.fixture(scope="module")
+def real_model():
+    from .real_model_eval import default_model
+
+    return default_model()
+
+
+@pytest.mark.slow
+def test_real_model_sts_b_dev_subset(real_model, data_dir, capsys):
+    data = data_dir / "stsb" / "sts-dev.csv"
+    r = ev.evaluate_sts(real_model, data, limit=100)
+    e = r["scores"]["test"][0]
+    # SmolLM2-135M made bidirectional without MNTP training, mean pooling: measured Spearman 0.130, Pearson 0.085 on
+    # these 100 pairs (fp32, CPU). Weak, as the LLM2Vec paper finds for untrained bidirectional models; the band
+    # guards the evaluation path (a broken pairing or ordering lands near 0 or flips sign).
+    assert 0.08 < e["cosine_spearman"] < 0.2 and 0.03 < e["cosine_pearson"] < 0.15
+    args = _parser().parse_args(["eval", "sts", "--data", str(data), "--limit", "100"])
+    args.func(args, model=real_model)
+    assert capsys.readouterr().out.strip().split("\n")[-1] == f"{e['main_score']:.6f}"
+
+
+@pytest.mark.slow
+def test_real_model_retrieval_subset(real_model, data_dir):
+    r = ev.evaluate_retrieval(real_model, data_dir / "mini_retrieval" / "dbpedia", max_docs=200, max_queries=6,
+                              instruction="Given a query, retrieve relevant entity descriptions from DBPedia")
+    e = r["scores"]["test"][0]
+    assert r["llm2vec_fast"]["n_docs"] == 200 and r["llm2vec_fast"]["n_queries"] == 6
+    # measured nDCG@10 0.347, MRR@10 0.722, Recall@100 0.737; a random ranking of 200 docs scores ~0.05 nDCG@10
+    assert 0.2 < e["ndcg_at_10"] < 0.5 and 0.45 < e["mrr_at_10"] <= 1 and 0.5 < e["recall_at_100"] < 0.95
+
+
+@pytest.mark.slow
+def test_real_model_banking77_subset(real_model, data_dir):
+    pytest.importorskip("sklearn")
+    r = ev.evaluate_classification(real_model, data_dir / "banking77" / "train.csv", n_train=400, n_test=200, seed=0)
+    e = r["scores"]["test"][0]
+    # measured accuracy 0.310, macro-F1 0.222 (400 train / 200 test rows, seed 0); chance is 1/77
+    assert 0.2 < e["accuracy"] < 0.45 and 0.1 < e["f1"] < 0.35
