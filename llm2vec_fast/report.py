@@ -102,6 +102,8 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "—"
+        if 0.99 <= v < 1:  # cosines and parities: 3 significant digits would print 0.9999991 as 1
+            return f"{v:.7f}"
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v).replace("|", "\\|")
 

@@ -43,7 +43,8 @@ def _fixture_results(folder: Path):
          "peak_mem_gb": "OOM"},
     ], env={**ENV, "card": "NVIDIA H200"})
     _write(folder, "cpu_vs_llm2vec", [{"contender": "llm2vec 0.2.3", "sentences_per_s": 66.0, "ratio_vs_original": 1.0},
-                                      {"contender": "ours fp32", "sentences_per_s": 120.0, "ratio_vs_original": 1.82}],
+                                      {"contender": "ours fp32", "sentences_per_s": 120.0,
+                                       "ratio_vs_original": 1.82, "min_cosine": 0.99999912}],
            env={"card": "CPU x86_64 x2 threads", "date": "2026-11-25", "torch": "2.13.0"})
     (folder / "broken.json").write_text("{not json")
     (folder / "other.json").write_text(json.dumps({"hello": 1}))
@@ -83,6 +84,7 @@ def test_build_report_with_plots(tmp_path):
     assert "| uniform[512,2048] | 32/8 | 128 | 16 | 1,280 | 2048 | 400 | 280 | 300 | 250 | 1.33 | 1.12 |" in page
     assert "| SimCSE 1.3b 128x128 | original | — | — | OOM |" in page
     assert "TFLOP/s count real tokens only." in page
+    assert "| ours fp32 | 120 | 1.82 | 0.9999991 |" in page
     pngs = sorted(p.name for p in tmp_path.glob("report_*.png"))
     assert pngs == ["report_attention_tflops.png", "report_encode_llama-1.3b_gpu_mfu.png",
                     "report_training_steps_training.png"]
