@@ -23,6 +23,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     On CUDA the Triton ``fused_linear_cross_entropy`` (never materializes full logits for all rows); elsewhere its
     PyTorch twin.
     """
+    if hidden.dtype != weight.dtype:
+        # e.g. fp32 hidden states from an fp32 LoRA path against a bf16 head: the op wants one dtype
+        hidden = hidden.to(weight.dtype)
     if hidden.is_cuda:
         from llm2vec_fast.kernels import fused_linear_cross_entropy
 
