@@ -22,9 +22,10 @@ setup(
         "triton>=3.4; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy", "scikit-learn", "matplotlib"],
         "eval": ["scipy", "scikit-learn", "matplotlib"],
-        "st": ["sentence-transformers>=5"],
+        "st": ["sentence-transformers>=6"],
+        "mteb": ["mteb>=2"],
         "flash_attn": ["flash-attn"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},

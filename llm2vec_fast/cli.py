@@ -76,6 +76,7 @@ FAMILIES = {
     "eval": ("evaluate on local STS / retrieval / classification files",
              [("llm2vec_fast.evaluation", "add_subcommands")]),
     "train": ("train: mntp, simcse, supervised", [("llm2vec_fast.training.cli", "add_subcommands")]),
+    "export-st": ("save a model as a sentence-transformers folder", [("llm2vec_fast.st_export", "add_subcommands")]),
     "bench": ("benchmarks: encode throughput, results report",
               [("benchmarks.bench_encode", "add_bench_encode"), ("llm2vec_fast.report", "add_bench_report")]),
 }

