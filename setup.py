@@ -22,7 +22,8 @@ setup(
         "triton>=3.4; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy", "scikit-learn", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy", "scikit-learn", "matplotlib", "sentence-transformers>=6",
+                 "mteb>=2"],
         "eval": ["scipy", "scikit-learn", "matplotlib"],
         "st": ["sentence-transformers>=6"],
         "mteb": ["mteb>=2"],
