@@ -31,7 +31,7 @@ def stsb_spearman(model=None, peft=None, bidirectional=True, pooling="mean", dat
     return float(res["scores"]["test"][0]["main_score"])
 
 
-def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct") -> dict:
+def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="training_evidence") -> dict:
     """JSON + markdown (+ PNG with matplotlib) of what has run so far."""
     import sys
 
@@ -42,17 +42,17 @@ def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct") -> dict:
     n_pairs = rows[0]["sts_pairs"] if rows else 0
     payload = {"benchmark": "training_evidence", "environment": env, "rows": rows, "runs": runs,
                "total_s": round(time.time() - t0, 1)}
-    (out / "training_evidence.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# Training evidence: {model}, STS-B dev Spearman × 100 ({n_pairs} pairs)\n",
           f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
           markdown_table(rows)]
-    for name, r in runs.items():
+    for stage, r in runs.items():
         ls = r["losses"]
-        md.append(f"\n**{name}**: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, lr {r['lr']}, "
+        md.append(f"\n**{stage}**: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, lr {r['lr']}, "
                   f"{r['data']}, {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} (step {ls[0]['step']}) → "
                   f"{ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
         md.append("loss curve: " + ", ".join(f"{x['step']}:{x['loss']:.3f}" for x in ls) + "\n")
-    (out / "training_evidence.md").write_text("\n".join(md))
+    (out / f"{name}.md").write_text("\n".join(md))
     try:
         import matplotlib
 
@@ -62,13 +62,13 @@ def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct") -> dict:
         if not runs:
             return payload
         fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
-        for ax, (name, r) in zip(axes if len(runs) > 1 else [axes], runs.items(), strict=True):
+        for ax, (stage, r) in zip(axes if len(runs) > 1 else [axes], runs.items(), strict=True):
             ax.plot([x["step"] for x in r["losses"]], [x["loss"] for x in r["losses"]])
-            ax.set_title(name)
+            ax.set_title(stage)
             ax.set_xlabel("step")
             ax.set_ylabel("loss")
         fig.tight_layout()
-        fig.savefig(out / "training_loss.png", dpi=100)
+        fig.savefig(out / f"{name}_loss.png", dpi=100)
     except ImportError:
         pass
     return payload
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--simcse-lr", type=float, default=1e-4)
     p.add_argument("--sts-limit", type=int, default=None, help="first N STS-B dev pairs (default all 1500)")
     p.add_argument("--skip-simcse", action="store_true")
+    p.add_argument("--name", default="training_evidence", help="result file name stem")
     p.add_argument("--no-weighted-baseline", dest="weighted_baseline", action="store_false",
                    help="skip the causal weighted-mean baseline (evaluated last)")
     a = p.parse_args(argv)
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
                      "pooling": kw.get("pooling", "mean"), "stsb_dev_spearman": round(100 * s, 2),
                      "eval_s": round(time.time() - t, 1), "sts_pairs": a.sts_limit or 1500})
         print(rows[-1], flush=True)
-        write_report(out, rows, runs, t0)
+        write_report(out, rows, runs, t0, name=a.name)
 
     sts("base", bidirectional=False)
     sts("base", bidirectional=True)
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     sts("mntp", model=str(mntp_dir), bidirectional=False)
     runs["mntp"] = {"steps": a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len, "lr": a.mntp_lr,
                      "data": "wikitext-2-raw test", "train_runtime_s": m["train_runtime"], "losses": m["losses"]}
-    write_report(out, rows, runs, t0)
+    write_report(out, rows, runs, t0, name=a.name)
 
     if not a.skip_simcse:
         simcse_dir = work / "simcse"
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
 
     if a.weighted_baseline:
         sts("base", bidirectional=False, pooling="weighted_mean")
-    payload = write_report(out, rows, runs, t0)
+    payload = write_report(out, rows, runs, t0, name=a.name)
     print(json.dumps({"rows": rows, "total_s": payload["total_s"]}))
     return 0
 
