@@ -31,6 +31,7 @@ else ``$OUT``, else benchmarks/results/. Targets (H100): 1.3B ≥ 60 % MFU on bo
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -196,7 +197,7 @@ def sentence_transformer(model, tokenizer, device, dtype, workdir: Path):
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         return None, f"sentence-transformers not importable ({e.__class__.__name__})"
-    folder = Path(getattr(model, "name_or_path", "") or workdir / "none")
+    folder = Path(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or workdir / "-")
     if not (folder / "config.json").exists():  # random weights: write them where ST can load them
         folder = workdir / "st_model"
         model.save_pretrained(folder)
@@ -302,9 +303,12 @@ def run(args) -> Path:
                batch_sizes=batch_sizes, budgets=budgets, repeats=repeats, n_params=n_params, peak=peak,
                attn_backend=args.attn_backend, model_name=args.model)
     rows = []
-    for corpus in corpora:
-        rows += bench_corpus(ctx, corpus, load_corpus(corpus, data_dir, limit))
-        gc.collect()
+    try:
+        for corpus in corpora:
+            rows += bench_corpus(ctx, corpus, load_corpus(corpus, data_dir, limit))
+            gc.collect()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # a saved copy of the weights for sentence-transformers
     if not on_gpu:
         # a CPU shared with other work gives a low first reading; the peak is the best of two, start and end
         peak = max(peak, matmul_peak(device, dtype)[0])
