@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["llm2vec_fast", "llm2vec_fast.kernels"],
+    packages=["llm2vec_fast", "llm2vec_fast.training", "llm2vec_fast.kernels"],
     package_dir={"llm2vec_fast": "llm2vec_fast", "llm2vec_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",
