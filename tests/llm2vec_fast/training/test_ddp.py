@@ -1,6 +1,7 @@
 """Two-process (gloo, CPU) DDP training through the Trainer: negatives gathered across ranks, GradCache with
 no_sync, gradient accumulation; the ranks' LoRA weights stay identical."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +23,16 @@ def test_two_process_supervised_gradcache_stays_in_sync(tiny_model_dir, tmp_path
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            str(worker), tiny_model_dir, *files, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # own process group: on a timeout the launcher's workers are killed with it, not orphaned
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("two-process training did not finish within 240 s")
+    assert proc.returncode == 0, stderr[-3000:]
     r0, r1 = ((out / f"rank{r}.txt").read_text().split() for r in (0, 1))
     assert r0[0] == "DistributedDataParallel"
     assert r0[1] == r1[1]  # same initial adapter on both ranks

@@ -1,5 +1,6 @@
 """Training losses against their PyTorch twins (values and gradients), shift alignment, distributed gather."""
 import os
+import time
 
 import pytest
 import torch
@@ -148,9 +149,16 @@ def test_gather_across_processes_equals_global_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: no re-import of torch in the children (spawn costs ~10 s here)
-    mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n), nprocs=2, join=True,
-                       start_method="fork")
+    # spawn, not fork: a child forked after the parent's OpenMP pool started hangs in its first parallel region
+    # (it did in the full suite); a deadline turns any other hang into a failure
+    ctx = mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two gloo workers did not finish within 180 s")
     r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     qg, pg, ng = (x.clone().requires_grad_(True) for x in (q, p, n))
     full = hard_negative_nll_loss(qg, pg, ng, scale=50.0, mask_false_negatives=True, gather=False)
