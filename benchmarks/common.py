@@ -28,7 +28,7 @@ def environment() -> dict:
         card = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     return {
         "card": card,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": ver("triton"),

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 # ==== ATTENTION (flash_attention_ref) ====
 def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
                         return_lse=False, _dropout_mask=None, _upcast=True):
