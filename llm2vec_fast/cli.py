@@ -125,13 +125,16 @@ def _model_options(p):
                    help="attention implementation (default auto: Triton on CUDA)")
 
 
-def load_model(args):
+def load_model(args, **overrides):
+    """``LLM2Vec.from_pretrained`` from the model options any subcommand has (absent ones take the defaults)."""
     from llm2vec_fast import LLM2Vec
 
-    return LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft, pooling_mode=args.pooling,
-                                   enable_bidirectional=False if args.no_bidirectional else None,
-                                   max_length=args.max_length, attn_backend=args.attn_backend, device=args.device,
-                                   dtype=args.dtype)
+    kw = dict(peft_model_name_or_path=getattr(args, "peft", None), pooling_mode=getattr(args, "pooling", None),
+              enable_bidirectional=False if getattr(args, "no_bidirectional", False) else None,
+              max_length=getattr(args, "max_length", None), attn_backend=getattr(args, "attn_backend", "auto"),
+              device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    kw.update(overrides)
+    return LLM2Vec.from_pretrained(getattr(args, "model", None), **kw)
 
 
 class CLIError(Exception):

@@ -520,16 +520,9 @@ def add_subcommands(subparsers):
 
 
 def _load_model(args):
-    from .encoder import LLM2Vec
+    from .cli import load_model
 
-    kwargs = {}
-    if args.pooling:
-        kwargs["pooling_mode"] = args.pooling
-    if args.no_bidirectional:
-        kwargs["enable_bidirectional"] = False
-    if args.peft:
-        kwargs["peft_model_name_or_path"] = args.peft
-    return LLM2Vec.from_pretrained(args.model, device=args.device, dtype=args.dtype, **kwargs)
+    return load_model(args)
 
 
 def run_eval(args, model=None) -> int:

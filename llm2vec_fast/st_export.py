@@ -130,16 +130,10 @@ def add_subcommands(subparsers):
 
 def run_export(args) -> int:
     """Run ``export-st`` from parsed args; prints the folder as the last line; returns 0."""
-    from .encoder import LLM2Vec
+    from .cli import load_model
 
-    kwargs = {}
-    if args.pooling:
-        kwargs["pooling_mode"] = args.pooling
-    if args.no_bidirectional:
-        kwargs["enable_bidirectional"] = False
-    if args.peft:
-        kwargs.update(peft_model_name_or_path=args.peft, merge_peft=True)
-    l2v = LLM2Vec.from_pretrained(args.model, device="cpu", dtype=args.dtype or "float32", **kwargs)
+    # exported on the CPU in fp32, adapters merged: the folder is plain weights
+    l2v = load_model(args, device="cpu", dtype=args.dtype or "float32", merge_peft=bool(getattr(args, "peft", None)))
     prompts = dict(getattr(l2v, "prompts", None) or {})
     if args.query_prompt is not None:
         prompts["query"] = args.query_prompt
