@@ -159,20 +159,24 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
 
             def loss_fn(mntp=mntp):
                 return mntp(input_ids=ids, labels=labels)["loss"]
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        try:
-            sec, mem = time_steps(train_step(params, loss_fn), warmup, steps)
-            rows.append({"step": f"MNTP {name} {batch}x{length}", "path": variant, "tokens_per_s": tokens / sec,
-                         "step_ms": 1e3 * sec, "peak_mem_gb": mem})
-        except torch.cuda.OutOfMemoryError:
-            rows.append({"step": f"MNTP {name} {batch}x{length}", "path": variant, "tokens_per_s": None,
-                         "step_ms": None, "peak_mem_gb": "OOM"})
+        rows.append(_measure(model, loss_fn, f"MNTP {name} {batch}x{length}", variant, tokens, warmup, steps))
         on_row(rows[-1])
-        del model, params, loss_fn
+        del model, loss_fn
         gc.collect()
         torch.cuda.empty_cache()
     return rows
+
+
+def _measure(model, loss_fn, step, variant, tokens, warmup, steps):
+    """One result row: tokens/s, step time and peak memory of training ``loss_fn`` (an OOM is a row too)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        sec, mem = time_steps(train_step(params, loss_fn), warmup, steps)
+        return {"step": step, "path": variant, "tokens_per_s": tokens / sec, "step_ms": 1e3 * sec,
+                "peak_mem_gb": mem}
+    except torch.cuda.OutOfMemoryError:
+        return {"step": step, "path": variant, "tokens_per_s": None, "step_ms": None, "peak_mem_gb": "OOM"}
 
 
 def simcse_lengths(batch, length, seed=0):
@@ -240,17 +244,9 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
             else:
                 def loss_fn(encode=encode, both=both):
                     return split_loss(encode(both))  # one packed pass over both views
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        try:
-            sec, mem = time_steps(train_step(params, loss_fn), warmup, steps)
-            rows.append({"step": f"SimCSE {name} {batch}x{length}", "path": variant, "tokens_per_s": tokens / sec,
-                         "step_ms": 1e3 * sec, "peak_mem_gb": mem})
-        except torch.cuda.OutOfMemoryError:
-            rows.append({"step": f"SimCSE {name} {batch}x{length}", "path": variant, "tokens_per_s": None,
-                         "step_ms": None, "peak_mem_gb": "OOM"})
+        rows.append(_measure(model, loss_fn, f"SimCSE {name} {batch}x{length}", variant, tokens, warmup, steps))
         on_row(rows[-1])
-        del model, params, loss_fn
+        del model, loss_fn
         gc.collect()
         torch.cuda.empty_cache()
     return rows
