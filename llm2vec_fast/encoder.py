@@ -1,8 +1,9 @@
 """LLM2Vec: encode texts with a (bidirectional) decoder LLM; a drop-in for the original ``llm2vec`` 0.2.3.
 
-Texts are tokenized once (one batched call with character offsets finds the instruction span), globally sorted by
-length, cut into token-budget batches and run **packed**: sequences back to back, no padding token anywhere from the
-tokenizer to the pooled vector. A background thread prepares the next batch while the current one runs.
+Texts are tokenized in chunks of 32,768 (one batched call with character offsets finds the instruction span),
+sorted by length within the chunk, cut into token-budget batches and run **packed**: sequences back to back, no
+padding token anywhere from the tokenizer to the pooled vector. Background threads tokenize the next chunk and pack
+(and, on CUDA, pin and copy) the next batch while the current one runs.
 """
 import json
 import logging
@@ -429,27 +430,27 @@ class LLM2Vec(nn.Module):
         live = [i for i, (_, t) in enumerate(pairs) if t.strip()]
         if len(live) < len(pairs):
             logger.info("%d empty or whitespace-only texts embed to zero vectors", len(pairs) - len(live))
-        ids, starts, n_text = [], np.zeros(0, np.int32), np.zeros(0, np.int64)
-        if live:
-            ids, starts, n_text = self.tokenize_items([pairs[i] for i in live])
-        keep = [k for k in range(len(live)) if n_text[k] > 0 or not self.skip_instruction]
-        lengths = np.array([len(ids[k]) for k in keep], dtype=np.int64)
-        order = np.argsort(-lengths, kind="stable")
-        batches = _budget_batches(lengths[order], budget)
-
         bar = tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar)
-        bar.update(len(pairs) - len(keep))
-        for sel, feats in _prefetch(batches, order, keep, ids, starts, dev):
-            emb = self.forward(feats).float()
-            if normalize_embeddings:
-                emb = torch.nn.functional.normalize(emb, dim=-1)
-            if not torch.isfinite(emb).all():
-                bad = [live[keep[order[j]]] for j in sel]
-                raise FloatingPointError(f"non-finite embeddings for inputs {bad[:10]} (dtype "
-                                         f"{next(self.model.parameters()).dtype}); try dtype=torch.float32")
-            rows = torch.as_tensor([live[keep[order[j]]] for j in sel])
-            out.index_copy_(0, rows, emb.cpu())
-            bar.update(len(sel))
+        bar.update(len(pairs) - len(live))
+        # texts are tokenized a chunk at a time on a background thread: chunk i + 1 while chunk i runs
+        chunks = [live[a:a + _TOKENIZE_CHUNK] for a in range(0, len(live), _TOKENIZE_CHUNK)]
+        tokenized = _ahead((c, self.tokenize_items([pairs[i] for i in c])) for c in chunks) if len(chunks) > 1 \
+            else ((c, self.tokenize_items([pairs[i] for i in c])) for c in chunks)
+        for chunk, (ids, starts, n_text) in tokenized:
+            keep = [k for k in range(len(chunk)) if n_text[k] > 0 or not self.skip_instruction]
+            bar.update(len(chunk) - len(keep))
+            lengths = np.array([len(ids[k]) for k in keep], dtype=np.int64)
+            order = np.argsort(-lengths, kind="stable")  # longest first: a memory error shows at once
+            for sel, feats in _prefetch(_budget_batches(lengths[order], budget), order, keep, ids, starts, dev):
+                emb = self.forward(feats).float()
+                if normalize_embeddings:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+                rows = [chunk[keep[order[j]]] for j in sel]
+                if not torch.isfinite(emb).all():
+                    raise FloatingPointError(f"non-finite embeddings for inputs {rows[:10]} (dtype "
+                                             f"{next(self.model.parameters()).dtype}); try dtype=torch.float32")
+                out.index_copy_(0, torch.as_tensor(rows), emb.cpu())
+                bar.update(len(sel))
         bar.close()
         return out[0] if single else out
 
@@ -519,6 +520,9 @@ def pack(ids, starts):
 # CPU BLAS takes another kernel for matrices of fewer rows (seen with MKL: fewer than 15), which rounds differently;
 # a tiny batch gets a filler sequence so that a text's embedding never depends on its batch (batch invariance)
 _MIN_CPU_TOKENS = 16
+# texts tokenized per chunk (the next chunk is tokenized on a background thread while this one runs; the length
+# sort is per chunk, which costs nothing with packed batches)
+_TOKENIZE_CHUNK = 32768
 
 
 def _add_filler(f, n):
@@ -560,27 +564,31 @@ def _prefetch(batches, order, keep, ids, starts, device, depth=2):
                      for k, v in feats.items()}
         return sel, feats
 
-    if len(batches) <= 1:
-        for sel in batches:
-            yield build(sel)
-        return
+    built = (build(sel) for sel in batches)
+    return _ahead(built, depth) if len(batches) > 1 else built
+
+
+def _ahead(items, depth=1):
+    """Iterate ``items`` (a generator doing host work) on a background thread, up to ``depth`` items ahead of the
+    consumer. An exception in the thread is raised in the consumer; closing the consumer stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    done = object()
 
     def work():
         try:
-            for sel in batches:
+            for item in items:
                 if stop.is_set():
                     return
-                q.put(build(sel))
+                q.put(item)
         except BaseException as e:  # surfaced in the consumer, never swallowed
             q.put(e)
-        q.put(None)
+        q.put(done)
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
     try:
-        while (item := q.get()) is not None:
+        while (item := q.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item

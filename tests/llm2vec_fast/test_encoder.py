@@ -124,6 +124,39 @@ def test_output_forms_and_order(tiny):
     torch.testing.assert_close(rev, t.flip(0), rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_tokenization_matches_one_chunk(tiny, monkeypatch):
+    """Tokenizing in background chunks (a large input) gives the same rows, in input order, as one chunk."""
+    import llm2vec_fast.encoder as enc
+
+    items = [f"sentence number {i} " + "word " * (i % 7) for i in range(23)]
+    items[5], items[17] = "   ", ["an instruction", "instructed text"]
+    whole = tiny.encode(items, batch_size=3, show_progress_bar=False)
+    calls = []
+    real = tiny.tokenize_items
+    monkeypatch.setattr(tiny, "tokenize_items", lambda pairs: calls.append(len(pairs)) or real(pairs))
+    monkeypatch.setattr(enc, "_TOKENIZE_CHUNK", 4)
+    chunked = tiny.encode(items, batch_size=3, show_progress_bar=False)
+    assert calls == [4, 4, 4, 4, 4, 2]  # 22 non-empty texts in chunks of 4
+    assert (chunked - whole).abs().max() <= 1e-6
+    assert (chunked[5] == 0).all()
+
+
+def test_background_errors_reach_the_caller(tiny, monkeypatch):
+    import llm2vec_fast.encoder as enc
+
+    monkeypatch.setattr(enc, "_TOKENIZE_CHUNK", 2)
+    real = tiny.tokenize_items
+
+    def flaky(pairs):
+        if any(t == "boom" for _, t in pairs):
+            raise RuntimeError("tokenizer failed on chunk with 'boom'")
+        return real(pairs)
+
+    monkeypatch.setattr(tiny, "tokenize_items", flaky)
+    with pytest.raises(RuntimeError, match="chunk with 'boom'"):
+        tiny.encode(["a", "b", "c", "d", "boom", "e"], show_progress_bar=False)
+
+
 def test_empty_and_whitespace_inputs(tiny):
     assert tiny.encode([], show_progress_bar=False).shape == (0, 64)
     assert tiny.encode([], convert_to_numpy=True, show_progress_bar=False).shape == (0, 64)
