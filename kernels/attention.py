@@ -140,6 +140,29 @@ def _tune_bench(fn, quantiles):
 _KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "SEQ_BUCKET"]
 
 
+@triton.jit
+def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul, cap_mul, dropout_p, seed,
+               MASK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    # one key block of the forward: scores (log2 units, softcapped), then the online-softmax update that rescales
+    # the running sum and accumulator to the new row maximum. Returns (row max, row sum, accumulator).
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+    if HAS_SOFTCAP:
+        b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+    else:
+        b_s = b_s * qk_mul
+    if MASK_N:  # the last, partial key block: keys past the sequence end get no weight
+        b_s = tl.where((start_n + o_n < L)[None, :], b_s, float("-inf"))
+    b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+    b_p = tl.exp2(b_s - b_mn[:, None])
+    b_alpha = tl.exp2(b_mi - b_mn)
+    b_li = b_li * b_alpha + tl.sum(b_p, 1)
+    if HAS_DROPOUT:
+        # the normaliser counts every key; only the value mixing is dropped (as torch's SDPA does)
+        b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return b_mn, b_li, b_acc
+
+
 @triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_tune_bench,
                  prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
@@ -179,39 +202,14 @@ def _attn_fwd_kernel(
     for start_n in range(0, n_full, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
-        if HAS_SOFTCAP:
-            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
-        else:
-            b_s = b_s * qk_mul
-        # online softmax: rescale the running sum and accumulator to the new row maximum
-        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_mi - b_mn)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        if HAS_DROPOUT:
-            # the normaliser counts every key; only the value mixing is dropped (as torch's SDPA does)
-            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_mi = b_mn
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, False, HAS_SOFTCAP, HAS_DROPOUT, PREC)
     if n_full < L:
         start_n = n_full
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        if HAS_SOFTCAP:
-            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
-        else:
-            b_s = b_s * qk_mul
-        b_s = tl.where((start_n + o_n < L)[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_mi - b_mn)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        if HAS_DROPOUT:
-            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_mi = b_mn
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, True, HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_acc = b_acc * (drop_scale / b_li)[:, None]
     _store_rows(O + bos64 * stride_ot + i_hq * stride_oh, b_acc.to(O.dtype.element_ty), o_m, o_d, stride_ot, L, D,
@@ -259,37 +257,14 @@ def _attn_fwd_tma_kernel(
     for start_n in range(0, n_full, BN):
         b_k = d_k.load([start_n, 0])  # [BN, BD]
         b_v = d_v.load([start_n, 0])
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
-        if HAS_SOFTCAP:
-            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
-        else:
-            b_s = b_s * qk_mul
-        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_mi - b_mn)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        if HAS_DROPOUT:
-            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_mi = b_mn
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, False, HAS_SOFTCAP, HAS_DROPOUT, PREC)
     if n_full < L:
         start_n = n_full
         b_k = d_k.load([start_n, 0])  # zero rows past L: their scores are masked below, their values never mix
         b_v = d_v.load([start_n, 0])
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        if HAS_SOFTCAP:
-            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
-        else:
-            b_s = b_s * qk_mul
-        b_s = tl.where((start_n + o_n < L)[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_mi - b_mn)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        if HAS_DROPOUT:
-            b_p = tl.where(tl.rand(seed, o_row + (bos64 + start_n + o_n)[None, :]) >= dropout_p, b_p, 0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_mi = b_mn
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, True, HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_acc = b_acc * (drop_scale / b_li)[:, None]
     # a masked pointer store: a descriptor store would clip at L too, but stores are once per program anyway
