@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--simcse-len", type=int, default=64)
     p.add_argument("--simcse-lr", type=float, default=1e-4)
     p.add_argument("--sts-limit", type=int, default=None, help="first N STS-B dev pairs (default all 1500)")
+    p.add_argument("--simcse-eval-every", type=int, default=0,
+                   help="also score the SimCSE adapter every N steps (from its checkpoints): a Spearman curve")
     p.add_argument("--skip-simcse", action="store_true")
     p.add_argument("--name", default="training_evidence", help="result file name stem")
     p.add_argument("--no-weighted-baseline", dest="weighted_baseline", action="store_false",
@@ -130,7 +132,13 @@ def main(argv=None) -> int:
         s = train_contrastive(ContrastiveArguments(
             mode="simcse", train_files=[str(wiki / "wiki1m_for_simcse.head1280000B.txt")], output_dir=str(simcse_dir),
             model=str(mntp_dir), batch_size=a.simcse_batch, max_length=a.simcse_len, max_steps=a.simcse_steps,
-            learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=0, disable_tqdm=True))
+            learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=a.simcse_eval_every,
+            disable_tqdm=True))
+        # the curve: every checkpoint before the final adapter (which is the last step's)
+        ckpts = sorted(simcse_dir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+        for c in ckpts:
+            if int(c.name.split("-")[1]) < a.simcse_steps:
+                sts(f"mntp+simcse@{c.name.split('-')[1]}", model=str(mntp_dir), peft=str(c), bidirectional=True)
         sts("mntp+simcse", model=str(mntp_dir), peft=str(simcse_dir), bidirectional=True)
         runs["simcse"] = {"steps": a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
                           "lr": a.simcse_lr, "attention_dropout": 0.3, "data": "wiki1m head (1.28 MB)",
