@@ -76,6 +76,7 @@ def run_contrastive(a) -> int:
         split=getattr(a, "split", None), max_examples=a.max_examples, batch_size=a.batch_size,
         max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale, attention_dropout=a.attention_dropout,
         warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
+        num_negatives=getattr(a, "num_negatives", 1),
         gradcache_chunk_size=a.gradcache_chunk_size, pooling_mode=a.pooling_mode, **_shared_kwargs(a))
     return _report(train_contrastive(args))
 
@@ -151,6 +152,8 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
             p.add_argument("--split", default=None, help="CSV with a split column: keep rows of this split")
             p.add_argument("--mask-false-negatives", action="store_true",
                            help="drop another query's positive that scores above a query's own positive")
+            p.add_argument("--num-negatives", type=int, default=1,
+                           help="hard negatives per query (a list value or negative_1, negative_2, ... columns)")
         _common(p)
         p.set_defaults(func=run_contrastive, mode=mode)
     return train

@@ -70,6 +70,7 @@ class ContrastiveArguments:
     attention_dropout: float | None = None
     warmup_steps: int | None = None
     mask_false_negatives: bool = False
+    num_negatives: int = 1  # supervised: hard negatives per query (the original: 1); fewer if the data has fewer
     gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
     pooling_mode: str = "mean"
     lora_r: int = 16
@@ -95,6 +96,8 @@ class ContrastiveArguments:
         for k, v in RECIPES[self.mode].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if not isinstance(self.num_negatives, int) or self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be an int >= 0, got {self.num_negatives!r}")
 
 
 class ContrastiveModel(nn.Module):
@@ -113,11 +116,13 @@ class ContrastiveModel(nn.Module):
 class TextCollator:
     """Batches of raw texts: ``{"texts": [...], "sizes": (n_query, n_positive, n_negative)}``; the trainer
     tokenizes (per GradCache chunk when chunking). SimCSE examples are sentences (query = positive = the sentence);
-    supervised examples are dicts or ``(dataset, dict)`` pairs; instructions go on queries only."""
+    supervised examples are dicts or ``(dataset, dict)`` pairs; instructions go on queries only. ``negatives`` hard
+    negatives per query are taken (a number, or one per dataset name; see :func:`negatives_per_query`)."""
 
-    def __init__(self, mode: str, instructions: dict | None = None):
+    def __init__(self, mode: str, instructions: dict | None = None, negatives: int | dict = 1):
         self.mode = mode
         self.instructions = instructions or {}
+        self.negatives = negatives
 
     def __call__(self, examples: list) -> dict:
         if self.mode == "simcse":
@@ -128,10 +133,32 @@ class TextCollator:
             name, ex = ex if isinstance(ex, tuple) else (None, ex)
             q.append(with_instruction(ex["query"], self.instructions.get(name, self.instructions.get(None))))
             p.append(ex["positive"])
-            n.append(ex.get("negative"))
-        if any(x is None for x in n):
-            n = []  # a batch without hard negatives for every query uses in-batch negatives only
+            k = self.negatives.get(name, 0) if isinstance(self.negatives, dict) else self.negatives
+            negs = _negatives_of(ex)
+            if len(negs) < k:
+                raise ValueError(f"an example has {len(negs)} hard negatives, the batch needs {k}: "
+                                 f"{ex['query'][:60]!r}")
+            n.extend(negs[:k])
         return {"texts": q + p + n, "sizes": (len(q), len(p), len(n))}
+
+
+def _negatives_of(ex: dict) -> list[str]:
+    if "negatives" in ex:
+        return ex["negatives"]
+    return [ex["negative"]] if ex.get("negative") is not None else []
+
+
+def negatives_per_query(examples: list[dict], wanted: int, name: str = "") -> int:
+    """Hard negatives per query for one dataset: ``wanted``, or fewer when some example has fewer (every batch then
+    has the same number per query, which cross-device gathering needs). A shortfall is logged, never silent."""
+    have = min((len(_negatives_of(ex)) for ex in examples), default=0)
+    k = min(wanted, have)
+    if k < wanted:
+        short = sum(len(_negatives_of(ex)) < wanted for ex in examples)
+        logger.warning("%s: %d of %d examples have fewer than %d hard negatives (fewest: %d); training with %d per "
+                       "query%s", name or "dataset", short, len(examples), wanted, have, k,
+                       " (in-batch negatives only)" if k == 0 else "")
+    return k
 
 
 class ContrastiveTrainer(AdapterTrainer):
@@ -216,10 +243,13 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
         instr = {None: args.instructions[0]}
     else:
         instr = dict(zip(names, args.instructions, strict=False))
+    k = {n: negatives_per_query(ex, args.num_negatives, f) for (n, ex), f in zip(data.items(), args.train_files,
+                                                                                  strict=True)}
     if len(data) == 1:
-        return ListDataset(next(iter(data.values()))), TextCollator("supervised", instr), False
+        return ListDataset(next(iter(data.values()))), TextCollator("supervised", instr, next(iter(k.values()))), \
+            False
     ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
-    return ListDataset(ordered), TextCollator("supervised", instr), True
+    return ListDataset(ordered), TextCollator("supervised", instr, k), True
 
 
 class _SequentialTrainer(ContrastiveTrainer):

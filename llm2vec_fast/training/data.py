@@ -221,13 +221,21 @@ _NEG_KEYS = ("negative", "neg", "hard_neg", "hard_negative")
 def _pick(row: dict, keys, what: str, path, required: bool = True):
     for k in keys:
         if k in row and row[k] not in (None, ""):
-            v = row[k]
-            if isinstance(v, list):  # E5-style files sometimes hold a list of negatives; take the first
-                v = v[0] if v else None
-            return v
+            return row[k]
     if required:
         raise ValueError(f"{path}: a row has no {what} column (looked for {', '.join(keys)}); got {sorted(row)}")
     return None
+
+
+def _negatives(row: dict) -> list[str]:
+    """Every hard negative of a row: a list value (E5-style JSONL) or ``negative`` / ``negative_1``, ``negative_2``,
+    … columns (sentence-transformers style), in that order; empty values are skipped."""
+    v = _pick(row, _NEG_KEYS, "negative", None, required=False)
+    out = [x for x in v if x not in (None, "")] if isinstance(v, list) else ([v] if v is not None else [])
+    numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in row
+                      if k.rsplit("_", 1)[0] in _NEG_KEYS and k.rsplit("_", 1)[-1].isdigit())
+    out += [row[k] for _, k in numbered if row[k] not in (None, "")]
+    return out
 
 
 def read_triplets(path: str | Path, split: str | None = None, limit: int | None = None) -> list[dict]:
@@ -235,8 +243,9 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
 
     Columns: query = one of ``query, anchor, sent0``; positive = ``positive, pos, sent1, document``; negative (optional)
     = ``negative, neg, hard_neg, hard_negative``. A ``split`` column, when present and ``split`` is given, filters
-    rows (the SNLI dev/test triplet file has one). Returns dicts with keys ``query``, ``positive``, ``negative``
-    (``None`` when absent).
+    rows (the SNLI dev/test triplet file has one). Several hard negatives per query: a list value (JSONL) or columns
+    ``negative_1``, ``negative_2``, …. Returns dicts with keys ``query``, ``positive``, ``negative`` (the first hard
+    negative, ``None`` when absent) and ``negatives`` (all of them, possibly empty).
     """
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
@@ -251,11 +260,9 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     for r in rows:
         if split is not None and "split" in r and r["split"] != split:
             continue
-        out.append({
-            "query": _pick(r, _QUERY_KEYS, "query", path),
-            "positive": _pick(r, _POS_KEYS, "positive", path),
-            "negative": _pick(r, _NEG_KEYS, "negative", path, required=False),
-        })
+        negs = _negatives(r)
+        out.append({"query": _pick(r, _QUERY_KEYS, "query", path), "positive": _pick(r, _POS_KEYS, "positive", path),
+                    "negative": negs[0] if negs else None, "negatives": negs})
         if limit and len(out) >= limit:
             break
     if not out:

@@ -102,3 +102,26 @@ def test_supervised_multi_dataset_gradcache(tiny_model_dir, tmp_path):
     e = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(tmp_path / "out"), device="cpu")
     assert e.pooling_mode == "mean"
     assert torch.isfinite(e.encode([["w9;", "w1 w2"], "w3"], show_progress_bar=False)).all()
+
+
+def test_several_hard_negatives_per_query(tiny_model_dir, tmp_path, caplog):
+    rows = [{"query": f"w{i} w{i + 1}", "positive": f"w{i + 2}", "negative": [f"w{i + 3}", f"w{i + 4} w5", "w6"]}
+            for i in range(12)]
+    rows[4]["negative"] = rows[4]["negative"][:2]  # one example has only two: every batch then takes two
+    f = tmp_path / "multi.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = _args("supervised", [str(f)], tmp_path / "out", model=tiny_model_dir, num_negatives=3, batch_size=4,
+                 gradcache_chunk_size=5)
+    with caplog.at_level("WARNING"):
+        dataset, collator, _ = build_dataset(args)
+    assert "1 of 12 examples have fewer than 3 hard negatives (fewest: 2); training with 2" in caplog.text
+    b = collator([dataset[j] for j in range(4)])
+    assert b["sizes"] == (4, 4, 8) and b["texts"][8:10] == ["w3", "w4 w5"]
+    ex = [dataset[j] for j in range(4)]
+    assert TextCollator("supervised", negatives=0)(ex)["sizes"] == (4, 4, 0)
+    with pytest.raises(ValueError, match="has 2 hard negatives, the batch needs 3"):
+        TextCollator("supervised", negatives=3)([dataset[4]])
+    with pytest.raises(ValueError, match="num_negatives must be an int >= 0, got -1"):
+        _args("supervised", [str(f)], tmp_path, num_negatives=-1)
+    r = train_contrastive(args)
+    assert r["steps_run"] == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in r["losses"])

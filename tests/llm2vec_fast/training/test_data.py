@@ -123,8 +123,13 @@ def test_read_triplets_snli_and_jsonl(data_dir, tmp_path):
     j = tmp_path / "x.jsonl"
     j.write_text(json.dumps({"query": "q", "positive": "p", "negative": ["n1", "n2"]}) + "\n"
                  + json.dumps({"query": "q2", "positive": "p2"}) + "\n")
-    assert read_triplets(j) == [{"query": "q", "positive": "p", "negative": "n1"},
-                                {"query": "q2", "positive": "p2", "negative": None}]
+    assert read_triplets(j) == [{"query": "q", "positive": "p", "negative": "n1", "negatives": ["n1", "n2"]},
+                                {"query": "q2", "positive": "p2", "negative": None, "negatives": []}]
+    # sentence-transformers style numbered columns, in number order, empty cells skipped
+    c = tmp_path / "x.csv"
+    c.write_text("anchor,positive,negative_2,negative_1,negative_10\nq,p,n2,n1,n10\nq2,p2,,m1,\n")
+    rows = read_triplets(c)
+    assert [r["negatives"] for r in rows] == [["n1", "n2", "n10"], ["m1"]] and rows[1]["negative"] == "m1"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "positive": "p"}) + "\n")
     with pytest.raises(ValueError, match="no query column"):
