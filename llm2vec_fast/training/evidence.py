@@ -20,6 +20,10 @@ def _shared() -> Path:
     return Path(os.environ.get("LLM2VEC_FAST_SHARED", here.parent / "shared"))
 
 
+# the instruction the original's supervised data (E5 mix) gives SNLI queries
+SNLI_INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
+
+
 def stsb_spearman(model=None, peft=None, bidirectional=True, pooling="mean", data=None, limit=None) -> float:
     """STS-B dev Spearman (cosine of pooled embeddings)."""
     from llm2vec_fast import LLM2Vec
@@ -49,7 +53,7 @@ def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="train
     for stage, r in runs.items():
         ls = r["losses"]
         md.append(f"\n**{stage}**: {r['steps']} steps, batch {r['batch']} × {r['seq_len']} tokens, lr {r['lr']}, "
-                  f"{r['data']}, {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} (step {ls[0]['step']}) → "
+                  f"{r['data']}, {_runtime(r)}; loss {ls[0]['loss']:.3f} (step {ls[0]['step']}) → "
                   f"{ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
         md.append("loss curve: " + ", ".join(f"{x['step']}:{x['loss']:.3f}" for x in ls) + "\n")
     (out / f"{name}.md").write_text("\n".join(md))
@@ -74,6 +78,10 @@ def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="train
     return payload
 
 
+def _runtime(run: dict) -> str:
+    return f"{run['train_runtime_s']:.0f} s" if run.get("train_runtime_s") else "trained in an earlier run"
+
+
 def main(argv=None) -> int:
     from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
     from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
@@ -94,6 +102,14 @@ def main(argv=None) -> int:
     p.add_argument("--simcse-eval-every", type=int, default=0,
                    help="also score the SimCSE adapter every N steps (from its checkpoints): a Spearman curve")
     p.add_argument("--skip-simcse", action="store_true")
+    p.add_argument("--supervised-steps", type=int, default=0,
+                   help="also train supervised (SNLI dev/test triplets, on the MNTP model) for N steps; 0: skip")
+    p.add_argument("--supervised-batch", type=int, default=16)
+    p.add_argument("--supervised-len", type=int, default=64)
+    p.add_argument("--supervised-lr", type=float, default=2e-4)
+    p.add_argument("--skip-base", action="store_true", help="do not score the untrained model")
+    p.add_argument("--reuse-mntp", action="store_true",
+                   help="use the MNTP output already in --work (from an earlier run) instead of training it again")
     p.add_argument("--name", default="training_evidence", help="result file name stem")
     p.add_argument("--no-weighted-baseline", dest="weighted_baseline", action="store_false",
                    help="skip the causal weighted-mean baseline (evaluated last)")
@@ -113,18 +129,29 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
         write_report(out, rows, runs, t0, name=a.name)
 
-    sts("base", bidirectional=False)
-    sts("base", bidirectional=True)
+    if not a.skip_base:
+        sts("base", bidirectional=False)
+        sts("base", bidirectional=True)
 
     mntp_dir = work / "mntp"
-    m = train_mntp(MNTPArguments(
-        train_files=[str(wiki / "wikitext-2-raw.wiki.test.raw")], output_dir=str(mntp_dir), model=a.model,
-        max_seq_length=a.mntp_len, batch_size=a.mntp_batch, max_steps=a.mntp_steps, learning_rate=a.mntp_lr,
-        logging_steps=max(1, a.mntp_steps // 25), save_steps=0, disable_tqdm=True))
-    sts("mntp", model=str(mntp_dir), bidirectional=True)
-    sts("mntp", model=str(mntp_dir), bidirectional=False)
-    runs["mntp"] = {"steps": a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len, "lr": a.mntp_lr,
-                     "data": "wikitext-2-raw test", "train_runtime_s": m["train_runtime"], "losses": m["losses"]}
+    done = mntp_dir / "llm2vec_training.json"
+    if a.reuse_mntp and done.exists():
+        info = json.loads(done.read_text())
+        ma = info["arguments"]
+        runs["mntp"] = {"steps": ma["max_steps"], "batch": ma["batch_size"], "seq_len": ma["max_seq_length"],
+                        "lr": ma["learning_rate"], "data": "wikitext-2-raw test", "reused": str(mntp_dir),
+                        "train_runtime_s": None, "losses": info["losses"]}
+    else:
+        if a.reuse_mntp:
+            raise FileNotFoundError(f"--reuse-mntp: no MNTP output in {mntp_dir} ({done.name} missing)")
+        m = train_mntp(MNTPArguments(
+            train_files=[str(wiki / "wikitext-2-raw.wiki.test.raw")], output_dir=str(mntp_dir), model=a.model,
+            max_seq_length=a.mntp_len, batch_size=a.mntp_batch, max_steps=a.mntp_steps, learning_rate=a.mntp_lr,
+            logging_steps=max(1, a.mntp_steps // 25), save_steps=0, disable_tqdm=True))
+        sts("mntp", model=str(mntp_dir), bidirectional=True)
+        sts("mntp", model=str(mntp_dir), bidirectional=False)
+        runs["mntp"] = {"steps": a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len, "lr": a.mntp_lr,
+                        "data": "wikitext-2-raw test", "train_runtime_s": m["train_runtime"], "losses": m["losses"]}
     write_report(out, rows, runs, t0, name=a.name)
 
     if not a.skip_simcse:
@@ -143,6 +170,19 @@ def main(argv=None) -> int:
         runs["simcse"] = {"steps": a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
                           "lr": a.simcse_lr, "attention_dropout": 0.3, "data": "wiki1m head (1.28 MB)",
                           "train_runtime_s": s["train_runtime"], "losses": s["losses"]}
+
+    if a.supervised_steps:
+        sup_dir = work / "supervised"
+        r = train_contrastive(ContrastiveArguments(
+            mode="supervised", train_files=[str(_shared() / "data" / "snli" / "snli_devtest_triplets.csv")],
+            output_dir=str(sup_dir), model=str(mntp_dir), instructions=[SNLI_INSTRUCTION],
+            batch_size=a.supervised_batch, max_length=a.supervised_len, max_steps=a.supervised_steps,
+            learning_rate=a.supervised_lr, warmup_steps=min(300, a.supervised_steps // 10),
+            logging_steps=max(1, a.supervised_steps // 25), save_steps=0, disable_tqdm=True))
+        sts("mntp+supervised", model=str(mntp_dir), peft=str(sup_dir), bidirectional=True)
+        runs["supervised"] = {"steps": a.supervised_steps, "batch": a.supervised_batch, "seq_len": a.supervised_len,
+                              "lr": a.supervised_lr, "data": "SNLI dev+test triplets (1 hard negative)",
+                              "train_runtime_s": r["train_runtime"], "losses": r["losses"]}
 
     if a.weighted_baseline:
         sts("base", bidirectional=False, pooling="weighted_mean")
