@@ -214,6 +214,7 @@ def sentence_transformer(model, tokenizer, device, dtype, workdir: Path):
 def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
     """Time every requested path on ``texts``; rows with tokens/s, MFU, memory, ratios and cosines."""
     from llm2vec_fast import to_bidirectional
+    from llm2vec_fast.encoder import default_batch_tokens
 
     model, tokenizer, l2v, st, device = ctx["model"], ctx["tokenizer"], ctx["l2v"], ctx["st"], ctx["device"]
     on_gpu, repeats = device.type == "cuda", ctx["repeats"]
@@ -249,15 +250,17 @@ def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
         to_bidirectional(model, backend=ctx["attn_backend"])
         for budget in ctx["budgets"]:
             def enc(budget=budget):
-                return l2v.encode(texts, batch_size=32, show_progress_bar=False, max_batch_tokens=budget,
-                                  convert_to_numpy=True)
+                return l2v.encode(texts, show_progress_bar=False, max_batch_tokens=budget, convert_to_numpy=True)
             if on_gpu:
                 enc()  # whole-corpus warm-up: compiles every kernel shape the timed pass meets
             else:
                 l2v.encode(warm, show_progress_bar=False, max_batch_tokens=budget)
             s, mem, emb = timed(enc, device, repeats)
             label = "ours default" if budget is None else f"ours {budget // 1024}k tok"
-            record(label, budget or 32 * MAX_LENGTH, s, mem, our_tokens, emb)
+            # the default budget as encode() chose it (free memory is read after the warm-up, as encode() did)
+            default = default_batch_tokens(model.config, l2v.device, l2v.max_length,
+                                           dtype=next(model.parameters()).dtype)
+            record(label, budget or default, s, mem, our_tokens, emb)
 
     ref_key = f"hf-ref b{ctx['batch_sizes'][0]}"
     for r in rows:

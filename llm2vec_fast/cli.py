@@ -42,8 +42,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      help="output precision (binary/ubinary: packed bits, ceil(dim/8) bytes per row)")
     enc.add_argument("--truncate-dim", type=int, default=None, help="keep the first N dimensions (Matryoshka); "
                      "renormalised with --normalize")
-    enc.add_argument("--batch-size", type=int, default=32, help="with max_length sets the default token budget "
-                     "(batch-size x max-length tokens per packed batch); default 32")
+    enc.add_argument("--batch-size", type=int, default=None, help="with max_length sets the token budget "
+                     "(batch-size x max-length tokens per packed batch); default: the device's default budget "
+                     "(32 x max-length on CPU; on CUDA sized to free memory, at most 65,536)")
     enc.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     enc.set_defaults(func=cmd_encode)

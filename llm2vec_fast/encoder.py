@@ -297,15 +297,16 @@ class LLM2Vec(nn.Module):
         return hidden[0]
 
     # ------------------------------------------------------------------ encode
-    def encode(self, sentences, batch_size=32, show_progress_bar=True, convert_to_numpy=False,
+    def encode(self, sentences, batch_size=None, show_progress_bar=True, convert_to_numpy=False,
                convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None,
                prompt_name=None, prompt=None, precision="float32", truncate_dim=None):
         """Embed texts. Rows come back in input order.
 
         Args:
             sentences: a string, a list of strings, a list of ``[instruction, text]`` pairs, or a mix.
-            batch_size: with ``max_length`` sets the default token budget, ``batch_size × max_length`` tokens per
-                packed batch (the original's memory bound; short texts then share a batch).
+            batch_size: with ``max_length`` sets the token budget, ``batch_size × max_length`` tokens per packed
+                batch (the original's memory bound; short texts then share a batch). ``None`` (default): the
+                device's default budget, :func:`default_batch_tokens`.
             show_progress_bar: a tqdm bar over texts.
             convert_to_numpy / convert_to_tensor: numpy float32 array, or a torch float32 tensor (the default, on
                 the CPU, as the original returns).
@@ -419,11 +420,13 @@ class LLM2Vec(nn.Module):
         for name, v in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        budget = max_batch_tokens or batch_size * self.max_length
         if device is not None:
             self.model.to(device)
         self.model.eval()
         dev = self.device
+        budget = max_batch_tokens or (batch_size * self.max_length if batch_size else
+                                      default_batch_tokens(self.model.config, dev, self.max_length,
+                                                           dtype=next(self.model.parameters()).dtype))
         width = self.model.config.hidden_size
         out = torch.zeros(len(pairs), width, dtype=torch.float32)
 
@@ -536,6 +539,25 @@ def _add_filler(f, n):
         "max_seqlen": max(int(f["max_seqlen"]), n),
         "pool_start": torch.cat([f["pool_start"], f["pool_start"].new_zeros(1)]),
     }
+
+
+def default_batch_tokens(config, device, max_length=512, free_bytes=None, dtype=torch.bfloat16):
+    """Default token budget of a packed encode batch on ``device``.
+
+    CPU: ``32 × max_length`` (the original's batch of 32 at full length). CUDA: as many tokens as half of the free
+    memory holds at a forward pass's live activations per token (residual stream, q/k/v/o and the MLP's gate, up and
+    activation, doubled for allocator and kernel workspace), capped at 65,536 (where a packed batch already fills an
+    H100) and never below ``max_length`` (one full-length text must fit).
+    """
+    if torch.device(device).type != "cuda":
+        return 32 * max_length
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    per_token = 2 * torch.finfo(dtype).bits // 8 * (6 * h + 3 * inter)
+    budget = int(free_bytes // 2 // per_token) // 1024 * 1024
+    return max(min(budget, 65536), max_length)
 
 
 def _budget_batches(sorted_lengths, budget):

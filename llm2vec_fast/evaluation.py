@@ -48,11 +48,13 @@ def _items(texts, instruction):
     return list(texts)
 
 
-def _embed(model, texts, instruction=None, batch_size=32, max_batch_tokens=None, show_progress_bar=False):
+def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=None, show_progress_bar=False):
     """Encode ``texts`` (optionally instructed) into a float32 numpy array ``[N, D]``."""
     if not texts:
         raise ValueError("nothing to encode: the data file gave no texts")
-    kwargs = dict(batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=True)
+    kwargs = dict(show_progress_bar=show_progress_bar, convert_to_numpy=True)
+    if batch_size is not None:  # else the encoder's own default (ours: the device's token budget)
+        kwargs["batch_size"] = batch_size
     if max_batch_tokens is not None:
         kwargs["max_batch_tokens"] = max_batch_tokens
     emb = model.encode(_items(texts, instruction), **kwargs)
@@ -157,7 +159,7 @@ def sts_scores(emb1: np.ndarray, emb2: np.ndarray, gold) -> dict:
             "main_score": spearman}
 
 
-def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=32, max_batch_tokens=None,
+def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, max_batch_tokens=None,
                  task_name=None, split="test", show_progress_bar=False) -> dict:
     """STS on a local STS-B TSV or SICK file; main score: Spearman of cosine similarity.
 
@@ -294,7 +296,7 @@ def rank(query_emb: np.ndarray, doc_emb: np.ndarray, doc_ids: list, top_k: int =
 
 
 def evaluate_retrieval(model, data, *, instruction=DEFAULT_RETRIEVAL_INSTRUCTION, split="test", max_docs=None,
-                       max_queries=None, relevance_threshold=1, batch_size=32, max_batch_tokens=None,
+                       max_queries=None, relevance_threshold=1, batch_size=None, max_batch_tokens=None,
                        task_name=None, show_progress_bar=False) -> dict:
     """Dense retrieval on a local BEIR folder; main score nDCG@10.
 
@@ -396,7 +398,7 @@ def classification_scores(train_emb, train_labels, test_emb, test_labels, seed=0
 
 
 def evaluate_classification(model, train, test=None, *, instruction=None, test_fraction=0.2, n_train=None,
-                            n_test=None, seed=0, batch_size=32, max_batch_tokens=None, task_name=None,
+                            n_test=None, seed=0, batch_size=None, max_batch_tokens=None, task_name=None,
                             show_progress_bar=False) -> dict:
     """Linear-probe classification; main score accuracy (plus macro-F1 as ``f1``, MTEB's key).
 
@@ -467,7 +469,8 @@ def _common_options(p):
                    help="pooling mode (default: the model's saved setting, else mean)")
     p.add_argument("--no-bidirectional", action="store_true", help="keep causal attention")
     p.add_argument("--output", default=None, help="write the MTEB-layout result JSON here (and a .md summary)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per batch (sets the default token budget)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="texts per batch (sets the token budget); default: the encoder's device default")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")

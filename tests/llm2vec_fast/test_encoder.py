@@ -281,3 +281,19 @@ def test_prompts_precision_truncation(tiny_encoder_dir, tmp_path):
     torch.testing.assert_close(small.norm(dim=1), torch.ones(2))
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
         l2v.encode(["a"], precision="int4")
+
+
+def test_default_batch_tokens_per_device():
+    from types import SimpleNamespace
+
+    from llm2vec_fast.encoder import default_batch_tokens
+
+    cfg = SimpleNamespace(hidden_size=4096, intermediate_size=14336)  # a 7B Mistral
+    assert default_batch_tokens(cfg, "cpu", 512) == 32 * 512
+    per_token = 2 * 2 * (6 * 4096 + 3 * 14336)  # bf16, doubled
+    assert default_batch_tokens(cfg, "cuda", 512, free_bytes=60 * 2**30) == 65536  # an H100 after the weights: cap
+    small = default_batch_tokens(cfg, "cuda", 512, free_bytes=2 * 2**30)  # a small card
+    assert small == (2 * 2**30 // 2 // per_token) // 1024 * 1024 and 512 <= small < 65536
+    assert default_batch_tokens(cfg, "cuda", 512, free_bytes=10**6) == 512  # one full-length text always fits
+    fp32 = default_batch_tokens(cfg, "cuda", 512, free_bytes=2 * 2**30, dtype=torch.float32)
+    assert fp32 < small
