@@ -1,10 +1,18 @@
 """Reproduce the recorded training evidence: STS-B dev Spearman of SmolLM2-135M-Instruct (mean pooling, cosine)
-causal and bidirectional, before and after a short MNTP run, and after a short SimCSE run on top.
+causal and bidirectional, before and after a short MNTP run, after SimCSE on top (with a curve over its
+checkpoints), and optionally after supervised training on SNLI triplets.
 
     python -m llm2vec_fast.training.evidence --out benchmarks/results [--mntp-steps 150] [--simcse-steps 100]
 
-Writes ``training_evidence.json`` / ``.md`` (and ``training_loss.png`` when matplotlib is installed) under
-``--out``. The defaults are sized for a CPU (minutes); on a GPU raise the steps and batch sizes towards the recipe.
+The recorded CPU run (``benchmarks/results/training_evidence_unsup.md``) used::
+
+    python -m llm2vec_fast.training.evidence --mntp-steps 200 --mntp-batch 4 --mntp-len 128 --mntp-lr 2e-4 \
+        --simcse-steps 600 --simcse-batch 16 --simcse-len 64 --simcse-lr 5e-4 --simcse-eval-every 150 \
+        --sts-limit 500 --name training_evidence_unsup
+
+and the supervised stage on the same MNTP output: ``--reuse-mntp --skip-base --skip-simcse --supervised-steps N``.
+Writes ``<name>.json`` / ``.md`` (and ``<name>_loss.png`` when matplotlib is installed) under ``--out``. The
+defaults are sized for a CPU; on a GPU raise the steps and batch sizes towards the recipe.
 """
 from __future__ import annotations
 
@@ -108,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--supervised-len", type=int, default=64)
     p.add_argument("--supervised-lr", type=float, default=2e-4)
     p.add_argument("--skip-base", action="store_true", help="do not score the untrained model")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: score the base model and the outputs already in --work (mntp, simcse, "
+                        "supervised) on --sts-limit pairs (default all 1500)")
     p.add_argument("--reuse-mntp", action="store_true",
                    help="use the MNTP output already in --work (from an earlier run) instead of training it again")
     p.add_argument("--name", default="training_evidence", help="result file name stem")
@@ -129,6 +140,18 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
         write_report(out, rows, runs, t0, name=a.name)
 
+    if a.rescore:
+        sts("base", bidirectional=False)
+        sts("base", bidirectional=False, pooling="weighted_mean")
+        sts("base", bidirectional=True)
+        mntp_dir = work / "mntp"
+        if (mntp_dir / "llm2vec_training.json").exists():
+            sts("mntp", model=str(mntp_dir), bidirectional=True)
+            for stage in ("simcse", "supervised"):
+                if (work / stage / "adapter_config.json").exists():
+                    sts(f"mntp+{stage}", model=str(mntp_dir), peft=str(work / stage), bidirectional=True)
+        print(json.dumps({"rows": rows}))
+        return 0
     if not a.skip_base:
         sts("base", bidirectional=False)
         sts("base", bidirectional=True)
