@@ -437,8 +437,9 @@ class LLM2Vec(nn.Module):
         bar.update(len(pairs) - len(live))
         # texts are tokenized a chunk at a time on a background thread: chunk i + 1 while chunk i runs
         chunks = [live[a:a + _TOKENIZE_CHUNK] for a in range(0, len(live), _TOKENIZE_CHUNK)]
-        tokenized = _ahead((c, self.tokenize_items([pairs[i] for i in c])) for c in chunks) if len(chunks) > 1 \
-            else ((c, self.tokenize_items([pairs[i] for i in c])) for c in chunks)
+        tokenized = ((c, self.tokenize_items([pairs[i] for i in c])) for c in chunks)
+        if len(chunks) > 1:
+            tokenized = _ahead(tokenized)
         for chunk, (ids, starts, n_text) in tokenized:
             keep = [k for k in range(len(chunk)) if n_text[k] > 0 or not self.skip_instruction]
             bar.update(len(chunk) - len(keep))
