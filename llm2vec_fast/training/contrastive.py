@@ -151,10 +151,11 @@ def _negatives_of(ex: dict) -> list[str]:
 def negatives_per_query(examples: list[dict], wanted: int, name: str = "") -> int:
     """Hard negatives per query for one dataset: ``wanted``, or fewer when some example has fewer (every batch then
     has the same number per query, which cross-device gathering needs). A shortfall is logged, never silent."""
-    have = min((len(_negatives_of(ex)) for ex in examples), default=0)
+    counts = [len(_negatives_of(ex)) for ex in examples]
+    have = min(counts, default=0)
     k = min(wanted, have)
     if k < wanted:
-        short = sum(len(_negatives_of(ex)) < wanted for ex in examples)
+        short = sum(c < wanted for c in counts)
         logger.warning("%s: %d of %d examples have fewer than %d hard negatives (fewest: %d); training with %d per "
                        "query%s", name or "dataset", short, len(examples), wanted, have, k,
                        " (in-batch negatives only)" if k == 0 else "")
@@ -246,8 +247,7 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
     k = {n: negatives_per_query(ex, args.num_negatives, f) for (n, ex), f in zip(data.items(), args.train_files,
                                                                                   strict=True)}
     if len(data) == 1:
-        return ListDataset(next(iter(data.values()))), TextCollator("supervised", instr, next(iter(k.values()))), \
-            False
+        return ListDataset(data[names[0]]), TextCollator("supervised", instr, k[names[0]]), False
     ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
     return ListDataset(ordered), TextCollator("supervised", instr, k), True
 

@@ -140,11 +140,11 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
         write_report(out, rows, runs, t0, name=a.name)
 
+    mntp_dir = work / "mntp"
     if a.rescore:
         sts("base", bidirectional=False)
         sts("base", bidirectional=False, pooling="weighted_mean")
         sts("base", bidirectional=True)
-        mntp_dir = work / "mntp"
         if (mntp_dir / "llm2vec_training.json").exists():
             sts("mntp", model=str(mntp_dir), bidirectional=True)
             for stage in ("simcse", "supervised"):
@@ -156,7 +156,6 @@ def main(argv=None) -> int:
         sts("base", bidirectional=False)
         sts("base", bidirectional=True)
 
-    mntp_dir = work / "mntp"
     done = mntp_dir / "llm2vec_training.json"
     if a.reuse_mntp and done.exists():
         info = json.loads(done.read_text())
@@ -185,10 +184,10 @@ def main(argv=None) -> int:
             learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=a.simcse_eval_every,
             disable_tqdm=True))
         # the curve: every checkpoint before the final adapter (which is the last step's)
-        ckpts = sorted(simcse_dir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
-        for c in ckpts:
-            if int(c.name.split("-")[1]) < a.simcse_steps:
-                sts(f"mntp+simcse@{c.name.split('-')[1]}", model=str(mntp_dir), peft=str(c), bidirectional=True)
+        ckpts = sorted((int(c.name.split("-")[1]), c) for c in simcse_dir.glob("checkpoint-*"))
+        for step, c in ckpts:
+            if step < a.simcse_steps:
+                sts(f"mntp+simcse@{step}", model=str(mntp_dir), peft=str(c), bidirectional=True)
         sts("mntp+simcse", model=str(mntp_dir), peft=str(simcse_dir), bidirectional=True)
         runs["simcse"] = {"steps": a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
                           "lr": a.simcse_lr, "attention_dropout": 0.3, "data": "wiki1m head (1.28 MB)",
