@@ -84,8 +84,11 @@ def _head_class(bd):
 
 
 def _configs(kind):
-    if INTERPRET:  # the interpreter cannot autotune; 64-wide blocks keep CPU tests quick and still cross blocks
-        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
+    if INTERPRET:
+        # the interpreter cannot autotune: one small tile per kernel, unequal sides (as on the GPU) so that CPU tests
+        # cross block edges and the causal diagonal with BM > BN (forward, dQ) and BM < BN (dK/dV)
+        BM, BN = (32, 64) if kind == "dkdv" else (64, 32)
+        return [triton.Config({"BM": BM, "BN": BN}, num_warps=4, num_stages=1)]
     return [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
             for c in _CLASSES for BM, BN, w, s in _TILES[kind][c]]
 
@@ -137,12 +140,27 @@ def _tune_bench(fn, quantiles):
 #   of a head dim.
 # - Hot loops call no nested @triton.jit helpers other than _load_rows: the interpreter re-patches triton.language
 #   on every device-function call, which made CPU tests several times slower.
-_KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "SEQ_BUCKET"]
+_KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "CAUSAL", "SEQ_BUCKET"]
 
 
 @triton.jit
-def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul, cap_mul, dropout_p, seed,
-               MASK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def _key_blocks(i_m, L, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    # key range of query block i_m: keys [0, n_full) come in whole blocks that need no mask, [n_full, hi) in blocks
+    # that do. Bidirectional: every key, only the partial last block masked. Causal: keys up to the block's last
+    # query row; a block is mask-free when every key in it is at or before the block's first query row.
+    if CAUSAL:
+        hi = tl.minimum(L, (i_m + 1) * BM)
+        n_full = (tl.minimum(i_m * BM + 1, L) // BN) * BN
+    else:
+        hi = L
+        n_full = (L // BN) * BN
+    return n_full, hi
+
+
+@triton.jit
+def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul, cap_mul, dropout_p, seed,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               PREC: tl.constexpr):
     # one key block of the forward: scores (log2 units, softcapped), then the online-softmax update that rescales
     # the running sum and accumulator to the new row maximum. Returns (row max, row sum, accumulator).
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
@@ -150,8 +168,12 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, 
         b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
     else:
         b_s = b_s * qk_mul
-    if MASK_N:  # the last, partial key block: keys past the sequence end get no weight
-        b_s = tl.where((start_n + o_n < L)[None, :], b_s, float("-inf"))
+    if MASK:  # a partial last key block (keys past the sequence end) or, when causal, a block crossing the diagonal
+        m_s = (start_n + o_n < L)[None, :]
+        if CAUSAL:
+            m_s = m_s & (o_m[:, None] >= (start_n + o_n)[None, :])
+        # no row is all -inf here: key 0 (in the first block visited) is visible to every query row
+        b_s = tl.where(m_s, b_s, float("-inf"))
     b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
     b_p = tl.exp2(b_s - b_mn[:, None])
     b_alpha = tl.exp2(b_mi - b_mn)
@@ -171,7 +193,7 @@ def _attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # sequences are visited longest first (ORDER), so the long tail of work starts early
@@ -197,19 +219,19 @@ def _attn_fwd_kernel(
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]  # dropout counter base per query row
 
-    # full key blocks load without masks; only the last, partial block pays for them
-    n_full = (L // BN) * BN
+    # full key blocks load without masks; only the last, partial block (and, when causal, the blocks crossing the
+    # diagonal) pay for them
+    n_full, hi = _key_blocks(i_m, L, BM, BN, CAUSAL)
     for start_n in range(0, n_full, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
-        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, False, HAS_SOFTCAP, HAS_DROPOUT, PREC)
-    if n_full < L:
-        start_n = n_full
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, False, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+    for start_n in range(n_full, hi, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
-        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, True, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, True, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_acc = b_acc * (drop_scale / b_li)[:, None]
     _store_rows(O + bos64 * stride_ot + i_hq * stride_oh, b_acc.to(O.dtype.element_ty), o_m, o_d, stride_ot, L, D,
@@ -227,7 +249,7 @@ def _attn_fwd_tma_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
 ):
     # The forward with Hopper TMA loads: one [L, D] tensor descriptor per (sequence, head), so tiles stream through
     # the copy engine (pipelined, no per-element pointers in registers) and rows past the sequence end arrive as
@@ -253,18 +275,17 @@ def _attn_fwd_tma_kernel(
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
 
-    n_full = (L // BN) * BN
+    n_full, hi = _key_blocks(i_m, L, BM, BN, CAUSAL)
     for start_n in range(0, n_full, BN):
         b_k = d_k.load([start_n, 0])  # [BN, BD]
         b_v = d_v.load([start_n, 0])
-        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, False, HAS_SOFTCAP, HAS_DROPOUT, PREC)
-    if n_full < L:
-        start_n = n_full
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, False, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+    for start_n in range(n_full, hi, BN):
         b_k = d_k.load([start_n, 0])  # zero rows past L: their scores are masked below, their values never mix
         b_v = d_v.load([start_n, 0])
-        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, True, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
+                                       cap_mul, dropout_p, seed, True, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_acc = b_acc * (drop_scale / b_li)[:, None]
     # a masked pointer store: a descriptor store would clip at L too, but stores are once per program anyway
@@ -299,7 +320,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
 ):
     # one program owns BN keys of one kv head and loops over the G query heads of its group: dK/dV are summed in
     # registers, no atomics, deterministic
@@ -322,11 +343,15 @@ def _attn_bwd_dkdv_kernel(
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     o_col = (bos64 + o_n)[:, None]
 
+    # causal: queries before this key block never see it
+    lo = 0
+    if CAUSAL:
+        lo = (i_n * BN // BM) * BM
     for g in range(G):
         i_hq = i_h * G + g
         p_q = Q + bos64 * stride_qt + i_hq * stride_qh
         p_do = DO + bos64 * stride_dot + i_hq * stride_doh
-        for start_m in range(0, L, BM):
+        for start_m in range(lo, L, BM):
             o_m = start_m + o_m0
             m_m = o_m < L
             b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
@@ -342,6 +367,8 @@ def _attn_bwd_dkdv_kernel(
                 b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
             else:
                 b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
+            if CAUSAL:
+                b_pT = tl.where(o_m[None, :] >= o_n[:, None], b_pT, 0.0)
             b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
             if HAS_DROPOUT:
                 b_keep = tl.rand(seed, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col) >= dropout_p
@@ -370,7 +397,7 @@ def _attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
 ):
     # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic
     i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -396,7 +423,10 @@ def _attn_bwd_dq_kernel(
     p_v = V + bos64 * stride_vt + i_h * stride_vh
     o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
 
-    for start_n in range(0, L, BN):
+    hi = L
+    if CAUSAL:  # keys after this query block's last row are never seen
+        hi = tl.minimum(L, (i_m + 1) * BM)
+    for start_n in range(0, hi, BN):
         o_n = start_n + o_n0
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, True, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v, o_n, o_d, stride_vt, L, D, True, EVEN_D)
@@ -406,7 +436,10 @@ def _attn_bwd_dq_kernel(
             b_p = tl.exp2(cap_mul * b_t - b_lse2[:, None])
         else:
             b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
-        b_p = tl.where((o_n < L)[None, :], b_p, 0.0)
+        m_p = (o_n < L)[None, :]
+        if CAUSAL:
+            m_p = m_p & (o_m[:, None] >= o_n[None, :])
+        b_p = tl.where(m_p, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         if HAS_DROPOUT:
             b_keep = tl.rand(seed, o_row + (bos64 + o_n)[None, :]) >= dropout_p
@@ -492,7 +525,7 @@ def _set_tma_allocator():
         triton.set_allocator(_tma_alloc)
 
 
-def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False):
     """Launch the forward kernel. Returns (o [T, Hq, D], lse [Hq, T] fp32). Inputs are assumed validated."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_layout(name, x)
@@ -517,12 +550,13 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         T, qk_mul, cap_mul, float(dropout_p), drop_scale, _kernel_seed(seed), _seq_bucket(max_seqlen),
         G=HQ // HKV, D=D, BD=triton.next_power_of_2(D),
-        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
+def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False):
     """Launch the backward kernels. Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group)."""
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -539,7 +573,7 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BD=BD, BT=BT,
     )
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
-    common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
+    common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
                   PREC="ieee" if q.dtype == torch.float32 else "tf32")
     runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, _kernel_seed(seed),
                _seq_bucket(max_seqlen))
@@ -613,32 +647,34 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o, lse (plus cu_seqlens and the launch order); backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed):
-        o, lse = attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal):
+        o, lse = attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, order)
-        ctx.args = (max_seqlen, scale, softcap, dropout_p, seed)
+        ctx.args = (max_seqlen, scale, softcap, dropout_p, seed, causal)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_seqlens, order = ctx.saved_tensors
-        max_seqlen, scale, softcap, dropout_p, seed = ctx.args
+        max_seqlen, scale, softcap, dropout_p, seed, causal = ctx.args
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p,
-                                   seed)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                   seed, causal)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Public function
 # ----------------------------------------------------------------------------------------------------------------------
 def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
-                    return_lse=False):
+                    return_lse=False, causal=False):
     """Bidirectional (non-causal) exact softmax attention over packed variable-length sequences.
 
     Sequences are packed back to back along the token axis; ``cu_seqlens`` marks where each one starts. Every query
     attends to every key *of its own sequence* (no causal mask) and never across a sequence boundary, so no padded
-    token is ever computed.
+    token is ever computed. ``causal=True`` gives the decoder's own attention on the same packed layout (token ``i`` of
+    a sequence sees its tokens ``0..i``), skipping the key blocks above the diagonal: the baseline an LLM2Vec
+    conversion is compared with, without a ``[T, T]`` block mask.
 
     Args:
         q: ``[T, Hq, D]`` queries, ``T`` = total tokens of the pack.
@@ -661,6 +697,7 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             from torch's default (CPU) generator, so ``torch.manual_seed`` makes runs reproducible. Ignored when
             ``dropout_p == 0``. :func:`dropout_keep_mask` materialises the mask for inspection.
         return_lse: also return the log-sum-exp of the (scaled, capped, undropped) scores, ``[Hq, T]`` fp32.
+        causal: mask keys after the query within each sequence (default False: bidirectional).
 
     Grouped-query attention: ``Hq`` must be a multiple of ``Hkv``; query head ``i`` reads kv head ``i // (Hq // Hkv)``
     (contiguous groups, as ``repeat_interleave`` in Hugging Face's ``repeat_kv``). ``Hkv == 1`` is multi-query
@@ -693,7 +730,7 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
         seed = int(torch.randint(0, 2**62, (1,)).item())
     seed = 0 if seed is None else int(seed)
     o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), order, scale, float(softcap),
-                                          dropout_p, seed)
+                                          dropout_p, seed, bool(causal))
     return (o, lse) if return_lse else o
 
 

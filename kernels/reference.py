@@ -10,16 +10,17 @@ import torch.nn.functional as F
 
 # ==== ATTENTION (flash_attention_ref) ====
 def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
-                        return_lse=False, _dropout_mask=None, _upcast=True):
+                        return_lse=False, causal=False, _dropout_mask=None, _upcast=True):
     """Plain PyTorch twin of :func:`llm2vec_fast.kernels.flash_attention` (same signature and semantics).
 
     q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` packed; ``cu_seqlens`` int32 ``[B + 1]``. Each sequence attends to itself
-    only, bidirectionally. Scores and softmax in fp32, output in the input dtype; lse ``[Hq, T]`` fp32. Dropout is
-    drawn from a torch generator seeded with ``seed`` (same distribution as the kernel, not the same bits); the private
-    ``_dropout_mask`` (bool ``[Hq, T, T]``, True = kept, e.g. from ``attention.dropout_keep_mask``) replaces the draw so
-    that a test can compare against the kernel's exact mask. ``_upcast=False`` keeps both matmuls in the input dtype
-    (softmax still fp32, P rounded to the input dtype before P·V, like a flash kernel): tests use it as the
-    low-precision reference whose error sets the tolerance. Differentiable through autograd.
+    only, bidirectionally (``causal=True``: token i of a sequence sees its tokens 0..i). Scores and softmax in fp32,
+    output in the input dtype; lse ``[Hq, T]`` fp32. Dropout is drawn from a torch generator seeded with ``seed`` (same
+    distribution as the kernel, not the same bits); the private ``_dropout_mask`` (bool ``[Hq, T, T]``, True = kept,
+    e.g. from ``attention.dropout_keep_mask``) replaces the draw so that a test can compare against the kernel's exact
+    mask. ``_upcast=False`` keeps both matmuls in the input dtype (softmax still fp32, P rounded to the input dtype
+    before P·V, like a flash kernel): tests use it as the low-precision reference whose error sets the tolerance.
+    Differentiable through autograd.
     """
     T, HQ, D = q.shape
     HKV = k.shape[1]
@@ -48,6 +49,8 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
         s = (qs @ ks.transpose(-1, -2)).float() * scale  # (H, L, L)
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
+        if causal:
+            s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
         lses.append(torch.logsumexp(s, dim=-1))  # (H, L)
         p = torch.softmax(s, dim=-1)
         if dropout_p > 0:

@@ -15,6 +15,10 @@ Two input forms reach the attention function:
 Backends: ``"torch"`` (reference: SDPA on a padded view, eager math for logit softcap), ``"triton"`` (the packed
 flash-attention kernel, CUDA only), ``"flash_attn"`` (the optional flash-attn package's varlen function), and
 ``"auto"`` (triton on CUDA tensors, torch elsewhere), resolved per call from the tensors' device.
+
+``to_packed_causal(model)`` is the same machinery with the decoder's causal mask kept (a second implementation,
+``"llm2vec_fast_causal"``): the baseline an LLM2Vec conversion is compared with, run on packed batches per sequence
+instead of through Hugging Face's ``[T, T]`` block-causal mask over the whole pack.
 """
 import os
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "llm2vec_fast"
+CAUSAL_IMPLEMENTATION = "llm2vec_fast_causal"
 BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
@@ -59,15 +64,7 @@ def to_bidirectional(model, backend: str = "auto"):
         ValueError: unknown backend, or a model family that is not supported (the message lists the supported ones).
         ImportError: ``backend="flash_attn"`` without the flash-attn package.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "flash_attn":
-        _import_flash_attn()
-    config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"model type {model_type!r} is not supported for bidirectional conversion; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    _check_conversion(model, backend, "bidirectional conversion")
     register()
     for module in model.modules():
         if hasattr(module, "is_causal"):
@@ -78,6 +75,38 @@ def to_bidirectional(model, backend: str = "auto"):
         # transformers >= 5.2x reads this to build bidirectional masks natively; older versions ignore it
         cfg.is_causal = False
     return model
+
+
+def to_packed_causal(model, backend: str = "auto"):
+    """Keep a decoder's causal attention but run it through llm2vec_fast's packed attention, in place; returns it.
+
+    Packed batches then cost what their sequences cost: each token attends to the earlier tokens of its own sequence
+    (the Triton kernel skips the key blocks above the diagonal), where Hugging Face's SDPA path builds a ``[T, T]``
+    block-causal mask over the whole pack and computes every score in it. Padded batches get the causal mask plus
+    key padding. Same arguments and errors as :func:`to_bidirectional`; ``LLM2Vec.from_pretrained(...,
+    enable_bidirectional=False)`` uses it for the supported families.
+    """
+    _check_conversion(model, backend, "packed causal attention")
+    register()
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = True
+    _set_implementation(model, CAUSAL_IMPLEMENTATION)
+    for cfg in _configs(model):
+        cfg.llm2vec_fast_backend = backend
+        cfg.is_causal = True
+    return model
+
+
+def _check_conversion(model, backend, what):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "flash_attn":
+        _import_flash_attn()
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model type {model_type!r} is not supported for {what}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def is_bidirectional(model) -> bool:
@@ -122,7 +151,8 @@ _REGISTERED = False
 
 
 def register():
-    """Register the ``"llm2vec_fast"`` attention and mask functions with transformers (idempotent)."""
+    """Register the ``"llm2vec_fast"`` and ``"llm2vec_fast_causal"`` attention and mask functions with transformers
+    (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -130,7 +160,10 @@ def register():
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionInterface.register(CAUSAL_IMPLEMENTATION, causal_attention_forward)
+    # one mask builder for both: the causal part is applied inside the attention function, per sequence
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
+    AttentionMaskInterface.register(CAUSAL_IMPLEMENTATION, padding_mask)
     _REGISTERED = True
 
 
@@ -159,8 +192,13 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def causal_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The function transformers calls for ``"llm2vec_fast_causal"``: :func:`attention_forward` with causal masking."""
+    return attention_forward(module, query, key, value, attention_mask, _causal=True, **kwargs)
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                      sliding_window=None, **kwargs):
+                      sliding_window=None, _causal=False, **kwargs):
     """The function transformers calls for ``"llm2vec_fast"``: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``.
 
     Returns ``(out [B, T, Hq, D], None)`` as HF's attention functions do.
@@ -171,6 +209,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if not getattr(FAMILIES.get(model_type), "sliding_window", False):
         sliding_window = None
     bsz, _, seq, dim = query.shape
+    if key.shape[2] != seq:
+        raise ValueError(f"llm2vec_fast attention encodes whole sequences: query length {seq} must equal key length "
+                         f"{key.shape[2]} (no KV cache; pass use_cache=False)")
     scale = scaling if scaling is not None else dim ** -0.5
     softcap = float(softcap or 0.0)
     dropout = float(dropout or 0.0) if module.training else 0.0
@@ -198,7 +239,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             # our mask builder gives bool; a user's own 4D float mask is additive (0 = attend)
             keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         if resolved == "torch":
-            return _torch_attention(query, key, value, keep, scale, softcap, dropout, window), None
+            return _torch_attention(query, key, value, keep, scale, softcap, dropout, window, _causal), None
         if keep is None:
             keep = torch.ones(bsz, seq, dtype=torch.bool, device=query.device)
         elif keep.shape[-2] != 1:
@@ -209,16 +250,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         idx = keep.reshape(-1).nonzero().flatten()
         cu_p = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         q, k, v = (t.transpose(1, 2).reshape(bsz * seq, t.shape[1], dim)[idx] for t in (query, key, value))
-        out = _packed_kernel(resolved, q, k, v, cu_p, int(lengths.max()), scale, softcap, dropout)
+        out = _packed_kernel(resolved, q, k, v, cu_p, int(lengths.max()), scale, softcap, dropout, _causal)
         full = out.new_zeros(bsz * seq, out.shape[1], dim)
         full[idx] = out
         return full.view(bsz, seq, -1, dim), None
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     if resolved == "torch":
-        out = packed_torch_attention(q, k, v, cu, int(max_len), scale, softcap, dropout, window)
+        out = packed_torch_attention(q, k, v, cu, int(max_len), scale, softcap, dropout, window, _causal)
     else:
-        out = _packed_kernel(resolved, q, k, v, cu, int(max_len), scale, softcap, dropout)
+        out = _packed_kernel(resolved, q, k, v, cu, int(max_len), scale, softcap, dropout, _causal)
     return out.unsqueeze(0), None
 
 
@@ -234,15 +275,15 @@ def _resolve_backend(backend, tensor):
     return backend
 
 
-def _packed_kernel(backend, q, k, v, cu, max_len, scale, softcap, dropout):
+def _packed_kernel(backend, q, k, v, cu, max_len, scale, softcap, dropout, causal=False):
     if backend == "flash_attn":
         fa = _import_flash_attn()
         kw = {"softcap": softcap} if softcap else {}
         return fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
-                                         causal=False, **kw)
+                                         causal=causal, **kw)
     from llm2vec_fast.kernels import flash_attention
 
-    return flash_attention(q, k, v, cu, max_len, scale=scale, softcap=softcap, dropout_p=dropout)
+    return flash_attention(q, k, v, cu, max_len, scale=scale, softcap=softcap, dropout_p=dropout, causal=causal)
 
 
 def _import_flash_attn():
@@ -253,7 +294,8 @@ def _import_flash_attn():
     return flash_attn
 
 
-def packed_torch_attention(q, k, v, cu_seqlens, max_seqlen, scale, softcap=0.0, dropout=0.0, window=None):
+def packed_torch_attention(q, k, v, cu_seqlens, max_seqlen, scale, softcap=0.0, dropout=0.0, window=None,
+                           causal=False):
     """Reference path for packed input ``[T, H, D]``: sequences of equal length are stacked and attended together
     without any mask, one SDPA call per distinct length.
 
@@ -277,23 +319,29 @@ def packed_torch_attention(q, k, v, cu_seqlens, max_seqlen, scale, softcap=0.0, 
         if length == 0:
             continue
         grp = [t[span].view(n, length, t.shape[1], dim).transpose(1, 2) for t in (qs, ks, vs)]
-        outs.append(_torch_attention(*grp, None, scale, softcap, dropout, window).reshape(n * length, hq, dim))
+        outs.append(_torch_attention(*grp, None, scale, softcap, dropout, window, causal).reshape(n * length, hq,
+                                                                                                   dim))
     out = torch.empty_like(q)
     out[tok_src] = torch.cat(outs) if outs else q.new_zeros(0, hq, dim)
     return out
 
 
-def _torch_attention(q, k, v, keep, scale, softcap, dropout, window):
+def _torch_attention(q, k, v, keep, scale, softcap, dropout, window, causal=False):
     """q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]``; keep: None, ``[B, L]`` or a broadcastable 4D bool key mask.
     Returns ``[B, L, Hq, D]``."""
     bsz, hq, seq, dim = q.shape
     mask = None
     if keep is not None:
         mask = keep if keep.ndim == 4 else keep[:, None, None, :]
+    i = torch.arange(seq, device=q.device)
     if window is not None:
-        i = torch.arange(seq, device=q.device)
         band = (i[:, None] - i[None, :]).abs() < window
         mask = band[None, None] if mask is None else (mask & band[None, None])
+    if causal and mask is not None:
+        # every query keeps at least itself: a left-padded row would otherwise see no key and turn into NaN, which
+        # the next layer's values would carry into real rows (0 · NaN)
+        mask = (mask & (i[:, None] >= i[None, :])) | (i[:, None] == i[None, :])
+    is_causal = causal and mask is None
     if softcap:
         g = hq // k.shape[1]
         k = k.repeat_interleave(g, dim=1)
@@ -302,6 +350,8 @@ def _torch_attention(q, k, v, keep, scale, softcap, dropout, window):
         scores = torch.tanh(scores / softcap) * softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
+        elif is_causal:
+            scores = scores.masked_fill(i[:, None] < i[None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         probs = torch.nan_to_num(probs)  # fully masked (padding) query rows
         if dropout:
@@ -309,5 +359,5 @@ def _torch_attention(q, k, v, keep, scale, softcap, dropout, window):
         out = torch.matmul(probs.to(v.dtype), v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
-                                             enable_gqa=k.shape[1] != hq)
+                                             is_causal=is_causal, enable_gqa=k.shape[1] != hq)
     return out.transpose(1, 2)

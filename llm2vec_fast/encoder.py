@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bidirectional import FAMILIES, is_bidirectional, to_bidirectional
+from .bidirectional import FAMILIES, is_bidirectional, to_bidirectional, to_packed_causal
 from .models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ class LLM2Vec(nn.Module):
             model = _merge_embedded_adapter(model, path)
         if enable_bidirectional:
             to_bidirectional(model, backend=attn_backend)
+        elif getattr(config, "model_type", None) in FAMILIES:
+            # causal, but per sequence on the packed batch (HF's SDPA would mask a [T, T] square over the whole pack)
+            to_packed_causal(model, backend=attn_backend)
         if peft_model_name_or_path is not None:
             from peft import PeftModel
 

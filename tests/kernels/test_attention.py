@@ -117,17 +117,18 @@ def test_low_precision_within_twice_reference_error(poison, d, hq, hkv, softcap,
     _check_lowp(ours, ref32, ref_lp, ("o", "lse", "dq", "dk", "dv"), (2, 2, 3, 3, 3))
 
 
-@pytest.mark.parametrize("fused", [False, "hf"], ids=["packed", "hflayout"])
-def test_tma_forward_matches_reference(poison, monkeypatch, fused):
+@pytest.mark.parametrize("fused, causal", [(False, False), ("hf", False), (False, True)],
+                         ids=["packed", "hflayout", "packed-causal"])
+def test_tma_forward_matches_reference(poison, monkeypatch, fused, causal):
     """The opt-in Hopper TMA forward (per-sequence tensor descriptors) against the reference, fp16."""
     monkeypatch.setattr(attn, "_FORCE_TMA", True)
     cu = _cu(LENS)
     q, k, v, _ = _inputs(LENS, 4, 1, 64, torch.float16, fused=fused)
     if not attn._use_tma(q):
         pytest.skip("no tensor descriptors in this triton / not a Hopper GPU")
-    o, lse = flash_attention(q, k, v, cu, max(LENS), return_lse=True)
-    o32, lse32 = flash_attention_ref(q.float(), k.float(), v.float(), cu, max(LENS), return_lse=True)
-    o_lp = flash_attention_ref(q, k, v, cu, max(LENS), _upcast=False)
+    o, lse = flash_attention(q, k, v, cu, max(LENS), return_lse=True, causal=causal)
+    o32, lse32 = flash_attention_ref(q.float(), k.float(), v.float(), cu, max(LENS), return_lse=True, causal=causal)
+    o_lp = flash_attention_ref(q, k, v, cu, max(LENS), _upcast=False, causal=causal)
     _check_lowp((o, lse), (o32, lse32), (o_lp, lse32 + 0), ("o", "lse"), (2, 2))
 
 
@@ -143,6 +144,67 @@ def test_custom_scale_and_lse_only_rows_of_each_sequence():
     k2 = k.clone()
     k2[5:] += 1.0
     torch.testing.assert_close(flash_attention(q, k2, v, cu, 40, scale=0.3)[:5], o[:5], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# causal (the decoder's own attention on the packed layout)
+# ---------------------------------------------------------------------------------------------------------------------
+CASES_CAUSAL = [
+    pytest.param(64, 2, 2, 0.0, torch.float32, id="D64-HQ2-H2-mha-fp32"),
+    pytest.param(80, 8, 2, 2.0, torch.float32, id="D80-HQ8-H2-gqa4-softcap-fp32"),
+    pytest.param(128, 4, 1, 0.0, torch.float16, id="D128-HQ4-H1-gqa4-fp16"),
+    pytest.param(96, 6, 2, 0.0, torch.bfloat16, id="D96-HQ6-H2-gqa3-bf16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("d, hq, hkv, softcap, dtype", CASES_CAUSAL)
+def test_causal_matches_reference(poison, d, hq, hkv, softcap, dtype):
+    cu = _cu(LENS)
+    q, k, v, do = _inputs(LENS, hq, hkv, d, dtype, qscale=3.0 if softcap else 1.0, seed=d)
+    kw = dict(softcap=softcap, causal=True)
+    ours = _run(flash_attention, q, k, v, do, cu, max(LENS), **kw)
+    names = ("o", "lse", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        ref = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), **kw)
+        for name, a, b in zip(names, ours, ref, strict=True):
+            assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max(LENS), **kw)
+        ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), _upcast=False, **kw)
+        _check_lowp(ours, ref32, ref_lp, names, (2, 2, 3, 3, 3))
+    # really causal: each sequence's first token sees only itself, and the output differs from bidirectional
+    first = _cu(LENS)[:-1][torch.tensor(LENS, device=DEV) > 0].long()
+    g = hq // hkv
+    torch.testing.assert_close(ours[0][first].float(), v[first].float().repeat_interleave(g, 1), atol=1e-3, rtol=0)
+    bi = flash_attention(q, k, v, cu, max(LENS), softcap=softcap)
+    assert (bi.float() - ours[0].float()).abs().max() > 0.1
+
+
+def test_causal_keys_after_the_query_do_not_matter():
+    # changing the last key of a sequence changes only that token's own output row under causal attention
+    lens = (70, 5)
+    cu = _cu(lens)
+    q, k, v, _ = _inputs(lens, 2, 1, 64, torch.float32, seed=4)
+    o = flash_attention(q, k, v, cu, 70, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[69] += 1.0
+    v2[69] -= 1.0
+    o2 = flash_attention(q, k2, v2, cu, 70, causal=True)
+    torch.testing.assert_close(o2[:69], o[:69], atol=0, rtol=0)
+    torch.testing.assert_close(o2[70:], o[70:], atol=0, rtol=0)
+    assert not torch.allclose(o2[69], o[69])
+
+
+def test_causal_dropout_matches_reference_with_the_kernels_mask(poison):
+    cu = _cu(DROP_LENS)
+    q, k, v, do = _inputs(DROP_LENS, 4, 2, 32, torch.float32, seed=6)
+    mask = dropout_keep_mask(91, 0.3, 4, sum(DROP_LENS), DEV)
+    ours = _run(flash_attention, q, k, v, do, cu, 70, dropout_p=0.3, seed=91, causal=True)
+    ref = _run(flash_attention_ref, q, k, v, do, cu, 70, dropout_p=0.3, _dropout_mask=mask, causal=True)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,7 +410,7 @@ def test_gpu_new_lengths_do_not_recompile():
 # ---------------------------------------------------------------------------------------------------------------------
 # Hopper compile check without a GPU: the interpreter never runs the real compiler, so GPU-only compile errors would
 # otherwise surface on the first GPU run. Compiles the kernels (softcap + dropout + padded head dim, the longest code
-# path; the TMA forward at D=128) for sm_90 in a subprocess without TRITON_INTERPRET.
+# path, causal; the TMA forward at D=128) for sm_90 in a subprocess without TRITON_INTERPRET.
 # ---------------------------------------------------------------------------------------------------------------------
 _AOT = r"""
 import os, sys
@@ -370,7 +432,7 @@ if hasattr(tl, "make_tensor_descriptor"):
     todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128))
 for name, BM, BN, w, s, D in todo:
     fn = getattr(A, name).fn
-    consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, PREC="tf32")
+    consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, CAUSAL=True, PREC="tf32")
     sig = {}
     for n in fn.arg_names:
         sig[n] = ("constexpr" if n in consts else "*bf16" if n in ptrs else "*fp32" if n in ("LSE", "DELTA")

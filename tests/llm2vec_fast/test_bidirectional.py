@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from llm2vec_fast import SUPPORTED_MODEL_TYPES, to_bidirectional
+from llm2vec_fast import SUPPORTED_MODEL_TYPES, to_bidirectional, to_packed_causal
 from llm2vec_fast.bidirectional import cu_seqlens_from_position_ids, set_attention_dropout
 
 from .conftest import tiny_config, tiny_model
@@ -166,3 +166,67 @@ def test_triton_backend_matches_torch(model_type):
     with torch.no_grad():
         got, expected = model(**kw).last_hidden_state, twin(**kw).last_hidden_state
     assert _rel(got, expected) <= 1e-4  # fp32 kernel (tf32-free on CPU); GPU tf32 dots stay well inside this
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# to_packed_causal: the decoder's own causal attention, per sequence on packed batches
+# ---------------------------------------------------------------------------------------------------------------------
+def _packed_kwargs(seqs, device="cpu"):
+    lengths = [len(s) for s in seqs]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    return dict(input_ids=torch.cat(seqs).to(device)[None], position_ids=pos[None], cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_packed_causal_equals_hf_causal_per_sequence(model_type):
+    """Independent reference: the unconverted model (HF's own causal SDPA) on each sequence alone, unpadded."""
+    model = tiny_model(model_type)
+    seqs = [torch.randint(0, 256, (n,)) for n in (5, 1, 9)]
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=s[None]).last_hidden_state[0] for s in seqs])
+        to_packed_causal(model, backend="torch")
+        packed = model(**_packed_kwargs(seqs)).last_hidden_state[0]
+        assert _rel(packed, expected) <= 1e-5
+        for side in ("right", "left"):
+            ids = torch.zeros(3, 9, dtype=torch.long)
+            mask = torch.zeros(3, 9, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                sl = slice(0, len(s)) if side == "right" else slice(9 - len(s), 9)
+                ids[i, sl], mask[i, sl] = s, 1
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert not out.isnan().any(), side  # left padding: padded rows must not turn into NaN
+            assert _rel(out[mask.bool()], expected) <= 1e-5, side
+    assert model.config._attn_implementation == "llm2vec_fast_causal"
+
+
+def test_packed_causal_gemma2_window_and_errors():
+    """Past the sliding window, Gemma-2's sliding layers see 0 <= i - j < window, as HF's own causal path does."""
+    model = tiny_model("gemma2", sliding_window=4)
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+        to_packed_causal(model, backend="torch")
+        got = model(input_ids=ids).last_hidden_state
+    assert _rel(got, expected) <= 1e-5
+    from transformers import AutoConfig, AutoModel
+
+    gpt2 = AutoModel.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported for packed causal attention"):
+        to_packed_causal(gpt2)
+    with pytest.raises(ValueError, match="unknown attention backend 'sdpa'"):
+        to_packed_causal(tiny_model("llama"), backend="sdpa")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_packed_causal_triton_matches_torch(model_type):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(model_type, head_dim=32).to(device)
+    twin = copy.deepcopy(model)
+    to_packed_causal(model, backend="triton")
+    to_packed_causal(twin, backend="torch")
+    kw = _packed_kwargs([torch.randint(0, 256, (n,)) for n in (3, 1, 6)], device)
+    with torch.no_grad():
+        got, expected = model(**kw).last_hidden_state, twin(**kw).last_hidden_state
+    assert _rel(got, expected) <= 1e-4

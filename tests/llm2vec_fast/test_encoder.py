@@ -31,6 +31,8 @@ def test_conformance_with_llm2vec_0_2_3(mode, shared_dir, default_bidirectional)
     ref = np.load(shared_dir / "conformance" / "llm2vec-0.2.3-smollm2-135m.npz")[mode]
     if mode == "mean_causal":
         model = LLM2Vec.from_pretrained(enable_bidirectional=False, device="cpu", dtype=torch.float32)
+        # causal, but through the packed per-sequence path rather than HF's [T, T] block mask
+        assert model.model.config._attn_implementation == "llm2vec_fast_causal"
     else:
         model = default_bidirectional
         model.pooling_mode = mode
