@@ -64,17 +64,7 @@ def to_bidirectional(model, backend: str = "auto"):
         ValueError: unknown backend, or a model family that is not supported (the message lists the supported ones).
         ImportError: ``backend="flash_attn"`` without the flash-attn package.
     """
-    _check_conversion(model, backend, "bidirectional conversion")
-    register()
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
-    _set_implementation(model, ATTN_IMPLEMENTATION)
-    for cfg in _configs(model):
-        cfg.llm2vec_fast_backend = backend
-        # transformers >= 5.2x reads this to build bidirectional masks natively; older versions ignore it
-        cfg.is_causal = False
-    return model
+    return _convert(model, backend, causal=False)
 
 
 def to_packed_causal(model, backend: str = "auto"):
@@ -86,27 +76,29 @@ def to_packed_causal(model, backend: str = "auto"):
     key padding. Same arguments and errors as :func:`to_bidirectional`; ``LLM2Vec.from_pretrained(...,
     enable_bidirectional=False)`` uses it for the supported families.
     """
-    _check_conversion(model, backend, "packed causal attention")
-    register()
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = True
-    _set_implementation(model, CAUSAL_IMPLEMENTATION)
-    for cfg in _configs(model):
-        cfg.llm2vec_fast_backend = backend
-        cfg.is_causal = True
-    return model
+    return _convert(model, backend, causal=True)
 
 
-def _check_conversion(model, backend, what):
+def _convert(model, backend, causal):
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "flash_attn":
         _import_flash_attn()
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
+        what = "packed causal attention" if causal else "bidirectional conversion"
         raise ValueError(f"model type {model_type!r} is not supported for {what}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    register()
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = causal
+    _set_implementation(model, CAUSAL_IMPLEMENTATION if causal else ATTN_IMPLEMENTATION)
+    for cfg in _configs(model):
+        cfg.llm2vec_fast_backend = backend
+        # transformers >= 5.2x reads this to build bidirectional masks natively; older versions ignore it
+        cfg.is_causal = causal
+    return model
 
 
 def is_bidirectional(model) -> bool:

@@ -52,6 +52,17 @@ def test_first_token_sees_later_tokens(model_type):
     assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4
 
 
+def _padded(seqs, side):
+    """A [B, max_len] batch of seqs, padded on ``side``, and its 2D attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl], mask[i, sl] = s, 1
+    return ids, mask
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_packed_equals_padded(model_type):
     model = to_bidirectional(tiny_model(model_type), backend="torch")
@@ -65,11 +76,7 @@ def test_packed_equals_padded(model_type):
         # positions alone (no cu_seqlens) mark the boundaries too
         from_pos = model(input_ids=torch.cat(seqs)[None], position_ids=pos[None]).last_hidden_state[0]
         for side in ("right", "left"):
-            ids = torch.zeros(3, 9, dtype=torch.long)
-            mask = torch.zeros(3, 9, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                sl = slice(0, len(s)) if side == "right" else slice(9 - len(s), 9)
-                ids[i, sl], mask[i, sl] = s, 1
+            ids, mask = _padded(seqs, side)
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
             padded = out[mask.bool()]
             assert _rel(packed, padded) <= 1e-5, side
@@ -190,11 +197,7 @@ def test_packed_causal_equals_hf_causal_per_sequence(model_type):
         packed = model(**_packed_kwargs(seqs)).last_hidden_state[0]
         assert _rel(packed, expected) <= 1e-5
         for side in ("right", "left"):
-            ids = torch.zeros(3, 9, dtype=torch.long)
-            mask = torch.zeros(3, 9, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                sl = slice(0, len(s)) if side == "right" else slice(9 - len(s), 9)
-                ids[i, sl], mask[i, sl] = s, 1
+            ids, mask = _padded(seqs, side)
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
             assert not out.isnan().any(), side  # left padding: padded rows must not turn into NaN
             assert _rel(out[mask.bool()], expected) <= 1e-5, side
