@@ -1,4 +1,4 @@
-"""The ``llm2vec-fast`` command line: encode, demo, and the eval / train / bench families."""
+"""The ``llm2vec-fast`` command line: encode, demo, and the eval / train / export-st / serve / bench families."""
 import argparse
 import json
 import os
@@ -78,6 +78,7 @@ FAMILIES = {
              [("llm2vec_fast.evaluation", "add_subcommands")]),
     "train": ("train: mntp, simcse, supervised", [("llm2vec_fast.training.cli", "add_subcommands")]),
     "export-st": ("save a model as a sentence-transformers folder", [("llm2vec_fast.st_export", "add_subcommands")]),
+    "serve": ("serve embeddings over HTTP (TEI and OpenAI routes)", [("llm2vec_fast.server", "add_subcommands")]),
     "bench": ("benchmarks: encode throughput, results report",
               [("benchmarks.bench_encode", "add_bench_encode"), ("llm2vec_fast.report", "add_bench_report")]),
 }

@@ -1,0 +1,232 @@
+"""The HTTP server: TEI and OpenAI routes give what LLM2Vec.encode gives, errors say what is wrong, concurrent
+requests share batches, and the CLI serves."""
+import base64
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from llm2vec_fast import LLM2Vec
+from llm2vec_fast.server import Batcher, EmbeddingServer, RequestError
+
+PROMPT = "Retrieve passages that answer the question"
+
+
+@pytest.fixture(scope="module")
+def l2v(tiny_encoder_dir):
+    model = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, max_length=32)
+    model.prompts = {"query": PROMPT}
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(l2v):
+    with EmbeddingServer(l2v, port=0, max_client_batch_size=4, model_id="tiny").start() as s:
+        yield s
+
+
+def call(server, path, body=None, headers=None, raw=None):
+    """(status, parsed JSON or text) of a request; POST when a body is given."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json",
+                                                                        **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text, ctype = r.status, r.read().decode(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        status, text, ctype = e.code, e.read().decode(), e.headers.get("Content-Type", "")
+    return status, (json.loads(text) if ctype.startswith("application/json") else text)
+
+
+def test_embed_equals_encode(server, l2v):
+    items = ["A man is playing a flute.", ["Retrieve similar text", "A cat sleeps."], "Hi"]
+    status, emb = call(server, "/embed", {"inputs": items})
+    expected = l2v.encode(items, normalize_embeddings=True, show_progress_bar=False)
+    assert status == 200 and np.allclose(emb, expected.numpy(), atol=1e-5)
+    # one string in, one row out; normalize false; an instruction on plain strings; a stored prompt by name
+    status, one = call(server, "/embed", {"inputs": "Hi", "normalize": False})
+    assert status == 200 and np.allclose(one, l2v.encode(["Hi"], show_progress_bar=False).numpy(), atol=1e-5)
+    _, a = call(server, "/embed", {"inputs": ["what is a flute?"], "instruction": PROMPT})
+    _, b = call(server, "/embed", {"inputs": ["what is a flute?"], "prompt_name": "query"})
+    expected = l2v.encode([[PROMPT, "what is a flute?"]], normalize_embeddings=True, show_progress_bar=False)
+    assert np.allclose(a, expected.numpy(), atol=1e-5) and np.allclose(a, b)
+    # dimensions: the first N, renormalised
+    _, cut = call(server, "/embed", {"inputs": ["Hi"], "dimensions": 16})
+    assert len(cut[0]) == 16 and abs(np.linalg.norm(cut[0]) - 1) < 1e-5
+
+
+def test_openai_route(server, l2v):
+    texts = ["first text", "the second one"]
+    status, r = call(server, "/v1/embeddings", {"input": texts, "model": "my-name"})
+    expected = l2v.encode(texts, normalize_embeddings=True, show_progress_bar=False).numpy()
+    assert status == 200 and r["object"] == "list" and r["model"] == "my-name"
+    assert [d["index"] for d in r["data"]] == [0, 1]
+    assert np.allclose([d["embedding"] for d in r["data"]], expected, atol=1e-5)
+    n_tokens = sum(len(x) for x in l2v.tokenizer(texts)["input_ids"])
+    assert r["usage"] == {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+    _, r64 = call(server, "/v1/embeddings", {"input": "first text", "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r64["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(vec, expected[0], atol=1e-5) and r64["model"] == "tiny"
+
+
+def test_similarity(server, l2v):
+    body = {"inputs": {"source_sentence": "A man plays a flute.", "sentences": ["A flute is played.", "Stocks fell."]}}
+    status, scores = call(server, "/similarity", body)
+    e = l2v.encode(["A man plays a flute.", "A flute is played.", "Stocks fell."], normalize_embeddings=True,
+                   show_progress_bar=False)
+    assert status == 200 and np.allclose(scores, (e[1:] @ e[0]).numpy(), atol=1e-5)
+
+
+ERRORS = [
+    pytest.param({"inputs": []}, 422, "cannot be empty", id="empty"),
+    pytest.param({"inputs": ["a"] * 5}, 413, "batch size 5 > maximum allowed batch size 4", id="too-many"),
+    pytest.param({"inputs": ["ok", 3]}, 422, r"inputs\[1\] must be a string", id="bad-item"),
+    pytest.param({"inputs": ["ok", ["a", "b", "c"]]}, 422, r"inputs\[1\]", id="bad-pair"),
+    pytest.param({"inputs": "x", "nomalize": True}, 422, "unknown field", id="typo-field"),
+    pytest.param({"inputs": "x", "normalize": "yes"}, 422, "normalize must be true or false", id="bad-bool"),
+    pytest.param({"inputs": "x", "prompt_name": "nope"}, 422, "unknown prompt_name 'nope'", id="bad-prompt"),
+    pytest.param({"inputs": "x", "dimensions": 65}, 422, r"dimensions must be an integer in 1\.\.64", id="dims"),
+    pytest.param({"inputs": " ".join(["word"] * 60)}, 413, "more than the model's max_length 32", id="too-long"),
+    pytest.param([1, 2], 422, "must be a JSON object", id="not-object"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", ERRORS)
+def test_errors_name_the_problem(server, body, status, message):
+    got, r = call(server, "/embed", body)
+    assert got == status and r["error_type"] and re.search(message, r["error"]), r
+
+
+def test_other_errors(server):
+    long = " ".join(["word"] * 60)
+    assert call(server, "/embed", {"inputs": long, "truncate": True})[0] == 200
+    status, r = call(server, "/embed", raw=b"{not json")
+    assert status == 422 and "not valid JSON" in r["error"]
+    status, r = call(server, "/nowhere", {"inputs": "x"})
+    assert status == 404 and "/embed" in r["error"]
+    status, r = call(server, "/v1/embeddings", {"input": "x", "encoding_format": "int8"})
+    assert status == 422 and "encoding_format" in r["error"]
+    status, r = call(server, "/embed", raw=b" " * 2_000_001)
+    assert status == 413 and "payload limit" in r["error"]
+
+
+def test_health_info_metrics(server):
+    assert call(server, "/health") == (200, {"status": "ok"})
+    _, info = call(server, "/info")
+    assert info["model_id"] == "tiny" and info["dimensions"] == 64 and info["max_input_length"] == 32
+    assert info["bidirectional"] is True and info["prompts"] == {"query": PROMPT}
+    call(server, "/embed", {"inputs": ["counted"]})
+    status, text = call(server, "/metrics")
+    assert status == 200 and 'llm2vec_fast_requests_total{route="/embed",status="200"}' in text
+    assert "llm2vec_fast_texts_total" in text
+
+
+def test_api_key(l2v):
+    with EmbeddingServer(l2v, port=0, api_key="s3cret").start() as s:
+        status, r = call(s, "/embed", {"inputs": "x"})
+        assert status == 401 and r["error_type"] == "Unauthorized"
+        status, _ = call(s, "/embed", {"inputs": "x"}, headers={"Authorization": "Bearer s3cret"})
+        assert status == 200
+
+
+class _SlowEncoder:
+    """Stands in for LLM2Vec: row i of a call is [call number, position]; the first call is slow."""
+
+    def __init__(self):
+        self.calls, self.release = [], threading.Event()
+
+    def encode(self, items, **kw):
+        self.calls.append(list(items))
+        if len(self.calls) == 1:
+            self.release.wait(10)
+        if any(it == "boom" for it in items):
+            raise RuntimeError("model exploded")
+        return torch.tensor([[float(len(self.calls)), float(i)] for i in range(len(items))])
+
+
+def test_concurrent_requests_share_one_batch_and_get_their_own_rows():
+    enc = _SlowEncoder()
+    batcher = Batcher(enc, max_batch_texts=100)
+    results = {}
+
+    def client(name, items):
+        try:
+            results[name] = batcher.submit(items)
+        except RequestError as e:
+            results[name] = e
+
+    first = threading.Thread(target=client, args=("first", ["a"]))
+    first.start()
+    while not enc.calls:  # the worker is busy with the first request
+        time.sleep(0.01)
+    others = [threading.Thread(target=client, args=(f"c{i}", [f"t{i}"] * (i + 1))) for i in range(5)]
+    for t in others:
+        t.start()
+    while batcher.queue_size() < 5:
+        time.sleep(0.01)
+    enc.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert len(enc.calls) == 2 and len(enc.calls[1]) == 15  # the five waiting requests went in one call
+    for i in range(5):
+        rows = results[f"c{i}"]
+        assert rows.shape == (i + 1, 2) and (rows[:, 0] == 2).all()
+        assert sorted(enc.calls[1][int(p)] for p in rows[:, 1]) == [f"t{i}"] * (i + 1)  # its own rows
+    # a failing batch reports to its clients; the worker lives on
+    with pytest.raises(RequestError, match="model exploded"):
+        batcher.submit(["boom"])
+    assert batcher.submit(["fine"]).shape == (1, 2)
+    batcher.close()
+
+
+def test_overloaded_queue_answers_429():
+    enc = _SlowEncoder()
+    batcher = Batcher(enc, max_queue=1)
+    threading.Thread(target=batcher.submit, args=(["a"],), daemon=True).start()
+    while not enc.calls:
+        time.sleep(0.01)
+    threading.Thread(target=batcher.submit, args=(["b"],), daemon=True).start()  # fills the queue
+    while batcher.queue_size() < 1:
+        time.sleep(0.01)
+    with pytest.raises(RequestError, match="overloaded") as e:
+        batcher.submit(["c"])
+    assert e.value.status == 429
+    enc.release.set()
+    batcher.close()
+
+
+def test_bad_server_settings(l2v):
+    with pytest.raises(ValueError, match="max_client_batch_size must be >= 1, got 0"):
+        EmbeddingServer(l2v, port=0, max_client_batch_size=0)
+
+
+def test_cli_serves(tiny_encoder_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "llm2vec_fast.cli", "serve", "--model", str(tiny_encoder_dir),
+                             "--device", "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            if " on http://" in line:
+                url = line.rsplit(" on ", 1)[1].strip()
+        assert url, "the server did not report its address"
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+        req = urllib.request.Request(url + "/embed", data=json.dumps({"inputs": ["hello"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert len(json.loads(r.read())[0]) == 64
+    finally:
+        proc.terminate()
+        proc.wait(30)
