@@ -46,6 +46,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      "(batch-size x max-length tokens per packed batch); default: the device's default budget "
                      "(32 x max-length on CPU; on CUDA sized to free memory, at most 65,536)")
     enc.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
+    enc.add_argument("--devices", default=None, help="comma-separated devices for data-parallel encoding, one "
+                     "worker process each (e.g. cuda:0,cuda:1,cuda:2,cuda:3)")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     enc.set_defaults(func=cmd_encode)
 
@@ -237,12 +239,21 @@ def cmd_encode(args) -> int:
     model = load_model(args)
     kw = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, prompt_name=args.prompt_name,
               normalize_embeddings=args.normalize, precision=args.precision, truncate_dim=args.truncate_dim)
-    if to_folder:
-        manifest = model.encode_to_disk(items, out, chunk_size=args.chunk_size, show_progress_bar=not args.no_progress,
-                                        **kw)
-        print(f"wrote {manifest['rows']} embeddings in {len(manifest['shards'])} shard(s) to {out}", file=sys.stderr)
-        return 0
-    emb = model.encode(items, convert_to_numpy=True, show_progress_bar=not args.no_progress and len(items) > 64, **kw)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if devices:
+        kw["pool"] = model.start_multi_process_pool(devices)
+    try:
+        if to_folder:
+            manifest = model.encode_to_disk(items, out, chunk_size=args.chunk_size,
+                                            show_progress_bar=not args.no_progress, **kw)
+            print(f"wrote {manifest['rows']} embeddings in {len(manifest['shards'])} shard(s) to {out}",
+                  file=sys.stderr)
+            return 0
+        emb = model.encode(items, convert_to_numpy=True, show_progress_bar=not args.no_progress and len(items) > 64,
+                           **kw)
+    finally:
+        if devices:
+            kw["pool"].close()
     write_output(out, emb, texts)
     if args.output is not None:
         print(f"wrote {len(texts)} embeddings of width {emb.shape[1]} to {args.output}", file=sys.stderr)

@@ -302,7 +302,7 @@ class LLM2Vec(nn.Module):
     # ------------------------------------------------------------------ encode
     def encode(self, sentences, batch_size=None, show_progress_bar=True, convert_to_numpy=False,
                convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None,
-               prompt_name=None, prompt=None, precision="float32", truncate_dim=None):
+               prompt_name=None, prompt=None, precision="float32", truncate_dim=None, pool=None, chunk_size=None):
         """Embed texts. Rows come back in input order.
 
         Args:
@@ -313,7 +313,8 @@ class LLM2Vec(nn.Module):
             show_progress_bar: a tqdm bar over texts.
             convert_to_numpy / convert_to_tensor: numpy float32 array, or a torch float32 tensor (the default, on
                 the CPU, as the original returns).
-            device: where to run (the model moves there); default: where the model is.
+            device: where to run (the model moves there); default: where the model is. A list of devices (e.g.
+                ``["cuda:0", "cuda:1"]``) encodes data-parallel with one process per device for this call.
             normalize_embeddings: L2-normalise each row.
             max_batch_tokens: token budget per packed batch (overrides the default above).
             prompt_name: a name from ``self.prompts`` (e.g. ``"query"``): its instruction goes to every plain-string
@@ -322,6 +323,9 @@ class LLM2Vec(nn.Module):
                 sentence-transformers' ``quantize_embeddings``; int8/uint8 ranges come from this call's rows).
             truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka-style); with
                 ``normalize_embeddings`` the truncated rows are renormalised.
+            pool: a pool from :meth:`start_multi_process_pool`: encode data-parallel on its worker processes.
+            chunk_size: texts per work unit handed to a pool worker (default: about an eighth of each worker's
+                share, at most 5,000).
 
         Returns ``[N, H]`` (``[H]`` for a single string). Empty or whitespace-only texts (after the instruction)
         have nothing to pool: their rows are zero vectors. Texts longer than ``max_length`` tokens are cut at the
@@ -332,8 +336,13 @@ class LLM2Vec(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
         instruction = self._prompt(prompt_name, prompt)
-        out = self._encode(sentences, batch_size, show_progress_bar, device, normalize_embeddings and
-                           truncate_dim is None, max_batch_tokens, instruction)
+        normalize = normalize_embeddings and truncate_dim is None
+        if pool is not None or isinstance(device, (list, tuple)):
+            out = self._encode_parallel(sentences, pool, device, chunk_size, batch_size, show_progress_bar,
+                                        normalize, max_batch_tokens, instruction)
+        else:
+            out = self._encode(sentences, batch_size, show_progress_bar, device, normalize, max_batch_tokens,
+                               instruction)
         if truncate_dim is not None:
             out = truncate_embeddings(out, truncate_dim, renormalize=normalize_embeddings)
         if precision != "float32":
@@ -413,16 +422,51 @@ class LLM2Vec(nn.Module):
         _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         return manifest
 
+    # ------------------------------------------------------------------ data-parallel encoding
+    def start_multi_process_pool(self, target_devices=None, threads_per_worker=None):
+        """Start one encode worker process per device (sentence-transformers' name); pass it as ``encode(pool=)``.
+
+        ``target_devices``: e.g. ``["cuda:0", "cuda:1"]``; default every CUDA device, else two CPU workers. Each
+        worker holds a copy of the model (shared host memory on the way, so the parent's model briefly visits the
+        CPU). Close it with :meth:`stop_multi_process_pool` or use it as a context manager.
+        """
+        from .multiprocess import EncodePool
+
+        if target_devices is None:
+            n = torch.cuda.device_count()
+            target_devices = [f"cuda:{i}" for i in range(n)] if n else ["cpu", "cpu"]
+        return EncodePool(self, target_devices, threads_per_worker)
+
+    @staticmethod
+    def stop_multi_process_pool(pool):
+        pool.close()
+
+    def encode_multi_process(self, sentences, pool, chunk_size=None, **kwargs):
+        """``encode(sentences, pool=pool, ...)`` under sentence-transformers' older name."""
+        return self.encode(sentences, pool=pool, chunk_size=chunk_size, **kwargs)
+
+    def _encode_parallel(self, sentences, pool, devices, chunk_size, batch_size, show_progress_bar, normalize,
+                         max_batch_tokens, instruction):
+        single = isinstance(sentences, str)
+        pairs = _instructed_pairs(sentences, instruction)
+        _check_budget_args(batch_size, max_batch_tokens)
+        own = pool is None
+        if own:
+            pool = self.start_multi_process_pool(list(devices))
+        try:
+            out = pool.encode(pairs, chunk_size, show_progress_bar, batch_size=batch_size,
+                              max_batch_tokens=max_batch_tokens, normalize_embeddings=normalize)
+        finally:
+            if own:
+                pool.close()
+        return out[0] if single else out
+
     @torch.inference_mode()
     def _encode(self, sentences, batch_size, show_progress_bar, device, normalize_embeddings, max_batch_tokens,
                 instruction=None):
         single = isinstance(sentences, str)
-        pairs = _normalize_inputs(sentences)
-        if instruction:
-            pairs = [(instruction, t) if not i else (i, t) for i, t in pairs]
-        for name, v in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        pairs = _instructed_pairs(sentences, instruction)
+        _check_budget_args(batch_size, max_batch_tokens)
         if device is not None:
             self.model.to(device)
         self.model.eval()
@@ -463,6 +507,20 @@ class LLM2Vec(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+def _instructed_pairs(sentences, instruction):
+    """(instruction, text) pairs of ``sentences``, ``instruction`` given to the items that have none."""
+    pairs = _normalize_inputs(sentences)
+    if instruction:
+        pairs = [(instruction, t) if not i else (i, t) for i, t in pairs]
+    return pairs
+
+
+def _check_budget_args(batch_size, max_batch_tokens):
+    for name, v in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 def _normalize_inputs(sentences):
     """str | list[str | [instruction, text]] → list of (instruction, text); errors name the bad item."""
     if isinstance(sentences, str):
