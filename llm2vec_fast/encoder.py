@@ -422,6 +422,21 @@ class LLM2Vec(nn.Module):
         _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         return manifest
 
+    @staticmethod
+    def similarity(embeddings1, embeddings2, fn="cosine"):
+        """All-pairs similarity ``[N1, N2]`` of embeddings: ``cosine`` (default), ``dot``, or negative
+        ``euclidean`` / ``manhattan`` distance (sentence-transformers' ``similarity``)."""
+        from .similarity import similarity
+
+        return similarity(embeddings1, embeddings2, fn)
+
+    @staticmethod
+    def similarity_pairwise(embeddings1, embeddings2, fn="cosine"):
+        """Row-wise similarity ``[N]`` of two equally shaped embedding sets (same functions as :meth:`similarity`)."""
+        from .similarity import similarity_pairwise
+
+        return similarity_pairwise(embeddings1, embeddings2, fn)
+
     # ------------------------------------------------------------------ data-parallel encoding
     def start_multi_process_pool(self, target_devices=None, threads_per_worker=None):
         """Start one encode worker process per device (sentence-transformers' name); pass it as ``encode(pool=)``.

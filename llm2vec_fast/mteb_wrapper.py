@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .quantization import quantize_embeddings
+from .similarity import similarity, similarity_pairwise
 
 
 def _abstask_prompt(task_name: str) -> str | None:
@@ -142,24 +143,13 @@ class MTEBEncoder:
             return quantize_embeddings(emb, precision)
         return emb
 
-    @staticmethod
-    def _as_2d(x) -> torch.Tensor:
-        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-        t = t.float()
-        return t[None] if t.ndim == 1 else t
-
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """Cosine similarity matrix ``[N1, N2]`` (a torch tensor, as mteb and sentence-transformers return)."""
-        a = torch.nn.functional.normalize(self._as_2d(embeddings1), dim=-1)
-        b = torch.nn.functional.normalize(self._as_2d(embeddings2), dim=-1)
-        return a @ b.T
+        return similarity(embeddings1, embeddings2, "cosine")
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
         """Row-wise cosine similarity ``[N]``."""
-        a, b = self._as_2d(embeddings1), self._as_2d(embeddings2)
-        if a.shape != b.shape:
-            raise ValueError(f"pairwise similarity needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-        return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        return similarity_pairwise(embeddings1, embeddings2, "cosine")
 
     @property
     def mteb_model_meta(self):
