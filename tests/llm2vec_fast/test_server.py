@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,16 @@ def test_cli_serves(tiny_encoder_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_bench_server_script(tiny_encoder_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.bench_server import main as bench
+
+    assert bench(["--model", str(tiny_encoder_dir), "--clients", "3", "--requests", "2", "--out", str(tmp_path),
+                  "--name", "srv"]) == 0
+    rows = json.loads((tmp_path / "srv.json").read_text())["rows"]
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"per-request", "merged", "offline"} and len({r["texts"] for r in rows}) == 1
+    assert by["per-request"]["encode_calls"] == 6 and 1 <= by["merged"]["encode_calls"] <= 6
+    assert (tmp_path / "srv.md").read_text().count("|") > 10
