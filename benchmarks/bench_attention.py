@@ -4,6 +4,7 @@
     python benchmarks/bench_attention.py --quick          # headline shapes only
     python benchmarks/bench_attention.py --check          # bf16 parity on big shapes (2× rule), PASS/FAIL per case
     python benchmarks/bench_attention.py --check --bench  # the one-command GPU check: parity, then the benchmark
+    python benchmarks/bench_attention.py --causal --quick # flash_attention(causal=True) against causal peers
 
 Shapes (bf16): packs of exactly 16,384 tokens whose lengths are drawn uniform in [S/4, S] for S in 128, 512, 2048,
 8192 (the last length is trimmed to hit the budget), and packs of real texts: WikiText-2 test paragraphs and wiki1m
@@ -119,12 +120,14 @@ def _varlen_peer():
         return None, f"varlen_attn unavailable ({type(e).__name__})"
     params = inspect.signature(varlen_attn).parameters
 
-    def call(q, k, v, cu, m):
+    def call(q, k, v, cu, m, causal=False):
         kw = {}
-        if "is_causal" in params:
-            kw["is_causal"] = False
-        if "window_size" in params:
-            kw["window_size"] = (-1, -1)
+        if "is_causal" in params:  # torch 2.10 / 2.11
+            kw["is_causal"] = causal
+        if "window_size" in params:  # torch 2.12+: causal is the window (-1, 0)
+            kw["window_size"] = (-1, 0) if causal and "is_causal" not in params else (-1, -1)
+        elif causal and "is_causal" not in params:
+            raise TypeError("this varlen_attn takes neither is_causal nor window_size")
         if q.shape[1] != k.shape[1]:
             if "enable_gqa" in params:
                 kw["enable_gqa"] = True
@@ -141,13 +144,13 @@ def _flash_attn_peer():
         from flash_attn import flash_attn_varlen_func
     except Exception:  # noqa: BLE001
         return None
-    return lambda q, k, v, cu, m: flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=False)
+    return lambda q, k, v, cu, m, causal=False: flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=causal)
 
 
 _FLEX = {}
 
 
-def _flex_peer(T, lens, device):
+def _flex_peer(T, lens, device, causal=False):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "fn" not in _FLEX:
@@ -157,14 +160,18 @@ def _flex_peer(T, lens, device):
     def mask_mod(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
+    def causal_mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
     try:
-        bm = create_block_mask(mask_mod, None, None, T, T, device=device, _compile=True)
+        bm = create_block_mask(causal_mask_mod if causal else mask_mod, None, None, T, T, device=device,
+                               _compile=True)
     except TypeError:
-        bm = create_block_mask(mask_mod, None, None, T, T, device=device)
+        bm = create_block_mask(causal_mask_mod if causal else mask_mod, None, None, T, T, device=device)
     fn = _FLEX["fn"]
 
-    def call(q, k, v, cu, m):
-        # [T, H, D] → [1, H, T, D] views, no copies
+    def call(q, k, v, cu, m, causal=False):
+        # [T, H, D] → [1, H, T, D] views, no copies (the causal mask is in the block mask)
         o = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
                enable_gqa=q.shape[1] != k.shape[1])
         return o[0].transpose(0, 1)
@@ -172,16 +179,17 @@ def _flex_peer(T, lens, device):
     return call
 
 
-def _sdpa_dense(backend):
+def _sdpa_dense(backend, causal=False):
     from torch.nn.attention import sdpa_kernel
 
     def call(q, k, v):  # [B, H, S, D]
         with sdpa_kernel(backend):
             try:
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
             except RuntimeError:
                 G = q.shape[1] // k.shape[1]
-                return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+                return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                                      is_causal=causal)
 
     return call
 
@@ -246,9 +254,15 @@ def _with_tma(fn):
     return call
 
 
-def bench_case(name, lens, hq, hkv, d, dense_S, args, peers):
+def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
+    import functools
+
     from llm2vec_fast.kernels import flash_attention
 
+    if causal:  # every packed peer takes the same causal flag; work counted is the lower triangle only
+        flash_attention = functools.partial(flash_attention, causal=True)
+        peers = {**peers, **{p: functools.partial(peers[p], causal=True) for p in ("varlen", "flash_attn")
+                             if peers[p]}}
     dev = DEVICE
     T, B, m = sum(lens), len(lens), max(lens)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -259,7 +273,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers):
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     cu = cu.to(dev)
-    real = 4.0 * sum(l * l for l in lens) * hq * d
+    real = (2.0 if causal else 4.0) * sum(l * l for l in lens) * hq * d
     W, R = args.warmup, args.rep
     row = {"case": name, "Hq/Hkv": f"{hq}/{hkv}", "D": d, "T": T, "B": B, "max_len": m,
            "mean_len": round(T / B, 1)}
@@ -273,7 +287,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers):
         packed.append(("flash_attn", peers["flash_attn"]))
     if peers["flex"]:
         try:
-            packed.append(("flex", _flex_peer(T, lens, dev)))
+            packed.append(("flex", _flex_peer(T, lens, dev, causal)))
         except Exception as e:  # noqa: BLE001
             print(f"    flex unavailable: {e}", file=sys.stderr)
     for pname, fn in packed:
@@ -289,6 +303,8 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers):
                 dst[i, : b - a] = src[a:b]
             keep[i, : b - a] = True
         mask = keep[:, None, None, :].expand(B, 1, m, m)
+        if causal:
+            mask = mask & torch.ones(m, m, dtype=torch.bool, device=dev).tril()
         qp, kp, vp, dop = (x.transpose(1, 2) for x in (qp, kp, vp, dop))
         for bwd in (False, True):
             ms = _time(_sdpa_padded, (qp, kp, vp, mask), dop, bwd, W, R)
@@ -303,10 +319,10 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers):
         kd = torch.randn(Bd, hkv, dense_S, d, device=dev, dtype=DTYPE, generator=g)
         vd = torch.randn(Bd, hkv, dense_S, d, device=dev, dtype=DTYPE, generator=g)
         dod = torch.randn(Bd, hq, dense_S, d, device=dev, dtype=DTYPE, generator=g)
-        dense = 4.0 * Bd * dense_S * dense_S * hq * d
+        dense = (2.0 if causal else 4.0) * Bd * dense_S * dense_S * hq * d
         for pname, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             for bwd in (False, True):
-                ms = _time(_sdpa_dense(be), (qd, kd, vd), dod, bwd, W, R)
+                ms = _time(_sdpa_dense(be, causal), (qd, kd, vd), dod, bwd, W, R)
                 res[(pname, bwd)] = _tflops(dense * (3.5 if bwd else 1.0), ms)
     for (pname, bwd), tf in res.items():
         row[f"{pname} {'fwd+bwd' if bwd else 'fwd'}"] = None if tf is None else round(tf, 1)
@@ -336,12 +352,14 @@ CHECK_CASES = [
     ("lens 1..4100 16/16 D80 softcap", [1, 7, 63, 97, 130, 1000, 4100], 16, 16, 80, {"softcap": 5.0}),
     ("uniform[16,300] 4/2 D96 dropout", torch.randint(16, 301, (6,), generator=_g).tolist(), 4, 2, 96,
      {"dropout_p": 0.3, "seed": 5}),
+    ("uniform[1,1500] 32/8 D128 causal", torch.randint(1, 1501, (6,), generator=_g).tolist(), 32, 8, 128,
+     {"causal": True}),
     # not in --quick
     ("uniform[1,600] 9/3 D64", torch.randint(1, 601, (24,), generator=_g).tolist(), 9, 3, 64, {}),
     ("uniform[32,700] 8/1 D256", torch.randint(32, 701, (8,), generator=_g).tolist(), 8, 1, 256, {}),
     ("uniform[8,200] 12/4 D32", torch.randint(8, 201, (10,), generator=_g).tolist(), 12, 4, 32, {}),
 ]
-QUICK_CHECK = 3  # the first three: GQA, MHA + softcap + padded head dim + 4k segment, dropout
+QUICK_CHECK = 4  # the first four: GQA, MHA + softcap + padded head dim + 4k segment, dropout, causal
 
 
 def _fwd_bwd(fn, inputs, dt, **kw):
@@ -409,6 +427,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=40, help="do_bench repetitions, ms")
     ap.add_argument("--out", help="output folder (default $OUT or benchmarks/results)")
+    ap.add_argument("--causal", action="store_true", help="the causal variant (flash_attention(causal=True)) against "
+                    "the peers' causal modes → attention_causal.{json,md}")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU (the Triton kernels are timed on the device); nothing to do on CPU. "
@@ -439,14 +459,18 @@ def main(argv=None):
         if args.quick and i_head:  # FlexAttention compiles cost ~20-30 s per head set: headline set only
             peers["flex"] = False
         for S in seqs:
-            rows.append(bench_case(f"uniform[{S // 4},{S}]", _uniform_pack(S), hq, hkv, d, S, args, peers))
+            rows.append(bench_case(f"uniform[{S // 4},{S}]", _uniform_pack(S), hq, hkv, d, S, args, peers,
+                                   args.causal))
         for corpus, lens in real.items():
             if args.quick and (hq, hkv, d) != QUICK_HEADS[-1]:
                 continue
-            rows.append(bench_case(f"{corpus} ({real_note})", _real_pack(lens), hq, hkv, d, None, args, peers))
+            rows.append(bench_case(f"{corpus} ({real_note})", _real_pack(lens), hq, hkv, d, None, args, peers,
+                                   args.causal))
         _FLEX.clear()  # a new head set compiles anew; drop the old graphs
         torch.compiler.reset()
-    notes = (f"bf16, packs of {TOKENS} tokens; TFLOP/s count real tokens only (fwd 4·ΣL²·Hq·D, bwd 2.5×); dense peers "
+    notes = (("Causal: every peer in its causal mode, work counted is the lower triangle (fwd 2·ΣL²·Hq·D). "
+              if args.causal else "") +
+             f"bf16, packs of {TOKENS} tokens; TFLOP/s count real tokens only (fwd 4·ΣL²·Hq·D, bwd 2.5×); dense peers "
              f"(sdpa_flash, cudnn) run equal-length B×S batches with the same token count. ×peer = ours / peer. "
              f"{varlen_note}. Real lengths: {real_note}. Wall time {time.time() - t0:.0f} s.")
     # headline ratios first (the issue's targets), then our TFLOP/s, then every peer's
@@ -456,7 +480,8 @@ def main(argv=None):
     cols = base + [c for c in order if c in seen]
     cols += sorted(c for c in seen if c.startswith("×") and c not in cols)
     cols += sorted(c for c in seen if c not in cols and c != "T")
-    path = write_results("attention", rows, out_dir=args.out, columns=cols, title="Packed bidirectional attention",
+    path = write_results("attention_causal" if args.causal else "attention", rows, out_dir=args.out, columns=cols,
+                         title="Packed causal attention" if args.causal else "Packed bidirectional attention",
                          notes=notes)
     print(f"[bench_attention] wrote {path} in {time.time() - t0:.0f} s")
     return 0

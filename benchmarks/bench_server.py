@@ -99,7 +99,7 @@ def main(argv=None):
                  "texts_per_s": round(n_texts / offline, 1), "encode_calls": 1, "p50_ms": None, "p95_ms": None})
     base = rows[0]["texts_per_s"]
     for r in rows:
-        r["vs_per_request"] = round(r["texts_per_s"] / base, 2)
+        r["x_vs_per_request"] = round(r["texts_per_s"] / base, 2)
     dev = str(l2v.device)
     name = a.name or f"server_{'gpu' if dev.startswith('cuda') else 'cpu'}"
     notes = (f"Model: {a.model or 'SmolLM2-135M-Instruct'} on {dev} ({str(next(l2v.model.parameters()).dtype)}); "

@@ -111,6 +111,8 @@ step "training --quick" 150 60 $PY benchmarks/bench_training.py --quick
 step "encode mistral-7b (wikitext)" 110 70 \
   $PY benchmarks/bench_encode.py --model mistral-7b --corpus wikitext --peers hf,ours --budgets 65536 \
   --tokenizer "$TOKENIZER"
+step "attention causal --quick" 60 40 \
+  $PY benchmarks/bench_attention.py --causal --quick --no-flex --tokenizer "$TOKENIZER"
 
 echo "=== done in $(($(date +%s) - START))s"
 cat "$STATUS"
