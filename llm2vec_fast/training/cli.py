@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max-train-seconds", type=float, default=None,
+                   help="stop after this many seconds of training (the output is saved as at max-steps)")
     g.add_argument("--logging-steps", type=int, default=10)
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (0: none)")
     g.add_argument("--save-total-limit", type=int, default=None, help="keep only the last N checkpoints")
@@ -44,8 +46,8 @@ def _shared_kwargs(a) -> dict:
                 lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
                 max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=a.gradient_checkpointing,
-                seed=a.seed, logging_steps=a.logging_steps, save_steps=a.save_steps,
-                save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
+                seed=a.seed, max_train_seconds=a.max_train_seconds, logging_steps=a.logging_steps,
+                save_steps=a.save_steps, save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
                 disable_tqdm=True if a.no_progress else None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -133,6 +134,38 @@ def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max
 def loss_history(trainer) -> list[dict]:
     """``[{"step": s, "loss": l}, ...]`` from the Trainer's log history."""
     return [{"step": r["step"], "loss": r["loss"]} for r in trainer.state.log_history if "loss" in r]
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training after ``seconds`` of wall clock (checked at each optimizer step); the run then ends as if
+    ``max_steps`` had been reached: the output is saved, ``stopped_at`` holds the last step. The learning-rate
+    schedule still runs to ``max_steps``, so a stopped run ends before its decay does."""
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"max_train_seconds must be > 0, got {seconds}")
+        self.seconds, self.start, self.stopped_at = float(seconds), None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.monotonic() - self.start > self.seconds:
+            if self.stopped_at is None:
+                logger.warning("time limit of %.0f s reached at step %d of %d: stopping", self.seconds,
+                               state.global_step, state.max_steps)
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+
+
+def add_step_callbacks(trainer, max_train_seconds=None):
+    """A :class:`StepCounter` and, with ``max_train_seconds``, a :class:`TimeLimit` on ``trainer``."""
+    counter = StepCounter()
+    trainer.add_callback(counter)
+    limit = TimeLimit(max_train_seconds) if max_train_seconds else None
+    if limit is not None:
+        trainer.add_callback(limit)
+    return counter, limit
 
 
 class StepCounter(TrainerCallback):

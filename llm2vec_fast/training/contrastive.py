@@ -29,8 +29,8 @@ from .common import (
     LORA_TARGETS,
     TRAINING_NAME,
     AdapterTrainer,
-    StepCounter,
     add_lora,
+    add_step_callbacks,
     enable_checkpointing,
     loss_history,
     training_arguments,
@@ -83,6 +83,7 @@ class ContrastiveArguments:
     attn_backend: str = "auto"
     dtype: str | None = None
     seed: int = 42
+    max_train_seconds: float | None = None  # stop (and save) after this much wall clock, even before max_steps
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int | None = None
@@ -279,14 +280,14 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,
                   processing_class=encoder.tokenizer, scale=args.scale,
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size)
-    counter = StepCounter()
-    trainer.add_callback(counter)
+    counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
     if trainer.args.should_save:
         save_contrastive_output(encoder, args, losses)
     return {"output_dir": args.output_dir, "base_model": args.model, "losses": losses,
-            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "examples": len(dataset)}
+            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "examples": len(dataset),
+            "stopped_at": limit and limit.stopped_at}
 
 
 def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict]) -> None:

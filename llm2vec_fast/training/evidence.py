@@ -102,6 +102,10 @@ def main(argv=None) -> int:
     p.add_argument("--mntp-batch", type=int, default=8)
     p.add_argument("--mntp-len", type=int, default=128)
     p.add_argument("--mntp-lr", type=float, default=2e-4)
+    p.add_argument("--mntp-files", nargs="+", default=["wikitext-2-raw.wiki.test.raw"],
+                   help="MNTP training files in the shared wiki_text folder")
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap per training stage (each stops "
+                   "and saves there, even before its steps are done)")
     p.add_argument("--simcse-steps", type=int, default=100)
     p.add_argument("--simcse-batch", type=int, default=32)
     p.add_argument("--simcse-len", type=int, default=64)
@@ -167,13 +171,15 @@ def main(argv=None) -> int:
         if a.reuse_mntp:
             raise FileNotFoundError(f"--reuse-mntp: no MNTP output in {mntp_dir} ({done.name} missing)")
         m = train_mntp(MNTPArguments(
-            train_files=[str(wiki / "wikitext-2-raw.wiki.test.raw")], output_dir=str(mntp_dir), model=a.model,
+            train_files=[str(wiki / f) for f in a.mntp_files], output_dir=str(mntp_dir), model=a.model,
             max_seq_length=a.mntp_len, batch_size=a.mntp_batch, max_steps=a.mntp_steps, learning_rate=a.mntp_lr,
-            logging_steps=max(1, a.mntp_steps // 25), save_steps=0, disable_tqdm=True))
+            logging_steps=max(1, a.mntp_steps // 25), save_steps=0, disable_tqdm=True,
+            max_train_seconds=a.max_seconds))
         sts("mntp", model=str(mntp_dir), bidirectional=True)
         sts("mntp", model=str(mntp_dir), bidirectional=False)
-        runs["mntp"] = {"steps": a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len, "lr": a.mntp_lr,
-                        "data": "wikitext-2-raw test", "train_runtime_s": m["train_runtime"], "losses": m["losses"]}
+        runs["mntp"] = {"steps": m["stopped_at"] or a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len,
+                        "lr": a.mntp_lr, "data": " + ".join(a.mntp_files), "train_runtime_s": m["train_runtime"],
+                        "losses": m["losses"], "stopped_by_time_limit": m["stopped_at"] is not None}
     write_report(out, rows, runs, t0, name=a.name)
 
     if not a.skip_simcse:
@@ -182,14 +188,14 @@ def main(argv=None) -> int:
             mode="simcse", train_files=[str(wiki / "wiki1m_for_simcse.head1280000B.txt")], output_dir=str(simcse_dir),
             model=str(mntp_dir), batch_size=a.simcse_batch, max_length=a.simcse_len, max_steps=a.simcse_steps,
             learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=a.simcse_eval_every,
-            disable_tqdm=True))
+            disable_tqdm=True, max_train_seconds=a.max_seconds))
         # the curve: every checkpoint before the final adapter (which is the last step's)
         ckpts = sorted((int(c.name.split("-")[1]), c) for c in simcse_dir.glob("checkpoint-*"))
         for step, c in ckpts:
             if step < a.simcse_steps:
                 sts(f"mntp+simcse@{step}", model=str(mntp_dir), peft=str(c), bidirectional=True)
         sts("mntp+simcse", model=str(mntp_dir), peft=str(simcse_dir), bidirectional=True)
-        runs["simcse"] = {"steps": a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
+        runs["simcse"] = {"steps": s["stopped_at"] or a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
                           "lr": a.simcse_lr, "attention_dropout": 0.3, "data": "wiki1m head (1.28 MB)",
                           "train_runtime_s": s["train_runtime"], "losses": s["losses"]}
 
@@ -200,11 +206,13 @@ def main(argv=None) -> int:
             output_dir=str(sup_dir), model=str(mntp_dir), instructions=[SNLI_INSTRUCTION],
             batch_size=a.supervised_batch, max_length=a.supervised_len, max_steps=a.supervised_steps,
             learning_rate=a.supervised_lr, warmup_steps=min(300, a.supervised_steps // 10),
-            logging_steps=max(1, a.supervised_steps // 25), save_steps=0, disable_tqdm=True))
+            logging_steps=max(1, a.supervised_steps // 25), save_steps=0, disable_tqdm=True,
+            max_train_seconds=a.max_seconds))
         sts("mntp+supervised", model=str(mntp_dir), peft=str(sup_dir), bidirectional=True)
-        runs["supervised"] = {"steps": a.supervised_steps, "batch": a.supervised_batch, "seq_len": a.supervised_len,
-                              "lr": a.supervised_lr, "data": "SNLI dev+test triplets (1 hard negative)",
-                              "train_runtime_s": r["train_runtime"], "losses": r["losses"]}
+        runs["supervised"] = {"steps": r["stopped_at"] or a.supervised_steps, "batch": a.supervised_batch,
+                              "seq_len": a.supervised_len, "lr": a.supervised_lr,
+                              "data": "SNLI dev+test triplets (1 hard negative)", "train_runtime_s": r["train_runtime"],
+                              "losses": r["losses"]}
 
     if a.weighted_baseline:
         sts("base", bidirectional=False, pooling="weighted_mean")

@@ -28,8 +28,8 @@ from .common import (
     LORA_TARGETS,
     TRAINING_NAME,
     AdapterTrainer,
-    StepCounter,
     add_lora,
+    add_step_callbacks,
     default_dtype,
     enable_checkpointing,
     loss_history,
@@ -68,6 +68,7 @@ class MNTPArguments:
     attn_backend: str = "auto"
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     seed: int = 42
+    max_train_seconds: float | None = None  # stop (and save) after this much wall clock, even before max_steps
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int | None = None
@@ -169,14 +170,14 @@ def train_mntp(args: MNTPArguments) -> dict:
         dataloader_num_workers=args.dataloader_num_workers, extra=args.extra_training_args)
     trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
                           processing_class=tokenizer, masker=collator)
-    counter = StepCounter()
-    trainer.add_callback(counter)
+    counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
     if trainer.args.should_save:
         save_mntp_output(model.backbone, tokenizer, args, base_path, losses)
     return {"output_dir": args.output_dir, "base_model": base_path, "losses": losses,
-            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "blocks": len(dataset)}
+            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "blocks": len(dataset),
+            "stopped_at": limit and limit.stopped_at}
 
 
 def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, losses: list[dict]) -> None:

@@ -21,3 +21,25 @@ def test_write_report_tables_and_loss_lines(tmp_path):
     assert "wiki1m, 2520 s; loss 0.260 (step 24) → 0.100 (step 600)" in md
     saved = json.loads((tmp_path / "ev.json").read_text())
     assert saved["rows"] == rows and saved["runs"]["simcse"]["steps"] == 600 and payload["rows"] == rows
+
+
+def test_main_runs_every_stage_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The whole evidence pipeline (base scores, MNTP, SimCSE with a checkpoint curve, supervised, report) on a tiny
+    random model, two steps a stage: every row and run is written."""
+    from llm2vec_fast.training.evidence import main
+
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--model", tiny_model_dir,
+                 "--mntp-steps", "2", "--mntp-batch", "2", "--mntp-len", "32", "--simcse-steps", "2",
+                 "--simcse-batch", "4", "--simcse-len", "16", "--simcse-eval-every", "1", "--supervised-steps", "2",
+                 "--supervised-batch", "4", "--supervised-len", "16", "--sts-limit", "12", "--max-seconds", "120",
+                 "--name", "ev"]) == 0
+    saved = json.loads((out / "ev.json").read_text())
+    stages = [(r["stage"], r["attention"], r["pooling"]) for r in saved["rows"]]
+    assert stages == [("base", "causal", "mean"), ("base", "bidirectional", "mean"), ("mntp", "bidirectional", "mean"),
+                      ("mntp", "causal", "mean"), ("mntp+simcse@1", "bidirectional", "mean"),
+                      ("mntp+simcse", "bidirectional", "mean"), ("mntp+supervised", "bidirectional", "mean"),
+                      ("base", "causal", "weighted_mean")]
+    assert all(r["sts_pairs"] == 12 and -100 <= r["stsb_dev_spearman"] <= 100 for r in saved["rows"])
+    assert set(saved["runs"]) == {"mntp", "simcse", "supervised"}
+    assert saved["runs"]["mntp"]["steps"] == 2 and not saved["runs"]["mntp"]["stopped_by_time_limit"]

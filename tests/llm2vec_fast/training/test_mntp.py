@@ -89,3 +89,12 @@ def test_cli_parses_and_runs(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     assert a.func(a) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and report["final_loss"] > 0
+
+
+def test_time_limit_stops_and_saves(tiny_model_dir, tiny_text_file, tmp_path):
+    r = train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path, max_steps=10_000, save_steps=0,
+                         max_train_seconds=1.0))
+    assert r["stopped_at"] is not None and r["steps_run"] == r["stopped_at"] < 10_000
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "llm2vec_training.json").exists()
+    with pytest.raises(ValueError, match="max_train_seconds must be > 0"):
+        train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path / "x", max_train_seconds=-1))
