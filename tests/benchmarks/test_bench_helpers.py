@@ -102,3 +102,49 @@ def test_gpu_check_runs_every_step_and_packs_results(tmp_path):
         names = tar.getnames()
     assert sum(n.endswith(".md") for n in names) >= 6
     assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
+
+
+def _fake_python(tmp_path):
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = "-" ]; then cat >/dev/null; echo "FakeCard · torch 0"; exit 0; fi\n'
+        'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit 0; fi\n'
+        'echo "$* GGUF=$LLM2VEC_FAST_GGUF" >>"$CALLS"\n'
+        'echo "# result" >"$OUT/r_$(echo "$*" | md5sum | cut -c1-8).md"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="needs bash, sha256sum")
+def test_gpu_evidence_assembles_the_model_and_runs_both_stages(tmp_path):
+    """Dry run with a stand-in python and a stand-in GGUF split as prepare_device splits the real one."""
+    import hashlib
+
+    parts, gguf = tmp_path / "parts", os.urandom(5000)
+    src = tmp_path / "model.gguf"
+    src.write_bytes(gguf)
+    (tmp_path / "device").mkdir()
+    prepare_device.build_model_parts(src, parts / "device-model-a", parts / "device-model-b", tmp_path / "device",
+                                     part_a_bytes=3000)
+    assert (parts / "device-model-b" / "pylib" / "gguf" / "__init__.py").exists()
+    out, work, calls = tmp_path / "out", tmp_path / "work", tmp_path / "calls.txt"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(work), PYTHON=str(_fake_python(tmp_path)),
+               MODEL_PARTS_DIR=str(parts), GGUF_DIR=str(tmp_path / "assembled"), CALLS=str(calls))
+    script = ROOT / "benchmarks" / "gpu_evidence.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assembled = tmp_path / "assembled" / "model.gguf"
+    assert hashlib.sha256(assembled.read_bytes()).hexdigest() == hashlib.sha256(gguf).hexdigest()
+    lines = [ln for ln in calls.read_text().splitlines() if not ln.startswith("-c import gguf")]
+    assert len(lines) == 3 and all(f"GGUF={assembled}" in ln for ln in lines)
+    assert "--name training_evidence_gpu_mntp" in lines[1] and "--mntp-steps 1000 --mntp-batch 32" in lines[1]
+    assert "--reuse-mntp" in lines[2] and "--simcse-batch 128" in lines[2]
+    summary = (out / "summary.md").read_text()
+    assert "| assemble model.gguf | ok |" in summary and (out / "gpu_evidence.log").exists()
+    # a corrupt part is refused before anything runs
+    (parts / "device-model-a" / "part-a.bin").write_bytes(b"x" * 3000)
+    calls.unlink()
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not calls.exists()
+    assert "sha256 mismatch" in (out / "summary.md").read_text()

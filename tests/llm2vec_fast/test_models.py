@@ -32,3 +32,14 @@ def test_local_folders_and_hub_ids(tmp_path):
         models.resolve_model(tmp_path / "f.bin")
     with pytest.raises(FileNotFoundError, match="not found"):
         models.resolve_model("no-such-model")
+
+
+def test_gguf_path_from_environment(monkeypatch, tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("LLM2VEC_FAST_GGUF", str(f))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # the package is not needed then
+    assert models.gguf_path() == f
+    monkeypatch.setenv("LLM2VEC_FAST_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="missing.gguf.*is not a file"):
+        models.gguf_path()
