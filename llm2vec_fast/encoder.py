@@ -102,8 +102,10 @@ class LLM2Vec(nn.Module):
         ``peft_model_name_or_path``: an adapter to apply on top (merged when ``merge_peft``). Encoder settings come
         from ``llm2vec_config.json`` (adapter folder first, else base folder) unless given here; their defaults are
         pooling ``mean``, max_length 512, doc_max_length 400, skip_instruction True. ``enable_bidirectional``
-        defaults to the saved config's choice, else True. ``device`` defaults to CUDA when available; ``dtype`` to
-        bfloat16 on CUDA and float32 on CPU. Other keyword arguments go to ``AutoModel.from_pretrained``.
+        defaults to the saved config's choice, else True; a causal model runs through the packed causal attention
+        (:func:`llm2vec_fast.to_packed_causal`) unless ``attn_implementation`` is given. ``device`` defaults to CUDA
+        when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU. Other keyword arguments go to
+        ``AutoModel.from_pretrained``.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -133,6 +135,7 @@ class LLM2Vec(nn.Module):
             raise ValueError(f"model type {config.model_type!r} is not supported with bidirectional attention; "
                              f"supported: {', '.join(FAMILIES)} (or pass enable_bidirectional=False)")
         tokenizer = AutoTokenizer.from_pretrained(path)
+        own_attention = "attn_implementation" in hf_kwargs  # a causal model keeps an implementation asked for
         hf_kwargs.setdefault("attn_implementation", "sdpa")
         model = AutoModel.from_pretrained(path, dtype=dtype, **hf_kwargs)
         if getattr(model, "_hf_peft_config_loaded", False) or os.path.exists(os.path.join(path,
@@ -140,7 +143,7 @@ class LLM2Vec(nn.Module):
             model = _merge_embedded_adapter(model, path)
         if enable_bidirectional:
             to_bidirectional(model, backend=attn_backend)
-        elif getattr(config, "model_type", None) in FAMILIES:
+        elif getattr(config, "model_type", None) in FAMILIES and not own_attention:
             # causal, but per sequence on the packed batch (HF's SDPA would mask a [T, T] square over the whole pack)
             to_packed_causal(model, backend=attn_backend)
         if peft_model_name_or_path is not None:

@@ -299,3 +299,17 @@ def test_default_batch_tokens_per_device():
     assert default_batch_tokens(cfg, "cuda", 512, free_bytes=10**6) == 512  # one full-length text always fits
     fp32 = default_batch_tokens(cfg, "cuda", 512, free_bytes=2 * 2**30, dtype=torch.float32)
     assert fp32 < small
+
+
+def test_causal_encode_packed_equals_hf_causal(tiny_encoder_dir):
+    """enable_bidirectional=False runs the packed per-sequence causal path; an explicit attn_implementation keeps
+    Hugging Face's own, and both give the same embeddings."""
+    items = ["A man is playing a flute.", ["Retrieve similar text", "A cat sleeps."], "Hi", "word " * 40]
+    ours = LLM2Vec.from_pretrained(str(tiny_encoder_dir), enable_bidirectional=False, device="cpu",
+                                   dtype=torch.float32)
+    hf = LLM2Vec.from_pretrained(str(tiny_encoder_dir), enable_bidirectional=False, device="cpu",
+                                 dtype=torch.float32, attn_implementation="sdpa")
+    assert ours.model.config._attn_implementation == "llm2vec_fast_causal"
+    assert hf.model.config._attn_implementation == "sdpa"
+    a, b = (m.encode(items, show_progress_bar=False) for m in (ours, hf))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
