@@ -200,6 +200,11 @@ def _attn_fwd_kernel(
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
     L = tl.load(CU + i_b + 1) - bos
+    if CAUSAL:
+        # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
+        i_m = tl.cdiv(L, BM) - 1 - i_m
+        if i_m < 0:
+            return
     if i_m * BM >= L:
         return
     i_h = i_hq // G
@@ -258,6 +263,11 @@ def _attn_fwd_tma_kernel(
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
     L = tl.load(CU + i_b + 1) - bos
+    if CAUSAL:
+        # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
+        i_m = tl.cdiv(L, BM) - 1 - i_m
+        if i_m < 0:
+            return
     if i_m * BM >= L:
         return
     i_h = i_hq // G
@@ -404,6 +414,11 @@ def _attn_bwd_dq_kernel(
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
     L = tl.load(CU + i_b + 1) - bos
+    if CAUSAL:
+        # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
+        i_m = tl.cdiv(L, BM) - 1 - i_m
+        if i_m < 0:
+            return
     if i_m * BM >= L:
         return
     i_h = i_hq // G
