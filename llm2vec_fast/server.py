@@ -469,6 +469,10 @@ def cmd_serve(args):
                              max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                              max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
                              auto_truncate=args.auto_truncate, api_key=args.api_key, log_requests=args.log_requests)
+    # SIGTERM (docker stop, kill) stops accepting, lets the worker finish what is queued, then exits
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.httpd.shutdown, daemon=True).start())
     info = server.info()
     print(f"llm2vec-fast serving {info['model_id']} ({info['dimensions']} dims, {info['device']}, {info['dtype']}) "
           f"on {server.url}", file=sys.stderr, flush=True)
@@ -476,6 +480,7 @@ def cmd_serve(args):
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    print("llm2vec-fast: server stopped", file=sys.stderr, flush=True)
     return 0
 
 

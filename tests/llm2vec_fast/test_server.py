@@ -228,9 +228,12 @@ def test_cli_serves(tiny_encoder_dir):
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             assert len(json.loads(r.read())[0]) == 64
+        proc.terminate()  # SIGTERM: a clean stop
+        assert proc.wait(60) == 0 and "server stopped" in proc.stderr.read()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 def test_bench_server_script(tiny_encoder_dir, tmp_path):
