@@ -138,8 +138,10 @@ def _tune_bench(fn, quantiles):
 #   dropout_keep_mask) regenerates the same bits.
 # - The GQA group size G is a runtime argument (specialised only when it is 1): one compile serves every GQA ratio
 #   of a head dim.
-# - Hot loops call no nested @triton.jit helpers other than _load_rows: the interpreter re-patches triton.language
-#   on every device-function call, which made CPU tests several times slower.
+# - Hot loops call few nested @triton.jit helpers (_load_rows, and the forward's _fwd_block): the interpreter
+#   re-patches triton.language on every device-function call, which makes CPU tests slower per helper.
+# - Causal (CAUSAL): key j of a sequence is visible to its query i when j <= i. The forward and dQ stop at the query
+#   block's last row and mask only the blocks crossing the diagonal; dK/dV start at the key block's first row.
 _KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "CAUSAL", "SEQ_BUCKET"]
 
 
