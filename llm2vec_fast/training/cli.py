@@ -114,7 +114,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mlm-probability", type=float, default=None, help="override the recipe's masking probability")
     p.add_argument("--mask-token", default="auto", choices=["auto", "blank", "eos", "mask"],
                    help="auto: the tokenizer's mask token, else '_' (blank, the original's choice); eos; mask: add "
-                        "a new '<mask>' token (its embedding row is untrained and not saved in the adapter)")
+                        "a new '<mask>' token (its row feeds training only: the output keeps the base vocabulary)")
     p.add_argument("--adapter-only", action="store_true",
                    help="write only the adapter, tokenizer and config (not the base model's files)")
     _common(p)

@@ -14,6 +14,7 @@ Python API::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -138,6 +139,9 @@ def build_mntp(args: MNTPArguments):
     causal_lm, tokenizer, base_path = load_causal_lm(args.model, dtype, args.attn_backend)
     mask_id = resolve_mask_token(tokenizer, args.mask_token)
     if len(tokenizer) > causal_lm.get_input_embeddings().weight.shape[0]:
+        from transformers import set_seed
+
+        set_seed(args.seed)  # the new row is drawn at random: the same in a resumed run
         causal_lm.resize_token_embeddings(len(tokenizer))  # the added "<mask>" token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -188,12 +192,30 @@ def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, l
     out.mkdir(parents=True, exist_ok=True)
     if args.release_layout:
         link_base_files(base_path, out)
-    backbone.save_pretrained(out)
+    if len(tokenizer) > _base_vocab(base_path, len(tokenizer)):
+        # an added "<mask>" row only ever feeds MNTP's inputs: the output keeps the base vocabulary (adapter without
+        # the resized embedding matrix, the base tokenizer), so it loads on the unchanged base model like any other
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    backbone.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     write_json(out / CONFIG_NAME, {"pooling_mode": "mean", "max_length": args.max_seq_length, "doc_max_length": 400,
                                    "skip_instruction": True, "bidirectional": True})
     write_json(out / TRAINING_NAME, {"stage": "mntp", "base_model": base_path, "arguments": dataclasses.asdict(args),
                                      "losses": losses})
+
+
+def _base_vocab(base_path: str, default: int) -> int:
+    """The base model's embedding rows (its config's vocab_size), or ``default`` when unreadable."""
+    try:
+        cfg = json.loads((Path(base_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return default
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("vocab_size", default))
 
 
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",

@@ -98,3 +98,20 @@ def test_time_limit_stops_and_saves(tiny_model_dir, tiny_text_file, tmp_path):
     assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "llm2vec_training.json").exists()
     with pytest.raises(ValueError, match="max_train_seconds must be > 0"):
         train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path / "x", max_train_seconds=-1))
+
+
+def test_added_mask_token_output_loads_on_the_base_model(tiny_model_dir, tiny_text_file, tmp_path):
+    """--mask-token mask adds a "<mask>" row for training; the output keeps the base vocabulary, so it loads on the
+    unchanged base (both layouts) and a text that spells "<mask>" encodes."""
+    from safetensors.torch import load_file
+
+    from llm2vec_fast import LLM2Vec
+
+    train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path, mask_token="mask", max_steps=2, save_steps=0))
+    assert not [k for k in load_file(str(tmp_path / "adapter_model.safetensors")) if "embed" in k]
+    texts = ["a text that spells <mask> inside", "plain"]
+    a = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(tmp_path), device="cpu")
+    b = LLM2Vec.from_pretrained(str(tmp_path), device="cpu")
+    assert len(b.tokenizer) == len(a.tokenizer)
+    torch.testing.assert_close(a.encode(texts, show_progress_bar=False), b.encode(texts, show_progress_bar=False),
+                               rtol=1e-4, atol=1e-5)
