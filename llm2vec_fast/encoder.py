@@ -110,6 +110,9 @@ class LLM2Vec(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = resolve_model(base_model_name_or_path)
+        if peft_model_name_or_path is None and _is_adapter_only(path):
+            # an adapter folder alone (e.g. a SimCSE output): its base comes from what training recorded
+            peft_model_name_or_path, path = path, resolve_model(_adapter_base(path))
         if "torch_dtype" in hf_kwargs:  # the original's spelling
             dtype = dtype if dtype is not None else hf_kwargs.pop("torch_dtype")
             hf_kwargs.pop("torch_dtype", None)
@@ -717,6 +720,34 @@ def pool(hidden, cu_seqlens, pooling_mode, pool_start):
 
 def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_adapter_only(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def _adapter_base(folder) -> str:
+    """The base model an adapter folder was trained on: our training record's ``load_with``, else peft's
+    ``base_model_name_or_path``; errors say what to pass instead."""
+    folder = Path(folder)
+    record = {}
+    if (folder / "llm2vec_training.json").is_file():
+        record = json.loads((folder / "llm2vec_training.json").read_text()).get("load_with") or {}
+    if record.get("merged_adapter"):
+        raise ValueError(f"{folder} was trained on {record.get('base_model_name_or_path')!r} with the adapter "
+                         f"{record['merged_adapter']!r} merged into it: merge that adapter into the base and save it, "
+                         "then pass that folder as base_model_name_or_path and this one as peft_model_name_or_path")
+    base = record.get("base_model_name_or_path")
+    if base is None:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder} holds an adapter without a recorded base model: pass base_model_name_or_path "
+                         "and this folder as peft_model_name_or_path")
+    if not Path(base).exists() and base.count("/") != 1:
+        raise FileNotFoundError(f"{folder} is an adapter trained on {base!r}, which is not here: pass the base "
+                                "model as base_model_name_or_path and this folder as peft_model_name_or_path")
+    return base
 
 
 def _read_config(folder):

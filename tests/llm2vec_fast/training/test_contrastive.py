@@ -125,3 +125,20 @@ def test_several_hard_negatives_per_query(tiny_model_dir, tmp_path, caplog):
         _args("supervised", [str(f)], tmp_path, num_negatives=-1)
     r = train_contrastive(args)
     assert r["steps_run"] == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in r["losses"])
+
+
+def test_adapter_folder_alone_loads_on_its_recorded_base(tiny_model_dir, tiny_sentence_file, tmp_path):
+    from llm2vec_fast import LLM2Vec
+
+    train_contrastive(_args("simcse", [tiny_sentence_file], tmp_path / "simcse", model=tiny_model_dir))
+    texts = ["first words here", "second"]
+    alone = LLM2Vec.from_pretrained(str(tmp_path / "simcse"), device="cpu").encode(texts, show_progress_bar=False)
+    explicit = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(tmp_path / "simcse"),
+                                       device="cpu").encode(texts, show_progress_bar=False)
+    torch.testing.assert_close(alone, explicit, rtol=0, atol=0)
+    # a recorded base that is gone: the error says what to pass
+    record = json.loads((tmp_path / "simcse" / "llm2vec_training.json").read_text())
+    record["load_with"]["base_model_name_or_path"] = str(tmp_path / "gone")
+    (tmp_path / "simcse" / "llm2vec_training.json").write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match="which is not here: pass the base model"):
+        LLM2Vec.from_pretrained(str(tmp_path / "simcse"), device="cpu")
