@@ -391,9 +391,17 @@ class LLM2Vec(nn.Module):
         Inputs are read lazily (a generator over a huge file works); each shard is written atomically, and
         ``manifest.json`` says ``"complete": false`` until the last shard lands, then lists every shard. With
         ``resume``, shards already present from an interrupted run (same ``chunk_size``) are skipped.
-        Returns the manifest.
+        ``precision="int8"`` / ``"uint8"`` quantize every shard with one set of per-dimension ranges, taken from the
+        first shard and kept in the manifest (``quantization_ranges``; quantize queries with them), so shards stay
+        comparable. Returns the manifest.
         """
         import itertools
+
+        from .quantization import PRECISIONS, quantization_ranges, quantize_embeddings
+
+        precision = encode_kwargs.pop("precision", "float32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -402,8 +410,16 @@ class LLM2Vec(nn.Module):
         if old and old.get("chunk_size") != chunk_size:
             raise ValueError(f"{out} holds shards of chunk_size {old.get('chunk_size')}, not {chunk_size}; "
                              "use another folder or resume=False")
+        if old and old.get("precision", "float32") != precision:
+            raise ValueError(f"{out} holds {old.get('precision', 'float32')} shards, not {precision}; use another "
+                             "folder or resume=False")
         manifest = {"complete": False, "chunk_size": chunk_size, "rows": 0, "dim": None, "shards": [],
-                    "model": getattr(self.model.config, "_name_or_path", None), "pooling_mode": self.pooling_mode}
+                    "model": getattr(self.model.config, "_name_or_path", None), "pooling_mode": self.pooling_mode,
+                    "precision": precision}
+        ranges = old.get("quantization_ranges")
+        if ranges is not None:
+            manifest["quantization_ranges"] = ranges
+            ranges = np.asarray(ranges, dtype=np.float32)
         it = iter([sentences] if isinstance(sentences, str) else sentences)
         bar = tqdm(desc="Encoding to disk", unit="text", disable=not show_progress_bar)
         for index in itertools.count():
@@ -416,6 +432,13 @@ class LLM2Vec(nn.Module):
                 dim = done[0]["dim"]
             else:
                 emb = self.encode(chunk, show_progress_bar=False, convert_to_numpy=True, **encode_kwargs)
+                if precision in ("int8", "uint8"):
+                    if ranges is None:
+                        ranges = quantization_ranges(emb)
+                        manifest["quantization_ranges"] = ranges.tolist()
+                    emb = quantize_embeddings(emb, precision, ranges=ranges)
+                elif precision != "float32":
+                    emb = quantize_embeddings(emb, precision)
                 _atomic_save(out / name, emb)
                 dim = int(emb.shape[1]) if emb.ndim == 2 else int(emb.shape[-1])
             manifest["shards"].append({"file": name, "rows": len(chunk), "dim": dim})

@@ -313,3 +313,18 @@ def test_causal_encode_packed_equals_hf_causal(tiny_encoder_dir):
     assert hf.model.config._attn_implementation == "sdpa"
     a, b = (m.encode(items, show_progress_bar=False) for m in (ours, hf))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_to_disk_int8_uses_one_set_of_ranges(tiny, tmp_path):
+    from llm2vec_fast.quantization import quantization_ranges, quantize_embeddings
+
+    texts = [f"text number {i} " + "x " * (i % 5) for i in range(10)]
+    manifest = tiny.encode_to_disk(texts, tmp_path, chunk_size=4, precision="int8", show_progress_bar=False)
+    got = np.concatenate([np.load(tmp_path / s["file"]) for s in manifest["shards"]])
+    full = tiny.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    ranges = quantization_ranges(full[:4])  # the first shard's rows calibrate every shard
+    assert got.dtype == np.int8 and manifest["precision"] == "int8"
+    np.testing.assert_allclose(np.asarray(manifest["quantization_ranges"]), ranges, rtol=1e-6)
+    assert np.abs(got.astype(int) - quantize_embeddings(full, "int8", ranges=ranges).astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="holds int8 shards, not float32"):
+        tiny.encode_to_disk(texts, tmp_path, chunk_size=4, show_progress_bar=False)
