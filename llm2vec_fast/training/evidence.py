@@ -86,6 +86,12 @@ def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="train
     return payload
 
 
+def _checkpoints(folder: Path, last_step: int) -> list:
+    """The curve: ``(step, folder)`` of every checkpoint before the final output (which is the last step's)."""
+    found = sorted((int(c.name.split("-")[1]), c) for c in folder.glob("checkpoint-*"))
+    return [(step, c) for step, c in found if step < last_step]
+
+
 def _runtime(run: dict) -> str:
     return f"{run['train_runtime_s']:.0f} s" if run.get("train_runtime_s") else "trained in an earlier run"
 
@@ -111,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--simcse-len", type=int, default=64)
     p.add_argument("--simcse-lr", type=float, default=1e-4)
     p.add_argument("--sts-limit", type=int, default=None, help="first N STS-B dev pairs (default all 1500)")
+    p.add_argument("--mntp-eval-every", type=int, default=0,
+                   help="also score MNTP checkpoints every N steps (bidirectional): a curve")
     p.add_argument("--simcse-eval-every", type=int, default=0,
                    help="also score the SimCSE adapter every N steps (from its checkpoints): a Spearman curve")
     p.add_argument("--skip-simcse", action="store_true")
@@ -173,8 +181,10 @@ def main(argv=None) -> int:
         m = train_mntp(MNTPArguments(
             train_files=[str(wiki / f) for f in a.mntp_files], output_dir=str(mntp_dir), model=a.model,
             max_seq_length=a.mntp_len, batch_size=a.mntp_batch, max_steps=a.mntp_steps, learning_rate=a.mntp_lr,
-            logging_steps=max(1, a.mntp_steps // 25), save_steps=0, disable_tqdm=True,
+            logging_steps=max(1, a.mntp_steps // 25), save_steps=a.mntp_eval_every, disable_tqdm=True,
             max_train_seconds=a.max_seconds))
+        for step, c in _checkpoints(mntp_dir, m["stopped_at"] or a.mntp_steps):
+            sts(f"mntp@{step}", model=a.model, peft=str(c), bidirectional=True)
         sts("mntp", model=str(mntp_dir), bidirectional=True)
         sts("mntp", model=str(mntp_dir), bidirectional=False)
         runs["mntp"] = {"steps": m["stopped_at"] or a.mntp_steps, "batch": a.mntp_batch, "seq_len": a.mntp_len,
@@ -189,11 +199,8 @@ def main(argv=None) -> int:
             model=str(mntp_dir), batch_size=a.simcse_batch, max_length=a.simcse_len, max_steps=a.simcse_steps,
             learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=a.simcse_eval_every,
             disable_tqdm=True, max_train_seconds=a.max_seconds))
-        # the curve: every checkpoint before the final adapter (which is the last step's)
-        ckpts = sorted((int(c.name.split("-")[1]), c) for c in simcse_dir.glob("checkpoint-*"))
-        for step, c in ckpts:
-            if step < a.simcse_steps:
-                sts(f"mntp+simcse@{step}", model=str(mntp_dir), peft=str(c), bidirectional=True)
+        for step, c in _checkpoints(simcse_dir, s["stopped_at"] or a.simcse_steps):
+            sts(f"mntp+simcse@{step}", model=str(mntp_dir), peft=str(c), bidirectional=True)
         sts("mntp+simcse", model=str(mntp_dir), peft=str(simcse_dir), bidirectional=True)
         runs["simcse"] = {"steps": s["stopped_at"] or a.simcse_steps, "batch": a.simcse_batch, "seq_len": a.simcse_len,
                           "lr": a.simcse_lr, "attention_dropout": 0.3, "data": "wiki1m head (1.28 MB)",

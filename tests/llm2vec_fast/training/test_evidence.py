@@ -30,13 +30,15 @@ def test_main_runs_every_stage_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     out = tmp_path / "out"
     assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--model", tiny_model_dir,
-                 "--mntp-steps", "2", "--mntp-batch", "2", "--mntp-len", "32", "--simcse-steps", "2",
+                 "--mntp-steps", "2", "--mntp-batch", "2", "--mntp-len", "32", "--mntp-eval-every", "1",
+                 "--simcse-steps", "2",
                  "--simcse-batch", "4", "--simcse-len", "16", "--simcse-eval-every", "1", "--supervised-steps", "2",
                  "--supervised-batch", "4", "--supervised-len", "16", "--sts-limit", "12", "--max-seconds", "120",
                  "--name", "ev"]) == 0
     saved = json.loads((out / "ev.json").read_text())
     stages = [(r["stage"], r["attention"], r["pooling"]) for r in saved["rows"]]
-    assert stages == [("base", "causal", "mean"), ("base", "bidirectional", "mean"), ("mntp", "bidirectional", "mean"),
+    assert stages == [("base", "causal", "mean"), ("base", "bidirectional", "mean"),
+                      ("mntp@1", "bidirectional", "mean"), ("mntp", "bidirectional", "mean"),
                       ("mntp", "causal", "mean"), ("mntp+simcse@1", "bidirectional", "mean"),
                       ("mntp+simcse", "bidirectional", "mean"), ("mntp+supervised", "bidirectional", "mean"),
                       ("base", "causal", "weighted_mean")]
