@@ -37,8 +37,9 @@ def sts_sentences(n):
 
 
 def run_clients(url, batches_per_client):
-    """Send each client's requests back to back, all clients at once; returns (seconds, latencies)."""
-    latencies, lock = [], threading.Lock()
+    """Send each client's requests back to back, all clients at once; returns (seconds, latencies). Raises if any
+    request failed: a throughput over lost requests would be wrong."""
+    latencies, errors, lock = [], [], threading.Lock()
     start = threading.Barrier(len(batches_per_client) + 1)
 
     def client(batches):
@@ -47,8 +48,13 @@ def run_clients(url, batches_per_client):
             body = json.dumps({"inputs": texts, "truncate": True}).encode()
             req = urllib.request.Request(url + "/embed", data=body, headers={"Content-Type": "application/json"})
             t = time.perf_counter()
-            with urllib.request.urlopen(req, timeout=600) as r:
-                r.read()
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    r.read()
+            except OSError as e:
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
             with lock:
                 latencies.append(time.perf_counter() - t)
 
@@ -59,6 +65,8 @@ def run_clients(url, batches_per_client):
     t0 = time.perf_counter()
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(errors) + len(latencies)} requests failed; first: {errors[0]}")
     return time.perf_counter() - t0, latencies
 
 

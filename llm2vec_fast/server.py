@@ -169,8 +169,10 @@ class EmbeddingServer:
         self._count_tokenizer, self._count_lock = copy.deepcopy(l2v.tokenizer), threading.Lock()
         self.requests = {}  # (route, status) -> count
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, int(port)), _handler_class(self))
-        self.httpd.daemon_threads = True
+        # the listen backlog holds as many connections as may wait (the default of 5 resets bursts of clients)
+        server_class = type("_HTTPServer", (ThreadingHTTPServer,),
+                            {"daemon_threads": True, "request_queue_size": int(max_concurrent_requests)})
+        self.httpd = server_class((host, int(port)), _handler_class(self))
         self._thread = None
 
     @property

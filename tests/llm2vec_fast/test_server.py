@@ -247,3 +247,19 @@ def test_bench_server_script(tiny_encoder_dir, tmp_path):
     assert set(by) == {"per-request", "merged", "offline"} and len({r["texts"] for r in rows}) == 1
     assert by["per-request"]["encode_calls"] == 6 and 1 <= by["merged"]["encode_calls"] <= 6
     assert (tmp_path / "srv.md").read_text().count("|") > 10
+
+
+def test_a_burst_of_clients_is_served(server):
+    """32 connections at once: none is reset (the listen backlog holds them), every one gets its rows."""
+    results, start = [], threading.Barrier(32)
+
+    def client(i):
+        start.wait()
+        results.append(call(server, "/embed", {"inputs": [f"client {i}"]})[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200] * 32
