@@ -412,7 +412,15 @@ def _handler_class(server: EmbeddingServer):
             path = self.path.split("?")[0]
             length = int(self.headers.get("Content-Length") or 0)
             if length > server.payload_limit:
-                self.close_connection = True  # the body is not read: the connection cannot be reused
+                # read and drop a body of sane size first, so the client (still sending) gets the 413 rather than a
+                # broken pipe; a huge one is refused at once
+                left = length if length <= 32 * server.payload_limit else 0
+                while left > 0:
+                    chunk = self.rfile.read(min(1 << 20, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                self.close_connection = True
                 return self._error(RequestError(413, f"request body of {length} bytes is over the payload limit "
                                                 f"of {server.payload_limit} bytes"))
             raw = self.rfile.read(length) if length else b""
