@@ -48,6 +48,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     enc.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per packed batch")
     enc.add_argument("--devices", default=None, help="comma-separated devices for data-parallel encoding, one "
                      "worker process each (e.g. cuda:0,cuda:1,cuda:2,cuda:3)")
+    enc.add_argument("--worker-load", default="share", choices=["share", "reload"], help="with --devices: send the "
+                     "model through shared memory (share), or let each worker load it from disk (reload: for a small "
+                     "/dev/shm, as in containers)")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     enc.set_defaults(func=cmd_encode)
 
@@ -241,7 +244,7 @@ def cmd_encode(args) -> int:
               normalize_embeddings=args.normalize, precision=args.precision, truncate_dim=args.truncate_dim)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if devices:
-        kw["pool"] = model.start_multi_process_pool(devices)
+        kw["pool"] = model.start_multi_process_pool(devices, load=args.worker_load)
     try:
         if to_folder:
             manifest = model.encode_to_disk(items, out, chunk_size=args.chunk_size,

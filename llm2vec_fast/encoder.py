@@ -87,6 +87,7 @@ class LLM2Vec(nn.Module):
         self.prompts = dict(prompts or {})
         self.instruction_span = instruction_span
         self.config = model.config
+        self._source = None  # from_pretrained's arguments, when it built this
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -120,6 +121,11 @@ class LLM2Vec(nn.Module):
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype) if dtype is not None else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
+        # how to load this again (encode worker processes with load="reload"); plain values only
+        source = dict(base_model_name_or_path=path, peft_model_name_or_path=peft_model_name_or_path,
+                      merge_peft=merge_peft, enable_bidirectional=enable_bidirectional, attn_backend=attn_backend,
+                      dtype=str(dtype).replace("torch.", ""),
+                      **{k: v for k, v in hf_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))})
 
         config_addr = peft_model_name_or_path if peft_model_name_or_path is not None else path
         saved = _read_config(config_addr) or (_read_config(path) if peft_model_name_or_path else {})
@@ -160,7 +166,9 @@ class LLM2Vec(nn.Module):
                 model = model.merge_and_unload()
         model.to(device)
         model.eval()
-        return cls(model, tokenizer, prompts=saved.get("prompts"), **args)
+        encoder = cls(model, tokenizer, prompts=saved.get("prompts"), **args)
+        encoder._source = source
+        return encoder
 
     def save(self, output_path, merge_before_save=False, save_config=True):
         """Write model, tokenizer and ``llm2vec_config.json``; ``from_pretrained(output_path)`` reloads it."""
@@ -467,19 +475,23 @@ class LLM2Vec(nn.Module):
         return similarity_pairwise(embeddings1, embeddings2, fn)
 
     # ------------------------------------------------------------------ data-parallel encoding
-    def start_multi_process_pool(self, target_devices=None, threads_per_worker=None):
+    def start_multi_process_pool(self, target_devices=None, threads_per_worker=None, load="share"):
         """Start one encode worker process per device (sentence-transformers' name); pass it as ``encode(pool=)``.
 
         ``target_devices``: e.g. ``["cuda:0", "cuda:1"]``; default every CUDA device, else two CPU workers. Each
-        worker holds a copy of the model (shared host memory on the way, so the parent's model briefly visits the
-        CPU). Close it with :meth:`stop_multi_process_pool` or use it as a context manager.
+        worker holds a copy of the model. ``load="share"`` (default) sends this object's model through shared host
+        memory (exact, including weights changed in memory; the parent's model briefly visits the CPU, and
+        ``/dev/shm`` must hold it). ``load="reload"``: each worker loads it again with this object's
+        ``from_pretrained`` arguments (no shared memory: for big models in containers with a small ``/dev/shm``);
+        encoder settings (pooling, lengths, prompts) are copied over. Close the pool with
+        :meth:`stop_multi_process_pool` or use it as a context manager.
         """
         from .multiprocess import EncodePool
 
         if target_devices is None:
             n = torch.cuda.device_count()
             target_devices = [f"cuda:{i}" for i in range(n)] if n else ["cpu", "cpu"]
-        return EncodePool(self, target_devices, threads_per_worker)
+        return EncodePool(self, target_devices, threads_per_worker, load)
 
     @staticmethod
     def stop_multi_process_pool(pool):

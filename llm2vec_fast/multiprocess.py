@@ -21,15 +21,22 @@ import time
 import numpy as np
 import torch
 
-_READY_TIMEOUT_S = 900  # loading a 7B model onto a device from shared host memory takes a while
+_READY_TIMEOUT_S = 900  # loading a 7B model onto a device takes a while
+# what a reloading worker copies from the parent's encoder after from_pretrained
+_ENCODER_STATE = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "prompts", "instruction_span")
 
 
 class EncodePool:
     """Worker processes (``spawn``) over ``devices``; see :meth:`LLM2Vec.start_multi_process_pool`."""
 
-    def __init__(self, l2v, devices, threads_per_worker=None):
+    def __init__(self, l2v, devices, threads_per_worker=None, load="share"):
         import torch.multiprocessing as mp
 
+        if load not in ("share", "reload"):
+            raise ValueError(f"load must be 'share' or 'reload', got {load!r}")
+        if load == "reload" and getattr(l2v, "_source", None) is None:
+            raise ValueError("load='reload' needs a model built by LLM2Vec.from_pretrained (its arguments are what the "
+                             "workers load); use load='share'")
         self.devices = _check_devices(devices)
         ctx = mp.get_context("spawn")
         self._in, self._out = ctx.Queue(), ctx.Queue()
@@ -38,18 +45,29 @@ class EncodePool:
             n_cpu = sum(d.startswith("cpu") for d in self.devices)
             threads_per_worker = max(1, (os.cpu_count() or 1) // max(1, n_cpu)) if n_cpu else 1
         home = l2v.device
-        # the model travels to the workers through shared host memory, once; the parent's copy goes back home
-        l2v.model.to("cpu")
-        l2v.model.share_memory()
+        if load == "reload":
+            payload = ("reload", l2v._source, {k: getattr(l2v, k) for k in _ENCODER_STATE})
+        else:
+            # the model travels to the workers through shared host memory, once; the parent's copy goes back home
+            l2v.model.to("cpu")
+            try:
+                l2v.model.share_memory()
+            except RuntimeError as e:
+                l2v.model.to(home)
+                raise RuntimeError(f"could not put the model in shared memory ({e}); a container's /dev/shm is often "
+                                   "too small: start the pool with load='reload', or give it more (docker "
+                                   "--shm-size)") from e
+            payload = l2v
         self._procs = []
         try:
             for rank, dev in enumerate(self.devices):
-                p = ctx.Process(target=_worker, args=(rank, dev, l2v, self._in, self._out, threads_per_worker),
+                p = ctx.Process(target=_worker, args=(rank, dev, payload, self._in, self._out, threads_per_worker),
                                 daemon=True, name=f"llm2vec-fast-encode-{rank}")
                 p.start()
                 self._procs.append(p)
         finally:
-            l2v.model.to(home)
+            if load == "share":
+                l2v.model.to(home)
         self.hidden_size = int(l2v.model.config.hidden_size)
         self._wait_ready()
 
@@ -161,7 +179,7 @@ def _check_devices(devices):
     return out
 
 
-def _worker(rank, device, l2v, inq, outq, threads):
+def _worker(rank, device, payload, inq, outq, threads):
     """Worker loop: load once, then encode chunks until the ``None`` sentinel."""
     try:
         from llm2vec_fast.bidirectional import register
@@ -171,6 +189,15 @@ def _worker(rank, device, l2v, inq, outq, threads):
             torch.set_num_threads(threads)
         else:
             torch.cuda.set_device(torch.device(device))
+        if isinstance(payload, tuple) and payload[0] == "reload":
+            from llm2vec_fast import LLM2Vec
+
+            _, source, state = payload
+            l2v = LLM2Vec.from_pretrained(**source, device=device)
+            for k, v in state.items():
+                setattr(l2v, k, v)
+        else:
+            l2v = payload
         l2v.model.to(device)
         l2v.model.eval()
         outq.put(("ready", rank, None))

@@ -94,8 +94,26 @@ def test_cli_devices_streams_shards(tiny_encoder_dir, tmp_path, capsys):
     src.write_text("".join(f"text number {i}\n" for i in range(21)))
     common = ["--model", str(tiny_encoder_dir), "--device", "cpu", "--no-progress"]
     assert main(["encode", "-i", str(src), "-o", str(tmp_path / "shards"), "--chunk-size", "8",
-                 "--devices", "cpu,cpu", *common]) == 0
+                 "--devices", "cpu,cpu", "--worker-load", "reload", *common]) == 0
     assert main(["encode", "-i", str(src), "-o", str(tmp_path / "one.npy"), *common]) == 0
     shards = sorted((tmp_path / "shards").glob("embeddings-*.npy"))
     assert len(shards) == 3
     assert np.allclose(np.concatenate([np.load(s) for s in shards]), np.load(tmp_path / "one.npy"), atol=1e-5)
+
+
+def test_reload_workers_load_from_the_recorded_arguments(l2v):
+    """load="reload": no shared memory; each worker runs from_pretrained with this encoder's arguments and takes its
+    settings (here a prompt and a pooling mode changed after loading)."""
+    l2v.pooling_mode = "weighted_mean"
+    try:
+        expected = l2v.encode(TEXTS[:7], prompt_name="query", show_progress_bar=False)
+        with l2v.start_multi_process_pool(["cpu"], threads_per_worker=1, load="reload") as p:
+            got = l2v.encode(TEXTS[:7], pool=p, prompt_name="query", show_progress_bar=False)
+    finally:
+        l2v.pooling_mode = "mean"
+    assert (got - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="load must be 'share' or 'reload'"):
+        l2v.start_multi_process_pool(["cpu"], load="copy")
+    bare = LLM2Vec(l2v.model, l2v.tokenizer)
+    with pytest.raises(ValueError, match="needs a model built by LLM2Vec.from_pretrained"):
+        bare.start_multi_process_pool(["cpu"], load="reload")
