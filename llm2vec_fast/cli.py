@@ -18,7 +18,7 @@ DEMO_TEXTS = [
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm2vec-fast",
-        description="Decoder LLMs as text encoders (LLM2Vec): encode, evaluate, train, benchmark.")
+        description="Decoder LLMs as text encoders (LLM2Vec): encode, serve, evaluate, train, benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
