@@ -133,6 +133,9 @@ def _dist_worker(rank, world, port, path, q, p, n):
         loss = hard_negative_nll_loss(ql, pl, nl, scale=50.0, mask_false_negatives=True)
         loss.backward()
         torch.save((loss.detach(), [g.clone() for g in (ql.grad, pl.grad, nl.grad)]), f"{path}/{rank}.pt")
+        # both ranks finished every collective before either tears gloo down: a rank that destroys its group while
+        # the other's gloo threads still hold the connection makes that one abort (SIGABRT, seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
