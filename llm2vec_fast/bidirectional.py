@@ -325,7 +325,7 @@ def _torch_attention(q, k, v, keep, scale, softcap, dropout, window, causal=Fals
     mask = None
     if keep is not None:
         mask = keep if keep.ndim == 4 else keep[:, None, None, :]
-    i = torch.arange(seq, device=q.device)
+    i = torch.arange(seq, device=q.device) if window is not None or causal else None
     if window is not None:
         band = (i[:, None] - i[None, :]).abs() < window
         mask = band[None, None] if mask is None else (mask & band[None, None])

@@ -240,7 +240,7 @@ class EmbeddingServer:
         if fmt not in ("float", "base64"):
             raise RequestError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}")
         items = self._items(body.get("input"), "input", pairs=False)
-        emb, tokens = self._encode(items, None)
+        emb, tokens = self._encode(items, None, count=True)
         # OpenAI's embeddings are unit length; a dimensions cut is renormalised
         emb = _postprocess(emb, True, body.get("dimensions"))
         data = []
@@ -313,14 +313,17 @@ class EmbeddingServer:
             raise RequestError(422, f"instruction must be a string, got {type(instruction).__name__}")
         return [[instruction, it] if isinstance(it, str) else it for it in items]
 
-    def _encode(self, items, truncate):
-        """(embeddings [N, H] float32 CPU, total tokens). Refuses over-long texts unless truncating."""
+    def _encode(self, items, truncate, count=False):
+        """(embeddings [N, H] float32 CPU, total tokens or None). Refuses over-long texts unless truncating; tokens
+        are counted here (a second tokenization besides the encoder's) only for that check or when ``count``."""
         from llm2vec_fast.encoder import _normalize_inputs
 
         if truncate is None:
             truncate = self.auto_truncate
         elif not isinstance(truncate, bool):
             raise RequestError(422, f"truncate must be true or false, got {json.dumps(truncate)}")
+        if truncate and not count:
+            return self.batcher.submit(items), None
         joints, _, _ = self.l2v._joint_strings(_normalize_inputs(items))
         with self._count_lock:
             lengths = [len(x) for x in self._count_tokenizer(joints, add_special_tokens=True)["input_ids"]]
@@ -354,12 +357,13 @@ def _bool(body, key, default):
 
 
 def _postprocess(emb, normalize, dimensions):
-    if dimensions is not None:
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= emb.shape[-1]:
-            raise RequestError(422, f"dimensions must be an integer in 1..{emb.shape[-1]}, got "
-                               f"{json.dumps(dimensions)}")
-        emb = emb[:, :dimensions]
-    return F.normalize(emb, dim=-1) if normalize else emb
+    from llm2vec_fast.quantization import truncate_embeddings
+
+    if dimensions is None:
+        return F.normalize(emb, dim=-1) if normalize else emb
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= emb.shape[-1]:
+        raise RequestError(422, f"dimensions must be an integer in 1..{emb.shape[-1]}, got {json.dumps(dimensions)}")
+    return truncate_embeddings(emb, dimensions, renormalize=normalize)
 
 
 def _handler_class(server: EmbeddingServer):
