@@ -295,7 +295,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
             ms = _time(fn, (q, k, v, cu, m), do, bwd, W, R)
             res[(pname, bwd)] = _tflops(real * (3.5 if bwd else 1.0), ms)
     # HF path: padded [B, L, H, D] batch with a key-padding mask
-    if T * m <= 16 * TOKENS * 512:  # the padded batch stays within a few GB
+    if peers.get("others", True) and T * m <= 16 * TOKENS * 512:  # the padded batch stays within a few GB
         qp, kp, vp, dop = (torch.zeros(B, m, x.shape[1], d, device=dev, dtype=DTYPE) for x in (q, k, v, do))
         keep = torch.zeros(B, m, dtype=torch.bool, device=dev)
         for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
@@ -311,7 +311,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
             res[("sdpa_pad", bwd)] = _tflops(real * (3.5 if bwd else 1.0), ms)
         del qp, kp, vp, dop, mask
     # dense equal-length peers (same token count, every row length S)
-    if dense_S:
+    if dense_S and peers.get("others", True):
         from torch.nn.attention import SDPBackend
 
         Bd = TOKENS // dense_S
@@ -424,6 +424,9 @@ def main(argv=None):
     ap.add_argument("--lengths-file", help='JSON {"corpus": [token counts per text]}')
     ap.add_argument("--tokenizer", help="Hugging Face tokenizer folder for the real-length packs")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles cost ~20 s per head set)")
+    ap.add_argument("--flex-only", action="store_true",
+                    help="ours against FlexAttention alone (its compiles take minutes on a fresh machine: the GPU "
+                         "check runs it as a step of its own); writes attention_flex[_causal]")
     ap.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=40, help="do_bench repetitions, ms")
     ap.add_argument("--out", help="output folder (default $OUT or benchmarks/results)")
@@ -449,9 +452,15 @@ def main(argv=None):
 
     varlen, varlen_note = _varlen_peer()
     peers = {"varlen": varlen, "flash_attn": _flash_attn_peer(), "flex": not args.no_flex}
+    if args.flex_only:
+        if args.no_flex:
+            raise SystemExit("--flex-only and --no-flex contradict each other")
+        peers = {"varlen": None, "flash_attn": None, "flex": True, "others": False}
     print(f"[bench_attention] {torch.cuda.get_device_name()} · {varlen_note} · flash_attn "
           f"{'yes' if peers['flash_attn'] else 'not installed'}", flush=True)
     heads = QUICK_HEADS if args.quick else HEADS
+    if args.flex_only and args.quick:
+        heads = heads[:1]  # Flex's compile per head set is the cost: the headline set only
     seqs = QUICK_SEQS if args.quick else SEQS
     real, real_note = real_lengths(args.lengths_file, args.tokenizer)
     rows = []
@@ -480,7 +489,8 @@ def main(argv=None):
     cols = base + [c for c in order if c in seen]
     cols += sorted(c for c in seen if c.startswith("×") and c not in cols)
     cols += sorted(c for c in seen if c not in cols and c != "T")
-    path = write_results("attention_causal" if args.causal else "attention", rows, out_dir=args.out, columns=cols,
+    stem = "attention_flex" if args.flex_only else "attention"
+    path = write_results(f"{stem}_causal" if args.causal else stem, rows, out_dir=args.out, columns=cols,
                          title="Packed causal attention" if args.causal else "Packed bidirectional attention",
                          notes=notes)
     print(f"[bench_attention] wrote {path} in {time.time() - t0:.0f} s")

@@ -11,7 +11,9 @@ In one process, on the same texts, with the same model object:
   (``to_bidirectional(model, backend="torch")``), mean pooling over the mask;
 * ``st b32`` / ``st b128``: sentence-transformers (when importable) on a folder holding the same weights, with its
   default mean pooling (its model is the plain causal decoder; only its speed is compared);
-* ``ours``: ``LLM2Vec.encode`` with packed token-budget batches — its default budget and ``--budgets`` values.
+* ``ours``: ``LLM2Vec.encode`` with packed token-budget batches and the fused RMSNorm/SwiGLU ops — its default
+  budget and ``--budgets`` values; ``ours default unfused`` (peer ``ours-unfused``): the same with HF's own RMSNorm
+  and MLP forwards, which shows what :func:`llm2vec_fast.fuse_ops` gains.
 
 Corpora (from ``$LLM2VEC_FAST_SHARED/data`` or ``--data-dir``): WikiText-2 test paragraphs (non-heading lines:
 2,183 texts) and wiki1m sentences (first 8,000 lines). Models: ``smollm2`` (SmolLM2-135M-Instruct; real weights
@@ -213,7 +215,7 @@ def sentence_transformer(model, tokenizer, device, dtype, workdir: Path):
 # ---------------------------------------------------------------------------------------------------- run
 def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
     """Time every requested path on ``texts``; rows with tokens/s, MFU, memory, ratios and cosines."""
-    from llm2vec_fast import to_bidirectional
+    from llm2vec_fast import fuse_ops, to_bidirectional, unfuse_ops
     from llm2vec_fast.encoder import default_batch_tokens
 
     model, tokenizer, l2v, st, device = ctx["model"], ctx["tokenizer"], ctx["l2v"], ctx["st"], ctx["device"]
@@ -234,6 +236,7 @@ def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
         print(f"  {corpus:9s} {path:16s} {tokens / seconds:12,.0f} tok/s  {mfu:6.1%} MFU", flush=True)
 
     if "hf" in ctx["peers"]:
+        unfuse_ops(model)
         to_bidirectional(model, backend="torch")
         for bs in ctx["batch_sizes"]:
             hf_reference_encode(model, tokenizer, warm, bs, device)
@@ -246,21 +249,27 @@ def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
             s, mem, emb = timed(lambda bs=bs: st.encode(texts, batch_size=bs, show_progress_bar=False,
                                                         convert_to_numpy=True), device, repeats)
             record(f"st b{bs}", bs, s, mem, ref_tokens, emb)
-    if "ours" in ctx["peers"]:
+    ours = [(b, True) for b in ctx["budgets"]] if "ours" in ctx["peers"] else []
+    if "ours-unfused" in ctx["peers"]:
+        ours.append((None, False))  # HF's RMSNorm and MLP forwards: what fuse_ops gains
+    for budget, fused in ours:
         to_bidirectional(model, backend=ctx["attn_backend"])
-        for budget in ctx["budgets"]:
-            def enc(budget=budget):
-                return l2v.encode(texts, show_progress_bar=False, max_batch_tokens=budget, convert_to_numpy=True)
-            if on_gpu:
-                enc()  # whole-corpus warm-up: compiles every kernel shape the timed pass meets
-            else:
-                l2v.encode(warm, show_progress_bar=False, max_batch_tokens=budget)
-            s, mem, emb = timed(enc, device, repeats)
-            label = "ours default" if budget is None else f"ours {budget // 1024}k tok"
-            # the default budget as encode() chose it (free memory is read after the warm-up, as encode() did)
-            default = default_batch_tokens(model.config, l2v.device, l2v.max_length,
-                                           dtype=next(model.parameters()).dtype)
-            record(label, budget or default, s, mem, our_tokens, emb)
+        if fused:
+            fuse_ops(model)
+        else:
+            unfuse_ops(model)
+
+        def enc(budget=budget):
+            return l2v.encode(texts, show_progress_bar=False, max_batch_tokens=budget, convert_to_numpy=True)
+        if on_gpu:
+            enc()  # whole-corpus warm-up: compiles every kernel shape the timed pass meets
+        else:
+            l2v.encode(warm, show_progress_bar=False, max_batch_tokens=budget)
+        s, mem, emb = timed(enc, device, repeats)
+        label = ("ours default" if budget is None else f"ours {budget // 1024}k tok") + ("" if fused else " unfused")
+        # the default budget as encode() chose it (free memory is read after the warm-up, as encode() did)
+        default = default_batch_tokens(model.config, l2v.device, l2v.max_length, dtype=next(model.parameters()).dtype)
+        record(label, budget or default, s, mem, our_tokens, emb)
 
     ref_key = f"hf-ref b{ctx['batch_sizes'][0]}"
     for r in rows:
@@ -398,9 +407,10 @@ def _positive_ints(text: str) -> list[int]:
 
 
 def _peers(text: str) -> str:
-    bad = set(text.split(",")) - {"hf", "st", "ours"}
+    bad = set(text.split(",")) - {"hf", "st", "ours", "ours-unfused"}
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown peers {sorted(bad)}; expected a comma list of hf, st, ours")
+        raise argparse.ArgumentTypeError(f"unknown peers {sorted(bad)}; expected a comma list of hf, st, ours, "
+                                         "ours-unfused")
     return text
 
 
@@ -419,7 +429,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_positive_ints, help="peer batch sizes (default 32,128)")
     p.add_argument("--budgets", type=_positive_ints,
                    help="extra max_batch_tokens for ours, beside its default (default: 65536,131072 GPU; 4096 CPU)")
-    p.add_argument("--peers", type=_peers, default="hf,st,ours", help="paths to run: comma list of hf, st, ours")
+    p.add_argument("--peers", type=_peers, default="hf,st,ours",
+                   help="paths to run: comma list of hf, st, ours, ours-unfused (ours with HF's RMSNorm and MLP)")
     p.add_argument("--attn-backend", default="auto", help="our attention backend (default auto)")
     p.add_argument("--repeats", type=int, help="timed passes per path, best kept (default 1)")
     p.add_argument("--out", help="output folder (default: $OUT, else benchmarks/results)")

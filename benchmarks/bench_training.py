@@ -131,7 +131,7 @@ def mntp_batch(batch, length, vocab, seed=0):
 def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=print):
     import torch.nn.functional as F
 
-    from llm2vec_fast import to_bidirectional
+    from llm2vec_fast import fuse_ops, to_bidirectional
     from llm2vec_fast.training.common import add_lora
     from llm2vec_fast.training.mntp import MNTPModel
 
@@ -152,6 +152,8 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
                                        labels[:, 1:].reshape(-1))
         else:
             to_bidirectional(model, "auto")
+            if "unfused" not in variant:
+                fuse_ops(model)
             backbone = add_lora(model.get_decoder())
             if "ckpt" in variant:
                 checkpointing(backbone)
@@ -185,7 +187,7 @@ def simcse_lengths(batch, length, seed=0):
 
 
 def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64, on_row=print):
-    from llm2vec_fast import to_bidirectional
+    from llm2vec_fast import fuse_ops, to_bidirectional
     from llm2vec_fast.bidirectional import set_attention_dropout
     from llm2vec_fast.encoder import pack, pool
     from llm2vec_fast.training.common import add_lora
@@ -221,6 +223,8 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
                 return simcse_loss(embed(), embed())  # two passes, two dropout draws
         else:
             to_bidirectional(model, "auto")
+            if "unfused" not in variant:
+                fuse_ops(model)
             set_attention_dropout(model, 0.3)
             model = add_lora(model)
 
@@ -253,9 +257,10 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
 
 
 MNTP_VARIANTS = ["reference (HF+peft, SDPA padding mask, full logits, ckpt)",
-                 "ours (Triton attn, masked-row fused CE)", "ours + ckpt"]
+                 "ours (Triton attn, fused norm/SwiGLU, masked-row fused CE)", "ours + ckpt"]
 SIMCSE_VARIANTS = ["reference (HF+peft, SDPA padding mask, 2 passes, dropout 0.3, ckpt)",
-                   "ours (packed Triton attn + dropout, one pass, masked pool)", "ours + GradCache (chunks of 64)"]
+                   "ours (packed Triton attn + dropout, fused norm/SwiGLU, one pass, masked pool)",
+                   "ours + GradCache (chunks of 64)"]
 
 
 def add_ratios(rows):

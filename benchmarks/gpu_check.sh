@@ -6,8 +6,9 @@
 #
 # Steps, in order, each under `timeout` and a shared wall-clock budget (GPU_CHECK_BUDGET seconds, default 450), each
 # continuing past a failure of the one before: GPU-marked kernel tests, attention parity + benchmark, pooling/CE
-# parity + benchmark, encode benchmark (1.3B Llama config, both corpora), training steps (--quick), then the 7B
-# Mistral encode benchmark on one corpus if time is left. Every step writes into $WORK; after every step the
+# parity + benchmark, encode benchmark (1.3B Llama config, both corpora, fused ops on and off), training steps
+# (--quick), then, if time is left, the 7B Mistral encode benchmark on one corpus, causal attention and attention
+# against FlexAttention. First run (H200, 2026-11-26): 435 s with the budget at 455. Every step writes into $WORK; after every step the
 # results are packed into $OUT, so a run cut short still returns what it finished:
 #   $OUT/gpu_check.log    everything printed
 #   $OUT/summary.md       card, versions, one status line per step, then every result table
@@ -19,18 +20,25 @@ source "$(dirname "$0")/device_common.sh"
 
 step "pytest -m gpu tests/kernels" 100 30 \
   $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels --junitxml="$WORK/pytest_gpu_kernels.xml"
-step "attention --check --bench --quick" 110 30 \
-  $PY benchmarks/bench_attention.py --check --bench --quick --tokenizer "$TOKENIZER"
+# the fused RMSNorm/SwiGLU wiring on CUDA tensors (real kernels, fp32, whole models with LoRA)
+step "pytest tests/llm2vec_fast/test_fused.py" 60 20 \
+  $PY -m pytest -q -p no:cacheprovider tests/llm2vec_fast/test_fused.py --junitxml="$WORK/pytest_gpu_fused.xml"
+step "attention --check --bench --quick" 80 30 \
+  $PY benchmarks/bench_attention.py --check --bench --quick --no-flex --tokenizer "$TOKENIZER"
 step "pooling_ce --check" 45 15 $PY benchmarks/bench_pooling_ce.py --check
 step "pooling_ce bench" 60 20 $PY benchmarks/bench_pooling_ce.py
 step "encode llama-1.3b (both corpora)" 180 60 \
-  $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --tokenizer "$TOKENIZER"
+  $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,st,ours,ours-unfused \
+  --tokenizer "$TOKENIZER"
 step "training --quick" 150 60 $PY benchmarks/bench_training.py --quick
 step "encode mistral-7b (wikitext)" 110 70 \
   $PY benchmarks/bench_encode.py --model mistral-7b --corpus wikitext --peers hf,ours --budgets 65536 \
   --tokenizer "$TOKENIZER"
 step "attention causal --quick" 60 40 \
   $PY benchmarks/bench_attention.py --causal --quick --no-flex --tokenizer "$TOKENIZER"
+# FlexAttention's compiles took over 90 s on a fresh H200 (2026-11-26): last, alone, so nothing waits on them
+step "attention vs FlexAttention --quick" 150 90 \
+  $PY benchmarks/bench_attention.py --flex-only --quick --tokenizer "$TOKENIZER"
 
 echo "=== done in $(($(date +%s) - START))s"
 cat "$STATUS"

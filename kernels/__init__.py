@@ -10,6 +10,8 @@ _LAZY = {
     "flash_attention": ".attention",
     "masked_pool": ".pooling",
     "fused_linear_cross_entropy": ".cross_entropy",
+    "rms_norm": ".rmsnorm",
+    "silu_mul": ".swiglu",
 }
 
 __all__ = list(_LAZY)

@@ -209,3 +209,63 @@ def fused_linear_cross_entropy_ref(hidden, weight, labels, *, ignore_index=-100,
         return logits.sum() * 0.0  # keeps the graph so that every input gets a zero gradient
     return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="mean")
 # ==== END CROSS ENTROPY ====
+
+# ==== RMS NORM (rms_norm_ref) ====
+def _check_rms_norm_args(x, weight, eps, dtypes=_FLOAT_DTYPES):
+    """Validate rms_norm arguments (shared by the kernel and the twin)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., D], got a 0-d tensor")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x of shape {tuple(x.shape)} [..., D], "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+
+
+def rms_norm_ref(x, weight, eps=1e-6):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.rms_norm`: Hugging Face's ``LlamaRMSNorm.forward``, verbatim.
+
+    fp32 math (float64 inputs, accepted here only, stay float64); the normalised value is rounded to x's dtype and
+    then multiplied by the weight, so the output is in ``torch.promote_types(weight.dtype, x.dtype)``.
+    """
+    _check_rms_norm_args(x, weight, eps, _FLOAT_DTYPES + (torch.float64,))
+    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (..., D)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+# ==== END RMS NORM ====
+
+# ==== SWIGLU (silu_mul_ref) ====
+def _check_silu_mul_args(gate, up, dtypes=_FLOAT_DTYPES):
+    """Validate silu_mul arguments (shared by the kernel and the twin)."""
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got gate {tuple(gate.shape)} and up "
+                         f"{tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"gate and up must have the same dtype, got gate {gate.dtype} and up {up.dtype}")
+    if gate.device != up.device:
+        raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
+
+
+def silu_mul_ref(gate, up):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.silu_mul`: ``F.silu(gate) * up``, as HF's SwiGLU MLP computes it.
+
+    Math in the input dtype (torch rounds ``silu(gate)`` to it before the product: two roundings where the kernel
+    has one); float64 accepted here only.
+    """
+    _check_silu_mul_args(gate, up, _FLOAT_DTYPES + (torch.float64,))
+    return F.silu(gate) * up
+# ==== END SWIGLU ====

@@ -37,6 +37,8 @@ class Family:
 
     # honour the config's sliding window (bidirectionally, |i - j| < window) on the layers HF marks as sliding
     sliding_window: bool = False
+    # Llama-style RMSNorm (weight * normalize(x).to(dtype)) and SwiGLU MLP: llm2vec_fast.fuse_ops applies
+    fused_ops: bool = True
 
 
 # model_type -> Family. Mistral/Qwen2 windows are ignored, as the original llm2vec does (full bidirectional).
@@ -45,9 +47,10 @@ FAMILIES = {
     "mistral": Family(),
     "qwen2": Family(),
     "qwen3": Family(),
-    "gemma": Family(),
-    "gemma2": Family(sliding_window=True),  # logit softcap arrives as the `softcap` kwarg from HF's attention
-    "gemma3_text": Family(sliding_window=True),
+    # Gemma: (1 + weight) norm in float32 and a GELU MLP, so HF's own modules
+    "gemma": Family(fused_ops=False),
+    "gemma2": Family(sliding_window=True, fused_ops=False),  # logit softcap arrives as HF's `softcap` kwarg
+    "gemma3_text": Family(sliding_window=True, fused_ops=False),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

@@ -1,9 +1,10 @@
 """LLM2Vec: encode texts with a (bidirectional) decoder LLM; a drop-in for the original ``llm2vec`` 0.2.3.
 
-Texts are tokenized in chunks of 32,768 (one batched call with character offsets finds the instruction span),
-sorted by length within the chunk, cut into token-budget batches and run **packed**: sequences back to back, no
-padding token anywhere from the tokenizer to the pooled vector. Background threads tokenize the next chunk and pack
-(and, on CUDA, pin and copy) the next batch while the current one runs.
+Texts are tokenized in chunks that grow from 256 to 32,768 texts (one batched call with character offsets finds the
+instruction span), sorted by length within the chunk, cut into token-budget batches and run **packed**: sequences
+back to back, no padding token anywhere from the tokenizer to the pooled vector. A background thread tokenizes, packs
+(and, on CUDA, pins and copies) the next batches while the current one runs, so the device starts after the first
+few hundred texts and host work hides behind it.
 """
 import json
 import logging
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bidirectional import FAMILIES, is_bidirectional, to_bidirectional, to_packed_causal
+from .fused import fuse_ops
 from .models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,8 @@ class LLM2Vec(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model_name_or_path=None, peft_model_name_or_path=None, merge_peft=False,
                         enable_bidirectional=None, pooling_mode=None, max_length=None, doc_max_length=None,
-                        skip_instruction=None, attn_backend="auto", device=None, dtype=None, **hf_kwargs):
+                        skip_instruction=None, attn_backend="auto", device=None, dtype=None, fused_ops=None,
+                        **hf_kwargs):
         """Load a model as the original ``LLM2Vec.from_pretrained`` does, plus device/dtype/backend choices.
 
         ``base_model_name_or_path``: a local HF folder, a hub id, or None / ``"smollm2-135m"`` for the embedded
@@ -105,7 +108,9 @@ class LLM2Vec(nn.Module):
         pooling ``mean``, max_length 512, doc_max_length 400, skip_instruction True. ``enable_bidirectional``
         defaults to the saved config's choice, else True; a causal model runs through the packed causal attention
         (:func:`llm2vec_fast.to_packed_causal`) unless ``attn_implementation`` is given. ``device`` defaults to CUDA
-        when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU. Other keyword arguments go to
+        when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU. ``fused_ops`` (default: on unless
+        ``attn_backend="torch"``, the all-PyTorch reference path) routes RMSNorm and the SwiGLU activation through
+        the fused Triton ops on CUDA (:func:`llm2vec_fast.fuse_ops`). Other keyword arguments go to
         ``AutoModel.from_pretrained``.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -124,7 +129,7 @@ class LLM2Vec(nn.Module):
         # how to load this again (encode worker processes with load="reload"); plain values only
         source = dict(base_model_name_or_path=path, peft_model_name_or_path=peft_model_name_or_path,
                       merge_peft=merge_peft, enable_bidirectional=enable_bidirectional, attn_backend=attn_backend,
-                      dtype=str(dtype).replace("torch.", ""),
+                      dtype=str(dtype).replace("torch.", ""), fused_ops=fused_ops,
                       **{k: v for k, v in hf_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))})
 
         config_addr = peft_model_name_or_path if peft_model_name_or_path is not None else path
@@ -155,6 +160,8 @@ class LLM2Vec(nn.Module):
         elif getattr(config, "model_type", None) in FAMILIES and not own_attention:
             # causal, but per sequence on the packed batch (HF's SDPA would mask a [T, T] square over the whole pack)
             to_packed_causal(model, backend=attn_backend)
+        if fused_ops if fused_ops is not None else attn_backend != "torch":
+            fuse_ops(model)  # "auto": the kernels on CUDA tensors, HF's forwards elsewhere
         if peft_model_name_or_path is not None:
             from peft import PeftModel
 
@@ -258,8 +265,9 @@ class LLM2Vec(nn.Module):
         "compat"``, the default) from one more batched call on the instructed items' texts alone, which is what the
         original counts: " Orange" inside a joint string is one token, "Orange" alone two."""
         joints, cuts, texts = self._joint_strings(pairs)
+        # character offsets only where an instruction precedes the text (they cost ~20 % of the tokenizer's time)
         enc = self.tokenizer(joints, add_special_tokens=True, truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=True, return_special_tokens_mask=True)
+                             return_offsets_mapping=any(cuts), return_special_tokens_mask=True)
         n_text = self._count_text_tokens(enc, cuts)
         if self.instruction_span == "compat":
             instructed = [i for i, c in enumerate(cuts) if c]
@@ -538,28 +546,68 @@ class LLM2Vec(nn.Module):
             logger.info("%d empty or whitespace-only texts embed to zero vectors", len(pairs) - len(live))
         bar = tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar)
         bar.update(len(pairs) - len(live))
-        # texts are tokenized a chunk at a time on a background thread: chunk i + 1 while chunk i runs
-        chunks = [live[a:a + _TOKENIZE_CHUNK] for a in range(0, len(live), _TOKENIZE_CHUNK)]
-        tokenized = ((c, self.tokenize_items([pairs[i] for i in c])) for c in chunks)
-        if len(chunks) > 1:
-            tokenized = _ahead(tokenized)
-        for chunk, (ids, starts, n_text) in tokenized:
-            keep = [k for k in range(len(chunk)) if n_text[k] > 0 or not self.skip_instruction]
-            bar.update(len(chunk) - len(keep))
-            lengths = np.array([len(ids[k]) for k in keep], dtype=np.int64)
-            order = np.argsort(-lengths, kind="stable")  # longest first: a memory error shows at once
-            for sel, feats in _prefetch(_budget_batches(lengths[order], budget), order, keep, ids, starts, dev):
-                emb = self.forward(feats).float()
-                if normalize_embeddings:
-                    emb = torch.nn.functional.normalize(emb, dim=-1)
-                rows = [chunk[keep[order[j]]] for j in sel]
-                if not torch.isfinite(emb).all():
-                    raise FloatingPointError(f"non-finite embeddings for inputs {rows[:10]} (dtype "
-                                             f"{next(self.model.parameters()).dtype}); try dtype=torch.float32")
-                out.index_copy_(0, torch.as_tensor(rows), emb.cpu())
-                bar.update(len(sel))
+        # one background thread tokenizes, packs and copies ahead while the device runs the current batch
+        for rows, feats, skipped in _ahead(self._packed_batches(pairs, live, budget, dev), depth=2):
+            bar.update(skipped)
+            if feats is None:
+                continue
+            emb = self.forward(feats).float()
+            if normalize_embeddings:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            if not torch.isfinite(emb).all():
+                raise FloatingPointError(f"non-finite embeddings for inputs {rows[:10]} (dtype "
+                                         f"{next(self.model.parameters()).dtype}); try dtype=torch.float32")
+            out.index_copy_(0, torch.as_tensor(rows), emb.cpu())
+            bar.update(len(rows))
         bar.close()
         return out[0] if single else out
+
+
+    def _packed_batches(self, pairs, live, budget, device):
+        """Yield ``(rows, packed features on device, texts skipped)`` for the texts ``live`` of ``pairs``.
+
+        Texts are tokenized in chunks that grow from ``_FIRST_CHUNK`` to ``_TOKENIZE_CHUNK`` texts, so the device
+        starts after a few hundred texts instead of after the whole input; within a chunk they are sorted longest
+        first and cut into ``budget``-token batches. The last, partly filled batch of a chunk is not run: its texts
+        join the next chunk, so only the final batch of the call is ever short.
+        """
+        pin = device.type == "cuda"
+        held = []  # (row, ids, pool start) carried into the next chunk
+        size, at = min(_FIRST_CHUNK, _TOKENIZE_CHUNK), 0
+        while at < len(live) or held:
+            chunk = live[at:at + size]
+            at += len(chunk)
+            size = min(2 * size, _TOKENIZE_CHUNK)
+            last = at >= len(live)
+            items = list(held)
+            held = []
+            skipped = 0
+            if chunk:
+                ids, starts, n_text = self.tokenize_items([pairs[i] for i in chunk])
+                for k, row in enumerate(chunk):
+                    if n_text[k] > 0 or not self.skip_instruction:
+                        items.append((row, ids[k], starts[k]))
+                    else:
+                        skipped += 1  # nothing left to pool once the instruction is skipped: a zero vector
+            if skipped:
+                yield [], None, skipped
+            if not items:
+                continue
+            lengths = np.array([len(x[1]) for x in items], dtype=np.int64)
+            order = np.argsort(-lengths, kind="stable")  # longest first: a memory error shows at once
+            batches = _budget_batches(lengths[order], budget)
+            if not last and len(batches) > 1:
+                held = [items[order[j]] for j in batches.pop()]
+            elif not last:  # one batch, not yet full: wait for more texts
+                held = [items[j] for j in order]
+                continue
+            for sel in batches:
+                chosen = [items[order[j]] for j in sel]
+                feats = pack([x[1] for x in chosen], [x[2] for x in chosen])
+                if pin:
+                    feats = {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                             for k, v in feats.items()}
+                yield [x[0] for x in chosen], feats, 0
 
 
 # ---------------------------------------------------------------------- helpers
@@ -641,8 +689,9 @@ def pack(ids, starts):
 # CPU BLAS takes another kernel for matrices of fewer rows (seen with MKL: fewer than 15), which rounds differently;
 # a tiny batch gets a filler sequence so that a text's embedding never depends on its batch (batch invariance)
 _MIN_CPU_TOKENS = 16
-# texts tokenized per chunk (the next chunk is tokenized on a background thread while this one runs; the length
-# sort is per chunk, which costs nothing with packed batches)
+# texts tokenized per chunk, growing from the first to the largest (see LLM2Vec._packed_batches); the length sort is
+# per chunk, which costs nothing with packed batches
+_FIRST_CHUNK = 256
 _TOKENIZE_CHUNK = 32768
 
 
@@ -690,22 +739,6 @@ def _budget_batches(sorted_lengths, budget):
     if len(sorted_lengths) > start:
         batches.append(range(start, len(sorted_lengths)))
     return batches
-
-
-def _prefetch(batches, order, keep, ids, starts, device, depth=2):
-    """Yield (positions in sorted order, packed features on ``device``); a thread builds batches ahead."""
-    pin = device.type == "cuda"
-
-    def build(sel):
-        chosen = [keep[order[j]] for j in sel]
-        feats = pack([ids[k] for k in chosen], starts[chosen])
-        if pin:
-            feats = {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                     for k, v in feats.items()}
-        return sel, feats
-
-    built = (build(sel) for sel in batches)
-    return _ahead(built, depth) if len(batches) > 1 else built
 
 
 def _ahead(items, depth=1):

@@ -121,15 +121,18 @@ class MNTPTrainer(AdapterTrainer):
 
 
 def load_causal_lm(model_name_or_path, dtype: torch.dtype, attn_backend: str = "auto"):
-    """Load a ``*ForCausalLM`` and its tokenizer, bidirectional."""
+    """Load a ``*ForCausalLM`` and its tokenizer, bidirectional, with the fused RMSNorm/SwiGLU ops on CUDA (not with
+    ``attn_backend="torch"``, the all-PyTorch reference path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm2vec_fast import resolve_model, to_bidirectional
+    from llm2vec_fast import fuse_ops, resolve_model, to_bidirectional
 
     path = resolve_model(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     to_bidirectional(model, attn_backend)
+    if attn_backend != "torch":
+        fuse_ops(model)
     return model, tokenizer, path
 
 

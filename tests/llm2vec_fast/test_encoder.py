@@ -141,6 +141,32 @@ def test_chunked_tokenization_matches_one_chunk(tiny, monkeypatch):
     assert calls == [4, 4, 4, 4, 4, 2]  # 22 non-empty texts in chunks of 4
     assert (chunked - whole).abs().max() <= 1e-6
     assert (chunked[5] == 0).all()
+    # growing chunks: 1, 2, 4, 8, then the rest
+    calls.clear()
+    monkeypatch.setattr(enc, "_FIRST_CHUNK", 1)
+    monkeypatch.setattr(enc, "_TOKENIZE_CHUNK", 8)
+    grown = tiny.encode(items, batch_size=3, show_progress_bar=False)
+    assert calls == [1, 2, 4, 8, 7]
+    assert (grown - whole).abs().max() <= 1e-6
+
+
+def test_chunk_leftovers_join_the_next_chunk(tiny, monkeypatch):
+    """Only the call's last batch may be short: a chunk's partly filled last batch waits for the next chunk."""
+    import llm2vec_fast.encoder as enc
+
+    items = [f"text {i} " + "word " * (i % 5) for i in range(40)]
+    whole = tiny.encode(items, max_batch_tokens=64, show_progress_bar=False)
+    sizes = []
+    real = tiny.forward
+    monkeypatch.setattr(tiny, "forward", lambda f: sizes.append(f["input_ids"].numel()) or real(f))
+    monkeypatch.setattr(enc, "_FIRST_CHUNK", 3)
+    monkeypatch.setattr(enc, "_TOKENIZE_CHUNK", 6)
+    chunked = tiny.encode(items, max_batch_tokens=64, show_progress_bar=False)
+    longest = max(len(tiny.tokenize([t])["input_ids"]) for t in items)
+    assert len(sizes) >= 3
+    assert all(n > 64 - longest for n in sizes[:-1]), sizes  # every batch but the last is full to within one text
+    assert sum(sizes) == sum(len(tiny.tokenize([t])["input_ids"]) for t in items)
+    assert (chunked - whole).abs().max() <= 1e-6
 
 
 def test_background_errors_reach_the_caller(tiny, monkeypatch):
