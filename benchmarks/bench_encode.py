@@ -188,6 +188,55 @@ def timed(fn, device, repeats):
     return best, peak, result
 
 
+def profile_encode(l2v, texts, device, corpus: str, top: int = 12) -> tuple[list[dict], dict]:
+    """One ``encode`` pass under torch.profiler: (rows for the kernels taking the most device time, summary).
+
+    The summary holds the wall time, the device-busy time (the kernels' own times summed; encode runs on one stream,
+    so they do not overlap) and the host time spent tokenizing (on the packing thread, overlapping the device).
+    Busy well under wall means the host (tokenizer, launches, syncs) holds the device back; busy near wall means the
+    kernels listed are the ones to speed up.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    spent = [0.0]
+    real = l2v.tokenize_items
+
+    def tokenize_items(pairs):
+        t = time.perf_counter()
+        try:
+            return real(pairs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    l2v.tokenize_items = tokenize_items
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        sync(device)
+        t = time.perf_counter()
+        with profile(activities=activities) as prof:
+            l2v.encode(texts, show_progress_bar=False, convert_to_numpy=True)
+            sync(device)
+        wall = time.perf_counter() - t
+    finally:
+        del l2v.tokenize_items
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+        if us > 0 and "cuda" in str(getattr(e, "device_type", "")).lower():
+            kernels.append((e.key, e.count, us / 1e6))
+    busy = sum(k[2] for k in kernels)
+    kernels.sort(key=lambda k: -k[2])
+    rows = [{"corpus": corpus, "kernel": name[:90], "calls": n, "seconds": sec,
+             "share_of_busy": sec / busy if busy else None, "share_of_wall": sec / wall}
+            for name, n, sec in kernels[:top]]
+    summary = {"corpus": corpus, "wall_s": wall, "device_busy_s": busy, "busy_over_wall": busy / wall,
+               "tokenize_s": spent[0]}
+    print(f"  {corpus:9s} profile: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}), tokenizing "
+          f"{spent[0]:.3f} s on the packing thread", flush=True)
+    return rows, summary
+
+
 def row_cosines(a, b) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
@@ -271,6 +320,12 @@ def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
         default = default_batch_tokens(model.config, l2v.device, l2v.max_length, dtype=next(model.parameters()).dtype)
         record(label, budget or default, s, mem, our_tokens, emb)
 
+    if ctx.get("profile") and ours:
+        to_bidirectional(model, backend=ctx["attn_backend"])
+        fuse_ops(model)
+        prof_rows, summary = profile_encode(l2v, texts, device, corpus)
+        ctx["profiles"].append((prof_rows, summary))
+
     ref_key = f"hf-ref b{ctx['batch_sizes'][0]}"
     for r in rows:
         if ref_key in embeddings:
@@ -313,7 +368,7 @@ def run(args) -> Path:
 
     ctx = dict(model=model, tokenizer=tokenizer, l2v=l2v, st=st, device=device, dtype=dtype, peers=peers,
                batch_sizes=batch_sizes, budgets=budgets, repeats=repeats, n_params=n_params, peak=peak,
-               attn_backend=args.attn_backend, model_name=args.model)
+               attn_backend=args.attn_backend, model_name=args.model, profile=args.profile, profiles=[])
     rows = []
     try:
         for corpus in corpora:
@@ -336,6 +391,15 @@ def run(args) -> Path:
     path = write_results(name, rows, out_dir=out_dir, columns=columns,
                          title=f"Encode throughput: {args.model} ({'GPU' if on_gpu else 'CPU'})", notes=notes)
     plot(rows, Path(out_dir) / f"{name}.png", f"{args.model} · {environment()['card']}")
+    if ctx["profiles"]:
+        prof_rows = [r for rows_, _ in ctx["profiles"] for r in rows_]
+        lines = [f"{s['corpus']}: wall {s['wall_s']:.3f} s, device busy {s['device_busy_s']:.3f} s "
+                 f"({s['busy_over_wall']:.0%} of wall), tokenizing {s['tokenize_s']:.3f} s on the packing thread."
+                 for _, s in ctx["profiles"]]
+        write_results(f"encode_profile_{args.model}_{'gpu' if on_gpu else 'cpu'}", prof_rows, out_dir=out_dir,
+                      title=f"Encode profile: {args.model}, ours default (one pass under torch.profiler)",
+                      notes="\n\n".join(lines) + "\n\nDevice busy = the kernels' own times summed (one stream). "
+                      "Profiling slows the host a little.")
     print(Path(path).with_suffix(".md").read_text())
     return path
 
@@ -433,6 +497,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="paths to run: comma list of hf, st, ours, ours-unfused (ours with HF's RMSNorm and MLP)")
     p.add_argument("--attn-backend", default="auto", help="our attention backend (default auto)")
     p.add_argument("--repeats", type=int, help="timed passes per path, best kept (default 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="one more pass of ours (default budget) under torch.profiler per corpus: device-busy share "
+                        "of wall time and the top kernels (encode_profile_<model>_<gpu|cpu>.md)")
     p.add_argument("--out", help="output folder (default: $OUT, else benchmarks/results)")
     p.add_argument("--name", help="result file stem (default encode_<model>_<gpu|cpu>)")
     return p

@@ -19,7 +19,9 @@ NSTEP=0
 : >"$STATUS"
 exec > >(tee -a "$LOG") 2>&1
 
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# TOKENIZERS_PARALLELISM is left at its default (the Rust tokenizer uses every core, as for a user): the first
+# run set it to false, which made every path's tokenization single-threaded
+export PYTHONUNBUFFERED=1
 export LLM2VEC_FAST_SHARED=${LLM2VEC_FAST_SHARED:-$ROOT/.cache/device/shared}
 export LLM2VEC_FAST_CACHE=${LLM2VEC_FAST_CACHE:-/tmp/llm2vec_fast_cache}
 TOKENIZER=$ROOT/.cache/device/smollm2

@@ -29,7 +29,7 @@ step "pooling_ce --check" 45 15 $PY benchmarks/bench_pooling_ce.py --check
 step "pooling_ce bench" 60 20 $PY benchmarks/bench_pooling_ce.py
 step "encode llama-1.3b (both corpora)" 180 60 \
   $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,st,ours,ours-unfused \
-  --tokenizer "$TOKENIZER"
+  --profile --tokenizer "$TOKENIZER"
 step "training --quick" 150 60 $PY benchmarks/bench_training.py --quick
 step "encode mistral-7b (wikitext)" 110 70 \
   $PY benchmarks/bench_encode.py --model mistral-7b --corpus wikitext --peers hf,ours --budgets 65536 \

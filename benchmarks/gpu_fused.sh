@@ -18,7 +18,7 @@ step "pytest -m gpu rmsnorm + swiglu" 40 15 \
 # the HF reference covers it)
 step "encode llama-1.3b fused vs unfused" 100 60 \
   $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,ours,ours-unfused --batch-sizes 128 \
-  --budgets= --tokenizer "$TOKENIZER"
+  --budgets= --profile --tokenizer "$TOKENIZER"
 step "training --quick" 75 50 $PY benchmarks/bench_training.py --quick
 
 echo "=== done in $(($(date +%s) - START))s"

@@ -546,7 +546,21 @@ class LLM2Vec(nn.Module):
             logger.info("%d empty or whitespace-only texts embed to zero vectors", len(pairs) - len(live))
         bar = tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar)
         bar.update(len(pairs) - len(live))
-        # one background thread tokenizes, packs and copies ahead while the device runs the current batch
+        dtype = next(self.model.parameters()).dtype
+
+        def collect(rows, emb):
+            # waits for this batch only; the next one is already queued on the device
+            emb = emb.cpu()
+            if not torch.isfinite(emb).all():
+                bad = [r for r, ok in zip(rows, torch.isfinite(emb).all(-1).tolist(), strict=True) if not ok]
+                raise FloatingPointError(f"non-finite embeddings for inputs {bad[:10]} (dtype {dtype}); try "
+                                         "dtype=torch.float32")
+            out.index_copy_(0, torch.as_tensor(rows), emb)
+            bar.update(len(rows))
+
+        # one background thread tokenizes, packs and copies ahead; batch i is collected after batch i + 1 is
+        # launched, so the device never waits for the host between batches
+        pending = None
         for rows, feats, skipped in _ahead(self._packed_batches(pairs, live, budget, dev), depth=2):
             bar.update(skipped)
             if feats is None:
@@ -554,11 +568,11 @@ class LLM2Vec(nn.Module):
             emb = self.forward(feats).float()
             if normalize_embeddings:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
-            if not torch.isfinite(emb).all():
-                raise FloatingPointError(f"non-finite embeddings for inputs {rows[:10]} (dtype "
-                                         f"{next(self.model.parameters()).dtype}); try dtype=torch.float32")
-            out.index_copy_(0, torch.as_tensor(rows), emb.cpu())
-            bar.update(len(rows))
+            if pending is not None:
+                collect(*pending)
+            pending = rows, emb
+        if pending is not None:
+            collect(*pending)
         bar.close()
         return out[0] if single else out
 

@@ -354,3 +354,24 @@ def test_encode_to_disk_int8_uses_one_set_of_ranges(tiny, tmp_path):
     assert np.abs(got.astype(int) - quantize_embeddings(full, "int8", ranges=ranges).astype(int)).max() <= 1
     with pytest.raises(ValueError, match="holds int8 shards, not float32"):
         tiny.encode_to_disk(texts, tmp_path, chunk_size=4, show_progress_bar=False)
+
+
+def test_non_finite_embeddings_name_their_rows(tiny, monkeypatch):
+    """A batch whose embeddings hold NaN raises with the input rows that hold it (batches are collected one behind
+    the device, so the error names the rows of the batch that produced it, not of the one after)."""
+    items = [f"text {i} " + "word " * (i % 4) for i in range(12)]
+    bad = tiny.tokenize([items[7]])["input_ids"].tolist()
+    real = tiny.forward
+
+    def forward(f):
+        emb = real(f)
+        ids, cu = f["input_ids"].tolist(), f["cu_seqlens"].tolist()
+        for j in range(len(cu) - 1):
+            if ids[cu[j]:cu[j + 1]] == bad:
+                emb = emb.clone()
+                emb[j] = float("nan")
+        return emb
+
+    monkeypatch.setattr(tiny, "forward", forward)
+    with pytest.raises(FloatingPointError, match=r"non-finite embeddings for inputs \[7\]"):
+        tiny.encode(items, max_batch_tokens=16, show_progress_bar=False)
