@@ -25,8 +25,9 @@ Reported per path: seconds, tokens/s and sentences/s (real tokens: no padding co
 parameters × real tokens / time / peak, where peak is a matmul measured in the same run (8192³ bf16 with
 ``do_bench`` on the GPU, best of ten 1024³ in the run's dtype on the CPU), peak GPU memory, ours' ratios to each
 peer (tokens/s), and the minimum per-row cosine of each path's embeddings with ``hf-ref b32`` (ours computes the
-same function: ≈ 1; sentence-transformers runs the causal decoder: lower). Each path is warmed up first (GPU: ours
-on the whole corpus, peers on a 256-text subset; CPU: 8 texts); timed figures are best-of ``--repeats``.
+same function: ≈ 1; sentence-transformers runs the causal decoder: lower). Each path is warmed up first (GPU: every
+path on the whole corpus; CPU: 8 texts); timed figures are best-of ``--repeats``. (Until 2026-11-26 the GPU peers
+warmed up on 256 texts only, so the first two H200 runs' peer figures may be low: take their ratios as upper bounds.)
 Writes ``encode_<model>_<gpu|cpu>.{json,md}`` (+ ``.png`` when matplotlib is importable) into ``--out``,
 else ``$OUT``, else benchmarks/results/. Targets (H100): 1.3B ≥ 60 % MFU on both corpora, 7B ≥ 75 %.
 """
@@ -269,7 +270,10 @@ def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
 
     model, tokenizer, l2v, st, device = ctx["model"], ctx["tokenizer"], ctx["l2v"], ctx["st"], ctx["device"]
     on_gpu, repeats = device.type == "cuda", ctx["repeats"]
-    warm = texts[:256] if on_gpu else texts[:8]  # CPU: nothing to compile, a token warm-up suffices
+    # GPU: every path warms up on the whole corpus (cuBLAS picks, allocator growth and compiles for every shape the
+    # timed pass meets; a 256-text warm-up left the first peer's timed pass 35 % slow on an H200); CPU: nothing to
+    # compile, a token warm-up suffices
+    warm = texts if on_gpu else texts[:8]
     ref_tokens = int(sum(len(x) for x in tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]))
     our_tokens = int(l2v.tokenize(texts)["cu_seqlens"][-1])
     base = {"model": ctx["model_name"], "corpus": corpus, "texts": len(texts),
@@ -310,10 +314,7 @@ def bench_corpus(ctx: dict, corpus: str, texts: list[str]) -> list[dict]:
 
         def enc(budget=budget):
             return l2v.encode(texts, show_progress_bar=False, max_batch_tokens=budget, convert_to_numpy=True)
-        if on_gpu:
-            enc()  # whole-corpus warm-up: compiles every kernel shape the timed pass meets
-        else:
-            l2v.encode(warm, show_progress_bar=False, max_batch_tokens=budget)
+        l2v.encode(warm, show_progress_bar=False, max_batch_tokens=budget)
         s, mem, emb = timed(enc, device, repeats)
         label = ("ours default" if budget is None else f"ours {budget // 1024}k tok") + ("" if fused else " unfused")
         # the default budget as encode() chose it (free memory is read after the warm-up, as encode() did)
