@@ -13,6 +13,8 @@ from llm2vec_fast.kernels import attention as attn
 from llm2vec_fast.kernels.attention import dropout_keep_mask, flash_attention
 from llm2vec_fast.kernels.reference import flash_attention_ref
 
+from .helpers import compile_for_hopper
+
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 # one pack mixing a length-1 segment, an empty one, partial blocks and a segment spanning several blocks
@@ -455,14 +457,4 @@ for name, BM, BN, w, s, D, causal in todo:
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: really compile
-    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
-    out = r.stdout + r.stderr[-3000:]
-    if r.stdout.startswith("SKIP"):
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and r.stdout.count("OK") >= 4, out
+    compile_for_hopper(_AOT, tmp_path, expected_ok=4)

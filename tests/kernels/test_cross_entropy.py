@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from llm2vec_fast.kernels import fused_linear_cross_entropy
 from llm2vec_fast.kernels.reference import fused_linear_cross_entropy_ref
 
+from .helpers import poison_empty
+
 IGN = -100
 
 
@@ -37,14 +39,8 @@ def _torch_lp(hidden, weight, labels, bias):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """NaN-fill every empty/empty_like of the kernel module, so an unwritten row or gradient fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(ce_mod.torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
-    monkeypatch.setattr(ce_mod.torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
+    """NaN-filled torch.empty / empty_like in the kernel module, so an unwritten row or gradient fails."""
+    poison_empty(monkeypatch)
 
 
 CASES = [  # N, H, V, chunk rows, block of V: rows straddle chunk edges, V straddles blocks

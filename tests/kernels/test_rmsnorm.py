@@ -5,6 +5,8 @@ import torch
 from llm2vec_fast.kernels import rms_norm
 from llm2vec_fast.kernels.reference import rms_norm_ref
 
+from .helpers import check_against_twin, compile_for_hopper, poison_empty
+
 # odd sizes: a single feature, masked tails (80, 96, 576 = SmolLM2's hidden size), 3-D inputs, a single row
 SHAPES = [(1, 1), (7, 1), (1, 80), (7, 96), (130, 80), (7, 576), (130, 576), (2, 5, 96), (2, 5, 1)]
 
@@ -43,14 +45,8 @@ def _assert_rows_close(ours, ref, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """NaN-fill every empty/empty_like of the kernel module, so an unwritten row or partial sum fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(rms_mod.torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
-    monkeypatch.setattr(rms_mod.torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
+    """NaN-filled torch.empty / empty_like in the kernel module, so an unwritten row or partial sum fails."""
+    poison_empty(monkeypatch)
 
 
 def test_reference_is_hf_llama_rmsnorm():
@@ -84,46 +80,17 @@ def test_forward_backward_fp32(shape, eps, poisoned):
 @pytest.mark.parametrize("shape", [(130, 576), (7, 80), (2, 5, 96)], ids=_sid)
 def test_fp16_two_x_rule(shape):
     x, w = _inputs(shape, torch.float16, seed=2)
-    x1, w1, xlp, wlp = _leaf(x), _leaf(w), _leaf(x), _leaf(w)
-    x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
-    out = rms_norm(x1, w1)
-    ref_lp = rms_norm_ref(xlp, wlp)
-    ref64 = rms_norm_ref(x64, w64)
-    assert out.dtype == torch.float16
-    err = (out.double() - ref64).abs().max().item()
-    tol = 2 * (ref_lp.double() - ref64).abs().max().item() + 1e-5
-    assert err <= tol, (err, tol)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3)).half()
-    out.backward(dy)
-    ref_lp.backward(dy)
-    ref64.backward(dy.double())
-    for ours, lp, exact in ((x1.grad, xlp.grad, x64.grad), (w1.grad, wlp.grad, w64.grad)):
-        assert ours.dtype == torch.float16
-        err = (ours.double() - exact).abs().max().item()
-        tol = 3 * (lp.double() - exact).abs().max().item() + 1e-5
-        assert err <= tol, (err, tol)
+    (x1, w1), _, _ = check_against_twin(rms_norm, rms_norm_ref, [x, w], seed=3)
+    assert x1.grad.dtype == w1.grad.dtype == torch.float16
 
 
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)],
                          ids=["x16-w32", "x32-w16"])
 def test_mixed_dtypes_promote(xdtype, wdtype, poisoned):
     x, w = _inputs((7, 96), xdtype, wdtype, seed=5)
-    x1, w1, xlp, wlp = _leaf(x), _leaf(w), _leaf(x), _leaf(w)
-    x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
-    out = rms_norm(x1, w1)
-    ref_lp = rms_norm_ref(xlp, wlp)
-    ref64 = rms_norm_ref(x64, w64)
-    assert out.dtype == ref_lp.dtype == torch.float32
-    err = (out.double() - ref64).abs().max().item()
-    assert err <= 2 * (ref_lp.double() - ref64).abs().max().item() + 1e-5, err
-    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
-    out.backward(dy)
-    ref_lp.backward(dy)
-    ref64.backward(dy.double())
+    assert rms_norm(x, w).dtype == torch.float32
+    (x1, w1), (_, wlp), _ = check_against_twin(rms_norm, rms_norm_ref, [x, w], seed=6)
     assert x1.grad.dtype == xdtype and w1.grad.dtype == wdtype
-    for ours, lp, exact in ((x1.grad, xlp.grad, x64.grad), (w1.grad, wlp.grad, w64.grad)):
-        err = (ours.double() - exact).abs().max().item()
-        assert err <= 3 * (lp.double() - exact).abs().max().item() + 1e-5, err
     if xdtype == torch.float16:
         # an fp32 d weight shows the rounding: both sum dy * x_hat with x_hat rounded to fp16, as the forward used it
         _assert_rows_close(w1.grad, wlp.grad)
@@ -265,19 +232,7 @@ def test_device_mismatch_gpu():
                          ids=lambda v: str(v))
 def test_gpu_big(N, D, dtype, wdtype):
     x, w = _inputs((N, D), dtype, dtype if wdtype == "same" else torch.float32, device="cuda")
-    x1, w1, xlp, wlp = _leaf(x), _leaf(w), _leaf(x), _leaf(w)
-    x32, w32 = _leaf(x, torch.float32), _leaf(w, torch.float32)
-    out = rms_norm(x1, w1)
-    ref_lp = rms_norm_ref(xlp, wlp)
-    ref32 = rms_norm_ref(x32, w32)
-    assert out.dtype == ref_lp.dtype
-    assert (out.float() - ref32).abs().max() <= 2 * (ref_lp.float() - ref32).abs().max() + 1e-5
-    dy = torch.randn(out.shape, device="cuda").to(out.dtype)
-    out.backward(dy)
-    ref_lp.backward(dy)
-    ref32.backward(dy.float())
-    for ours, lp, exact in ((x1.grad, xlp.grad, x32.grad), (w1.grad, wlp.grad, w32.grad)):
-        assert (ours.float() - exact).abs().max() <= 3 * (lp.float() - exact).abs().max() + 1e-5
+    (x1, w1), _, dy = check_against_twin(rms_norm, rms_norm_ref, [x, w], exact=torch.float32)
     # d weight: deterministic on the GPU too (no atomics)
     x3, w3 = _leaf(x), _leaf(w)
     rms_norm(x3, w3).backward(dy)
@@ -338,14 +293,4 @@ for name, consts in (("_rms_norm_fwd_kernel", dict(BR=2, BD=2048)),
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: really compile
-    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
-    out = r.stdout + r.stderr[-3000:]
-    if r.stdout.startswith("SKIP"):
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and r.stdout.count("OK") == 4, out
+    compile_for_hopper(_AOT, tmp_path, expected_ok=4)

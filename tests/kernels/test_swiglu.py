@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from llm2vec_fast.kernels import silu_mul
 from llm2vec_fast.kernels.reference import silu_mul_ref
 
+from .helpers import check_against_twin, compile_for_hopper, poison_empty
+
 # the interpreter computes the sigmoid with numpy, which warns when exp(-gate) overflows to inf (sigmoid is then 0)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -33,14 +35,8 @@ def _leaf(t, dtype=None, grad=True):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """NaN-fill every empty/empty_like of the kernel module, so an element the kernels forget to write fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(swiglu_mod.torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
-    monkeypatch.setattr(swiglu_mod.torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
+    """NaN-filled torch.empty / empty_like in the kernel module, so an element the kernels forget to write fails."""
+    poison_empty(monkeypatch)
 
 
 def test_reference_is_silu_times_up():
@@ -68,24 +64,7 @@ def test_forward_backward_fp32(shape, poisoned):
 @pytest.mark.parametrize("shape", [(130, 96), (2, 5, 576)], ids=_sid)
 def test_fp16_two_x_rule(shape):
     gate, up = _inputs(shape, torch.float16, seed=2)
-    g1, u1, glp, ulp = _leaf(gate), _leaf(up), _leaf(gate), _leaf(up)
-    g64, u64 = _leaf(gate, torch.float64), _leaf(up, torch.float64)
-    out = silu_mul(g1, u1)
-    ref_lp = silu_mul_ref(glp, ulp)
-    ref64 = silu_mul_ref(g64, u64)
-    assert out.dtype == torch.float16
-    err = (out.double() - ref64).abs().max().item()
-    tol = 2 * (ref_lp.double() - ref64).abs().max().item() + 1e-5
-    assert err <= tol, (err, tol)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3)).half()
-    out.backward(dy)
-    ref_lp.backward(dy)
-    ref64.backward(dy.double())
-    for ours, lp, exact in ((g1.grad, glp.grad, g64.grad), (u1.grad, ulp.grad, u64.grad)):
-        assert ours.dtype == torch.float16
-        err = (ours.double() - exact).abs().max().item()
-        tol = 3 * (lp.double() - exact).abs().max().item() + 1e-5
-        assert err <= tol, (err, tol)
+    check_against_twin(silu_mul, silu_mul_ref, [gate, up], seed=3)
 
 
 def test_fp16_rounds_once():
@@ -181,19 +160,7 @@ def test_device_mismatch_gpu():
 @pytest.mark.parametrize("shape", [(4096, 5504), (4096, 1536), (3, 333, 8960)], ids=_sid)
 def test_gpu_big(shape, dtype):
     gate, up = _inputs(shape, dtype, device="cuda")
-    g1, u1, glp, ulp = _leaf(gate), _leaf(up), _leaf(gate), _leaf(up)
-    g32, u32 = _leaf(gate, torch.float32), _leaf(up, torch.float32)
-    out = silu_mul(g1, u1)
-    ref_lp = silu_mul_ref(glp, ulp)
-    ref32 = silu_mul_ref(g32, u32)
-    assert out.dtype == dtype
-    assert (out.float() - ref32).abs().max() <= 2 * (ref_lp.float() - ref32).abs().max() + 1e-5
-    dy = torch.randn(shape, device="cuda").to(dtype)
-    out.backward(dy)
-    ref_lp.backward(dy)
-    ref32.backward(dy.float())
-    for ours, lp, exact in ((g1.grad, glp.grad, g32.grad), (u1.grad, ulp.grad, u32.grad)):
-        assert (ours.float() - exact).abs().max() <= 3 * (lp.float() - exact).abs().max() + 1e-5
+    check_against_twin(silu_mul, silu_mul_ref, [gate, up], exact=torch.float32)
 
 
 @pytest.mark.gpu
@@ -247,14 +214,4 @@ for name, n_type in (("_silu_mul_fwd_kernel", "i32"), ("_silu_mul_bwd_kernel", "
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: really compile
-    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
-    out = r.stdout + r.stderr[-3000:]
-    if r.stdout.startswith("SKIP"):
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and r.stdout.count("OK") == 4, out
+    compile_for_hopper(_AOT, tmp_path, expected_ok=4)

@@ -1,0 +1,65 @@
+"""Shared by the kernel tests: the low-precision tolerance rule and the Hopper compile check."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def assert_lowp_close(ours, ref_lp, exact, factor, atol=1e-5):
+    """STYLE.md's rule: ``max|ours − exact| ≤ factor · max|ref_lp − exact| + atol`` (2 for outputs, 3 for
+    gradients), where ``ref_lp`` is the twin run in the test's low precision and ``exact`` in float64."""
+    err = (ours.double() - exact).abs().max().item()
+    tol = factor * (ref_lp.double() - exact).abs().max().item() + atol
+    assert err <= tol, (err, tol)
+
+
+def compile_for_hopper(script, tmp_path, expected_ok):
+    """Run ``script`` (it compiles kernels with ``triton.compile(..., GPUTarget("cuda", 90, 32))`` and prints one
+    ``OK`` per kernel, or ``SKIP`` when this triton lacks the internal API) in a subprocess without
+    ``TRITON_INTERPRET`` and a fresh cache, so it really compiles: GPU-only compile errors surface without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    out = r.stdout + r.stderr[-3000:]
+    if r.stdout.startswith("SKIP"):
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and r.stdout.count("OK") >= expected_ok, out
+
+
+def check_against_twin(op, twin, inputs, exact=None, seed=0):
+    """``op`` against its PyTorch ``twin`` on ``inputs`` (tensors, each a leaf that needs a gradient): the output by
+    the 2× rule, every input's gradient (for one random upstream gradient) by the 3×, each against the twin run in
+    the inputs' own precision and in ``exact`` (float64 by default). Returns (our leaves, the twin's low-precision
+    leaves, the upstream gradient), the leaves' ``.grad`` filled, for further checks."""
+    import torch
+
+    exact = exact or torch.float64
+    ours = [x.detach().clone().requires_grad_(True) for x in inputs]
+    low = [x.detach().clone().requires_grad_(True) for x in inputs]
+    high = [x.detach().to(exact).requires_grad_(True) for x in inputs]
+    out, ref_lp, ref_hi = op(*ours), twin(*low), twin(*high)
+    assert out.dtype == ref_lp.dtype, (out.dtype, ref_lp.dtype)
+    assert_lowp_close(out, ref_lp, ref_hi, 2)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+    out.backward(dy)
+    ref_lp.backward(dy)
+    ref_hi.backward(dy.to(exact))
+    for a, b, c in zip(ours, low, high, strict=True):
+        assert a.grad.dtype == a.dtype
+        assert_lowp_close(a.grad, b.grad, c.grad, 3)
+    return ours, low, dy
+
+
+def poison_empty(monkeypatch):
+    """NaN-fill every floating ``torch.empty`` / ``torch.empty_like`` for the rest of a test (the kernel modules
+    allocate their outputs with them), so an element a kernel forgets to write fails the comparison."""
+    import torch
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(real_empty_like(*a, **k)))
