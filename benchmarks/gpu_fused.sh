@@ -11,8 +11,9 @@ BUDGET_DEFAULT=195
 # shellcheck source=benchmarks/device_common.sh
 source "$(dirname "$0")/device_common.sh"
 
-step "pytest -m gpu rmsnorm + swiglu" 40 15 \
+step "pytest -m gpu rmsnorm + swiglu + bf16 encode parity" 45 15 \
   $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_rmsnorm.py tests/kernels/test_swiglu.py \
+  tests/llm2vec_fast/test_encoder.py::test_gpu_bf16_encode_matches_fp32_reference \
   --junitxml="$WORK/pytest_gpu_fused_kernels.xml"
 # (the fused wiring on CUDA: gpu_check.sh runs tests/llm2vec_fast/test_fused.py; here the encode rows' cosine to
 # the HF reference covers it)
