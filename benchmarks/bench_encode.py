@@ -11,7 +11,7 @@ In one process, on the same texts, with the same model object:
   (``to_bidirectional(model, backend="torch")``), mean pooling over the mask;
 * ``st b32`` / ``st b128``: sentence-transformers (when importable) on a folder holding the same weights, with its
   default mean pooling (its model is the plain causal decoder; only its speed is compared);
-* ``ours``: ``LLM2Vec.encode`` with packed token-budget batches and the fused RMSNorm/SwiGLU ops — its default
+* ``ours``: ``LLM2Vec.encode`` with packed token-budget batches and the fused RMSNorm/gated-MLP ops — its default
   budget and ``--budgets`` values; ``ours default unfused`` (peer ``ours-unfused``): the same with HF's own RMSNorm
   and MLP forwards, which shows what :func:`llm2vec_fast.fuse_ops` gains.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Short GPU check of the fused RMSNorm/SwiGLU ops and the pipelined tokenizer (under 4 minutes of device time):
+# Short GPU check of the fused RMSNorm/gated-MLP ops and the pipelined tokenizer (under 4 minutes of device time):
 #
 #   here:   python benchmarks/prepare_device.py          # .cache/device: shared data + SmolLM2 tokenizer, ~18 MiB
 #   device: run(command="bash benchmarks/gpu_fused.sh", carry=[".cache/device"], timeout_s=215)
@@ -11,7 +11,7 @@ BUDGET_DEFAULT=195
 # shellcheck source=benchmarks/device_common.sh
 source "$(dirname "$0")/device_common.sh"
 
-step "pytest -m gpu rmsnorm + swiglu + bf16 encode parity" 45 15 \
+step "pytest -m gpu rms_norm + gated MLP + bf16 encode parity" 45 15 \
   $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_rmsnorm.py tests/kernels/test_swiglu.py \
   tests/llm2vec_fast/test_encoder.py::test_gpu_bf16_encode_matches_fp32_reference \
   --junitxml="$WORK/pytest_gpu_fused_kernels.xml"

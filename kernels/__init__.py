@@ -12,6 +12,7 @@ _LAZY = {
     "fused_linear_cross_entropy": ".cross_entropy",
     "rms_norm": ".rmsnorm",
     "silu_mul": ".swiglu",
+    "gelu_tanh_mul": ".swiglu",
 }
 
 __all__ = list(_LAZY)

@@ -231,19 +231,24 @@ def _check_rms_norm_args(x, weight, eps, dtypes=_FLOAT_DTYPES):
         raise ValueError(f"eps must be a positive finite number, got {eps}")
 
 
-def rms_norm_ref(x, weight, eps=1e-6):
-    """PyTorch twin of :func:`llm2vec_fast.kernels.rms_norm`: Hugging Face's ``LlamaRMSNorm.forward``, verbatim.
+def rms_norm_ref(x, weight, eps=1e-6, *, unit_offset=False):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.rms_norm`: Hugging Face's ``LlamaRMSNorm.forward`` (or, with
+    ``unit_offset``, ``GemmaRMSNorm.forward``), verbatim.
 
-    fp32 math (float64 inputs, accepted here only, stay float64); the normalised value is rounded to x's dtype and
-    then multiplied by the weight, so the output is in ``torch.promote_types(weight.dtype, x.dtype)``.
+    fp32 math (float64 inputs, accepted here only, stay float64). Llama: the normalised value is rounded to x's dtype
+    and then multiplied by the weight, so the output is in ``torch.promote_types(weight.dtype, x.dtype)``. Gemma: the
+    scale is ``1 + weight`` in fp32 and the product is rounded once to x's dtype.
     """
     _check_rms_norm_args(x, weight, eps, _FLOAT_DTYPES + (torch.float64,))
-    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (..., D)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(acc)  # (..., D)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.to(acc))).type_as(x)
     return weight * h.to(x.dtype)
 # ==== END RMS NORM ====
 
-# ==== SWIGLU (silu_mul_ref) ====
+# ==== GATED MLP ACTIVATIONS (silu_mul_ref, gelu_tanh_mul_ref) ====
 def _check_silu_mul_args(gate, up, dtypes=_FLOAT_DTYPES):
     """Validate silu_mul arguments (shared by the kernel and the twin)."""
     for name, t in (("gate", gate), ("up", up)):
@@ -268,4 +273,11 @@ def silu_mul_ref(gate, up):
     """
     _check_silu_mul_args(gate, up, _FLOAT_DTYPES + (torch.float64,))
     return F.silu(gate) * up
+
+
+def gelu_tanh_mul_ref(gate, up):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.gelu_tanh_mul`: ``F.gelu(gate, approximate="tanh") * up``, as
+    Gemma's GeGLU MLP (``hidden_activation="gelu_pytorch_tanh"``) computes it; math in the input dtype."""
+    _check_silu_mul_args(gate, up, _FLOAT_DTYPES + (torch.float64,))
+    return F.gelu(gate, approximate="tanh") * up
 # ==== END SWIGLU ====

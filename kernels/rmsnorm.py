@@ -1,4 +1,5 @@
-"""RMS normalisation with a learned scale, exactly Hugging Face's ``LlamaRMSNorm`` (Llama, Mistral, Qwen2, Qwen3).
+"""RMS normalisation with a learned scale, exactly Hugging Face's ``LlamaRMSNorm`` (Llama, Mistral, Qwen2, Qwen3) and,
+with ``unit_offset=True``, ``GemmaRMSNorm`` (Gemma 1-3: the scale is ``1 + weight``, applied in fp32).
 
 Layers: ``_rms_norm_fwd_kernel`` / ``_rms_norm_bwd_kernel`` → ``rms_norm_fwd`` / ``rms_norm_bwd`` launchers →
 ``RMSNormFunction`` → :func:`rms_norm`. Twin: :func:`llm2vec_fast.kernels.reference.rms_norm_ref`.
@@ -23,7 +24,8 @@ _TILE = 4096  # elements per [BR, BD] tile: several short rows per program, one 
 
 
 @triton.jit(do_not_specialize=["N"])
-def _rms_norm_fwd_kernel(x, w, y, rstd, stride_x, stride_y, N, D, eps, BR: tl.constexpr, BD: tl.constexpr):
+def _rms_norm_fwd_kernel(x, w, y, rstd, stride_x, stride_y, N, D, eps, BR: tl.constexpr, BD: tl.constexpr,
+                         UNIT_OFFSET: tl.constexpr):
     i_r = tl.program_id(0)
     o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
@@ -34,17 +36,22 @@ def _rms_norm_fwd_kernel(x, w, y, rstd, stride_x, stride_y, N, D, eps, BR: tl.co
     b_x = tl.load(x + o_r[:, None] * stride_x + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     # [BR] masked lanes are zeros, so the sum is over the D real features
     b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
-    # HF rounds the normalised value to x's dtype before the weight multiplies it; the product is rounded once more
-    b_xh = (b_x * b_rstd[:, None]).to(x.dtype.element_ty).to(tl.float32)
-    # [BD]
-    b_w = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_xh = b_x * b_rstd[:, None]
+    if UNIT_OFFSET:
+        # Gemma: the scale is 1 + weight, all in fp32, one rounding at the end
+        b_w = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32) + 1.0
+    else:
+        # Llama: HF rounds the normalised value to x's dtype before the weight multiplies it, then the product
+        b_xh = b_xh.to(x.dtype.element_ty).to(tl.float32)
+        b_w = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32)
     tl.store(y + o_r[:, None] * stride_y + o_d[None, :], (b_xh * b_w[None, :]).to(y.dtype.element_ty), mask=m)
     tl.store(rstd + o_r, b_rstd, mask=m_r)
 
 
 @triton.jit(do_not_specialize=["N", "rows_per_prog"])
 def _rms_norm_bwd_kernel(x, w, rstd, dy, dx, dw, stride_x, stride_dy, stride_dx, N, D, rows_per_prog,
-                         BR: tl.constexpr, BD: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr):
+                         BR: tl.constexpr, BD: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
+                         UNIT_OFFSET: tl.constexpr):
     i_p = tl.program_id(0)
     lo = i_p.to(tl.int64) * rows_per_prog
     hi = tl.minimum(lo + rows_per_prog, N)
@@ -52,6 +59,8 @@ def _rms_norm_bwd_kernel(x, w, rstd, dy, dx, dw, stride_x, stride_dy, stride_dx,
     m_d = o_d < D
     # [BD]
     b_w = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        b_w += 1.0
     b_dw = tl.zeros([BD], dtype=tl.float32)
     for r0 in range(lo, hi, BR):
         o_r = r0 + tl.arange(0, BR)
@@ -64,8 +73,11 @@ def _rms_norm_bwd_kernel(x, w, rstd, dy, dx, dw, stride_x, stride_dy, stride_dx,
         b_rstd = tl.load(rstd + o_r, mask=m_r, other=0.0)
         b_xh = b_x * b_rstd[:, None]
         if HAS_DW:
-            # d weight sees the normalised value as the forward used it: rounded to x's dtype
-            b_dw += tl.sum(b_dy * b_xh.to(x.dtype.element_ty).to(tl.float32), axis=0)
+            # d weight sees the normalised value as the forward used it: rounded to x's dtype (Llama) or not (Gemma)
+            if UNIT_OFFSET:
+                b_dw += tl.sum(b_dy * b_xh, axis=0)
+            else:
+                b_dw += tl.sum(b_dy * b_xh.to(x.dtype.element_ty).to(tl.float32), axis=0)
         if HAS_DX:
             # the rounding has no gradient (as in torch's autograd of .to): dx = rstd (g - x_hat mean(g x_hat))
             b_g = b_dy * b_w[None, :]
@@ -102,12 +114,12 @@ def _bwd_programs(device, tiles):
     return min(tiles, 4)
 
 
-def rms_norm_fwd(x, weight, eps):
+def rms_norm_fwd(x, weight, eps, unit_offset=False):
     """Launch the forward on x ``[..., D]`` (last dim contiguous): (y in x's shape, rstd fp32 [N], x as [N, D])."""
     D = x.shape[-1]
     N = math.prod(x.shape[:-1])
     x2 = x.reshape(N, D)  # a view whenever the leading dims merge (rows may be strided)
-    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if x2.numel() == 0:
@@ -115,11 +127,11 @@ def rms_norm_fwd(x, weight, eps):
     BR, BD, num_warps = _blocks(D)
     y2 = y.view(-1, D)
     _rms_norm_fwd_kernel[(triton.cdiv(N, BR),)](x2, weight, y2, rstd, x2.stride(0), y2.stride(0), N, D, eps,
-                                                BR=BR, BD=BD, num_warps=num_warps)
+                                                BR=BR, BD=BD, UNIT_OFFSET=unit_offset, num_warps=num_warps)
     return y, rstd, x2
 
 
-def rms_norm_bwd(dy, x2, weight, rstd, x_shape, need_dx, need_dw):
+def rms_norm_bwd(dy, x2, weight, rstd, x_shape, need_dx, need_dw, unit_offset=False):
     """Gradients (dx in x's dtype and shape, dweight in weight's dtype) or None where not needed."""
     N, D = x2.shape
     dev = x2.device
@@ -138,27 +150,28 @@ def rms_norm_bwd(dy, x2, weight, rstd, x_shape, need_dx, need_dw):
     dw_part = torch.empty(P, D, dtype=torch.float32, device=dev) if need_dw else rstd  # likewise
     _rms_norm_bwd_kernel[(P,)](x2, weight, rstd, dy2, dx2, dw_part, x2.stride(0), dy2.stride(0), dx2.stride(0),
                                N, D, rows_per_prog, BR=BR, BD=BD, HAS_DX=need_dx, HAS_DW=need_dw,
-                               num_warps=num_warps)
+                               UNIT_OFFSET=unit_offset, num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd, x2 = rms_norm_fwd(x, weight, eps)
+    def forward(ctx, x, weight, eps, unit_offset):
+        y, rstd, x2 = rms_norm_fwd(x, weight, eps, unit_offset)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.unit_offset = x.shape, unit_offset
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_bwd(dy, x2, weight, rstd, ctx.x_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None
+        dx, dw = rms_norm_bwd(dy, x2, weight, rstd, ctx.x_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                              ctx.unit_offset)
+        return dx, dw, None, None
 
 
-def rms_norm(x, weight, eps=1e-6):
+def rms_norm(x, weight, eps=1e-6, *, unit_offset=False):
     """RMS-normalise the last dim of ``x`` and scale it by ``weight`` (Triton, forward and backward).
 
     Drop-in for Hugging Face's ``LlamaRMSNorm.forward`` (also ``MistralRMSNorm``, ``Qwen2RMSNorm``,
@@ -168,7 +181,11 @@ def rms_norm(x, weight, eps=1e-6):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)
 
-    Not Gemma's ``(1 + weight)`` variant.
+    With ``unit_offset=True``: Hugging Face's ``GemmaRMSNorm`` (Gemma, Gemma 2, Gemma 3), whose stored weight is
+    the scale minus one::
+
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return (h * (1.0 + weight.float())).type_as(x)
 
     Args:
         x: ``[..., D]`` (any number of leading dims, D any size from 1 to 65536), float32, float16 or bfloat16. The
@@ -177,18 +194,19 @@ def rms_norm(x, weight, eps=1e-6):
         weight: ``[D]`` scale, float32, float16 or bfloat16 (it need not match ``x``).
         eps: added to the mean square before the reciprocal square root; a positive finite number (HF's default
             is 1e-6; models pass ``config.rms_norm_eps``).
+        unit_offset: Gemma's convention (scale ``1 + weight``, fp32 throughout, output in x's dtype).
 
     Returns:
         ``[..., D]`` in ``torch.promote_types(weight.dtype, x.dtype)`` (bf16 weight and bf16 x give bf16, fp32
-        weight and bf16 x give fp32), contiguous.
+        weight and bf16 x give fp32; with ``unit_offset``, x's dtype), contiguous.
 
     Rounding, as HF's: the mean square, ``rstd`` and ``x * rstd`` are fp32; ``x * rstd`` is rounded to x's dtype;
     that is multiplied by the weight in fp32 and rounded once to the output dtype (exactly what torch does for
-    ``weight * h`` with both in bf16).
+    ``weight * h`` with both in bf16). With ``unit_offset`` nothing is rounded before the final store.
 
     Gradients flow to ``x`` (in x's dtype) and ``weight`` (in weight's dtype) in fp32 math. With
     ``x_hat = x * rstd`` and ``g = dy * weight``: ``dx = rstd * (g - x_hat * mean(g * x_hat))``, and
-    ``dweight = sum over rows of dy * x_hat`` with ``x_hat`` rounded to x's dtype as in the forward, accumulated in
+    ``dweight = sum over rows of dy * x_hat`` with ``x_hat`` rounded as in the forward, accumulated in
     fp32 per block of rows, the blocks' sums added in a fixed order (deterministic, no atomics) and rounded once. A
     weight that does not require grad costs no d-weight work. An input with no rows gives an empty output (and a
     zero d weight).
@@ -204,4 +222,4 @@ def rms_norm(x, weight, eps=1e-6):
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    return RMSNormFunction.apply(x, weight, float(eps))
+    return RMSNormFunction.apply(x, weight, float(eps), bool(unit_offset))

@@ -37,7 +37,7 @@ class Family:
 
     # honour the config's sliding window (bidirectionally, |i - j| < window) on the layers HF marks as sliding
     sliding_window: bool = False
-    # Llama-style RMSNorm (weight * normalize(x).to(dtype)) and SwiGLU MLP: llm2vec_fast.fuse_ops applies
+    # RMSNorm and gated MLP modules llm2vec_fast.fuse_ops knows (Llama-style or Gemma-style norm, SwiGLU or GeGLU)
     fused_ops: bool = True
 
 
@@ -47,10 +47,9 @@ FAMILIES = {
     "mistral": Family(),
     "qwen2": Family(),
     "qwen3": Family(),
-    # Gemma: (1 + weight) norm in float32 and a GELU MLP, so HF's own modules
-    "gemma": Family(fused_ops=False),
-    "gemma2": Family(sliding_window=True, fused_ops=False),  # logit softcap arrives as HF's `softcap` kwarg
-    "gemma3_text": Family(sliding_window=True, fused_ops=False),
+    "gemma": Family(),
+    "gemma2": Family(sliding_window=True),  # logit softcap arrives as the `softcap` kwarg from HF's attention
+    "gemma3_text": Family(sliding_window=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

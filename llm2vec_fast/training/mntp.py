@@ -121,7 +121,7 @@ class MNTPTrainer(AdapterTrainer):
 
 
 def load_causal_lm(model_name_or_path, dtype: torch.dtype, attn_backend: str = "auto"):
-    """Load a ``*ForCausalLM`` and its tokenizer, bidirectional, with the fused RMSNorm/SwiGLU ops on CUDA (not with
+    """Load a ``*ForCausalLM`` and its tokenizer, bidirectional, with the fused RMSNorm/gated-MLP ops on CUDA (not with
     ``attn_backend="torch"``, the all-PyTorch reference path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,4 +1,6 @@
 """rms_norm (Triton, interpreter on CPU) against rms_norm_ref, and the twin against Hugging Face's LlamaRMSNorm."""
+import functools
+
 import llm2vec_fast.kernels.rmsnorm as rms_mod
 import pytest
 import torch
@@ -59,13 +61,30 @@ def test_reference_is_hf_llama_rmsnorm():
             assert torch.equal(rms_norm_ref(x, w, eps=1e-5), hf(x)), dtype
 
 
+def test_reference_is_hf_gemma_rmsnorm():
+    """unit_offset=True is Gemma's norm (scale 1 + weight in fp32, one rounding), bit for bit, Gemma 1 and 3."""
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    for cls in (gemma.GemmaRMSNorm, gemma3.Gemma3RMSNorm):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x, w = _inputs((9, 96), dtype, seed=4)
+            hf = cls(96, eps=1e-5).to(dtype)
+            with torch.no_grad():
+                hf.weight.copy_(w)
+                assert torch.equal(rms_norm_ref(x, w, eps=1e-5, unit_offset=True), hf(x)), (cls, dtype)
+    # and it is not Llama's
+    x, w = _inputs((9, 96), torch.float32, seed=4)
+    assert not torch.allclose(rms_norm_ref(x, w, unit_offset=True), rms_norm_ref(x, w))
+
+
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 @pytest.mark.parametrize("eps", [1e-6, 0.5])
 @pytest.mark.parametrize("shape", SHAPES, ids=_sid)
-def test_forward_backward_fp32(shape, eps, poisoned):
+def test_forward_backward_fp32(shape, eps, unit_offset, poisoned):
     x, w = _inputs(shape, torch.float32)
     x1, w1, x2, w2 = _leaf(x), _leaf(w), _leaf(x), _leaf(w)
-    out = rms_norm(x1, w1, eps)
-    ref = rms_norm_ref(x2, w2, eps)
+    out = rms_norm(x1, w1, eps, unit_offset=unit_offset)
+    ref = rms_norm_ref(x2, w2, eps, unit_offset=unit_offset)
     assert out.shape == shape and out.dtype == torch.float32
     assert not out.isnan().any()
     _assert_rows_close(out, ref)
@@ -77,10 +96,12 @@ def test_forward_backward_fp32(shape, eps, poisoned):
     _assert_rows_close(w1.grad, w2.grad)
 
 
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 @pytest.mark.parametrize("shape", [(130, 576), (7, 80), (2, 5, 96)], ids=_sid)
-def test_fp16_two_x_rule(shape):
+def test_fp16_two_x_rule(shape, unit_offset):
     x, w = _inputs(shape, torch.float16, seed=2)
-    (x1, w1), _, _ = check_against_twin(rms_norm, rms_norm_ref, [x, w], seed=3)
+    op, twin = (functools.partial(f, unit_offset=unit_offset) for f in (rms_norm, rms_norm_ref))
+    (x1, w1), _, _ = check_against_twin(op, twin, [x, w], seed=3)
     assert x1.grad.dtype == w1.grad.dtype == torch.float16
 
 
@@ -226,16 +247,18 @@ def test_device_mismatch_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 @pytest.mark.parametrize("wdtype", ["same", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("N,D", [(4096, 2048), (4096, 576), (1000, 4096), (333, 8192), (64, 65536)],
                          ids=lambda v: str(v))
-def test_gpu_big(N, D, dtype, wdtype):
+def test_gpu_big(N, D, dtype, wdtype, unit_offset):
     x, w = _inputs((N, D), dtype, dtype if wdtype == "same" else torch.float32, device="cuda")
-    (x1, w1), _, dy = check_against_twin(rms_norm, rms_norm_ref, [x, w], exact=torch.float32)
+    op, twin = (functools.partial(f, unit_offset=unit_offset) for f in (rms_norm, rms_norm_ref))
+    (x1, w1), _, dy = check_against_twin(op, twin, [x, w], exact=torch.float32)
     # d weight: deterministic on the GPU too (no atomics)
     x3, w3 = _leaf(x), _leaf(w)
-    rms_norm(x3, w3).backward(dy)
+    op(x3, w3).backward(dy)
     assert torch.equal(w3.grad, w1.grad) and torch.equal(x3.grad, x1.grad)
 
 
@@ -259,10 +282,11 @@ _AOT = r"""
 import llm2vec_fast.kernels.rmsnorm as R
 
 fp32_ptrs = {"rstd"}
-for name, consts in (("_rms_norm_fwd_kernel", dict(BR=2, BD=2048)),
-                     ("_rms_norm_bwd_kernel", dict(BR=2, BD=2048, HAS_DX=True, HAS_DW=True)),
-                     ("_rms_norm_fwd_kernel", dict(BR=32, BD=128)),
-                     ("_rms_norm_bwd_kernel", dict(BR=32, BD=128, HAS_DX=True, HAS_DW=False))):
+for name, consts in (("_rms_norm_fwd_kernel", dict(BR=2, BD=2048, UNIT_OFFSET=False)),
+                     ("_rms_norm_bwd_kernel", dict(BR=2, BD=2048, HAS_DX=True, HAS_DW=True, UNIT_OFFSET=False)),
+                     ("_rms_norm_fwd_kernel", dict(BR=32, BD=128, UNIT_OFFSET=True)),
+                     ("_rms_norm_bwd_kernel", dict(BR=32, BD=128, HAS_DX=True, HAS_DW=True, UNIT_OFFSET=True)),
+                     ("_rms_norm_bwd_kernel", dict(BR=32, BD=128, HAS_DX=True, HAS_DW=False, UNIT_OFFSET=False))):
     fn = getattr(R, name)
     ptrs = {"x", "w", "y", "dy", "dx", "rstd", "dw"}
     sig = {n: ("constexpr" if n in consts else ("*fp32" if n in fp32_ptrs or n == "dw" else "*bf16") if n in ptrs
@@ -277,4 +301,4 @@ for name, consts in (("_rms_norm_fwd_kernel", dict(BR=2, BD=2048)),
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=4)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=5)

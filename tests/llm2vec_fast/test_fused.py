@@ -32,13 +32,14 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: per-head q/k norms on head_dim as well
+# qwen3: per-head q/k norms on head_dim as well; gemma*: (1 + weight) norms and GeGLU MLPs
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma", "gemma2", "gemma3_text"])
 def test_fused_model_matches_hf_forward_and_backward(model_type):
     model = tiny_model(model_type, intermediate_size=96).to(DEVICE)
     to_bidirectional(model, backend="torch")
     twin = copy.deepcopy(model)
     fuse_ops(model, backend="triton")
-    assert fused_ops_of(model) == ("rms_norm", "swiglu") and fused_ops_of(twin) == ()
+    assert fused_ops_of(model) == ("rms_norm", "gated_mlp") and fused_ops_of(twin) == ()
     patched = sum("forward" in m.__dict__ for m in model.modules())
     assert patched == _count(model, "RMSNorm") + _count(model, "MLP")
 
@@ -61,7 +62,7 @@ def test_auto_backend_keeps_hf_forward_on_cpu(monkeypatch):
     from llm2vec_fast.kernels.reference import rms_norm_ref, silu_mul_ref
 
     calls = []
-    monkeypatch.setattr(rmsnorm_mod, "rms_norm", lambda *a: calls.append("rms_norm") or rms_norm_ref(*a))
+    monkeypatch.setattr(rmsnorm_mod, "rms_norm", lambda *a, **k: calls.append("rms_norm") or rms_norm_ref(*a, **k))
     monkeypatch.setattr(swiglu_mod, "silu_mul", lambda *a: calls.append("silu_mul") or silu_mul_ref(*a))
     model = tiny_model("llama")
     twin = copy.deepcopy(model)
@@ -81,17 +82,20 @@ def test_auto_backend_keeps_hf_forward_on_cpu(monkeypatch):
 def test_unfuse_pickle_and_families():
     model = fuse_ops(tiny_model("mistral"))
     clone = pickle.loads(pickle.dumps(model))  # encode worker processes receive the model pickled
-    assert fused_ops_of(clone) == ("rms_norm", "swiglu")
+    assert fused_ops_of(clone) == ("rms_norm", "gated_mlp")
     norm = next(m for m in clone.modules() if type(m).__name__.endswith("RMSNorm"))
     assert norm.forward.args[0] is norm  # bound to the copy, not to the original module
-    assert fused_ops_of(copy.deepcopy(model)) == ("rms_norm", "swiglu")
+    assert fused_ops_of(copy.deepcopy(model)) == ("rms_norm", "gated_mlp")
     unfuse_ops(model)
     assert fused_ops_of(model) == () and not any("forward" in m.__dict__ for m in model.modules())
     assert fused_ops_of(fuse_ops(tiny_model("llama"), ops="rms_norm")) == ("rms_norm",)
-    # Gemma: (1 + weight) norm and GELU MLP, so nothing changes
+    # Gemma: its (1 + weight) norms and GeGLU MLPs, Gemma's way
     gemma = fuse_ops(tiny_model("gemma"))
-    assert fused_ops_of(gemma) == ()
-    # a Llama with a GELU MLP keeps its MLP
+    assert fused_ops_of(gemma) == ("rms_norm", "gated_mlp")
+    norm = next(m for m in gemma.modules() if type(m).__name__ == "GemmaRMSNorm")
+    mlp = next(m for m in gemma.modules() if type(m).__name__ == "GemmaMLP")
+    assert norm.forward.args[2] is True and mlp.forward.args[2] == "gelu_tanh"
+    # an activation the kernels do not have (exact GELU) keeps its MLP
     gelu = fuse_ops(tiny_model("llama", hidden_act="gelu"))
     assert fused_ops_of(gelu) == ("rms_norm",)
     with pytest.raises(ValueError, match=r"unknown fused op\(s\) \['layernorm'\]"):
@@ -125,7 +129,7 @@ def test_lora_gradients_flow_through_fused_mlp():
 
 def test_from_pretrained_fuses_unless_reference_path(tiny_encoder_dir):
     fused = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
-    assert fused_ops_of(fused.model) == ("rms_norm", "swiglu")
+    assert fused_ops_of(fused.model) == ("rms_norm", "gated_mlp")
     ref = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, attn_backend="torch")
     assert fused_ops_of(ref.model) == ()
     off = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, fused_ops=False)
