@@ -2,19 +2,20 @@
 # One-command GPU check for the device machine (see benchmarks/README.md, "GPU check").
 #
 #   here:   python benchmarks/prepare_device.py          # .cache/device: shared data + SmolLM2 tokenizer, ~18 MiB
-#   device: run(command="bash benchmarks/gpu_check.sh", carry=[".cache/device"], timeout_s=540)
+#   device: run(command="bash benchmarks/gpu_check.sh", carry=[".cache/device"], timeout_s=570)
 #
-# Steps, in order, each under `timeout` and a shared wall-clock budget (GPU_CHECK_BUDGET seconds, default 450), each
-# continuing past a failure of the one before: GPU-marked kernel tests, attention parity + benchmark, pooling/CE
-# parity + benchmark, encode benchmark (1.3B Llama config, both corpora, fused ops on and off), training steps
-# (--quick), then, if time is left, the 7B Mistral encode benchmark on one corpus, causal attention and attention
-# against FlexAttention. First run (H200, 2026-11-26): 435 s with the budget at 455. Every step writes into $WORK; after every step the
-# results are packed into $OUT, so a run cut short still returns what it finished:
+# Steps, in order, each under `timeout` and a shared wall-clock budget (GPU_CHECK_BUDGET seconds, default 500), each
+# continuing past a failure of the one before: GPU-marked kernel tests, the fused-op wiring and bf16 encode parity
+# tests, attention parity + benchmark, the 1.3B encode benchmark (both corpora, fused ops on and off, a profile),
+# training steps (--quick), attention against FlexAttention, then, if time is left, pooling/CE parity + benchmark,
+# the 7B Mistral encode benchmark and causal attention. First run (H200, 2026-11-26): 435 s with the budget at 455.
+# Every step writes into $WORK; after every step the results are packed into $OUT, so a run cut short still returns
+# what it finished:
 #   $OUT/gpu_check.log    everything printed
 #   $OUT/summary.md       card, versions, one status line per step, then every result table
 #   $OUT/results.tar.gz   all JSON / markdown / PNG / junit files (unpack into benchmarks/results/)
 RUN_NAME=gpu_check
-BUDGET_DEFAULT=450
+BUDGET_DEFAULT=500
 # shellcheck source=benchmarks/device_common.sh
 source "$(dirname "$0")/device_common.sh"
 
@@ -28,20 +29,22 @@ step "pytest test_fused.py + bf16 encode parity" 70 20 \
   --junitxml="$WORK/pytest_gpu_fused.xml"
 step "attention --check --bench --quick" 80 30 \
   $PY benchmarks/bench_attention.py --check --bench --quick --no-flex --tokenizer "$TOKENIZER"
+# every path warms up on the whole corpus; the default budget is 64k tokens on an H100/H200, so 128k is the extra one
+step "encode llama-1.3b (both corpora)" 200 60 \
+  $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,st,ours,ours-unfused --budgets 131072 \
+  --profile --tokenizer "$TOKENIZER"
+step "training --quick" 120 60 $PY benchmarks/bench_training.py --quick
+# FlexAttention's compiles took over 90 s on a fresh H200 (2026-11-26): alone, after the steps that must run
+step "attention vs FlexAttention --quick" 150 90 \
+  $PY benchmarks/bench_attention.py --flex-only --quick --tokenizer "$TOKENIZER"
+# measured on 2026-11-26 (H200); rerun when time is left
 step "pooling_ce --check" 45 15 $PY benchmarks/bench_pooling_ce.py --check
 step "pooling_ce bench" 60 20 $PY benchmarks/bench_pooling_ce.py
-step "encode llama-1.3b (both corpora)" 180 60 \
-  $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,st,ours,ours-unfused \
-  --profile --tokenizer "$TOKENIZER"
-step "training --quick" 150 60 $PY benchmarks/bench_training.py --quick
 step "encode mistral-7b (wikitext)" 110 70 \
-  $PY benchmarks/bench_encode.py --model mistral-7b --corpus wikitext --peers hf,ours --budgets 65536 \
+  $PY benchmarks/bench_encode.py --model mistral-7b --corpus wikitext --peers hf,ours --budgets= \
   --tokenizer "$TOKENIZER"
 step "attention causal --quick" 60 40 \
   $PY benchmarks/bench_attention.py --causal --quick --no-flex --tokenizer "$TOKENIZER"
-# FlexAttention's compiles took over 90 s on a fresh H200 (2026-11-26): last, alone, so nothing waits on them
-step "attention vs FlexAttention --quick" 150 90 \
-  $PY benchmarks/bench_attention.py --flex-only --quick --tokenizer "$TOKENIZER"
 
 echo "=== done in $(($(date +%s) - START))s"
 cat "$STATUS"
