@@ -95,7 +95,8 @@ def test_gpu_check_runs_every_step_and_packs_results(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "FakeCard" in summary
     assert "| pooling_ce --check | FAILED (exit 1) |" in summary and "FAIL parity" in summary
-    assert "| encode llama-1.3b (both corpora) | ok |" in summary  # ran after the failure
+    assert "| encode llama-1.3b (both corpora) | ok |" in summary
+    assert "| pooling_ce bench | ok |" in summary  # ran after the failure
     assert "| encode mistral-7b (wikitext) | skipped: budget |" in summary  # under 68 s left < its 70 s minimum
     assert (out / "gpu_check.log").exists()
     with tarfile.open(out / "results.tar.gz") as tar:
