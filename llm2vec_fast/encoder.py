@@ -25,6 +25,7 @@ from .models import resolve_model
 logger = logging.getLogger(__name__)
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+_OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
 # our pooling op's names for the original's modes
 _POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last_token",
                  "last_token": "last_token", "bos_token": "first_token"}
@@ -305,13 +306,18 @@ class LLM2Vec(nn.Module):
     # ------------------------------------------------------------------ model
     def forward(self, features):
         """Pooled embeddings ``[B, H]`` of packed features (differentiable; used by training)."""
+        n = features["cu_seqlens"].numel() - 1
+        f, hidden = self._run(features)
+        return pool(hidden, f["cu_seqlens"], self.pooling_mode, f["pool_start"])[:n]
+
+    def _run(self, features):
+        """(features on the model's device, last hidden states ``[T, H]``); a tiny CPU batch gets a filler sequence
+        after its own, so the first ``B + 1`` entries of ``cu_seqlens`` still describe the caller's sequences."""
         device = self.device
         f = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
-        n = f["cu_seqlens"].numel() - 1
         if device.type == "cpu" and 0 < f["input_ids"].numel() < _MIN_CPU_TOKENS:
             f = _add_filler(f, _MIN_CPU_TOKENS - f["input_ids"].numel())
-        hidden = self.hidden_states(f)
-        return pool(hidden, f["cu_seqlens"], self.pooling_mode, f["pool_start"])[:n]
+        return f, self.hidden_states(f)
 
     def hidden_states(self, f):
         """Last hidden states ``[T, H]`` of a packed batch."""
@@ -324,7 +330,8 @@ class LLM2Vec(nn.Module):
     # ------------------------------------------------------------------ encode
     def encode(self, sentences, batch_size=None, show_progress_bar=True, convert_to_numpy=False,
                convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None,
-               prompt_name=None, prompt=None, precision="float32", truncate_dim=None, pool=None, chunk_size=None):
+               prompt_name=None, prompt=None, precision="float32", truncate_dim=None, pool=None, chunk_size=None,
+               output_value="sentence_embedding"):
         """Embed texts. Rows come back in input order.
 
         Args:
@@ -348,6 +355,11 @@ class LLM2Vec(nn.Module):
             pool: a pool from :meth:`start_multi_process_pool`: encode data-parallel on its worker processes.
             chunk_size: texts per work unit handed to a pool worker (default: about an eighth of each worker's
                 share, at most 5,000).
+            output_value: ``"sentence_embedding"`` (default) or ``"token_embeddings"`` (sentence-transformers'
+                names): the last hidden state of every pooled token instead (the text's tokens; the instruction's
+                too when ``skip_instruction=False``), as a list with one float32 ``[L_i, H]`` tensor per input
+                (numpy arrays with ``convert_to_numpy``), for late-interaction scoring. ``normalize_embeddings`` and
+                ``truncate_dim`` apply to each token vector; ``precision`` must be ``float32``; one process only.
 
         Returns ``[N, H]`` (``[H]`` for a single string). Empty or whitespace-only texts (after the instruction)
         have nothing to pool: their rows are zero vectors. Texts longer than ``max_length`` tokens are cut at the
@@ -357,8 +369,24 @@ class LLM2Vec(nn.Module):
 
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        if output_value not in _OUTPUT_VALUES:
+            raise ValueError(f"unknown output_value {output_value!r}; expected one of {_OUTPUT_VALUES}")
         instruction = self._prompt(prompt_name, prompt)
         normalize = normalize_embeddings and truncate_dim is None
+        if output_value == "token_embeddings":
+            if precision != "float32":
+                raise ValueError(f"token embeddings come as float32 only, got precision={precision!r}")
+            if pool is not None or isinstance(device, (list, tuple)):
+                raise ValueError("token embeddings are computed in one process: pass one device, not a pool or a "
+                                 f"device list (got pool={pool!r}, device={device!r})")
+            out = self._encode(sentences, batch_size, show_progress_bar, device, normalize, max_batch_tokens,
+                               instruction, tokens=True)
+            many = out if isinstance(out, list) else [out]
+            if truncate_dim is not None:
+                many = [truncate_embeddings(t, truncate_dim, renormalize=normalize_embeddings) for t in many]
+            if convert_to_numpy and not convert_to_tensor:
+                many = [t.numpy() for t in many]
+            return many if isinstance(out, list) else many[0]
         if pool is not None or isinstance(device, (list, tuple)):
             out = self._encode_parallel(sentences, pool, device, chunk_size, batch_size, show_progress_bar,
                                         normalize, max_batch_tokens, instruction)
@@ -527,7 +555,7 @@ class LLM2Vec(nn.Module):
 
     @torch.inference_mode()
     def _encode(self, sentences, batch_size, show_progress_bar, device, normalize_embeddings, max_batch_tokens,
-                instruction=None):
+                instruction=None, tokens=False):
         single = isinstance(sentences, str)
         pairs = _instructed_pairs(sentences, instruction)
         _check_budget_args(batch_size, max_batch_tokens)
@@ -539,7 +567,8 @@ class LLM2Vec(nn.Module):
                                       default_batch_tokens(self.model.config, dev, self.max_length,
                                                            dtype=next(self.model.parameters()).dtype))
         width = self.model.config.hidden_size
-        out = torch.zeros(len(pairs), width, dtype=torch.float32)
+        # tokens: one [L_i, H] tensor per input (an empty text has none)
+        out = [torch.zeros(0, width)] * len(pairs) if tokens else torch.zeros(len(pairs), width, dtype=torch.float32)
 
         live = [i for i, (_, t) in enumerate(pairs) if t.strip()]
         if len(live) < len(pairs):
@@ -548,14 +577,24 @@ class LLM2Vec(nn.Module):
         bar.update(len(pairs) - len(live))
         dtype = next(self.model.parameters()).dtype
 
-        def collect(rows, emb):
+        def collect(rows, emb, spans=None):
             # waits for this batch only; the next one is already queued on the device
             emb = emb.cpu()
-            if not torch.isfinite(emb).all():
-                bad = [r for r, ok in zip(rows, torch.isfinite(emb).all(-1).tolist(), strict=True) if not ok]
+            if spans is None:
+                ok = torch.isfinite(emb).all(-1).tolist()
+            else:  # token rows: each input's pooled span of the packed hidden states
+                spans = spans.cpu().tolist()
+                pieces = [emb[a:b].clone() for a, b in spans]
+                ok = [bool(torch.isfinite(t).all()) for t in pieces]
+            if not all(ok):
+                bad = [r for r, good in zip(rows, ok, strict=True) if not good]
                 raise FloatingPointError(f"non-finite embeddings for inputs {bad[:10]} (dtype {dtype}); try "
                                          "dtype=torch.float32")
-            out.index_copy_(0, torch.as_tensor(rows), emb)
+            if spans is None:
+                out.index_copy_(0, torch.as_tensor(rows), emb)
+            else:
+                for r, t in zip(rows, pieces, strict=True):
+                    out[r] = t
             bar.update(len(rows))
 
         # one background thread tokenizes, packs and copies ahead; batch i is collected after batch i + 1 is
@@ -565,17 +604,23 @@ class LLM2Vec(nn.Module):
             bar.update(skipped)
             if feats is None:
                 continue
-            emb = self.forward(feats).float()
+            if tokens:
+                f, emb = self._run(feats)
+                n = len(rows)
+                spans = torch.stack([f["cu_seqlens"][:n].long() + f["pool_start"][:n].long(),
+                                     f["cu_seqlens"][1:n + 1].long()], dim=1)
+                emb = emb.float()
+            else:
+                emb, spans = self.forward(feats).float(), None
             if normalize_embeddings:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             if pending is not None:
                 collect(*pending)
-            pending = rows, emb
+            pending = rows, emb, spans
         if pending is not None:
             collect(*pending)
         bar.close()
         return out[0] if single else out
-
 
     def _packed_batches(self, pairs, live, budget, device):
         """Yield ``(rows, packed features on device, texts skipped)`` for the texts ``live`` of ``pairs``.

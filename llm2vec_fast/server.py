@@ -13,6 +13,10 @@ Routes (JSON in, JSON out):
   "dimensions": int}`` → ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
   "model": ..., "usage": {"prompt_tokens": n, "total_tokens": n}}``; base64 is little-endian float32, as OpenAI's.
 * ``POST /similarity`` (TEI): ``{"inputs": {"source_sentence": str, "sentences": [str]}}`` → cosine per sentence.
+* ``POST /embed_all`` (TEI): ``/embed``'s fields but ``dimensions``, ``normalize`` false by default → one list of
+  token vectors per input (the pooled tokens' last hidden states, as ``encode(output_value="token_embeddings")``).
+* ``POST /tokenize`` (TEI): ``{"inputs": ..., "add_special_tokens": true, "prompt_name"/"instruction"}`` → per input
+  the tokens the model sees, ``{"id", "text", "special", "start", "stop"}`` (offsets into the input as sent).
 * ``GET /health``, ``GET /info``, ``GET /metrics`` (Prometheus text).
 
 Errors are ``{"error": message, "error_type": ...}`` with TEI's status codes: 413 for too many inputs, a body over the
@@ -33,7 +37,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
 import torch.nn.functional as F
 
 
@@ -46,10 +49,10 @@ class RequestError(Exception):
 
 
 class _Job:
-    __slots__ = ("items", "done", "result", "error")
+    __slots__ = ("items", "tokens", "done", "result", "error")
 
-    def __init__(self, items):
-        self.items, self.done, self.result, self.error = items, threading.Event(), None, None
+    def __init__(self, items, tokens=False):
+        self.items, self.tokens, self.done, self.result, self.error = items, tokens, threading.Event(), None, None
 
 
 class Batcher:
@@ -67,9 +70,10 @@ class Batcher:
     def queue_size(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, items) -> torch.Tensor:
-        """Embeddings (float32, CPU, ``[len(items), H]``) of strings / ``[instruction, text]`` pairs; blocks."""
-        job = _Job(items)
+    def submit(self, items, tokens=False):
+        """Embeddings (float32, CPU, ``[len(items), H]``) of strings / ``[instruction, text]`` pairs, or with
+        ``tokens`` a list of their token embeddings (``[L_i, H]`` each); blocks."""
+        job = _Job(items, tokens)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -112,12 +116,18 @@ class Batcher:
             items = [it for j in jobs for it in j.items]
             t = time.perf_counter()
             try:
-                emb = self.l2v.encode(items, show_progress_bar=False, convert_to_tensor=True,
-                                      max_batch_tokens=self.max_batch_tokens)
-                at = 0
-                for j in jobs:
-                    j.result = emb[at:at + len(j.items)]
-                    at += len(j.items)
+                # one encode call per kind of output: pooled embeddings, or token embeddings (/embed_all)
+                for tokens in (False, True):
+                    group = [j for j in jobs if j.tokens == tokens]
+                    if not group:
+                        continue
+                    emb = self.l2v.encode([it for j in group for it in j.items], show_progress_bar=False,
+                                          convert_to_tensor=True, max_batch_tokens=self.max_batch_tokens,
+                                          output_value="token_embeddings" if tokens else "sentence_embedding")
+                    at = 0
+                    for j in group:
+                        j.result = emb[at:at + len(j.items)]
+                        at += len(j.items)
             except Exception as e:  # every waiting client learns why; the worker lives on
                 err = RequestError(500, f"encoding failed: {type(e).__name__}: {e}", "Backend")
                 for j in jobs:
@@ -233,6 +243,50 @@ class EmbeddingServer:
         emb = _postprocess(emb, _bool(body, "normalize", True), body.get("dimensions"))
         return emb.tolist()
 
+    def embed_all(self, body) -> list:
+        """TEI ``/embed_all``: the last hidden state of every pooled token of each input (the text's tokens; the
+        instruction's too when the encoder pools them), one ``[L_i][H]`` list per input."""
+        _only_keys(body, {"inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "instruction"})
+        if body.get("truncation_direction", "right").lower() != "right":
+            raise RequestError(422, "only truncation_direction 'right' is supported (texts are cut at the end)")
+        items = self._items(body.get("inputs"), "inputs", pairs=True)
+        items = self._instruct(items, body.get("instruction"), body.get("prompt_name"))
+        normalize = _bool(body, "normalize", False)
+        per_input, _ = self._encode(items, body.get("truncate"), tokens=True)
+        return [(F.normalize(t, dim=-1) if normalize else t).tolist() for t in per_input]
+
+    def tokenize(self, body) -> list:
+        """TEI ``/tokenize``: the tokens the model sees for each input (after the encoder's own wrapping), each
+        ``{"id", "text", "special", "start", "stop"}`` with character offsets into the input's text as sent (clipped
+        to it; None for special tokens and for tokens wholly inside an instruction or template)."""
+        _only_keys(body, {"inputs", "add_special_tokens", "prompt_name", "instruction"})
+        from llm2vec_fast.encoder import _normalize_inputs
+
+        items = self._items(body.get("inputs"), "inputs", pairs=True)
+        items = self._instruct(items, body.get("instruction"), body.get("prompt_name"))
+        special = _bool(body, "add_special_tokens", True)
+        joints, cuts, texts = self.l2v._joint_strings(_normalize_inputs(items))
+        with self._count_lock:
+            enc = self._count_tokenizer(joints, add_special_tokens=special, truncation=True,
+                                        max_length=self.l2v.max_length, return_offsets_mapping=True,
+                                        return_special_tokens_mask=True)
+            names = [self._count_tokenizer.convert_ids_to_tokens(ids) for ids in enc["input_ids"]]
+        out = []
+        for i, joint in enumerate(joints):
+            # offsets into the text the client sent: the joint string holds it from `cut` on (after any instruction)
+            cut = cuts[i] or 0
+            text_end = cut + len(texts[i]) if cuts[i] is not None else 0
+            rows = []
+            for tid, name, (a, b), sp in zip(enc["input_ids"][i], names[i], enc["offset_mapping"][i],
+                                             enc["special_tokens_mask"][i], strict=True):
+                # a token that overlaps the text (" A" can take the space before it) gets its span clipped to it
+                inside = not sp and a < text_end and b > cut
+                rows.append({"id": int(tid), "text": name if sp else joint[a:b], "special": bool(sp),
+                             "start": max(a, cut) - cut if inside else None,
+                             "stop": min(b, text_end) - cut if inside else None})
+            out.append(rows)
+        return out
+
     def openai_embeddings(self, body) -> dict:
         """OpenAI ``/v1/embeddings``."""
         _only_keys(body, {"input", "model", "encoding_format", "dimensions", "user"})
@@ -313,9 +367,10 @@ class EmbeddingServer:
             raise RequestError(422, f"instruction must be a string, got {type(instruction).__name__}")
         return [[instruction, it] if isinstance(it, str) else it for it in items]
 
-    def _encode(self, items, truncate, count=False):
-        """(embeddings [N, H] float32 CPU, total tokens or None). Refuses over-long texts unless truncating; tokens
-        are counted here (a second tokenization besides the encoder's) only for that check or when ``count``."""
+    def _encode(self, items, truncate, count=False, tokens=False):
+        """(embeddings [N, H] float32 CPU, or with ``tokens`` a list of [L_i, H]; total tokens or None). Refuses
+        over-long texts unless truncating; tokens are counted here (a second tokenization besides the encoder's)
+        only for that check or when ``count``."""
         from llm2vec_fast.encoder import _normalize_inputs
 
         if truncate is None:
@@ -323,7 +378,7 @@ class EmbeddingServer:
         elif not isinstance(truncate, bool):
             raise RequestError(422, f"truncate must be true or false, got {json.dumps(truncate)}")
         if truncate and not count:
-            return self.batcher.submit(items), None
+            return self.batcher.submit(items, tokens), None
         joints, _, _ = self.l2v._joint_strings(_normalize_inputs(items))
         with self._count_lock:
             lengths = [len(x) for x in self._count_tokenizer(joints, add_special_tokens=True)["input_ids"]]
@@ -334,7 +389,7 @@ class EmbeddingServer:
                 i, n = over[0]
                 raise RequestError(413, f"input {i} has {n} tokens, more than the model's max_length {limit}; "
                                    "send truncate: true to cut it at the end")
-        return self.batcher.submit(items), sum(min(n, limit) for n in lengths)
+        return self.batcher.submit(items, tokens), sum(min(n, limit) for n in lengths)
 
     def _count(self, route, status):
         with self._lock:
@@ -367,8 +422,9 @@ def _postprocess(emb, normalize, dimensions):
 
 
 def _handler_class(server: EmbeddingServer):
-    routes_post = {"/embed": server.embed, "/v1/embeddings": server.openai_embeddings, "/embeddings":
-                   server.openai_embeddings, "/similarity": server.similarity}
+    routes_post = {"/embed": server.embed, "/embed_all": server.embed_all, "/tokenize": server.tokenize,
+                   "/v1/embeddings": server.openai_embeddings, "/embeddings": server.openai_embeddings,
+                   "/similarity": server.similarity}
     routes_get = ("/health", "/info", "/metrics")
 
     class Handler(BaseHTTPRequestHandler):

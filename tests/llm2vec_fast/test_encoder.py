@@ -417,3 +417,40 @@ def test_gpu_bf16_encode_matches_fp32_reference(data_dir):
     b = ref.encode(items, show_progress_bar=False, convert_to_numpy=True)
     cos = _cos(a, b)
     assert cos.min() >= 0.999, f"worst rows {np.argsort(cos)[:5].tolist()}: {np.sort(cos)[:5].tolist()}"
+
+
+def test_token_embeddings(tiny, tiny_encoder_dir):
+    """output_value="token_embeddings": each input's pooled-span hidden states; their mean is the mean-pooled
+    embedding, they do not depend on the batch, and empty texts give no rows."""
+    items = ["a short text", "another, somewhat longer text about packed encoders", "   ",
+             ["Retrieve a passage", "the instructed text"]]
+    toks = tiny.encode(items, output_value="token_embeddings", show_progress_bar=False)
+    emb = tiny.encode(items, show_progress_bar=False)
+    assert isinstance(toks, list) and len(toks) == 4 and toks[2].shape == (0, emb.shape[1])
+    n_text = tiny.tokenize_items([("", items[0]), ("", items[1]), ("", "x"), tuple(items[3])])[2]
+    for i in (0, 1, 3):
+        assert toks[i].dtype == torch.float32 and toks[i].shape == (n_text[i], emb.shape[1])
+        torch.testing.assert_close(toks[i].mean(0), emb[i], rtol=1e-5, atol=1e-6)
+    # batch invariance: one text per batch gives the same rows
+    alone = tiny.encode(items, output_value="token_embeddings", max_batch_tokens=1, show_progress_bar=False)
+    for a, b in zip(alone, toks, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the instruction's tokens are included when they are pooled
+    full = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, skip_instruction=False)
+    both = full.encode(items[3:], output_value="token_embeddings", show_progress_bar=False)[0]
+    assert both.shape[0] > toks[3].shape[0]
+    torch.testing.assert_close(both.mean(0), full.encode(items[3:], show_progress_bar=False)[0], rtol=1e-5, atol=1e-6)
+    # a single string, numpy, normalised and truncated rows
+    one = tiny.encode(items[0], output_value="token_embeddings", convert_to_numpy=True, normalize_embeddings=True,
+                      truncate_dim=16, show_progress_bar=False)
+    assert isinstance(one, np.ndarray) and one.shape == (n_text[0], 16)
+    np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, rtol=1e-5)
+
+
+def test_token_embeddings_errors(tiny):
+    with pytest.raises(ValueError, match=r"unknown output_value 'tokens'; expected one of"):
+        tiny.encode(["x"], output_value="tokens")
+    with pytest.raises(ValueError, match=r"float32 only, got precision='int8'"):
+        tiny.encode(["x"], output_value="token_embeddings", precision="int8")
+    with pytest.raises(ValueError, match="one process: pass one device"):
+        tiny.encode(["x"], output_value="token_embeddings", device=["cpu", "cpu"])

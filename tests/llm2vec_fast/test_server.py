@@ -86,6 +86,57 @@ def test_similarity(server, l2v):
     assert status == 200 and np.allclose(scores, (e[1:] @ e[0]).numpy(), atol=1e-5)
 
 
+def test_embed_all_equals_token_embeddings(server, l2v):
+    items = ["A man is playing a flute.", ["Retrieve similar text", "A cat sleeps."]]
+    status, per_input = call(server, "/embed_all", {"inputs": items})
+    expected = l2v.encode(items, output_value="token_embeddings", show_progress_bar=False)
+    assert status == 200 and len(per_input) == 2
+    for got, want in zip(per_input, expected, strict=True):
+        assert np.allclose(got, want.numpy(), atol=1e-5)
+    _, (unit,) = call(server, "/embed_all", {"inputs": "Hi", "normalize": True})
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    # pooled and token requests in flight together are answered from one worker pass each, rows not mixed up
+    results = {}
+
+    def ask(key, path, body):
+        results[key] = call(server, path, body)
+
+    threads = [threading.Thread(target=ask, args=(i, "/embed_all" if i % 2 else "/embed", {"inputs": [f"text {i}"]}))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        status, r = results[i]
+        if i % 2:
+            want = l2v.encode([f"text {i}"], output_value="token_embeddings", show_progress_bar=False)[0]
+        else:
+            want = l2v.encode([f"text {i}"], normalize_embeddings=True, show_progress_bar=False)
+        assert status == 200 and np.allclose(r[0] if i % 2 else r, want.numpy(), atol=1e-5), i
+    status, r = call(server, "/embed_all", {"inputs": "x", "dimensions": 8})
+    assert status == 422 and "unknown field" in r["error"]
+
+
+def test_tokenize(server, l2v):
+    status, (plain, instructed) = call(server, "/tokenize", {"inputs": ["A flute.", ["Find it", "A flute."]]})
+    ids = l2v.tokenizer(["A flute."])["input_ids"][0]
+    assert status == 200 and [t["id"] for t in plain] == ids
+    texts = [t for t in plain if not t["special"]]
+    assert "".join(t["text"] for t in texts) == "A flute."  # the input's own characters, not the vocab's
+    assert all("A flute."[t["start"]:t["stop"]] == t["text"] for t in texts)
+    has_special = bool(set(ids) & set(l2v.tokenizer.all_special_ids))
+    assert any(t["special"] and t["start"] is None for t in plain) == has_special
+    # the instruction's tokens come first and have no offsets into the text; the text's tokens span "A flute."
+    # (the first one may take the space before the text with it: its span is clipped to the text)
+    assert len(instructed) > len(plain) and instructed[1]["start"] is None
+    spans = [(t["start"], t["stop"]) for t in instructed if t["start"] is not None]
+    assert "".join("A flute."[a:b] for a, b in spans) == "A flute." and spans[0][0] == 0
+    _, (bare,) = call(server, "/tokenize", {"inputs": "A flute.", "add_special_tokens": False})
+    assert [t["id"] for t in bare] == l2v.tokenizer(["A flute."], add_special_tokens=False)["input_ids"][0]
+    assert call(server, "/tokenize", {"inputs": "x", "add_special_tokens": 1})[0] == 422
+
+
 ERRORS = [
     pytest.param({"inputs": []}, 422, "cannot be empty", id="empty"),
     pytest.param({"inputs": ["a"] * 5}, 413, "batch size 5 > maximum allowed batch size 4", id="too-many"),
