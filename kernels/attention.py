@@ -109,7 +109,12 @@ def _prune(kind):
             return configs
         k = _CLASSES.index(_head_class(bd))
         start = sum(sizes[:k])
-        return configs[start:start + sizes[k]]
+        tiles = configs[start:start + sizes[k]]
+        if kwargs.get("SEQ_BUCKET", named_args.get("SEQ_BUCKET")) == 256:
+            # sentences: most rows of a 128 x 128 tile would be past the sequence's end, so the smaller tiles are
+            # the likelier winners and come first (what a limited tuning run, LLM2VEC_FAST_AUTOTUNE=2, tries)
+            tiles = sorted(tiles, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])
+        return tiles
 
     return prune
 

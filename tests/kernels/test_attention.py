@@ -442,3 +442,25 @@ for name, BM, BN, w, s, D, causal in todo:
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
     compile_for_hopper(_AOT, tmp_path, expected_ok=4)
+
+
+def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
+    """The autotuner's candidate tiles: the head dim's class, all of them unless LLM2VEC_FAST_AUTOTUNE limits the
+    count, smallest first for sequences of at most 256 tokens (so a limited run still tries a 64-row tile there)."""
+    import triton
+
+    for kind in ("fwd", "dkdv", "dq"):
+        configs = [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
+                   for c in attn._CLASSES for BM, BN, w, s in attn._TILES[kind][c]]
+        prune = attn._prune(kind)
+        monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
+        for bd, cls in ((64, 64), (128, 128), (80, 128)):
+            want = [(BM, BN) for BM, BN, _, _ in attn._TILES[kind][cls]]
+            long = prune(configs, {}, BD=bd, SEQ_BUCKET=1024)
+            assert [(c.kwargs["BM"], c.kwargs["BN"]) for c in long] == want
+            short = [(c.kwargs["BM"], c.kwargs["BN"]) for c in prune(configs, {}, BD=bd, SEQ_BUCKET=256)]
+            assert sorted(short) == sorted(want) and [a * b for a, b in short] == sorted(a * b for a, b in want)
+        monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "2")
+        short = prune(configs, {}, BD=64, SEQ_BUCKET=256)
+        assert len(short) == 2 and short[0].kwargs["BM"] * short[0].kwargs["BN"] == min(
+            a * b for a, b, _, _ in attn._TILES[kind][64])
