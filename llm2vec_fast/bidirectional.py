@@ -37,8 +37,6 @@ class Family:
 
     # honour the config's sliding window (bidirectionally, |i - j| < window) on the layers HF marks as sliding
     sliding_window: bool = False
-    # RMSNorm and gated MLP modules llm2vec_fast.fuse_ops knows (Llama-style or Gemma-style norm, SwiGLU or GeGLU)
-    fused_ops: bool = True
 
 
 # model_type -> Family. Mistral/Qwen2 windows are ignored, as the original llm2vec does (full bidirectional).

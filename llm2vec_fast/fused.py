@@ -30,9 +30,9 @@ def fuse_ops(model, ops=OPS, backend: str = "auto"):
     """Route a decoder's RMSNorm and gated MLP modules through the fused Triton ops, in place; returns the model.
 
     Args:
-        model: a ``transformers`` decoder (base model, ``*ForCausalLM``, or wrapped by peft) of a family whose
-            ``FAMILIES`` entry has ``fused_ops``: Llama, Mistral, Qwen2, Qwen3 (RMSNorm, SwiGLU), Gemma, Gemma 2,
-            Gemma 3 (``1 + weight`` RMSNorm, GeGLU).
+        model: a ``transformers`` decoder (base model, ``*ForCausalLM``, or wrapped by peft) of a supported family
+            (``FAMILIES``): Llama, Mistral, Qwen2, Qwen3 (RMSNorm, SwiGLU), Gemma, Gemma 2, Gemma 3 (``1 + weight``
+            RMSNorm, GeGLU). Each module is matched by its kind, so one the ops do not cover keeps its forward.
         ops: any of ``"rms_norm"`` and ``"gated_mlp"``.
         backend: ``"auto"`` (kernels on CUDA tensors, HF's forward elsewhere) or ``"triton"`` (always the kernels).
 
@@ -44,9 +44,7 @@ def fuse_ops(model, ops=OPS, backend: str = "auto"):
         raise ValueError(f"unknown fused op(s) {bad}; expected any of {OPS}")
     if backend not in FUSE_BACKENDS:
         raise ValueError(f"unknown fused-op backend {backend!r}; expected one of {FUSE_BACKENDS}")
-    config = getattr(model, "config", None)
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    if family is None or not family.fused_ops:
+    if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         return model
     for module in model.modules():
         name = type(module).__name__
