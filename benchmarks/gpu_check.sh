@@ -8,7 +8,8 @@
 # continuing past a failure of the one before: GPU-marked kernel tests, the fused-op wiring and bf16 encode parity
 # tests, attention parity + benchmark, the 1.3B encode benchmark (both corpora, fused ops on and off, a profile),
 # training steps (--quick), attention against FlexAttention, then, if time is left, pooling/CE parity + benchmark,
-# the 7B Mistral encode benchmark and causal attention. First run (H200, 2026-11-26): 435 s with the budget at 455.
+# the 7B Mistral encode benchmark, causal attention and the 8B MNTP step. First run (H200, 2026-11-26): 435 s
+# with the budget at 455.
 # Every step writes into $WORK; after every step the results are packed into $OUT, so a run cut short still returns
 # what it finished:
 #   $OUT/gpu_check.log    everything printed
@@ -45,6 +46,9 @@ step "encode mistral-7b (wikitext)" 110 70 \
   --tokenizer "$TOKENIZER"
 step "attention causal --quick" 60 40 \
   $PY benchmarks/bench_attention.py --causal --quick --no-flex --tokenizer "$TOKENIZER"
+# issue #5's second shape, never measured yet: reference (checkpointed) against ours + checkpointing, 8B, vocab 128k
+step "training MNTP Llama-3-8B config --quick" 150 100 \
+  $PY benchmarks/bench_training.py --quick --only mntp-8b
 
 echo "=== done in $(($(date +%s) - START))s"
 cat "$STATUS"
