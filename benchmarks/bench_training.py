@@ -2,8 +2,9 @@
 
 MNTP: LlamaForCausalLM + peft LoRA (r 16, all linear layers), bidirectional SDPA with a padding mask,
 full-vocabulary logits for every position, gradient checkpointing (the reference) vs ours: bidirectional Triton
-attention, LoRA on the base model, masked rows only through the fused linear cross-entropy (with and without
-checkpointing). SimCSE: two padded passes with attention dropout 0.3, mean pooling over the padding mask,
+attention, LoRA on the base model through llm2vec_fast.lora (peft's adapter, leaner forward and backward), masked
+rows only through the fused linear cross-entropy (with and without checkpointing, and once with peft's own LoRA
+forward to measure the fused LoRA's share). SimCSE: two padded passes with attention dropout 0.3, mean pooling over the padding mask,
 checkpointing (the reference) vs ours: one packed pass over both views (Triton attention with dropout, masked-pool
 kernel), plain and with GradCache (chunks of 64 texts) to report its overhead.
 
@@ -154,7 +155,7 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
             to_bidirectional(model, "auto")
             if "unfused" not in variant:
                 fuse_ops(model)
-            backbone = add_lora(model.get_decoder())
+            backbone = add_lora(model.get_decoder(), fused="peft's LoRA" not in variant)
             if "ckpt" in variant:
                 checkpointing(backbone)
             mntp = MNTPModel(backbone, model.get_output_embeddings())
@@ -226,7 +227,7 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
             if "unfused" not in variant:
                 fuse_ops(model)
             set_attention_dropout(model, 0.3)
-            model = add_lora(model)
+            model = add_lora(model, fused="peft's LoRA" not in variant)
 
             def encode(idx, model=model):
                 f = pack([seqs[i % batch] for i in idx], [0] * len(idx))
@@ -257,9 +258,10 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
 
 
 MNTP_VARIANTS = ["reference (HF+peft, SDPA padding mask, full logits, ckpt)",
-                 "ours (Triton attn, fused norm/SwiGLU, masked-row fused CE)", "ours + ckpt"]
+                 "ours (Triton attn, fused norm/SwiGLU, fused LoRA, masked-row fused CE)", "ours + ckpt",
+                 "ours with peft's LoRA forward"]
 SIMCSE_VARIANTS = ["reference (HF+peft, SDPA padding mask, 2 passes, dropout 0.3, ckpt)",
-                   "ours (packed Triton attn + dropout, fused norm/SwiGLU, one pass, masked pool)",
+                   "ours (packed Triton attn + dropout, fused norm/SwiGLU, fused LoRA, one pass, masked pool)",
                    "ours + GradCache (chunks of 64)"]
 
 

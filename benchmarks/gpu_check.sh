@@ -22,11 +22,13 @@ source "$(dirname "$0")/device_common.sh"
 
 step "pytest -m gpu tests/kernels" 100 30 \
   $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels --junitxml="$WORK/pytest_gpu_kernels.xml"
-# the fused RMSNorm/gated-MLP wiring on CUDA tensors (real kernels, fp32, whole models with LoRA) and the bf16 fast
+# the fused RMSNorm/gated-MLP wiring on CUDA tensors (real kernels, fp32, whole models with LoRA), the fused LoRA
+# (CUDA dropout masks regenerated, also under checkpointing; bf16 autocast against peft) and the bf16 fast
 # encode path against the fp32 reference path (per-row cosine >= 0.999)
 step "pytest test_fused.py + bf16 encode parity" 70 20 \
   $PY -m pytest -q -p no:cacheprovider tests/llm2vec_fast/test_fused.py \
   tests/llm2vec_fast/test_encoder.py::test_gpu_bf16_encode_matches_fp32_reference \
+  tests/llm2vec_fast/training/test_lora.py \
   --junitxml="$WORK/pytest_gpu_fused.xml"
 step "attention --check --bench --quick" 80 30 \
   $PY benchmarks/bench_attention.py --check --bench --quick --no-flex --tokenizer "$TOKENIZER"

@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--lora-alpha", type=int, default=32)
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="comma-separated module names")
+    g.add_argument("--no-fused-lora", action="store_true",
+                   help="run peft's own LoRA forward (default: llm2vec_fast.lora's, same values, less memory)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=steps)
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
@@ -45,6 +47,7 @@ def _shared_kwargs(a) -> dict:
     return dict(model=a.model, output_dir=a.output_dir, attn_backend=a.attn_backend, dtype=a.dtype,
                 lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
+                fused_lora=not a.no_fused_lora,
                 max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=a.gradient_checkpointing,
                 seed=a.seed, max_train_seconds=a.max_train_seconds, logging_steps=a.logging_steps,
                 save_steps=a.save_steps, save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,

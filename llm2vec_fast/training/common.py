@@ -34,15 +34,21 @@ def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=LOR
                       task_type=None)
 
 
-def add_lora(base_model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
-    """Wrap ``base_model`` with a fresh LoRA adapter; only the adapter trains."""
+def add_lora(base_model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS, fused=True):
+    """Wrap ``base_model`` with a fresh LoRA adapter; only the adapter trains. ``fused`` routes the LoRA layers
+    through :func:`llm2vec_fast.lora.fuse_lora` (the same values; less kept for the backward, fewer passes)."""
     from peft import get_peft_model
 
     present = {n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules()}
     targets = [t for t in targets if t in present]
     if not targets:
         raise ValueError(f"none of the LoRA target modules {LORA_TARGETS} exist in {type(base_model).__name__}")
-    return get_peft_model(base_model, lora_config(r, alpha, dropout, targets))
+    model = get_peft_model(base_model, lora_config(r, alpha, dropout, targets))
+    if fused:
+        from llm2vec_fast.lora import fuse_lora
+
+        fuse_lora(model)
+    return model
 
 
 def enable_checkpointing(model) -> None:

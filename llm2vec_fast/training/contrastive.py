@@ -77,6 +77,7 @@ class ContrastiveArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    fused_lora: bool = True  # llm2vec_fast.lora.fuse_lora: same values, less memory; False = peft's own forward
     grad_accum: int = 1
     max_steps: int = 1000
     gradient_checkpointing: bool = False
@@ -220,7 +221,8 @@ def load_encoder(args: ContrastiveArguments):
     from transformers import set_seed
 
     set_seed(args.seed)  # LoRA's random init: the same on every rank and in every run
-    encoder.model = add_lora(encoder.model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    encoder.model = add_lora(encoder.model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                             fused=args.fused_lora)
     if args.gradient_checkpointing:
         enable_checkpointing(encoder.model)
     return encoder

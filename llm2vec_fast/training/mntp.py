@@ -60,6 +60,7 @@ class MNTPArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    fused_lora: bool = True  # llm2vec_fast.lora.fuse_lora: same values, less memory; False = peft's own forward
     learning_rate: float = 5e-5
     batch_size: int = 32  # per device
     grad_accum: int = 1
@@ -156,7 +157,8 @@ def build_mntp(args: MNTPArguments):
     from transformers import set_seed
 
     set_seed(args.seed)  # LoRA's random init: the same on every rank and in every run
-    backbone = add_lora(causal_lm.get_decoder(), args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    backbone = add_lora(causal_lm.get_decoder(), args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                      fused=args.fused_lora)
     if args.gradient_checkpointing:
         enable_checkpointing(backbone)
     model = MNTPModel(backbone, causal_lm.get_output_embeddings())

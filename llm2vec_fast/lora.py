@@ -1,0 +1,221 @@
+"""A leaner LoRA linear for training: ``fuse_lora(model)`` routes peft's LoRA ``Linear`` layers through one autograd
+function, in place; peft's modules, adapter weights and checkpoints are untouched.
+
+What peft's ``Linear`` runs for an adapter with dropout ``p``, under bf16 autocast with float32 adapter weights (the
+default when the base is bf16)::
+
+    result = base_layer(x)
+    x32 = x.to(float32)                            # a float32 copy of x
+    result = result + lora_B(lora_A(dropout(x32))) * scaling
+
+keeps, per adapted layer, the dropped-out input (cast back to bf16 by autocast, for ``lora_A``'s weight gradient)
+and the dropout's keep mask: 3 bytes per input element for each of q, k, v, o, gate, up and down, although q, k
+and v (and gate and up) share one input. It also makes seven passes over input-sized and output-sized tensors
+(copy, dropout, cast, ``lora_B``'s output, scale, add, and their backward counterparts).
+
+:class:`LoRAAddFunction` computes the same value as ``result.addmm_(dropout(x) @ A.T, B.T, alpha=scaling)``: one
+dropout pass in the compute dtype, the low-rank product accumulated into the base layer's output in place. For the
+backward it keeps ``x`` itself (shared by every layer that reads it, so q, k and v keep one copy), the rank-``r``
+product ``dropout(x) @ A.T`` and the random-number generator's state: the backward regenerates the same keep mask
+from that state instead of keeping it. :func:`torch.utils.checkpoint`'s replay restores the same state, so the
+function composes with gradient checkpointing.
+
+Dropout draws from torch's own generators exactly as ``torch.nn.functional.dropout`` does on the same tensor, so on
+CPU without autocast a fused layer drops the same elements as peft from the same seed, and its output and gradients
+agree with peft's to float32 rounding (the fused accumulation rounds once where peft rounds twice); with autocast the
+mask is drawn on the compute-dtype input (peft draws it on a float32 copy): the same distribution, other bits.
+
+A layer whose state the function does not cover keeps peft's forward at each call: adapters disabled or merged,
+``adapter_names`` mixed batches, DoRA or other LoRA variants, a ``lora_B`` bias. :func:`unfuse_lora` restores peft's
+forward everywhere.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def fuse_lora(model):
+    """Route every peft LoRA ``Linear`` layer of ``model`` through :class:`LoRAAddFunction`, in place; returns the
+    model. Layers of other kinds (LoRA on embeddings or convolutions, plain modules) are left alone.
+
+    Works on any device and dtype (it is PyTorch, not a Triton kernel). The adapter's weights, its state dict and
+    what ``save_pretrained`` writes do not change; merging (``merge_and_unload``) works as with peft alone.
+    """
+    linear = _peft_lora_linear()
+    if linear is None:
+        return model
+    for module in model.modules():
+        if type(module) is linear:  # subclasses (quantized LoRA layers) keep their own forward
+            module.forward = functools.partial(_fused_lora_forward, module)
+    return model
+
+
+def unfuse_lora(model):
+    """Give every layer :func:`fuse_lora` changed peft's forward back; returns the model."""
+    for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, functools.partial) and fwd.func is _fused_lora_forward:
+            del module.forward
+    return model
+
+
+def is_lora_fused(model) -> bool:
+    """Whether :func:`fuse_lora` routed at least one layer of ``model``."""
+    return any(isinstance(f := m.__dict__.get("forward"), functools.partial) and f.func is _fused_lora_forward
+               for m in model.modules())
+
+
+def _peft_lora_linear():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # peft is optional for encoding; nothing to fuse without it
+        return None
+    return Linear
+
+
+def _fusable(module, args, kwargs):
+    if args or kwargs or module.disable_adapters or module.merged:
+        return False
+    variants = getattr(module, "lora_variant", {})
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in variants or module.use_dora.get(name, False):
+            return False
+        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+            return False
+        if not isinstance(drop, (nn.Dropout, nn.Identity)):
+            return False
+    return True
+
+
+# a module-level function bound with functools.partial: a fused model still pickles and deep-copies
+def _fused_lora_forward(module, x, *args, **kwargs):
+    if not _fusable(module, args, kwargs):
+        return type(module).forward(module, x, *args, **kwargs)
+    module._check_forward_args(x)
+    result = module.base_layer(x)
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        drop = module.lora_dropout[name]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        result = lora_add(result, x, module.lora_A[name].weight, module.lora_B[name].weight,
+                          float(module.scaling[name]), p)
+    return result
+
+
+def lora_add(result, x, lora_a, lora_b, scaling, dropout_p=0.0):
+    """``result += scaling * dropout(x) @ lora_a.T @ lora_b.T``, in place, differentiable in all four tensors.
+
+    Args:
+        result: ``[..., out]`` the base layer's output for ``x`` (a fresh tensor: it is written in place).
+        x: ``[..., in]`` the layer's input.
+        lora_a: ``[r, in]``, lora_b: ``[out, r]`` the adapter's weights (any float dtype).
+        scaling: ``alpha / r``.
+        dropout_p: dropout probability on ``x`` (0 = none), drawn as ``F.dropout`` draws it.
+
+    The low-rank branch runs in the autocast dtype when autocast is on for ``x``'s device, else in ``lora_a``'s
+    dtype (as peft casts ``x`` to the adapter's dtype). Returns ``result``.
+    """
+    if x.shape[-1] != lora_a.shape[1] or lora_b.shape[1] != lora_a.shape[0] or result.shape[-1] != lora_b.shape[0]:
+        raise ValueError(f"LoRA shapes do not chain: x {tuple(x.shape)}, A {tuple(lora_a.shape)}, "
+                         f"B {tuple(lora_b.shape)}, result {tuple(result.shape)}; expected A [r, in], B [out, r]")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not result.is_contiguous():
+        result = result.contiguous()
+    return LoRAAddFunction.apply(result, x, lora_a, lora_b, scaling, dropout_p)
+
+
+def _compute_dtype(x, weight):
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def _rng_state(device):
+    # what dropout on `device` draws from: the CPU generator, or this CUDA device's (whose state is its seed and
+    # Philox offset, read without a device sync)
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _dropout(x, p):
+    """``F.dropout(x, p, training=True)``, drawn exactly as it draws, plus what its backward needs: ``(out, keep)``
+    where ``keep`` is the CUDA kernel's bool mask or the CPU path's scaled noise (0 or ``1 / (1 - p)``)."""
+    if x.is_cuda:
+        return torch.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p)  # at::dropout's CPU path: noise, scaled, times the input
+    noise.div_(1 - p)
+    return x * noise, noise
+
+
+def _dropout_backward(grad, keep, p):
+    if keep.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(grad, keep, 1.0 / (1.0 - p))
+    return grad * keep
+
+
+class LoRAAddFunction(torch.autograd.Function):
+    """See :func:`lora_add`. Saves ``x``, the rank-``r`` product and the generator state, never the dropped-out
+    input or its mask; the backward regenerates them."""
+
+    @staticmethod
+    def forward(ctx, result, x, lora_a, lora_b, scaling, p):
+        cd = _compute_dtype(x, lora_a)
+        a, b = lora_a.to(cd), lora_b.to(cd)
+        state = _rng_state(x.device) if p > 0 else None
+        with torch.autocast(x.device.type, enabled=False):
+            xin = x.to(cd).reshape(-1, x.shape[-1])  # (N, in)
+            xd = _dropout(xin, p)[0] if p > 0 else xin
+            xa = xd @ a.t()  # (N, r)
+            del xd
+            out = result.view(-1, result.shape[-1])  # (N, out), the base output written in place
+            if out.dtype == cd:
+                out.addmm_(xa, b.t(), alpha=scaling)
+            else:  # float32 adapter on a bf16 base without autocast: peft adds in float32, then rounds
+                out.copy_(out + (xa @ b.t()) * scaling)
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x, lora_a, lora_b, xa)
+        ctx.scaling, ctx.p, ctx.cd, ctx.state = scaling, p, cd, state
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_a, lora_b, xa = ctx.saved_tensors
+        scaling, p, cd = ctx.scaling, ctx.p, ctx.cd
+        g = grad.reshape(-1, grad.shape[-1]).to(cd)  # (N, out)
+        a, b = lora_a.to(cd), lora_b.to(cd)
+        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        gx = ga = gb = None
+        with torch.autocast(x.device.type, enabled=False):
+            gxa = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
+            if need_b:
+                gb = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)  # (out, r)
+            if need_x or need_a:
+                xin = x.to(cd).reshape(-1, x.shape[-1])
+                keep = None
+                if p > 0:
+                    devices = [x.device] if x.is_cuda else []
+                    with torch.random.fork_rng(devices=devices, device_type=x.device.type if x.is_cuda else "cuda"):
+                        if x.is_cuda:
+                            torch.cuda.set_rng_state(ctx.state, x.device)
+                        else:
+                            torch.set_rng_state(ctx.state)
+                        xin, keep = _dropout(xin, p)
+                if need_a:
+                    ga = (gxa.t() @ xin).to(lora_a.dtype)  # (r, in)
+                del xin
+                if need_x:
+                    gxd = gxa @ a  # (N, in)
+                    if keep is not None:
+                        gxd = _dropout_backward(gxd, keep, p)
+                    gx = gxd.to(x.dtype).view(x.shape)
+        return grad, gx, ga, gb, None, None

@@ -1,0 +1,259 @@
+"""fuse_lora: peft LoRA layers through one autograd function that keeps x instead of dropout copies and masks."""
+import copy
+import pickle
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from llm2vec_fast.lora import LoRAAddFunction, _dropout, fuse_lora, is_lora_fused, lora_add, unfuse_lora
+from llm2vec_fast.training.common import add_lora, enable_checkpointing
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _base(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, attn_implementation="eager")
+    return LlamaModel(cfg).to(dtype)
+
+
+def _pair(dropout, seed=0, dtype=torch.float32, fused=True):
+    """(peft model, fused twin) with the same nonzero adapter weights (a fresh lora_B is zero: no gradient to A)."""
+    peft_model = add_lora(_base(seed, dtype), r=4, dropout=dropout, fused=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    twin = copy.deepcopy(peft_model)
+    if fused:
+        fuse_lora(twin)
+    return peft_model, twin
+
+
+def _run(model, seed=5, n=13, embeds=None):
+    """Output and gradients (adapter weights and the input embeddings) of one train-mode step from ``seed``."""
+    model.train()
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 100, (2, n), generator=torch.Generator().manual_seed(3))
+    w = next(model.parameters())
+    ids = ids.to(w.device)
+    emb = model.get_input_embeddings()(ids).detach().float() if embeds is None else embeds
+    emb = emb.to(w.device, w.dtype).requires_grad_(True)
+    out = model(inputs_embeds=emb).last_hidden_state
+    out.float().square().mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), emb.grad.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_matches_peft_in_fp32(dropout):
+    peft_model, fused = _pair(dropout)
+    assert is_lora_fused(fused) and not is_lora_fused(peft_model)
+    out0, gin0, g0 = _run(peft_model)
+    out1, gin1, g1 = _run(fused)
+    # same seed, same dropout draws: equal to float32 rounding
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gin1, gin0, rtol=1e-5, atol=1e-7)
+    assert g1.keys() == g0.keys() and len(g0) == 2 * 2 * 7  # A and B of 7 layers in 2 blocks
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_fused_lora_dropout_is_live():
+    _, fused = _pair(0.3)
+    out_a = _run(fused, seed=1)[0]
+    out_b = _run(fused, seed=2)[0]
+    out_a2 = _run(fused, seed=1)[0]
+    assert torch.equal(out_a, out_a2)
+    assert (out_a - out_b).abs().max() > 1e-3
+    fused.eval()
+    with torch.no_grad():
+        ids = torch.randint(0, 100, (2, 9))
+        torch.manual_seed(1)
+        e1 = fused(input_ids=ids).last_hidden_state
+        torch.manual_seed(2)
+        e2 = fused(input_ids=ids).last_hidden_state
+    assert torch.equal(e1, e2)  # eval: no dropout
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_lora_under_checkpointing_regenerates_the_same_masks(dev):
+    # checkpointing replays the forward with the stashed generator state; the backward regenerates each mask from
+    # the state the (replayed) forward saw, so gradients equal the un-checkpointed run's
+    _, fused = _pair(0.2)
+    fused = fused.to(dev)
+    ckpt = copy.deepcopy(fused)
+    fuse_lora(ckpt)
+    enable_checkpointing(ckpt)
+    out0, gin0, g0 = _run(fused)
+    out1, gin1, g1 = _run(ckpt)
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(gin1, gin0, rtol=1e-6, atol=1e-7)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _explicit(result, x, a, b, scaling, keep):
+    xd = x * keep if keep is not None else x
+    return result + scaling * (xd @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_add_matches_explicit_mask(dev, p):
+    # the mask the forward drew, materialised from the same generator state, gives the reference forward and
+    # backward (odd sizes: 37 rows, in 23, out 29, rank 5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 23, generator=g, dtype=torch.float64).to(dev).requires_grad_(True)
+    w = torch.randn(29, 23, generator=g, dtype=torch.float64).to(dev)
+    a = torch.randn(5, 23, generator=g, dtype=torch.float64).to(dev).requires_grad_(True)
+    b = torch.randn(29, 5, generator=g, dtype=torch.float64).to(dev).requires_grad_(True)
+    gy = torch.randn(37, 29, generator=g, dtype=torch.float64).to(dev)
+    torch.manual_seed(11)
+    state = torch.cuda.get_rng_state(x.device) if dev == "cuda" else torch.get_rng_state()
+    keep = None
+    if p > 0:
+        xd, keep = _dropout(x.detach(), p)
+        keep = (xd / x.detach()) if keep.dtype == torch.bool else keep  # the scaled 0 / (1 - p) factor
+        frac = float((keep != 0).double().mean())
+        assert abs(frac - (1 - p)) < 0.05, frac
+    if dev == "cuda":
+        torch.cuda.set_rng_state(state, x.device)
+    else:
+        torch.set_rng_state(state)
+    y = lora_add(x @ w.t(), x, a, b, 1.5, p)
+    y.backward(gy)
+    got = (y.detach(), x.grad, a.grad, b.grad)
+    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    y2 = _explicit(x2 @ w.t(), x2, a2, b2, 1.5, keep)
+    y2.backward(gy)
+    for mine, ref in zip(got, (y2.detach(), x2.grad, a2.grad, b2.grad), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_lora_add_gradcheck_with_dropout():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(x, a, b):
+        torch.manual_seed(0)  # one mask for every evaluation gradcheck makes
+        return lora_add(x @ w.t(), x, a, b, 0.7, 0.3)
+
+    assert torch.autograd.gradcheck(f, (x, a, b))
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_lora_autocast_bf16_close_to_peft(dev):
+    # bf16 base, float32 adapter, bf16 autocast (the GPU recipe): both paths against a float64 oracle; the fused
+    # path's error stays within twice peft's own
+    peft_model, fused = _pair(0.0, dtype=torch.bfloat16)
+    peft_model, fused = peft_model.to(dev), fused.to(dev)
+    oracle, _ = _pair(0.0, dtype=torch.float64, fused=False)
+    with torch.no_grad():
+        for p, q in zip(oracle.parameters(), peft_model.parameters(), strict=True):
+            p.copy_(q.double())  # the same bf16-rounded base weights, float32 adapters, in float64
+    emb = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(4))
+    out_ref, gin_ref, g_ref = _run(oracle, embeds=emb)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        out0, gin0, g0 = _run(peft_model, embeds=emb)
+        out1, gin1, g1 = _run(fused, embeds=emb)
+
+    def err(t, ref):
+        return float((t.double().cpu() - ref).norm() / ref.norm())
+
+    assert err(out1, out_ref) <= 2 * err(out0, out_ref) + 1e-3
+    assert err(gin1, gin_ref) <= 2 * err(gin0, gin_ref) + 1e-3
+    for k in g_ref:
+        assert g1[k].dtype == torch.float32  # adapter gradients in the adapter's dtype
+        assert err(g1[k], g_ref[k]) <= 2 * err(g0[k], g_ref[k]) + 1e-3, k
+
+
+def _saved_bytes(model, dropout_seed=5):
+    """Bytes autograd keeps for the backward of one forward, parameters excluded (each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    torch.manual_seed(dropout_seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.randint(0, 100, (2, 16))).last_hidden_state.sum()
+    return sum(seen.values())
+
+
+def test_fused_lora_dropout_keeps_nothing_extra():
+    # peft with dropout keeps, per adapted layer, the dropped-out input and the mask (noise); the fused layers keep
+    # exactly what peft keeps without dropout (x, shared by q/k/v and by gate/up, and the rank-r product)
+    peft_drop, fused_drop = _pair(0.1)
+    peft_nodrop, _ = _pair(0.0)
+    no_drop = _saved_bytes(peft_nodrop)
+    assert _saved_bytes(fused_drop) == no_drop
+    assert _saved_bytes(peft_drop) > no_drop + 2 * 16 * (6 * 64 + 96) * 4  # at least one float copy per layer
+
+
+def test_fused_lora_falls_back_to_peft_where_it_does_not_apply():
+    peft_model, fused = _pair(0.0)
+    ids = torch.randint(0, 100, (1, 11))
+    peft_model.eval()
+    fused.eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).last_hidden_state
+        with fused.disable_adapter():
+            plain = fused(input_ids=ids).last_hidden_state
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(plain, peft_model(input_ids=ids).last_hidden_state, rtol=0, atol=0)
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+        fused.unmerge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lora_dora_keeps_peft_forward():
+    from peft import LoraConfig, get_peft_model
+
+    base = _base()
+    dora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    twin = fuse_lora(copy.deepcopy(dora))
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=ids).last_hidden_state, dora(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)
+
+
+def test_fuse_unfuse_pickle_and_deepcopy():
+    _, fused = _pair(0.1)
+    out = _run(fused)[0]
+    clone = pickle.loads(pickle.dumps(fused))
+    assert is_lora_fused(clone)
+    torch.testing.assert_close(_run(clone)[0], out, rtol=0, atol=0)
+    assert is_lora_fused(copy.deepcopy(fused))
+    unfuse_lora(fused)
+    assert not is_lora_fused(fused)
+    torch.testing.assert_close(_run(fused)[0], out, rtol=1e-5, atol=1e-6)  # peft's forward, same draws
+
+
+def test_lora_add_rejects_bad_input():
+    x, r = torch.randn(4, 6), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_add(r, x, torch.randn(3, 7), torch.randn(5, 3), 1.0)
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_add(r, x, torch.randn(3, 6), torch.randn(4, 3), 1.0)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        lora_add(r, x, torch.randn(3, 6), torch.randn(5, 3), 1.0, 1.0)
+    assert LoRAAddFunction is not None
+
+
+def test_add_lora_fuses_by_default():
+    assert is_lora_fused(add_lora(_base(), r=4))
+    assert not is_lora_fused(add_lora(_base(), r=4, fused=False))
