@@ -2,11 +2,12 @@
 
 MNTP: LlamaForCausalLM + peft LoRA (r 16, all linear layers), bidirectional SDPA with a padding mask,
 full-vocabulary logits for every position, gradient checkpointing (the reference) vs ours: bidirectional Triton
-attention, LoRA on the base model through llm2vec_fast.lora (peft's adapter, leaner forward and backward), masked
-rows only through the fused linear cross-entropy (with and without checkpointing, and once with peft's own LoRA
-forward to measure the fused LoRA's share). SimCSE: two padded passes with attention dropout 0.3, mean pooling over the padding mask,
-checkpointing (the reference) vs ours: one packed pass over both views (Triton attention with dropout, masked-pool
-kernel), plain and with GradCache (chunks of 64 texts) to report its overhead.
+attention on the batch packed into one row, LoRA on the base model through llm2vec_fast.lora (peft's adapter,
+leaner forward and backward), masked rows only through the fused linear cross-entropy (with and without
+checkpointing, and once with peft's own LoRA forward to measure the fused LoRA's share). SimCSE: two padded passes
+with attention dropout 0.3, mean pooling over the padding mask, checkpointing (the reference) vs ours: one packed
+pass over both views (Triton attention with dropout, masked-pool kernel), plain and with GradCache (chunks of 64
+texts) to report its overhead.
 
 Configs: 1.3B Llama (hidden 2048, 24 layers, 16 heads, MLP 5504, vocab 49152), MNTP batch 32 × 512 and SimCSE batch
 128 × 128 (lengths uniform in [16, 128]); ``--full`` adds the Llama-3-8B config (vocab 128,256) MNTP batch 16 × 512.

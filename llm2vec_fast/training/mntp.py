@@ -82,22 +82,67 @@ class MNTPArguments:
 
 
 class MNTPModel(nn.Module):
-    """What the Trainer trains: the LoRA-wrapped bidirectional base model plus the frozen LM head."""
+    """What the Trainer trains: the LoRA-wrapped bidirectional base model plus the frozen LM head.
+
+    A ``[B, L]`` batch runs packed (its real tokens back to back in one row, ``cu_seqlens`` marking the blocks) when
+    the backbone's attention is llm2vec_fast's: no padded token is computed, and the attention kernel reads q, k
+    and v where the projections wrote them instead of gathered copies. ``packed=False`` (or another attention
+    implementation) runs the ``[B, L]`` batch as it is.
+    """
 
     accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it by the accumulation steps
 
-    def __init__(self, backbone: nn.Module, lm_head: nn.Linear):
+    def __init__(self, backbone: nn.Module, lm_head: nn.Linear, packed: bool = True):
         super().__init__()
         self.backbone = backbone
         self.lm_head = lm_head
+        self.packed = packed
         for p in self.lm_head.parameters():
             p.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.lm_head.bias is not None:
             raise ValueError("LM heads with a bias are not supported by the fused MNTP loss")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if self.packed and _runs_packed(self.backbone):
+            feats, keep = pack_rows(input_ids, attention_mask)
+            hidden = self.backbone(**feats, use_cache=False).last_hidden_state[0]  # (T, H)
+            flat = labels.reshape(-1) if keep is None else labels[keep]
+            return {"loss": mntp_loss(hidden, self.lm_head.weight, flat, feats["cu_seq_lens_q"])}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return {"loss": mntp_loss(hidden, self.lm_head.weight, labels)}
+
+
+def _runs_packed(model) -> bool:
+    from llm2vec_fast.bidirectional import ATTN_IMPLEMENTATION, CAUSAL_IMPLEMENTATION
+
+    return getattr(model.config, "_attn_implementation", None) in (ATTN_IMPLEMENTATION, CAUSAL_IMPLEMENTATION)
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """A ``[B, L]`` batch as one packed row: ``(model kwargs, keep)``.
+
+    The kwargs hold ``input_ids`` and ``position_ids`` ``[1, T]`` (each token keeps the position it has in its row,
+    as Hugging Face's padded forward gives it) and the ``cu_seq_lens_*`` / ``max_length_*`` of the rows' real
+    tokens; ``keep`` is the bool ``[B, L]`` mask of those tokens, or None when every token is real.
+    """
+    B, L = input_ids.shape
+    dev = input_ids.device
+    pos = torch.arange(L, device=dev)
+    if attention_mask is None or bool(attention_mask.all()):
+        keep, flat, positions = None, input_ids.reshape(-1), pos.repeat(B)
+        lengths = torch.full((B,), L, device=dev, dtype=torch.int32)
+        longest = L
+    else:
+        keep = attention_mask.bool()
+        flat, positions = input_ids[keep], pos.expand(B, L)[keep]
+        lengths = keep.sum(1, dtype=torch.int32)
+        longest = int(lengths.max())
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    feats = dict(input_ids=flat[None], position_ids=positions[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                 max_length_q=longest, max_length_k=longest)
+    return feats, keep
 
 
 class MNTPTrainer(AdapterTrainer):

@@ -115,3 +115,53 @@ def test_added_mask_token_output_loads_on_the_base_model(tiny_model_dir, tiny_te
     assert len(b.tokenizer) == len(a.tokenizer)
     torch.testing.assert_close(a.encode(texts, show_progress_bar=False), b.encode(texts, show_progress_bar=False),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_packed_forward_equals_the_padded_batch(padded):
+    # the [B, L] batch packed into one row (the default with llm2vec_fast attention) gives the loss and adapter
+    # gradients of the same batch run as it is; right padding: the padded positions carry no label
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm2vec_fast import to_bidirectional
+    from llm2vec_fast.training.common import add_lora
+    from llm2vec_fast.training.mntp import MNTPModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120)
+    lm = to_bidirectional(LlamaForCausalLM(cfg), "torch")
+    backbone = add_lora(lm.get_decoder(), r=4, dropout=0.0)
+    with torch.no_grad():
+        for n, p in backbone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    packed = MNTPModel(backbone, lm.get_output_embeddings())
+    dense = copy.deepcopy(packed)
+    dense.packed = False
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (3, 11), generator=g)
+    labels = torch.where(torch.rand(3, 11, generator=g) < 0.4, ids, torch.full_like(ids, -100))
+    mask = None
+    if padded:
+        mask = torch.ones(3, 11, dtype=torch.long)
+        mask[1, 7:] = 0
+        mask[2, 4:] = 0
+        labels[mask == 0] = -100
+    calls = []
+    hook = packed.backbone.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape),
+                                                     with_kwargs=True)
+    losses, grads = [], []
+    for m in (packed, dense):
+        loss = m(input_ids=ids, labels=labels, attention_mask=mask)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    hook.remove()
+    assert calls == [torch.Size([1, int(mask.sum()) if padded else 33])]  # one packed row of the real tokens
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
