@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import statistics
 import sys
 import time
@@ -134,7 +135,7 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
     import torch.nn.functional as F
 
     from llm2vec_fast import fuse_ops, to_bidirectional
-    from llm2vec_fast.training.common import add_lora
+    from llm2vec_fast.training.common import add_lora, enable_checkpointing
     from llm2vec_fast.training.mntp import MNTPModel
 
     ids, labels = mntp_batch(batch, length, cfg_kw["vocab_size"])
@@ -158,7 +159,9 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
                 fuse_ops(model)
             backbone = add_lora(model.get_decoder(), fused="peft's LoRA" not in variant)
             if "ckpt" in variant:
-                checkpointing(backbone)
+                # "ours + ckpt": every layer; "ours + ckpt 2/3 of layers": the first two thirds
+                frac = re.search(r"ckpt (\d+)/(\d+)", variant)
+                enable_checkpointing(backbone, int(frac[1]) / int(frac[2]) if frac else True)
             mntp = MNTPModel(backbone, model.get_output_embeddings())
 
             def loss_fn(mntp=mntp):
@@ -260,7 +263,7 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
 
 MNTP_VARIANTS = ["reference (HF+peft, SDPA padding mask, full logits, ckpt)",
                  "ours (Triton attn, fused norm/SwiGLU, fused LoRA, masked-row fused CE)", "ours + ckpt",
-                 "ours with peft's LoRA forward"]
+                 "ours + ckpt 2/3 of layers", "ours with peft's LoRA forward"]
 SIMCSE_VARIANTS = ["reference (HF+peft, SDPA padding mask, 2 passes, dropout 0.3, ckpt)",
                    "ours (packed Triton attn + dropout, fused norm/SwiGLU, fused LoRA, one pass, masked pool)",
                    "ours + GradCache (chunks of 64)"]

@@ -31,7 +31,9 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=steps)
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--gradient-checkpointing", nargs="?", const="all", default=None, metavar="LAYERS",
+                   help="recompute activations in the backward: in every decoder layer, or in the first LAYERS "
+                        "(a count, or a fraction such as 0.5): less memory than none, less recompute than all")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--max-train-seconds", type=float, default=None,
                    help="stop after this many seconds of training (the output is saved as at max-steps)")
@@ -48,10 +50,21 @@ def _shared_kwargs(a) -> dict:
                 lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
                 fused_lora=not a.no_fused_lora,
-                max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=a.gradient_checkpointing,
+                max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=_ckpt(a.gradient_checkpointing),
                 seed=a.seed, max_train_seconds=a.max_train_seconds, logging_steps=a.logging_steps,
                 save_steps=a.save_steps, save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
                 disable_tqdm=True if a.no_progress else None)
+
+
+def _ckpt(value):
+    if value is None:
+        return False
+    if value == "all":
+        return True
+    try:
+        return float(value) if "." in value else int(value)
+    except ValueError:
+        raise SystemExit(f"--gradient-checkpointing takes a layer count or a fraction, got {value!r}") from None
 
 
 def _report(result: dict) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -51,12 +52,42 @@ def add_lora(base_model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS, fus
     return model
 
 
-def enable_checkpointing(model) -> None:
-    """Gradient checkpointing on the HF model inside (non-reentrant: works with frozen inputs and LoRA)."""
+def enable_checkpointing(model, layers: bool | int | float = True) -> int:
+    """Gradient checkpointing on the HF model inside (non-reentrant: works with frozen inputs and LoRA); returns how
+    many decoder layers recompute their activations in the backward.
+
+    ``layers``: ``True`` every decoder layer (Hugging Face's ``gradient_checkpointing_enable``); an int ``k`` the
+    first ``k`` layers only; a float in (0, 1] that fraction of them (rounded up). Each layer left out keeps its
+    activations: memory between none and full checkpointing, for less recompute than full checkpointing.
+    """
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = [m for m in target.modules() if hasattr(type(m), "gradient_checkpointing")
+              and type(m).__name__.endswith("DecoderLayer")]
+    n = _checkpointed_count(layers, len(blocks))
+    if n == 0:
+        return 0
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(target.config, "use_cache"):
         target.config.use_cache = False
+    for block in blocks[n:]:
+        block.gradient_checkpointing = False
+    return n
+
+
+def _checkpointed_count(layers, total: int) -> int:
+    if layers is True:
+        return total
+    if layers is False or layers is None:
+        return 0
+    if isinstance(layers, float) and not isinstance(layers, bool):
+        if not 0.0 < layers <= 1.0:
+            raise ValueError(f"a fraction of layers to checkpoint must be in (0, 1], got {layers}")
+        return math.ceil(layers * total)
+    if isinstance(layers, int):
+        if layers < 0:
+            raise ValueError(f"the number of layers to checkpoint must be >= 0, got {layers}")
+        return min(layers, total)
+    raise TypeError(f"gradient checkpointing takes True/False, a layer count or a fraction, got {layers!r}")
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

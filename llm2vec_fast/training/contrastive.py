@@ -80,7 +80,7 @@ class ContrastiveArguments:
     fused_lora: bool = True  # llm2vec_fast.lora.fuse_lora: same values, less memory; False = peft's own forward
     grad_accum: int = 1
     max_steps: int = 1000
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | int | float = False  # True: every layer; k: the first k; 0.5: half of them
     attn_backend: str = "auto"
     dtype: str | None = None
     seed: int = 42
@@ -224,7 +224,7 @@ def load_encoder(args: ContrastiveArguments):
     encoder.model = add_lora(encoder.model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
                              fused=args.fused_lora)
     if args.gradient_checkpointing:
-        enable_checkpointing(encoder.model)
+        enable_checkpointing(encoder.model, args.gradient_checkpointing)
     return encoder
 
 

@@ -66,7 +66,7 @@ class MNTPArguments:
     grad_accum: int = 1
     max_steps: int = 1000
     warmup_steps: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | int | float = False  # True: every layer; k: the first k; 0.5: half of them
     attn_backend: str = "auto"
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     seed: int = 42
@@ -205,7 +205,7 @@ def build_mntp(args: MNTPArguments):
     backbone = add_lora(causal_lm.get_decoder(), args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
                       fused=args.fused_lora)
     if args.gradient_checkpointing:
-        enable_checkpointing(backbone)
+        enable_checkpointing(backbone, args.gradient_checkpointing)
     model = MNTPModel(backbone, causal_lm.get_output_embeddings())
     return model, tokenizer, dataset, collator, base_path
 
