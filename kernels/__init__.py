@@ -13,6 +13,7 @@ _LAZY = {
     "rms_norm": ".rmsnorm",
     "silu_mul": ".swiglu",
     "gelu_tanh_mul": ".swiglu",
+    "rope": ".rotary",
 }
 
 __all__ = list(_LAZY)

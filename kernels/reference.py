@@ -281,3 +281,61 @@ def gelu_tanh_mul_ref(gate, up):
     _check_silu_mul_args(gate, up, _FLOAT_DTYPES + (torch.float64,))
     return F.gelu(gate, approximate="tanh") * up
 # ==== END SWIGLU ====
+
+# ==== ROTARY POSITION EMBEDDING (rope_ref) ====
+def _check_rope_args(q, k, cos, sin, dtypes=_FLOAT_DTYPES):
+    """Validate rope arguments (shared by the kernel and the twin); returns cos and sin as ``[T, D]``."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in dtypes:
+        raise TypeError(f"q must be one of {[str(d) for d in dtypes]}, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype, got q {q.dtype} and k {k.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in (q.dtype, torch.float32):
+            allowed = "torch.float32" if q.dtype == torch.float32 else f"q's dtype ({q.dtype}) or torch.float32"
+            raise TypeError(f"{name} must be {allowed}, got {t.dtype}")
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D packed tensor [T, H, D], got shape {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got cos {tuple(cos.shape)} and sin "
+                         f"{tuple(sin.shape)}")
+    if not (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == 1)):
+        raise ValueError(f"cos and sin must be [T, D] or [1, T, D], got shape {tuple(cos.shape)}")
+    if cos.dim() == 3:
+        cos, sin = cos[0], sin[0]
+    if not q.shape[0] == k.shape[0] == cos.shape[0]:
+        raise ValueError(f"q, k and cos / sin must have the same number of tokens T (dim 0), got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)}")
+    if not q.shape[-1] == k.shape[-1] == cos.shape[-1]:
+        raise ValueError(f"q, k and cos / sin must have the same head dim D (last dim), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)} and cos {tuple(cos.shape)}")
+    D = q.shape[-1]
+    if D % 2 != 0 or D == 0:
+        raise ValueError(f"the head dim D must be even and positive (it is rotated in two halves), got D={D}")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    return cos, sin
+
+
+def rope_ref(q, k, cos, sin):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.rope`: Hugging Face's ``apply_rotary_pos_emb`` on the packed
+    ``[T, H, D]`` layout, as HF writes it.
+
+    cos / sin (``[T, D]`` or ``[1, T, D]``) are cast to q's dtype and broadcast over the heads; ``x * cos +
+    rotate_half(x) * sin`` is computed in the input dtype (each product rounded, then the sum: HF's roundings);
+    float64 accepted here only. Returns contiguous ``(q_out, k_out)``. Differentiable through autograd (cos and sin
+    too, where they require grad).
+    """
+    cos, sin = _check_rope_args(q, k, cos, sin, _FLOAT_DTYPES + (torch.float64,))
+    cos, sin = cos.to(q.dtype)[:, None, :], sin.to(q.dtype)[:, None, :]  # (T, 1, D)
+
+    def rotate_half(x):  # (T, H, D)
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    return (q * cos + rotate_half(q) * sin).contiguous(), (k * cos + rotate_half(k) * sin).contiguous()
+# ==== END ROTARY POSITION EMBEDDING ====

@@ -1,5 +1,5 @@
-"""Fused RMSNorm and gated-MLP activations for Hugging Face decoders: ``fuse_ops(model)``, in place, HF's modeling
-code untouched.
+"""Fused RMSNorm, gated-MLP activations and rotary embeddings for Hugging Face decoders: ``fuse_ops(model)``, in
+place, HF's modeling code untouched.
 
 Hugging Face's RMSNorm modules run five elementwise passes in float32 (upcast, square, mean, scale, downcast) and its
 gated MLPs two (``act_fn(gate) * up``); on a packed batch of 64k tokens these passes cost about as much device time
@@ -11,6 +11,13 @@ LoRA layers wrapping them. The ops compute what HF computes, with the same round
 backward saves less (``x`` and one float per row instead of float32 copies). A norm or an activation of another kind
 (a LayerNorm, an exact GELU) keeps its HF forward.
 
+HF's ``apply_rotary_pos_emb`` runs about seven elementwise passes over q and as many over k (two products, a
+half-swap built from two slices, a negation and a concatenation, a sum). The ``"rope"`` op gives the attention
+modules of Llama, Mistral, Qwen2 and Qwen3 HF's forward with that call replaced by :func:`llm2vec_fast.kernels.rope`
+(one read of q, k, cos and sin, one write, in float32 with one rounding) on packed batches bound for llm2vec_fast's
+attention; its outputs come token-major ``[T, H, D]``, the layout the attention kernel reads. Padded batches, KV
+caches and other attention implementations keep HF's forward.
+
 Backends, as for attention: ``"auto"`` runs the kernels on CUDA tensors and HF's own forward elsewhere (so a model
 moved to CPU keeps working), ``"triton"`` always runs them (CPU only under ``TRITON_INTERPRET=1``).
 ``LLM2VEC_FAST_DISABLE_TRITON=1`` turns ``"auto"`` off. :func:`unfuse_ops` restores HF's forwards.
@@ -20,20 +27,25 @@ import os
 
 from .bidirectional import FAMILIES
 
-OPS = ("rms_norm", "gated_mlp")
+OPS = ("rms_norm", "gated_mlp", "rope")
+# attention modules whose forward is Hugging Face's Llama pattern (projections, optional per-head q/k norms, RoPE,
+# the attention interface, o_proj): the "rope" op replaces their apply_rotary_pos_emb on packed batches
+_ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 FUSE_BACKENDS = ("auto", "triton")
 # HF activation modules by class name (transformers' ACT2FN): the kernels' activation for each
 _ACTS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
 
 
 def fuse_ops(model, ops=OPS, backend: str = "auto"):
-    """Route a decoder's RMSNorm and gated MLP modules through the fused Triton ops, in place; returns the model.
+    """Route a decoder's RMSNorm, gated MLP and (Llama-pattern) attention modules through the fused Triton ops, in
+    place; returns the model.
 
     Args:
         model: a ``transformers`` decoder (base model, ``*ForCausalLM``, or wrapped by peft) of a supported family
-            (``FAMILIES``): Llama, Mistral, Qwen2, Qwen3 (RMSNorm, SwiGLU), Gemma, Gemma 2, Gemma 3 (``1 + weight``
-            RMSNorm, GeGLU). Each module is matched by its kind, so one the ops do not cover keeps its forward.
-        ops: any of ``"rms_norm"`` and ``"gated_mlp"``.
+            (``FAMILIES``): Llama, Mistral, Qwen2, Qwen3 (RMSNorm, SwiGLU, RoPE), Gemma, Gemma 2, Gemma 3
+            (``1 + weight`` RMSNorm, GeGLU; their attention keeps HF's forward). Each module is matched by its kind,
+            so one the ops do not cover keeps its forward.
+        ops: any of ``"rms_norm"``, ``"gated_mlp"`` and ``"rope"``.
         backend: ``"auto"`` (kernels on CUDA tensors, HF's forward elsewhere) or ``"triton"`` (always the kernels).
 
     A model of another family is returned unchanged. Raises ``ValueError`` for an unknown op or backend.
@@ -56,6 +68,8 @@ def fuse_ops(model, ops=OPS, backend: str = "auto"):
             act = _ACTS.get(type(module.act_fn).__name__)
             if act is not None:
                 module.forward = functools.partial(_gated_mlp_forward, module, backend, act)
+        elif "rope" in ops and name in _ROPE_ATTENTIONS:
+            module.forward = functools.partial(_rope_attention_forward, module, backend)
     return model
 
 
@@ -63,7 +77,7 @@ def unfuse_ops(model):
     """Give every module :func:`fuse_ops` changed its Hugging Face forward back; returns the model."""
     for module in model.modules():
         fwd = module.__dict__.get("forward")
-        if isinstance(fwd, functools.partial) and fwd.func in (_rms_norm_forward, _gated_mlp_forward):
+        if isinstance(fwd, functools.partial) and fwd.func in _FORWARDS:
             del module.forward
     return model
 
@@ -74,10 +88,9 @@ def fused_ops_of(model) -> tuple[str, ...]:
     for module in model.modules():
         fwd = module.__dict__.get("forward")
         if isinstance(fwd, functools.partial):
-            if fwd.func is _rms_norm_forward:
-                found.add("rms_norm")
-            elif fwd.func is _gated_mlp_forward:
-                found.add("gated_mlp")
+            op = _FORWARDS.get(fwd.func)
+            if op is not None:
+                found.add(op)
     return tuple(op for op in OPS if op in found)
 
 
@@ -122,3 +135,42 @@ def _gated_mlp_forward(module, backend, act, x):
 
     op = kernels.silu_mul if act == "silu" else kernels.gelu_tanh_mul
     return module.down_proj(op(module.gate_proj(x), module.up_proj(x)))
+
+
+def _rope_attention_forward(module, backend, hidden_states, position_embeddings=None, attention_mask=None, *args,
+                            **kwargs):
+    # Hugging Face's forward with apply_rotary_pos_emb replaced by the fused kernel, on packed batches that go to
+    # llm2vec_fast's attention; anything else (a padded batch, a KV cache, another attention implementation, CPU
+    # tensors under "auto") runs HF's own forward
+    from llm2vec_fast.bidirectional import (
+        ATTN_IMPLEMENTATION,
+        CAUSAL_IMPLEMENTATION,
+        attention_forward,
+        causal_attention_forward,
+    )
+
+    impl = getattr(module.config, "_attn_implementation", None)
+    packed = (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and kwargs.get("cu_seq_lens_q") is not None)
+    cached = args or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    if (not packed or cached or position_embeddings is None or impl not in (ATTN_IMPLEMENTATION, CAUSAL_IMPLEMENTATION)
+            or not _use_kernel(backend, hidden_states)):
+        return type(module).forward(module, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    from llm2vec_fast.kernels import rope
+
+    T, D = hidden_states.shape[1], module.head_dim
+    q = module.q_proj(hidden_states).view(T, -1, D)  # (T, Hq, D), views of the projections' outputs
+    k = module.k_proj(hidden_states).view(T, -1, D)
+    v = module.v_proj(hidden_states).view(T, -1, D)
+    if hasattr(module, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
+        q, k = module.q_norm(q), module.k_norm(k)
+    cos, sin = position_embeddings  # (1, T, D)
+    q, k = rope(q, k, cos[0], sin[0])  # (T, H, D), contiguous: token-major, as the attention kernel reads best
+    extra = {"sliding_window": module.sliding_window} if hasattr(module, "sliding_window") else {}
+    attend = attention_forward if impl == ATTN_IMPLEMENTATION else causal_attention_forward
+    out, weights = attend(
+        module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0, scaling=module.scaling, **extra, **kwargs)
+    return module.o_proj(out.reshape(1, T, -1)), weights
+
+
+_FORWARDS = {_rms_norm_forward: "rms_norm", _gated_mlp_forward: "gated_mlp", _rope_attention_forward: "rope"}
