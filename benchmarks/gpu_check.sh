@@ -20,7 +20,7 @@ BUDGET_DEFAULT=500
 # shellcheck source=benchmarks/device_common.sh
 source "$(dirname "$0")/device_common.sh"
 
-step "pytest -m gpu tests/kernels" 100 30 \
+step "pytest -m gpu tests/kernels" 130 30 \
   $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels --junitxml="$WORK/pytest_gpu_kernels.xml"
 # the fused RMSNorm/gated-MLP wiring on CUDA tensors (real kernels, fp32, whole models with LoRA), the fused LoRA
 # (CUDA dropout masks regenerated, also under checkpointing; bf16 autocast against peft) and the bf16 fast
