@@ -201,18 +201,30 @@ class LLM2Vec(nn.Module):
     # ------------------------------------------------------------------ tokenization
     def prepare_for_tokenization(self, text: str) -> str:
         """The original's per-model wrapping (chat templates for a few named models, the eos suffix)."""
+        return self._preparer()(text)
+
+    def _preparer(self):
+        """:meth:`prepare_for_tokenization` as a function of the text alone: the model-dependent choices (template,
+        eos suffix) made once per call instead of once per text. None when it returns every text unchanged."""
+        if type(self).prepare_for_tokenization is not LLM2Vec.prepare_for_tokenization:
+            return self.prepare_for_tokenization  # a subclass's own wrapping
         name = getattr(self.model.config, "_name_or_path", "")
-        if name in _TEMPLATES:
-            head, tail = _TEMPLATES[name]
-            text = head + text.strip() + tail
+        template = _TEMPLATES.get(name)
+        suffix = None
         if self.pooling_mode == "eos_token":
-            if name == "meta-llama/Meta-Llama-3-8B":
-                text = text.strip() + "<|end_of_text|>"
-            else:
-                suffix = _EOS_SUFFIX.get(getattr(self.model.config, "model_type", None))
-                if suffix is not None:
-                    text = text.strip() + suffix
-        return text
+            suffix = ("<|end_of_text|>" if name == "meta-llama/Meta-Llama-3-8B"
+                      else _EOS_SUFFIX.get(getattr(self.model.config, "model_type", None)))
+        if template is None and suffix is None:
+            return _unchanged
+
+        def prepare(text):
+            if template is not None:
+                text = template[0] + text.strip() + template[1]
+            if suffix is not None:
+                text = text.strip() + suffix
+            return text
+
+        return prepare
 
     def _shorten(self, text: str) -> str:
         """The original's ``doc_max_length`` rule: drop words in proportion until the text fits."""
@@ -229,9 +241,10 @@ class LLM2Vec(nn.Module):
     def _joint_strings(self, pairs):
         """Build what the original tokenizes; returns (joint strings, character offset where the text starts)."""
         joints, cuts, texts = [], [], []
+        prepare = self._preparer()
         for instruction, text in pairs:
             marked = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
-            parts = self.prepare_for_tokenization(marked).split(SEPARATOR)
+            parts = prepare(marked).split(SEPARATOR)
             cuts.append(len(parts[0]) if len(parts) > 1 else None)
             joints.append("".join(parts))
             texts.append(parts[1] if len(parts) > 1 else "")
@@ -754,6 +767,10 @@ _FIRST_CHUNK = 256
 _TOKENIZE_CHUNK = 32768
 
 
+def _unchanged(text):
+    return text
+
+
 def _add_filler(f, n):
     """Append a throw-away sequence of ``n`` tokens to packed features (its pooled row is dropped)."""
     dev = f["input_ids"].device
@@ -788,15 +805,16 @@ def default_batch_tokens(config, device, max_length=512, free_bytes=None, dtype=
 
 def _budget_batches(sorted_lengths, budget):
     """Split length-sorted sequences into consecutive batches of at most ``budget`` tokens (one over-long
-    sequence forms a batch alone)."""
-    batches, start, total = [], 0, 0
-    for j, n in enumerate(sorted_lengths.tolist()):
-        if j > start and total + n > budget:
-            batches.append(range(start, j))
-            start, total = j, 0
-        total += n
-    if len(sorted_lengths) > start:
-        batches.append(range(start, len(sorted_lengths)))
+    sequence forms a batch alone). One search per batch, not a Python step per sequence."""
+    lengths = np.asarray(sorted_lengths, dtype=np.int64)
+    ends = np.concatenate([[0], np.cumsum(lengths)])  # ends[j]: tokens of sequences [0, j)
+    batches, start, n = [], 0, len(lengths)
+    while start < n:
+        # the first j whose prefix overshoots: sequences [start, j - 1) fit, at least one per batch
+        stop = int(np.searchsorted(ends, ends[start] + budget, side="right")) - 1
+        stop = max(stop, start + 1)
+        batches.append(range(start, stop))
+        start = stop
     return batches
 
 

@@ -454,3 +454,26 @@ def test_token_embeddings_errors(tiny):
         tiny.encode(["x"], output_value="token_embeddings", precision="int8")
     with pytest.raises(ValueError, match="one process: pass one device"):
         tiny.encode(["x"], output_value="token_embeddings", device=["cpu", "cpu"])
+
+
+def test_budget_batches_is_the_greedy_split():
+    # one search per batch gives what adding sequences one by one gives: consecutive batches of at most `budget`
+    # tokens, each as full as the next sequence allows, an over-long sequence alone
+    import random
+
+    from llm2vec_fast.encoder import _budget_batches
+
+    def greedy(lengths, budget):
+        out, start, total = [], 0, 0
+        for j, n in enumerate(lengths):
+            if j > start and total + n > budget:
+                out.append(range(start, j))
+                start, total = j, 0
+            total += n
+        return out + ([range(start, len(lengths))] if len(lengths) > start else [])
+
+    rng = random.Random(0)
+    for _ in range(500):
+        lengths = sorted((rng.randint(0, 50) for _ in range(rng.randint(0, 30))), reverse=True)
+        budget = rng.randint(1, 120)
+        assert _budget_batches(np.array(lengths), budget) == greedy(lengths, budget), (lengths, budget)
