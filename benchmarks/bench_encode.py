@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks.common import DATA, RESULTS_DIR, bench_gpu, environment, write_results
+    from benchmarks.common import DATA, RESULTS_DIR, bench_gpu, environment, profile_breakdown, write_results
 except ImportError:  # run as `python benchmarks/bench_encode.py`: the repository root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.common import DATA, RESULTS_DIR, bench_gpu, environment, write_results
+    from benchmarks.common import DATA, RESULTS_DIR, bench_gpu, environment, profile_breakdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_TOKENIZER = ROOT / ".cache" / "device" / "smollm2"  # made by benchmarks/prepare_device.py
@@ -220,17 +220,8 @@ def profile_encode(l2v, texts, device, corpus: str, top: int = 12) -> tuple[list
         wall = time.perf_counter() - t
     finally:
         del l2v.tokenize_items
-    kernels = []
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        us = getattr(e, "self_cuda_time_total", 0) if us is None else us
-        if us > 0 and "cuda" in str(getattr(e, "device_type", "")).lower():
-            kernels.append((e.key, e.count, us / 1e6))
-    busy = sum(k[2] for k in kernels)
-    kernels.sort(key=lambda k: -k[2])
-    rows = [{"corpus": corpus, "kernel": name[:90], "calls": n, "seconds": sec,
-             "share_of_busy": sec / busy if busy else None, "share_of_wall": sec / wall}
-            for name, n, sec in kernels[:top]]
+    rows, class_rows, busy = profile_breakdown(prof, wall, top, corpus=corpus)
+    rows += [{**r, "kernel": f"[class] {r['class']}"} for r in class_rows]
     summary = {"corpus": corpus, "wall_s": wall, "device_busy_s": busy, "busy_over_wall": busy / wall,
                "tokenize_s": spent[0]}
     print(f"  {corpus:9s} profile: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}), tokenizing "

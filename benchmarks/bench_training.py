@@ -174,16 +174,45 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
     return rows
 
 
+# set by --profile: after timing, the reference and "ours" (no checkpointing) run one more step under torch.profiler
+PROFILE = {"on": False, "kernels": [], "classes": [], "notes": []}
+
+
 def _measure(model, loss_fn, step, variant, tokens, warmup, steps):
     """One result row: tokens/s, step time and peak memory of training ``loss_fn`` (an OOM is a row too)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        sec, mem = time_steps(train_step(params, loss_fn), warmup, steps)
+        fn = train_step(params, loss_fn)
+        sec, mem = time_steps(fn, warmup, steps)
+        if PROFILE["on"] and (variant.startswith("reference") or variant.startswith("ours (")):
+            profile_step(fn, step, variant)
         return {"step": step, "path": variant, "tokens_per_s": tokens / sec, "step_ms": 1e3 * sec,
                 "peak_mem_gb": mem}
     except torch.cuda.OutOfMemoryError:
         return {"step": step, "path": variant, "tokens_per_s": None, "step_ms": None, "peak_mem_gb": "OOM"}
+
+
+def profile_step(fn, step, variant, top=10):
+    """One training step under torch.profiler: its top kernels and where the device time goes, by kernel class."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.common import profile_breakdown
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    _sync()
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        _sync()
+    wall = time.perf_counter() - t
+    short = variant.split(" (")[0]
+    rows, classes, busy = profile_breakdown(prof, wall, top, step=step, path=short)
+    PROFILE["kernels"] += rows
+    PROFILE["classes"] += classes
+    PROFILE["notes"].append(f"{step}, {short}: wall {wall * 1e3:.0f} ms under the profiler, device busy "
+                            f"{busy * 1e3:.0f} ms ({busy / wall:.0%})." if wall else "")
+    print(PROFILE["notes"][-1], flush=True)
 
 
 def simcse_lengths(batch, length, seed=0):
@@ -288,10 +317,14 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="also the Llama-3-8B config MNTP (16 x 512)")
     p.add_argument("--only", choices=["mntp", "simcse", "mntp-8b"], default=None,
                    help="one benchmark; mntp-8b: the Llama-3-8B config MNTP alone, written to training_steps_8b")
+    p.add_argument("--profile", action="store_true",
+                   help="one more step of the reference and of ours under torch.profiler: device time by kernel "
+                        "class and the top kernels (training_profile.{json,md})")
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU: checks the script, times nothing "
                                                         "meaningful, writes no results")
     a = p.parse_args(argv)
     global DEV
+    PROFILE["on"] = a.profile
     if a.smoke:
         DEV = "cpu"
         rows = bench_mntp("tiny", TINY, 4, 32, 1, 1, MNTP_VARIANTS)
@@ -327,6 +360,11 @@ def main(argv=None) -> int:
                    on_row=flush)
     if a.only in (None, "simcse"):
         bench_simcse("1.3B", LLAMA_1B3, 128, 128, warmup, steps, SIMCSE_VARIANTS, on_row=flush)
+    if a.profile and PROFILE["classes"]:
+        write_results("training_profile", PROFILE["classes"] + PROFILE["kernels"],
+                      columns=["step", "path", "class", "kernel", "calls", "seconds", "share_of_busy", "share_of_wall"],
+                      title="Training steps under torch.profiler: device time by kernel class, then the top kernels",
+                      notes=" ".join(PROFILE["notes"]) + " Device busy = the kernels' own times summed (one stream).")
     stem = "training_steps_8b" if a.only == "mntp-8b" else "training_steps"
     path = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results") / f"{stem}.json"
     print(f"wrote {path}")

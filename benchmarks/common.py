@@ -72,3 +72,50 @@ def write_results(name: str, rows: list[dict], out_dir=None, columns=None, title
            f"transformers {env['transformers']} · {env['date']}\n\n"
     (out / f"{name}.md").write_text(head + markdown_table(rows, columns) + ("\n" + notes + "\n" if notes else ""))
     return out / f"{name}.json"
+
+
+# kernel-name patterns, first match wins: where a profile's device time goes
+_KERNEL_CLASSES = (
+    ("attention (ours)", ("_attn_",)),
+    ("fused ops (ours)", ("_rms_norm", "_rmsnorm", "_silu", "_gelu", "_rope", "_pool", "_ce_", "_lce", "cross_entropy",
+                          "_masked_pool", "_dropout_mask")),
+    ("attention (torch)", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "magma", "splitk")),
+    ("copy / cast", ("copy", "cast", "fill", "memset", "memcpy", "cat", "index", "gather", "scatter")),
+    ("elementwise / reduce", ("elementwise", "reduce", "softmax", "dropout", "bernoulli", "philox", "norm")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """A coarse class for a device kernel's name (matmul, our attention, our fused ops, elementwise, ...)."""
+    low = name.lower()
+    for cls, keys in _KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile_breakdown(prof, wall: float, top: int = 12, **extra) -> tuple[list[dict], list[dict], float]:
+    """Device time of a ``torch.profiler`` run: (the ``top`` kernels, one row per kernel class, busy seconds).
+
+    Busy = the kernels' own times summed (one stream: they do not overlap); each row carries ``extra`` fields."""
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+        if us > 0 and "cuda" in str(getattr(e, "device_type", "")).lower():
+            kernels.append((e.key, e.count, us / 1e6))
+    busy = sum(k[2] for k in kernels)
+    kernels.sort(key=lambda k: -k[2])
+    rows = [{**extra, "kernel": name[:90], "class": kernel_class(name), "calls": n, "seconds": sec,
+             "share_of_busy": sec / busy if busy else None, "share_of_wall": sec / wall if wall else None}
+            for name, n, sec in kernels[:top]]
+    classes: dict[str, list] = {}
+    for name, n, sec in kernels:
+        c = classes.setdefault(kernel_class(name), [0, 0.0])
+        c[0] += n
+        c[1] += sec
+    class_rows = [{**extra, "class": cls, "calls": n, "seconds": sec, "share_of_busy": sec / busy if busy else None,
+                   "share_of_wall": sec / wall if wall else None}
+                  for cls, (n, sec) in sorted(classes.items(), key=lambda kv: -kv[1][1])]
+    return rows, class_rows, busy

@@ -7,7 +7,8 @@
 # Steps, in order, each under `timeout` and a shared wall-clock budget (GPU_CHECK_BUDGET seconds, default 500), each
 # continuing past a failure of the one before: GPU-marked kernel tests, the fused-op wiring and bf16 encode parity
 # tests, attention parity + benchmark, the 1.3B encode benchmark (both corpora, fused ops on and off, a profile),
-# training steps (--quick), attention against FlexAttention, then, if time is left, pooling/CE parity + benchmark,
+# training steps (--quick, with a profiled step of the reference and of ours), attention against FlexAttention, then,
+# if time is left, pooling/CE parity + benchmark,
 # the 7B Mistral encode benchmark, causal attention and the 8B MNTP step. First run (H200, 2026-11-26): 435 s
 # with the budget at 455.
 # Every step writes into $WORK; after every step the results are packed into $OUT, so a run cut short still returns
@@ -36,7 +37,7 @@ step "attention --check --bench --quick" 80 30 \
 step "encode llama-1.3b (both corpora)" 200 60 \
   $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,st,ours,ours-unfused --budgets 131072 \
   --profile --tokenizer "$TOKENIZER"
-step "training --quick" 160 60 $PY benchmarks/bench_training.py --quick
+step "training --quick" 170 60 $PY benchmarks/bench_training.py --quick --profile
 # FlexAttention's compiles took over 90 s on a fresh H200 (2026-11-26): alone, after the steps that must run
 step "attention vs FlexAttention --quick" 150 90 \
   $PY benchmarks/bench_attention.py --flex-only --quick --tokenizer "$TOKENIZER"
