@@ -111,8 +111,8 @@ class LLM2Vec(nn.Module):
         (:func:`llm2vec_fast.to_packed_causal`) unless ``attn_implementation`` is given. ``device`` defaults to CUDA
         when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU. ``fused_ops`` (default: on unless
         ``attn_backend="torch"``, the all-PyTorch reference path) routes RMSNorm and the gated MLP activation through
-        the fused Triton ops on CUDA (:func:`llm2vec_fast.fuse_ops`). Other keyword arguments go to
-        ``AutoModel.from_pretrained``.
+        the fused Triton ops on CUDA (:func:`llm2vec_fast.fuse_ops`), and an unmerged adapter's layers through
+        :func:`llm2vec_fast.lora.fuse_lora`. Other keyword arguments go to ``AutoModel.from_pretrained``.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -172,6 +172,10 @@ class LLM2Vec(nn.Module):
             model = PeftModel.from_pretrained(model, peft_model_name_or_path)
             if merge_peft:
                 model = model.merge_and_unload()
+            elif fused_ops if fused_ops is not None else attn_backend != "torch":
+                from .lora import fuse_lora
+
+                fuse_lora(model)  # unmerged: the low-rank product accumulated into the base output in place
         model.to(device)
         model.eval()
         encoder = cls(model, tokenizer, prompts=saved.get("prompts"), **args)

@@ -268,9 +268,12 @@ def test_peft_adapter_load_and_merge(tiny_encoder_dir, tmp_path):
     peft.save_pretrained(tmp_path / "adapter")
     tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
     expected = LLM2Vec(peft.eval(), tok).encode(["text one", "two"], show_progress_bar=False)
+    from llm2vec_fast.lora import is_lora_fused
+
     for merge in (False, True):
         l2v = LLM2Vec.from_pretrained(str(tiny_encoder_dir), peft_model_name_or_path=str(tmp_path / "adapter"),
                                       merge_peft=merge, device="cpu", dtype=torch.float32)
+        assert is_lora_fused(l2v.model) == (not merge)  # an unmerged adapter runs the fused LoRA layers
         torch.testing.assert_close(l2v.encode(["text one", "two"], show_progress_bar=False), expected,
                                    rtol=1e-5, atol=1e-5)
     # the original MNTP release layout: the base folder itself carries the adapter; it is merged on load
