@@ -132,9 +132,15 @@ def _gated_mlp_forward(module, backend, act, x):
     if not _use_kernel(backend, x):
         return type(module).forward(module, x)
     from llm2vec_fast import kernels
+    from llm2vec_fast.lora import lora_gated_down
 
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    # a fused-LoRA down projection takes the activation inside: its input is recomputed in the backward, not kept
+    out = lora_gated_down(gate, up, module.down_proj, act)
+    if out is not None:
+        return out
     op = kernels.silu_mul if act == "silu" else kernels.gelu_tanh_mul
-    return module.down_proj(op(module.gate_proj(x), module.up_proj(x)))
+    return module.down_proj(op(gate, up))
 
 
 def _rope_attention_forward(module, backend, hidden_states, position_embeddings=None, attention_mask=None, *args,

@@ -25,6 +25,10 @@ CPU without autocast a fused layer drops the same elements as peft from the same
 agree with peft's to float32 rounding (the fused accumulation rounds once where peft rounds twice); with autocast the
 mask is drawn on the compute-dtype input (peft draws it on a float32 copy): the same distribution, other bits.
 
+:func:`lora_gated_down` goes one step further for a gated MLP's down projection (used by ``fuse_ops``' gated MLP):
+the activation ``silu(gate) * up`` is computed inside, and recomputed in the backward from gate and up (which the
+activation's own backward keeps anyway) instead of being kept as the projection's input.
+
 A layer whose state the function does not cover keeps peft's forward at each call: adapters disabled or merged,
 ``adapter_names`` mixed batches, DoRA or other LoRA variants, a ``lora_B`` bias. :func:`unfuse_lora` restores peft's
 forward everywhere.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -163,25 +168,63 @@ def _dropout_backward(grad, keep, p):
     return grad * keep
 
 
+def _lora_forward(out, x, lora_a, lora_b, scaling, p):
+    """``out += scaling * dropout(x) @ A.T @ B.T`` on 2-D ``out`` (N, out) and ``x`` (N, in), in place; returns
+    ``(xa, compute dtype, generator state)``, what :func:`_lora_backward` needs besides ``x``."""
+    cd = _compute_dtype(x, lora_a)
+    a, b = lora_a.to(cd), lora_b.to(cd)
+    state = _rng_state(x.device) if p > 0 else None
+    with torch.autocast(x.device.type, enabled=False):
+        xin = x.to(cd)
+        xd = _dropout(xin, p)[0] if p > 0 else xin
+        xa = xd @ a.t()  # (N, r)
+        del xd
+        if out.dtype == cd:
+            out.addmm_(xa, b.t(), alpha=scaling)
+        else:  # float32 adapter on a bf16 base without autocast: peft adds in float32, then rounds
+            out.copy_(out + (xa @ b.t()) * scaling)
+    return xa, cd, state
+
+
+def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, need_x, need_a, need_b):
+    """Gradients of :func:`_lora_forward` for the upstream ``g`` (N, out): ``(gx (N, in) in the compute dtype or
+    None, gA, gB)``; the dropout mask is regenerated from ``state``."""
+    a, b = lora_a.to(cd), lora_b.to(cd)
+    gx = ga = gb = None
+    with torch.autocast(x.device.type, enabled=False):
+        g = g.to(cd)
+        gxa = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
+        if need_b:
+            gb = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)  # (out, r)
+        if need_x or need_a:
+            xin = x.to(cd)
+            keep = None
+            if p > 0:
+                devices = [x.device] if x.is_cuda else []
+                with torch.random.fork_rng(devices=devices, device_type="cuda"):
+                    if x.is_cuda:
+                        torch.cuda.set_rng_state(state, x.device)
+                    else:
+                        torch.set_rng_state(state)
+                    xin, keep = _dropout(xin, p)
+            if need_a:
+                ga = (gxa.t() @ xin).to(lora_a.dtype)  # (r, in)
+            del xin
+            if need_x:
+                gx = gxa @ a  # (N, in)
+                if keep is not None:
+                    gx = _dropout_backward(gx, keep, p)
+    return gx, ga, gb
+
+
 class LoRAAddFunction(torch.autograd.Function):
     """See :func:`lora_add`. Saves ``x``, the rank-``r`` product and the generator state, never the dropped-out
     input or its mask; the backward regenerates them."""
 
     @staticmethod
     def forward(ctx, result, x, lora_a, lora_b, scaling, p):
-        cd = _compute_dtype(x, lora_a)
-        a, b = lora_a.to(cd), lora_b.to(cd)
-        state = _rng_state(x.device) if p > 0 else None
-        with torch.autocast(x.device.type, enabled=False):
-            xin = x.to(cd).reshape(-1, x.shape[-1])  # (N, in)
-            xd = _dropout(xin, p)[0] if p > 0 else xin
-            xa = xd @ a.t()  # (N, r)
-            del xd
-            out = result.view(-1, result.shape[-1])  # (N, out), the base output written in place
-            if out.dtype == cd:
-                out.addmm_(xa, b.t(), alpha=scaling)
-            else:  # float32 adapter on a bf16 base without autocast: peft adds in float32, then rounds
-                out.copy_(out + (xa @ b.t()) * scaling)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xa, cd, state = _lora_forward(result.view(-1, result.shape[-1]), x2, lora_a, lora_b, scaling, p)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, lora_a, lora_b, xa)
         ctx.scaling, ctx.p, ctx.cd, ctx.state = scaling, p, cd, state
@@ -190,32 +233,75 @@ class LoRAAddFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, lora_a, lora_b, xa = ctx.saved_tensors
-        scaling, p, cd = ctx.scaling, ctx.p, ctx.cd
-        g = grad.reshape(-1, grad.shape[-1]).to(cd)  # (N, out)
-        a, b = lora_a.to(cd), lora_b.to(cd)
-        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
-        gx = ga = gb = None
-        with torch.autocast(x.device.type, enabled=False):
-            gxa = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
-            if need_b:
-                gb = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)  # (out, r)
-            if need_x or need_a:
-                xin = x.to(cd).reshape(-1, x.shape[-1])
-                keep = None
-                if p > 0:
-                    devices = [x.device] if x.is_cuda else []
-                    with torch.random.fork_rng(devices=devices, device_type=x.device.type if x.is_cuda else "cuda"):
-                        if x.is_cuda:
-                            torch.cuda.set_rng_state(ctx.state, x.device)
-                        else:
-                            torch.set_rng_state(ctx.state)
-                        xin, keep = _dropout(xin, p)
-                if need_a:
-                    ga = (gxa.t() @ xin).to(lora_a.dtype)  # (r, in)
-                del xin
-                if need_x:
-                    gxd = gxa @ a  # (N, in)
-                    if keep is not None:
-                        gxd = _dropout_backward(gxd, keep, p)
-                    gx = gxd.to(x.dtype).view(x.shape)
+        gx, ga, gb = _lora_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), lora_a, lora_b, xa,
+                                    ctx.scaling, ctx.p, ctx.cd, ctx.state, *ctx.needs_input_grad[1:4])
+        if gx is not None:
+            gx = gx.to(x.dtype).view(x.shape)
         return grad, gx, ga, gb, None, None
+
+
+def lora_gated_down(gate, up, down, act):
+    """``down(act(gate) * up)`` for a gated MLP whose ``down`` projection is a fused peft LoRA layer (see
+    :func:`fuse_lora`) over an ``nn.Linear``, computed by :class:`GatedDownLoRAFunction`; None where that does not
+    apply (the caller then runs the activation and ``down`` as usual).
+
+    The activation's output ``h`` is the down projection's input: the unfused path keeps it for the adapter's
+    weight gradient (as well as gate and up for the activation's own backward); this function keeps gate and up only
+    and recomputes ``h`` in the backward (one elementwise pass), so each layer keeps one ``intermediate_size``-wide
+    tensor less. ``act``: ``"silu"`` or ``"gelu_tanh"`` (the Triton activation kernels).
+    """
+    fwd = down.__dict__.get("forward")
+    if not (isinstance(fwd, functools.partial) and fwd.func is _fused_lora_forward and _fusable(down, (), {})):
+        return None
+    names = [n for n in down.active_adapters if n in down.lora_A]
+    if len(names) != 1 or type(down.base_layer) is not nn.Linear or gate.shape != up.shape:
+        return None
+    name = names[0]
+    drop = down.lora_dropout[name]
+    p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    base = down.base_layer
+    return GatedDownLoRAFunction.apply(gate, up, base.weight, base.bias, down.lora_A[name].weight,
+                                       down.lora_B[name].weight, float(down.scaling[name]), p, act)
+
+
+class GatedDownLoRAFunction(torch.autograd.Function):
+    """See :func:`lora_gated_down`: keeps gate, up, the rank-``r`` product and the generator state."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, p, act):
+        from llm2vec_fast.kernels.swiglu import silu_mul_fwd
+
+        gate, up = gate.contiguous(), up.contiguous()
+        h = silu_mul_fwd(gate, up, act)  # (..., I)
+        result = F.linear(h, weight, bias)  # the base projection, under the caller's autocast
+        h2 = h.reshape(-1, h.shape[-1])
+        xa, cd, state = _lora_forward(result.view(-1, result.shape[-1]), h2, lora_a, lora_b, scaling, p)
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa)
+        ctx.args = (scaling, p, cd, state, act, result.dtype, bias is not None)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        from llm2vec_fast.kernels.swiglu import silu_mul_bwd, silu_mul_fwd
+
+        gate, up, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        scaling, p, cd, state, act, ld, has_bias = ctx.args
+        need_gate, need_up, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        need_h = need_gate or need_up
+        h2 = silu_mul_fwd(gate, up, act).reshape(-1, gate.shape[-1])  # recomputed: (N, I)
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gw = gbias = gh = None
+        with torch.autocast(gate.device.type, enabled=False):
+            if need_h:
+                gh = g.to(ld) @ weight.to(ld)  # (N, I), the base projection's input gradient
+            if need_w:
+                gw = (g.to(ld).t() @ h2.to(ld)).to(weight.dtype)
+            if need_bias and has_bias:
+                gbias = g.sum(0).to(weight.dtype)
+        gx, ga, gb = _lora_backward(g, h2, lora_a, lora_b, xa, scaling, p, cd, state, need_h, need_a, need_b)
+        del h2
+        dgate = dup = None
+        if need_h:
+            gh = gh.add_(gx.to(gh.dtype)) if gx is not None else gh
+            dgate, dup = silu_mul_bwd(gh.to(gate.dtype).view(gate.shape), gate, up, act)
+        return (dgate if need_gate else None, dup if need_up else None, gw, gbias, ga, gb, None, None, None)

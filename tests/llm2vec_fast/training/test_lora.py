@@ -188,7 +188,7 @@ def _saved_bytes(model, dropout_seed=5):
     model.train()
     torch.manual_seed(dropout_seed)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=torch.randint(0, 100, (2, 16))).last_hidden_state.sum()
+        model(input_ids=torch.randint(0, 100, (2, 16)).to(next(model.parameters()).device)).last_hidden_state.sum()
     return sum(seen.values())
 
 
@@ -257,3 +257,71 @@ def test_lora_add_rejects_bad_input():
 def test_add_lora_fuses_by_default():
     assert is_lora_fused(add_lora(_base(), r=4))
     assert not is_lora_fused(add_lora(_base(), r=4, fused=False))
+
+
+def _mlp_pair(dropout):
+    """(fused ops + fused LoRA, the same with the activation outside the down projection), tiny Llama, Triton ops
+    (interpreter on CPU)."""
+    from llm2vec_fast import fuse_ops, to_bidirectional
+
+    model = to_bidirectional(_base(), "torch")
+    fuse_ops(model, ops=("gated_mlp",), backend="triton")
+    peft_model, _ = _pair(dropout, fused=False)  # for its adapter weights
+    model = add_lora(model, r=4, dropout=dropout)
+    model.load_state_dict(peft_model.state_dict())
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gated_down_keeps_gate_and_up_only(dropout, dev, monkeypatch):
+    import llm2vec_fast.lora as lora_mod
+
+    inside, outside = (m.to(dev) for m in _mlp_pair(dropout))
+    real = lora_mod.lora_gated_down
+    calls = []
+    monkeypatch.setattr(lora_mod, "lora_gated_down", lambda *a: calls.append(1) or real(*a))
+    out0, gin0, g0 = _run(inside)
+    assert len(calls) == 2  # one per layer, taken
+    monkeypatch.setattr(lora_mod, "lora_gated_down", lambda *a: None)
+    out1, gin1, g1 = _run(outside)
+    # the same dropout draws on the same h: equal to float32 rounding
+    torch.testing.assert_close(out0, out1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gin0, gin1, rtol=1e-5, atol=1e-7)
+    for k in g1:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)
+    # h (intermediate 96 wide, float32) is no longer kept: 2 layers x 32 tokens x 96 x 4 bytes less
+    without = _saved_bytes(outside)
+    monkeypatch.setattr(lora_mod, "lora_gated_down", real)
+    assert without - _saved_bytes(inside) == 2 * 32 * 96 * 4
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_gated_down_function_matches_explicit_formula(p):
+    # every gradient, the down weight and bias included (trainable here), against the formula with the mask the
+    # forward drew (odd sizes: 37 rows, intermediate 23, out 29, rank 5)
+    from llm2vec_fast.lora import GatedDownLoRAFunction
+
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(37, 23, generator=g).requires_grad_(True) for _ in range(2))
+    w = torch.randn(29, 23, generator=g).requires_grad_(True)
+    bias = torch.randn(29, generator=g).requires_grad_(True)
+    a = torch.randn(5, 23, generator=g).requires_grad_(True)
+    b = torch.randn(29, 5, generator=g).requires_grad_(True)
+    gy = torch.randn(37, 29, generator=g)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    h_ref = torch.nn.functional.silu(gate.detach()) * up.detach()
+    keep = _dropout(h_ref, p)[1] if p > 0 else None
+    torch.set_rng_state(state)
+    y = GatedDownLoRAFunction.apply(gate, up, w, bias, a, b, 1.5, p, "silu")
+    y.backward(gy)
+    mine = [y.detach()] + [t.grad for t in (gate, up, w, bias, a, b)]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (gate, up, w, bias, a, b)]
+    g2, u2, w2, bias2, a2, b2 = leaves
+    h = torch.nn.functional.silu(g2) * u2
+    y2 = _explicit(torch.nn.functional.linear(h, w2, bias2), h, a2, b2, 1.5, keep)
+    y2.backward(gy)
+    for name, m, r in zip(["y", "gate", "up", "w", "bias", "a", "b"], mine, [y2.detach()] + [t.grad for t in leaves],
+                          strict=True):
+        torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-5, msg=name)
