@@ -13,10 +13,10 @@ backward saves less (``x`` and one float per row instead of float32 copies). A n
 
 HF's ``apply_rotary_pos_emb`` runs about seven elementwise passes over q and as many over k (two products, a
 half-swap built from two slices, a negation and a concatenation, a sum). The ``"rope"`` op gives the attention
-modules of Llama, Mistral, Qwen2 and Qwen3 HF's forward with that call replaced by :func:`llm2vec_fast.kernels.rope`
-(one read of q, k, cos and sin, one write, in float32 with one rounding) on packed batches bound for llm2vec_fast's
-attention; its outputs come token-major ``[T, H, D]``, the layout the attention kernel reads. Padded batches, KV
-caches and other attention implementations keep HF's forward.
+modules of Llama, Mistral, Qwen2, Qwen3 and Gemma 1-3 HF's forward with that call replaced by
+:func:`llm2vec_fast.kernels.rope` (one read of q, k, cos and sin, one write, in float32 with one rounding) on packed
+batches bound for llm2vec_fast's attention; its outputs come token-major ``[T, H, D]``, the layout the attention
+kernel reads. Padded batches, KV caches and other attention implementations keep HF's forward.
 
 Backends, as for attention: ``"auto"`` runs the kernels on CUDA tensors and HF's own forward elsewhere (so a model
 moved to CPU keeps working), ``"triton"`` always runs them (CPU only under ``TRITON_INTERPRET=1``).
@@ -30,7 +30,8 @@ from .bidirectional import FAMILIES
 OPS = ("rms_norm", "gated_mlp", "rope")
 # attention modules whose forward is Hugging Face's Llama pattern (projections, optional per-head q/k norms, RoPE,
 # the attention interface, o_proj): the "rope" op replaces their apply_rotary_pos_emb on packed batches
-_ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+_ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
+                    "Gemma2Attention", "Gemma3Attention")
 FUSE_BACKENDS = ("auto", "triton")
 # HF activation modules by class name (transformers' ACT2FN): the kernels' activation for each
 _ACTS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
@@ -43,8 +44,8 @@ def fuse_ops(model, ops=OPS, backend: str = "auto"):
     Args:
         model: a ``transformers`` decoder (base model, ``*ForCausalLM``, or wrapped by peft) of a supported family
             (``FAMILIES``): Llama, Mistral, Qwen2, Qwen3 (RMSNorm, SwiGLU, RoPE), Gemma, Gemma 2, Gemma 3
-            (``1 + weight`` RMSNorm, GeGLU; their attention keeps HF's forward). Each module is matched by its kind,
-            so one the ops do not cover keeps its forward.
+            (``1 + weight`` RMSNorm, GeGLU, RoPE). Each module is matched by its kind, so one the ops do not cover
+            keeps its forward.
         ops: any of ``"rms_norm"``, ``"gated_mlp"`` and ``"rope"``.
         backend: ``"auto"`` (kernels on CUDA tensors, HF's forward elsewhere) or ``"triton"`` (always the kernels).
 
@@ -167,11 +168,15 @@ def _rope_attention_forward(module, backend, hidden_states, position_embeddings=
     q = module.q_proj(hidden_states).view(T, -1, D)  # (T, Hq, D), views of the projections' outputs
     k = module.k_proj(hidden_states).view(T, -1, D)
     v = module.v_proj(hidden_states).view(T, -1, D)
-    if hasattr(module, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
+    if hasattr(module, "q_norm"):  # Qwen3, Gemma 3: RMSNorm over each head before the rotation
         q, k = module.q_norm(q), module.k_norm(k)
     cos, sin = position_embeddings  # (1, T, D)
     q, k = rope(q, k, cos[0], sin[0])  # (T, H, D), contiguous: token-major, as the attention kernel reads best
-    extra = {"sliding_window": module.sliding_window} if hasattr(module, "sliding_window") else {}
+    extra = {}
+    if hasattr(module, "sliding_window"):
+        extra["sliding_window"] = module.sliding_window
+    if hasattr(module, "attn_logit_softcapping"):  # Gemma 2
+        extra["softcap"] = module.attn_logit_softcapping
     attend = attention_forward if impl == ATTN_IMPLEMENTATION else causal_attention_forward
     out, weights = attend(
         module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attention_mask,
