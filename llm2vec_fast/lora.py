@@ -16,8 +16,9 @@ and v (and gate and up) share one input. It also makes seven passes over input-s
 :class:`LoRAAddFunction` computes the same value as ``result.addmm_(dropout(x) @ A.T, B.T, alpha=scaling)``: one
 dropout pass in the compute dtype, the low-rank product accumulated into the base layer's output in place. For the
 backward it keeps ``x`` itself (shared by every layer that reads it, so q, k and v keep one copy), the rank-``r``
-product ``dropout(x) @ A.T`` and the random-number generator's state: the backward regenerates the same keep mask
-from that state instead of keeping it. :func:`torch.utils.checkpoint`'s replay restores the same state, so the
+product ``dropout(x) @ A.T`` and the random-number generator's state: on CUDA the backward regenerates the same keep
+mask from that state instead of keeping it (on CPU, where Bernoulli sampling is slow, it keeps the mask as one byte
+per element: ``KEEP_MASK_ON_CPU``). :func:`torch.utils.checkpoint`'s replay restores the same state, so the
 function composes with gradient checkpointing.
 
 Dropout draws from torch's own generators exactly as ``torch.nn.functional.dropout`` does on the same tensor, so on
@@ -168,27 +169,41 @@ def _dropout_backward(grad, keep, p):
     return grad * keep
 
 
+# CPU tensors keep their dropout mask (1 byte per element) instead of regenerating it in the backward: CPU Bernoulli
+# sampling costs more time than the mask costs memory there (a SmolLM2-sized MNTP step: +17 % time regenerated).
+# CUDA's Philox draws are nearly free, so CUDA regenerates. Tests switch this off to cover regeneration on CPU.
+KEEP_MASK_ON_CPU = True
+
+
 def _lora_forward(out, x, lora_a, lora_b, scaling, p):
     """``out += scaling * dropout(x) @ A.T @ B.T`` on 2-D ``out`` (N, out) and ``x`` (N, in), in place; returns
-    ``(xa, compute dtype, generator state)``, what :func:`_lora_backward` needs besides ``x``."""
+    ``(xa, compute dtype, generator state, kept mask)``, what :func:`_lora_backward` needs besides ``x``: the state
+    to regenerate the dropout mask from, or (CPU, see ``KEEP_MASK_ON_CPU``) the bool mask itself."""
     cd = _compute_dtype(x, lora_a)
     a, b = lora_a.to(cd), lora_b.to(cd)
-    state = _rng_state(x.device) if p > 0 else None
+    state = keep = None
     with torch.autocast(x.device.type, enabled=False):
         xin = x.to(cd)
-        xd = _dropout(xin, p)[0] if p > 0 else xin
+        xd = xin
+        if p > 0:
+            if x.is_cuda or not KEEP_MASK_ON_CPU:
+                state = _rng_state(x.device)
+                xd = _dropout(xin, p)[0]
+            else:
+                xd, noise = _dropout(xin, p)
+                keep = noise != 0
         xa = xd @ a.t()  # (N, r)
         del xd
         if out.dtype == cd:
             out.addmm_(xa, b.t(), alpha=scaling)
         else:  # float32 adapter on a bf16 base without autocast: peft adds in float32, then rounds
             out.copy_(out + (xa @ b.t()) * scaling)
-    return xa, cd, state
+    return xa, cd, state, keep
 
 
-def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, need_x, need_a, need_b):
+def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_x, need_a, need_b):
     """Gradients of :func:`_lora_forward` for the upstream ``g`` (N, out): ``(gx (N, in) in the compute dtype or
-    None, gA, gB)``; the dropout mask is regenerated from ``state``."""
+    None, gA, gB)``; the dropout mask is ``keep`` or regenerated from ``state``."""
     a, b = lora_a.to(cd), lora_b.to(cd)
     gx = ga = gb = None
     with torch.autocast(x.device.type, enabled=False):
@@ -198,8 +213,9 @@ def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, need_x, need
             gb = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)  # (out, r)
         if need_x or need_a:
             xin = x.to(cd)
-            keep = None
-            if p > 0:
+            if p > 0 and keep is not None:
+                xin = _dropout_backward(xin, keep, p)  # x * mask / (1 - p): the forward's dropped-out input
+            elif p > 0:
                 devices = [x.device] if x.is_cuda else []
                 with torch.random.fork_rng(devices=devices, device_type="cuda"):
                     if x.is_cuda:
@@ -224,17 +240,17 @@ class LoRAAddFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, lora_a, lora_b, scaling, p):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xa, cd, state = _lora_forward(result.view(-1, result.shape[-1]), x2, lora_a, lora_b, scaling, p)
+        xa, cd, state, keep = _lora_forward(result.view(-1, result.shape[-1]), x2, lora_a, lora_b, scaling, p)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, lora_a, lora_b, xa)
+        ctx.save_for_backward(x, lora_a, lora_b, xa, keep)
         ctx.scaling, ctx.p, ctx.cd, ctx.state = scaling, p, cd, state
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        x, lora_a, lora_b, xa = ctx.saved_tensors
+        x, lora_a, lora_b, xa, keep = ctx.saved_tensors
         gx, ga, gb = _lora_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), lora_a, lora_b, xa,
-                                    ctx.scaling, ctx.p, ctx.cd, ctx.state, *ctx.needs_input_grad[1:4])
+                                    ctx.scaling, ctx.p, ctx.cd, ctx.state, keep, *ctx.needs_input_grad[1:4])
         if gx is not None:
             gx = gx.to(x.dtype).view(x.shape)
         return grad, gx, ga, gb, None, None
@@ -275,8 +291,8 @@ class GatedDownLoRAFunction(torch.autograd.Function):
         h = silu_mul_fwd(gate, up, act)  # (..., I)
         result = F.linear(h, weight, bias)  # the base projection, under the caller's autocast
         h2 = h.reshape(-1, h.shape[-1])
-        xa, cd, state = _lora_forward(result.view(-1, result.shape[-1]), h2, lora_a, lora_b, scaling, p)
-        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa)
+        xa, cd, state, keep = _lora_forward(result.view(-1, result.shape[-1]), h2, lora_a, lora_b, scaling, p)
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa, keep)
         ctx.args = (scaling, p, cd, state, act, result.dtype, bias is not None)
         return result
 
@@ -284,7 +300,7 @@ class GatedDownLoRAFunction(torch.autograd.Function):
     def backward(ctx, grad):
         from llm2vec_fast.kernels.swiglu import silu_mul_bwd, silu_mul_fwd
 
-        gate, up, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        gate, up, weight, lora_a, lora_b, xa, keep = ctx.saved_tensors
         scaling, p, cd, state, act, ld, has_bias = ctx.args
         need_gate, need_up, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         need_h = need_gate or need_up
@@ -298,7 +314,7 @@ class GatedDownLoRAFunction(torch.autograd.Function):
                 gw = (g.to(ld).t() @ h2.to(ld)).to(weight.dtype)
             if need_bias and has_bias:
                 gbias = g.sum(0).to(weight.dtype)
-        gx, ga, gb = _lora_backward(g, h2, lora_a, lora_b, xa, scaling, p, cd, state, need_h, need_a, need_b)
+        gx, ga, gb = _lora_backward(g, h2, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_h, need_a, need_b)
         del h2
         dgate = dup = None
         if need_h:

@@ -12,6 +12,15 @@ from llm2vec_fast.training.common import add_lora, enable_checkpointing
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(params=["kept", "regenerated"])
+def cpu_mask(request, monkeypatch):
+    """CPU tensors keep their dropout mask by default (CUDA regenerates it): run the test both ways."""
+    import llm2vec_fast.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "KEEP_MASK_ON_CPU", request.param == "kept")
+    return request.param
+
+
 def _base(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -49,7 +58,7 @@ def _run(model, seed=5, n=13, embeds=None):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_matches_peft_in_fp32(dropout):
+def test_fused_lora_matches_peft_in_fp32(dropout, cpu_mask):
     peft_model, fused = _pair(dropout)
     assert is_lora_fused(fused) and not is_lora_fused(peft_model)
     out0, gin0, g0 = _run(peft_model)
@@ -80,7 +89,7 @@ def test_fused_lora_dropout_is_live():
 
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_fused_lora_under_checkpointing_regenerates_the_same_masks(dev):
+def test_fused_lora_under_checkpointing_regenerates_the_same_masks(dev, cpu_mask):
     # checkpointing replays the forward with the stashed generator state; the backward regenerates each mask from
     # the state the (replayed) forward saw, so gradients equal the un-checkpointed run's
     _, fused = _pair(0.2)
@@ -103,7 +112,7 @@ def _explicit(result, x, a, b, scaling, keep):
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_lora_add_matches_explicit_mask(dev, p):
+def test_lora_add_matches_explicit_mask(dev, p, cpu_mask):
     # the mask the forward drew, materialised from the same generator state, gives the reference forward and
     # backward (odd sizes: 37 rows, in 23, out 29, rank 5)
     g = torch.Generator().manual_seed(0)
@@ -134,7 +143,7 @@ def test_lora_add_matches_explicit_mask(dev, p):
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_lora_add_gradcheck_with_dropout():
+def test_lora_add_gradcheck_with_dropout(cpu_mask):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 6, generator=g, dtype=torch.float64)
@@ -192,14 +201,16 @@ def _saved_bytes(model, dropout_seed=5):
     return sum(seen.values())
 
 
-def test_fused_lora_dropout_keeps_nothing_extra():
+def test_fused_lora_dropout_keeps_nothing_extra(cpu_mask):
     # peft with dropout keeps, per adapted layer, the dropped-out input and the mask (noise); the fused layers keep
-    # exactly what peft keeps without dropout (x, shared by q/k/v and by gate/up, and the rank-r product)
+    # what peft keeps without dropout (x, shared by q/k/v and by gate/up, and the rank-r product), plus, on CPU by
+    # default, a 1-byte mask per adapted layer's input element (2 blocks x 32 tokens x (6 x 64 + 96) elements)
     peft_drop, fused_drop = _pair(0.1)
     peft_nodrop, _ = _pair(0.0)
     no_drop = _saved_bytes(peft_nodrop)
-    assert _saved_bytes(fused_drop) == no_drop
-    assert _saved_bytes(peft_drop) > no_drop + 2 * 16 * (6 * 64 + 96) * 4  # at least one float copy per layer
+    masks = 2 * 32 * (6 * 64 + 96) if cpu_mask == "kept" else 0
+    assert _saved_bytes(fused_drop) == no_drop + masks
+    assert _saved_bytes(peft_drop) > no_drop + 2 * 16 * (6 * 64 + 96) * 4 + masks  # at least one float copy per layer
 
 
 def test_fused_lora_falls_back_to_peft_where_it_does_not_apply():
@@ -274,7 +285,7 @@ def _mlp_pair(dropout):
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_gated_down_keeps_gate_and_up_only(dropout, dev, monkeypatch):
+def test_gated_down_keeps_gate_and_up_only(dropout, dev, monkeypatch, cpu_mask):
     import llm2vec_fast.lora as lora_mod
 
     inside, outside = (m.to(dev) for m in _mlp_pair(dropout))
@@ -297,7 +308,7 @@ def test_gated_down_keeps_gate_and_up_only(dropout, dev, monkeypatch):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_gated_down_function_matches_explicit_formula(p):
+def test_gated_down_function_matches_explicit_formula(p, cpu_mask):
     # every gradient, the down weight and bias included (trainable here), against the formula with the mask the
     # forward drew (odd sizes: 37 rows, intermediate 23, out 29, rank 5)
     from llm2vec_fast.lora import GatedDownLoRAFunction
