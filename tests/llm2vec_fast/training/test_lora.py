@@ -336,3 +336,21 @@ def test_gated_down_function_matches_explicit_formula(p, cpu_mask):
     for name, m, r in zip(["y", "gate", "up", "w", "bias", "a", "b"], mine, [y2.detach()] + [t.grad for t in leaves],
                           strict=True):
         torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_lora_fp32_adapter_on_bf16_base_without_autocast():
+    # peft casts x to the adapter's float32, adds in float32 and rounds to bf16 once: so does the fused layer
+    peft_model, fused = _pair(0.0, dtype=torch.bfloat16)
+    for m in (peft_model, fused):
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+    emb = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(4))
+    out0, gin0, g0 = _run(peft_model, embeds=emb)
+    out1, gin1, g1 = _run(fused, embeds=emb)
+    assert out1.dtype == torch.bfloat16
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(gin1, gin0, rtol=2e-2, atol=1e-3)
+    for k in g0:
+        assert g1[k].dtype == torch.float32
+        torch.testing.assert_close(g1[k], g0[k], rtol=2e-2, atol=1e-4, msg=k)
