@@ -27,8 +27,8 @@ _NUM_WARPS = 4
 
 
 @triton.jit
-def _rope_heads(x, y, b_c1, b_c2, b_s1, b_s2, o_t, m_t, stride_t, stride_h, H, D: tl.constexpr, BH: tl.constexpr,
-                BD: tl.constexpr, BWD: tl.constexpr):
+def _rope_heads(x, y, b_c1, b_c2, b_s1, b_s2, o_t, m_t, stride_t, stride_h, H: tl.constexpr, D: tl.constexpr,
+                BH: tl.constexpr, BD: tl.constexpr, BWD: tl.constexpr):
     """Rotate the H heads of one token block of x (strided) into y (contiguous [T, H, D]), BH heads at a time."""
     D2 = D // 2
     o_d = tl.arange(0, BD)
@@ -55,10 +55,11 @@ def _rope_heads(x, y, b_c1, b_c2, b_s1, b_s2, o_t, m_t, stride_t, stride_h, H, D
 
 
 @triton.jit(do_not_specialize=["T"])
-def _rope_kernel(q, k, cos, sin, q_out, k_out, stride_qt, stride_qh, stride_kt, stride_kh, stride_c, stride_s, T, HQ,
-                 HKV, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr,
-                 BWD: tl.constexpr):
-    # D is a model dim, compiled in: the second half's offset D / 2 is then known, and so is its alignment
+def _rope_kernel(q, k, cos, sin, q_out, k_out, stride_qt, stride_qh, stride_kt, stride_kh, stride_c, stride_s, T,
+                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                 BHQ: tl.constexpr, BHK: tl.constexpr, BWD: tl.constexpr):
+    # D and the head counts are model dims, compiled in: the second half's offset D / 2 is then known, and so is its
+    # alignment, and the head loops have constant trip counts (a runtime bound also trips triton 3.6's interpreter)
     i_t = tl.program_id(0)
     o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     m_t = o_t < T

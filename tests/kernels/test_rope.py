@@ -460,7 +460,7 @@ R = importlib.import_module("llm2vec_fast.kernels.rotary")
 
 fn = R._rope_kernel
 for bwd, table in ((False, "*bf16"), (True, "*bf16"), (False, "*fp32"), (True, "*fp32")):
-    consts = dict(D=128, BT=1, BD=64, BHQ=32, BHK=8, BWD=bwd)
+    consts = dict(HQ=32, HKV=8, D=128, BT=1, BD=64, BHQ=32, BHK=8, BWD=bwd)
     sig = {n: ("constexpr" if n in consts else (table if n in ("cos", "sin") else "*bf16") if n in
                ("q", "k", "cos", "sin", "q_out", "k_out") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
