@@ -8,7 +8,7 @@
 # continuing past a failure of the one before: GPU-marked kernel tests, the fused-op wiring and bf16 encode parity
 # tests, attention parity + benchmark, the 1.3B encode benchmark (both corpora, fused ops on and off, a profile),
 # training steps (--quick, with a profiled step of the reference and of ours), attention against FlexAttention, then,
-# if time is left, pooling/CE parity + benchmark,
+# if time is left, the fused elementwise ops against HF's, pooling/CE parity + benchmark,
 # the 7B Mistral encode benchmark, causal attention and the 8B MNTP step. First run (H200, 2026-11-26): 435 s
 # with the budget at 455.
 # Every step writes into $WORK; after every step the results are packed into $OUT, so a run cut short still returns
@@ -41,6 +41,8 @@ step "training --quick" 170 60 $PY benchmarks/bench_training.py --quick --profil
 # FlexAttention's compiles took over 90 s on a fresh H200 (2026-11-26): alone, after the steps that must run
 step "attention vs FlexAttention --quick" 150 90 \
   $PY benchmarks/bench_attention.py --flex-only --quick --tokenizer "$TOKENIZER"
+# the fused RMSNorm / SwiGLU / RoPE kernels against HF's ops, never timed alone yet
+step "fused ops vs HF" 60 30 $PY benchmarks/bench_fused_ops.py
 # measured on 2026-11-26 (H200); rerun when time is left
 step "pooling_ce --check" 45 15 $PY benchmarks/bench_pooling_ce.py --check
 step "pooling_ce bench" 60 20 $PY benchmarks/bench_pooling_ce.py

@@ -6,7 +6,8 @@
 #   device: run(command="bash benchmarks/gpu_fused.sh", carry=[".cache/device"], timeout_s=215)
 #
 # bf16 kernel parity (GPU-marked tests), the 1.3B encode benchmark with the fused ops on and off beside the HF
-# reference at batch 128 (+ profile), and the MNTP training steps (+ profile). Same outputs as gpu_check.sh.
+# reference at batch 128 (+ profile), the MNTP training steps (+ profile) and the fused ops against HF's. Same
+# outputs as gpu_check.sh.
 RUN_NAME=gpu_fused
 BUDGET_DEFAULT=195
 # shellcheck source=benchmarks/device_common.sh
@@ -23,6 +24,7 @@ step "encode llama-1.3b fused vs unfused" 90 60 \
   $PY benchmarks/bench_encode.py --model llama-1.3b --corpus all --peers hf,ours,ours-unfused --batch-sizes 128 \
   --budgets= --profile --tokenizer "$TOKENIZER"
 step "training MNTP --quick" 70 40 $PY benchmarks/bench_training.py --quick --only mntp --profile
+step "fused ops vs HF" 45 25 $PY benchmarks/bench_fused_ops.py
 
 echo "=== done in $(($(date +%s) - START))s"
 cat "$STATUS"
