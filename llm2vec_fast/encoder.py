@@ -112,8 +112,8 @@ class LLM2Vec(nn.Module):
         when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU. ``fused_ops`` (default: on unless
         ``attn_backend="torch"``, the all-PyTorch reference path) routes RMSNorm, the gated MLP activation and the
         rotary embedding through the fused Triton ops on CUDA (:func:`llm2vec_fast.fuse_ops`), and an unmerged
-        adapter's layers through
-        :func:`llm2vec_fast.lora.fuse_lora`. Other keyword arguments go to ``AutoModel.from_pretrained``.
+        adapter's layers through :func:`llm2vec_fast.lora.fuse_lora`. Other keyword arguments go to
+        ``AutoModel.from_pretrained``.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
