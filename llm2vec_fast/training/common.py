@@ -63,8 +63,11 @@ def enable_checkpointing(model, layers: bool | int | float = True) -> int:
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = [m for m in target.modules() if hasattr(type(m), "gradient_checkpointing")
               and type(m).__name__.endswith("DecoderLayer")]
-    n = _checkpointed_count(layers, len(blocks))
-    if n == 0:
+    if not blocks and layers is not True and layers:
+        raise ValueError(f"checkpointing part of the layers ({layers!r}) needs decoder layers with a "
+                         f"gradient_checkpointing flag; {type(target).__name__} has none (use True for all)")
+    n = len(blocks) if layers is True else _checkpointed_count(layers, len(blocks))
+    if n == 0 and layers is not True:
         return 0
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(target.config, "use_cache"):

@@ -51,3 +51,9 @@ def test_cli_gradient_checkpointing_values():
     assert _ckpt("16") == 16 and _ckpt("0.5") == 0.5
     with pytest.raises(SystemExit, match="'many'"):
         _ckpt("many")
+
+
+def test_partial_checkpointing_needs_decoder_layers():
+    with pytest.raises(ValueError, match=r"checkpointing part of the layers \(2\) needs decoder layers"):
+        enable_checkpointing(torch.nn.Linear(2, 2), 2)
+    assert enable_checkpointing(torch.nn.Linear(2, 2), False) == 0
