@@ -56,15 +56,6 @@ def _kept_bytes(model, gated_down, batch=2, length=64):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (batch, length), generator=g)
     labels = torch.where(torch.rand(batch, length, generator=g) < 0.2, ids, torch.full_like(ids, -100))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
     real_dropout = torch.nn.functional.dropout
     real_gated = lora_mod.lora_gated_down
 
@@ -77,13 +68,13 @@ def _kept_bytes(model, gated_down, batch=2, length=64):
     if not gated_down:
         lora_mod.lora_gated_down = lambda *a: None
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=labels)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = lora_mod.kept_bytes(lambda: model(input_ids=ids, labels=labels)["loss"], model)
     finally:
         torch.nn.functional.dropout = real_dropout
         lora_mod.KEEP_MASK_ON_CPU = keep_before
         lora_mod.lora_gated_down = real_gated
-    return sum(seen.values()), batch * length
+    return kept, batch * length
 
 
 PATHS = [("peft LoRA, [B, L] batch", False, False, False),

@@ -74,6 +74,24 @@ def is_lora_fused(model) -> bool:
                for m in model.modules())
 
 
+def kept_bytes(fn, model) -> int:
+    """Bytes autograd keeps for the backward while ``fn()`` runs, ``model``'s parameters excluded, each storage
+    counted once: what a training step's activations cost, exactly (the fused LoRA's tests and
+    ``benchmarks/bench_activation_memory.py`` measure with it)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def _peft_lora_linear():
     try:
         from peft.tuners.lora.layer import Linear

@@ -185,20 +185,12 @@ def test_fused_lora_autocast_bf16_close_to_peft(dev):
 
 def _saved_bytes(model, dropout_seed=5):
     """Bytes autograd keeps for the backward of one forward, parameters excluded (each storage counted once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    from llm2vec_fast.lora import kept_bytes
 
     model.train()
     torch.manual_seed(dropout_seed)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=torch.randint(0, 100, (2, 16)).to(next(model.parameters()).device)).last_hidden_state.sum()
-    return sum(seen.values())
+    ids = torch.randint(0, 100, (2, 16)).to(next(model.parameters()).device)
+    return kept_bytes(lambda: model(input_ids=ids).last_hidden_state.sum(), model)
 
 
 def test_fused_lora_dropout_keeps_nothing_extra(cpu_mask):
