@@ -8,7 +8,8 @@ with dropout 0.05, our Triton ops run by the interpreter. Dropout keeps a 1-byte
 keeps a float one). Two layer counts separate the per-layer bytes from the per-step ones (embeddings, loss).
 
 Paths: peft's LoRA forward on the batch as ``[B, L]`` (the previous "ours"), the same packed into one row, the fused
-LoRA, and the fused LoRA with the down projection taking the activation inside (today's "ours"). The reference
+LoRA, the fused LoRA with the down projection taking the activation inside, and that with the RMSNorm outputs rebuilt
+in the backward from the norms' inputs (today's "ours"). The reference
 recipe (HF + SDPA with a padding mask) is not counted here: on CPU its attention keeps the probabilities, on the GPU
 the memory-efficient kernel does not, so only a GPU run measures it (``bench_training.py``).
 
@@ -32,7 +33,7 @@ HIDDEN, INTER, HEADS, HEAD_DIM = 256, 688, 2, 128
 FULL = {"hidden": 2048, "layers": 24, "tokens": 32 * 512}  # the 1.3B config's MNTP step (issue #5)
 
 
-def _model(layers, fused_lora, packed, gated_down, seed=0):
+def _model(layers, fused_lora, packed, gated_down, rebuild, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llm2vec_fast import fuse_ops, to_bidirectional
@@ -47,10 +48,10 @@ def _model(layers, fused_lora, packed, gated_down, seed=0):
     fuse_ops(lm, backend="triton")
     backbone = add_lora(lm.get_decoder(), fused=fused_lora)
     model = MNTPModel(backbone, lm.get_output_embeddings(), packed=packed)
-    return model.train(), gated_down
+    return model.train(), gated_down, rebuild
 
 
-def _kept_bytes(model, gated_down, batch=2, length=64):
+def _kept_bytes(model, gated_down, rebuild, batch=2, length=64):
     import llm2vec_fast.lora as lora_mod
 
     g = torch.Generator().manual_seed(1)
@@ -65,6 +66,7 @@ def _kept_bytes(model, gated_down, batch=2, length=64):
 
     torch.nn.functional.dropout = cuda_like_dropout
     lora_mod.KEEP_MASK_ON_CPU, keep_before = False, lora_mod.KEEP_MASK_ON_CPU  # regenerate, as on CUDA
+    lora_mod.RECOMPUTE_NORM_OUTPUTS, rebuild_before = rebuild, lora_mod.RECOMPUTE_NORM_OUTPUTS
     if not gated_down:
         lora_mod.lora_gated_down = lambda *a: None
     try:
@@ -73,14 +75,16 @@ def _kept_bytes(model, gated_down, batch=2, length=64):
     finally:
         torch.nn.functional.dropout = real_dropout
         lora_mod.KEEP_MASK_ON_CPU = keep_before
+        lora_mod.RECOMPUTE_NORM_OUTPUTS = rebuild_before
         lora_mod.lora_gated_down = real_gated
     return kept, batch * length
 
 
-PATHS = [("peft LoRA, [B, L] batch", False, False, False),
-         ("peft LoRA, packed", False, True, False),
-         ("fused LoRA, packed", True, True, False),
-         ("fused LoRA + down projection, packed (ours)", True, True, True)]
+PATHS = [("peft LoRA, [B, L] batch", False, False, False, False),
+         ("peft LoRA, packed", False, True, False, False),
+         ("fused LoRA, packed", True, True, False, False),
+         ("fused LoRA + down projection, packed", True, True, True, False),
+         ("fused LoRA + down projection + norm outputs rebuilt, packed (ours)", True, True, True, True)]
 
 
 def main(argv=None) -> int:
@@ -90,9 +94,9 @@ def main(argv=None) -> int:
     from benchmarks.common import write_results
 
     rows = []
-    for name, fused, packed, gated in PATHS:
-        b1, tokens = _kept_bytes(*_model(1, fused, packed, gated))
-        b2, _ = _kept_bytes(*_model(2, fused, packed, gated))
+    for name, *flags in PATHS:
+        b1, tokens = _kept_bytes(*_model(1, *flags))
+        b2, _ = _kept_bytes(*_model(2, *flags))
         per_layer = (b2 - b1) / tokens  # bytes per token per layer
         per_step = (b1 - (b2 - b1)) / tokens
         full = per_layer / HIDDEN * FULL["hidden"] * FULL["tokens"] * FULL["layers"] / 2**30

@@ -8,7 +8,8 @@ as the layer's attention. ``fuse_ops`` points each RMSNorm and gated MLP module 
 ``unit_offset``) and :func:`~llm2vec_fast.kernels.silu_mul` / :func:`~llm2vec_fast.kernels.gelu_tanh_mul` (SwiGLU
 for Llama, Mistral and Qwen; GeGLU with the tanh GELU for Gemma). The MLP's projections stay ``nn.Linear``, or peft's
 LoRA layers wrapping them. The ops compute what HF computes, with the same rounding points for RMSNorm, and their
-backward saves less (``x`` and one float per row instead of float32 copies). A norm or an activation of another kind
+backward saves less (``x`` and one float per row instead of float32 copies), and a norm's output is tagged so that
+the fused LoRA layers reading it (:mod:`llm2vec_fast.lora`) rebuild it in their backward instead of keeping it. A norm or an activation of another kind
 (a LayerNorm, an exact GELU) keeps its HF forward.
 
 HF's ``apply_rotary_pos_emb`` runs about seven elementwise passes over q and as many over k (two products, a
@@ -121,12 +122,26 @@ def _use_kernel(backend, x):
 # module-level functions bound with functools.partial (not types.MethodType): a patched model still pickles, so
 # encode worker processes (load="share") and copy.deepcopy get it whole
 def _rms_norm_forward(module, backend, unit_offset, hidden_states):
+    from llm2vec_fast.lora import tag_recomputable
+
     if not _use_kernel(backend, hidden_states):
-        return type(module).forward(module, hidden_states)
+        fn = functools.partial(_hf_norm, module)
+    else:
+        fn = functools.partial(_kernel_norm, eps=module.eps if unit_offset else module.variance_epsilon,
+                               unit_offset=unit_offset)
+    # the fused LoRA layers reading the output keep hidden_states (which the norm's backward keeps anyway) and
+    # rebuild the output in their backward, instead of keeping it
+    return tag_recomputable(fn(hidden_states, module.weight), fn, hidden_states, module.weight)
+
+
+def _hf_norm(module, x, weight):
+    return type(module).forward(module, x)  # weight is module.weight, passed for the rebuild's saved inputs
+
+
+def _kernel_norm(x, weight, eps, unit_offset):
     from llm2vec_fast.kernels import rms_norm
 
-    eps = module.eps if unit_offset else module.variance_epsilon
-    return rms_norm(hidden_states, module.weight, eps, unit_offset=unit_offset)
+    return rms_norm(x, weight, eps, unit_offset=unit_offset)
 
 
 def _gated_mlp_forward(module, backend, act, x):

@@ -30,6 +30,12 @@ mask is drawn on the compute-dtype input (peft draws it on a float32 copy): the 
 the activation ``silu(gate) * up`` is computed inside, and recomputed in the backward from gate and up (which the
 activation's own backward keeps anyway) instead of being kept as the projection's input.
 
+An input made by ``fuse_ops``' RMSNorm (q, k and v read one, gate and up the next) is not kept at all: the norm tags
+its output with how to rebuild it from the norm's input, which the norm's own backward keeps anyway
+(:func:`tag_recomputable`), and the first adapter backward to need it rebuilds it once for all its readers, bit for bit
+(``RECOMPUTE_NORM_OUTPUTS``). That is 2 x hidden elements less per token per decoder layer for one extra norm pass
+per norm in the backward.
+
 A layer whose state the function does not cover keeps peft's forward at each call: adapters disabled or merged,
 ``adapter_names`` mixed batches, DoRA or other LoRA variants, a ``lora_B`` bias. :func:`unfuse_lora` restores peft's
 forward everywhere.
@@ -153,7 +159,7 @@ def lora_add(result, x, lora_a, lora_b, scaling, dropout_p=0.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not result.is_contiguous():
         result = result.contiguous()
-    return LoRAAddFunction.apply(result, x, lora_a, lora_b, scaling, dropout_p)
+    return LoRAAddFunction.apply(result, x, lora_a, lora_b, scaling, dropout_p, _recipe_of(x))
 
 
 def _compute_dtype(x, weight):
@@ -252,26 +258,88 @@ def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_x
 
 
 class LoRAAddFunction(torch.autograd.Function):
-    """See :func:`lora_add`. Saves ``x``, the rank-``r`` product and the generator state, never the dropped-out
-    input or its mask; the backward regenerates them."""
+    """See :func:`lora_add`. Saves ``x`` (or, for a tensor tagged by :func:`tag_recomputable`, what rebuilds it),
+    the rank-``r`` product and the generator state, never the dropped-out input or its mask; the backward
+    regenerates them."""
 
     @staticmethod
-    def forward(ctx, result, x, lora_a, lora_b, scaling, p):
+    def forward(ctx, result, x, lora_a, lora_b, scaling, p, recipe=None):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xa, cd, state, keep = _lora_forward(result.view(-1, result.shape[-1]), x2, lora_a, lora_b, scaling, p)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, lora_a, lora_b, xa, keep)
+        if recipe is None:
+            ctx.save_for_backward(x, lora_a, lora_b, xa, keep)
+            ctx.rebuild, ctx.n_in = None, 1
+        else:  # x's inputs go through save_for_backward, so checkpointing and version checks see them
+            inputs, rebuild = recipe
+            rebuild.uses += 1
+            ctx.save_for_backward(*inputs, lora_a, lora_b, xa, keep)
+            ctx.rebuild, ctx.n_in = rebuild, len(inputs)
         ctx.scaling, ctx.p, ctx.cd, ctx.state = scaling, p, cd, state
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        x, lora_a, lora_b, xa, keep = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        n = ctx.n_in
+        x = saved[0] if ctx.rebuild is None else ctx.rebuild(*saved[:n])
+        lora_a, lora_b, xa, keep = saved[n:]
         gx, ga, gb = _lora_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), lora_a, lora_b, xa,
                                     ctx.scaling, ctx.p, ctx.cd, ctx.state, keep, *ctx.needs_input_grad[1:4])
         if gx is not None:
             gx = gx.to(x.dtype).view(x.shape)
-        return grad, gx, ga, gb, None, None
+        return grad, gx, ga, gb, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs rebuilt in the backward. A decoder layer's RMSNorm output feeds q, k and v (and the next one gate and up): the
+# adapters keep it for their weight gradients, 2 x hidden elements per token per layer, although the norm's own
+# backward keeps its input anyway. fuse_ops' norm tags its output with how to rebuild it from that input and its
+# weight (one memory-bound pass); the fused LoRA then keeps those instead, and the first adapter's backward to need it
+# rebuilds it once for all the layers that read it.
+# ---------------------------------------------------------------------------------------------------------------------
+RECOMPUTE_NORM_OUTPUTS = True  # False: the fused LoRA keeps its input as saved (the tests compare both)
+_TAG = "_llm2vec_fast_rebuild"
+
+
+class _Rebuild:
+    """``fn(*inputs)`` for the backward, under the autocast state of the forward that made the tensor, computed once
+    for the ``uses`` adapters that saved it and dropped when the last of them has read it."""
+
+    __slots__ = ("fn", "device", "autocast", "uses", "value")
+
+    def __init__(self, fn, device, autocast):
+        self.fn, self.device, self.autocast, self.uses, self.value = fn, device, autocast, 0, None
+
+    def __call__(self, *inputs):
+        if self.value is None:
+            enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(self.device, dtype=dtype, enabled=enabled):
+                self.value = self.fn(*inputs)
+        value = self.value
+        self.uses -= 1
+        if self.uses <= 0:  # the last reader (or a second backward through a retained graph: it rebuilds again)
+            self.value = None
+        return value
+
+
+def tag_recomputable(out, fn, *inputs):
+    """Mark ``out`` (returned) as ``fn(*inputs)``, a deterministic function of tensors that autograd keeps anyway,
+    so the fused LoRA layers that read ``out`` keep ``inputs`` instead and rebuild ``out`` in their backward (bit for
+    bit: ``fn`` must compute exactly what made ``out``). Only while gradients are enabled; a later in-place change to
+    ``out`` cancels the tag."""
+    if torch.is_grad_enabled():
+        dev = out.device.type
+        rebuild = _Rebuild(fn, dev, (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        setattr(out, _TAG, (inputs, rebuild, out._version))
+    return out
+
+
+def _recipe_of(x):
+    tag = getattr(x, _TAG, None) if RECOMPUTE_NORM_OUTPUTS else None
+    if tag is None or tag[2] != x._version or not torch.is_grad_enabled():
+        return None
+    return tag[0], tag[1]
 
 
 def lora_gated_down(gate, up, down, act):

@@ -346,3 +346,119 @@ def test_fused_lora_fp32_adapter_on_bf16_base_without_autocast():
     for k in g0:
         assert g1[k].dtype == torch.float32
         torch.testing.assert_close(g1[k], g0[k], rtol=2e-2, atol=1e-4, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Norm outputs rebuilt in the backward: the fused LoRA layers reading an RMSNorm's output keep its input instead
+# ---------------------------------------------------------------------------------------------------------------------
+def _normed(backend, dropout=0.1, dtype=torch.float32):
+    """Tiny Llama, fused RMSNorm (HF's forward on CPU under "auto", the Triton kernel under "triton"), fused LoRA."""
+    from llm2vec_fast import fuse_ops
+
+    peft_model, _ = _pair(dropout, dtype=dtype, fused=False)
+    fuse_ops(peft_model, ops=("rms_norm",), backend=backend)
+    return fuse_lora(peft_model)
+
+
+@pytest.fixture
+def no_rebuild(monkeypatch):
+    import llm2vec_fast.lora as lora_mod
+
+    return lambda: monkeypatch.setattr(lora_mod, "RECOMPUTE_NORM_OUTPUTS", False)
+
+
+@pytest.mark.parametrize("backend,dev", [("auto", "cpu"), ("triton", "cpu"),
+                                         pytest.param("auto", "cuda", marks=pytest.mark.gpu)])
+def test_norm_outputs_are_rebuilt_bit_for_bit_and_not_kept(backend, dev, cpu_mask, no_rebuild, monkeypatch):
+    import llm2vec_fast.fused as fused_mod
+
+    model = _normed(backend).to(dev)
+    fn = "_kernel_norm" if backend == "triton" or dev == "cuda" else "_hf_norm"
+    real, calls = getattr(fused_mod, fn), []
+    monkeypatch.setattr(fused_mod, fn, lambda *a, **k: calls.append(torch.is_grad_enabled()) or real(*a, **k))
+    out0, gin0, g0 = _run(model)
+    # forward: 2 norms per block and the final one; backward: one rebuild per block's norm, shared by q, k, v (and by
+    # gate, up), without gradient tracking
+    assert calls == [True] * 5 + [False] * 4
+    rebuilt = _saved_bytes(model)
+    no_rebuild()
+    model.zero_grad(set_to_none=True)
+    out1, gin1, g1 = _run(model)
+    assert torch.equal(out0, out1) and torch.equal(gin0, gin1)
+    assert g0.keys() == g1.keys() and len(g0) == 2 * 2 * 7
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
+    # 2 blocks x 2 norms x 32 tokens x 64 features x 4 bytes no longer kept, except the first block's first norm
+    # (its input, the frozen embeddings' output, has no gradient, so only the adapters keep it: the same size)
+    assert _saved_bytes(model) - rebuilt == 3 * 32 * 64 * 4
+
+
+def test_norm_rebuild_under_autocast_and_partial_checkpointing(no_rebuild):
+    # a checkpointed block keeps neither the norm output nor its input, an uncheckpointed one rebuilds
+    model = _normed("auto")
+    enable_checkpointing(model, 1)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(model)
+
+    out0, gin0, g0 = run()
+    no_rebuild()
+    model.zero_grad(set_to_none=True)
+    out1, gin1, g1 = run()
+    assert torch.equal(out0, out1) and torch.equal(gin0, gin1)
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
+
+
+def test_norm_rebuild_tag_rules():
+    from llm2vec_fast.lora import _recipe_of, tag_recomputable
+
+    x = torch.randn(5, 6, requires_grad=True)
+    y = tag_recomputable(x * 2, lambda t: t * 2, x)
+    assert _recipe_of(y) is not None
+    with torch.no_grad():
+        assert _recipe_of(y) is None and not hasattr(tag_recomputable(x * 2, lambda t: t * 2, x), "_llm2vec_fast_rebuild")
+    # changed in place after tagging: the adapter keeps y as it now is, and its gradient uses that value
+    with torch.no_grad():
+        y.mul_(3)
+    assert _recipe_of(y) is None
+    a, b = torch.randn(2, 6, requires_grad=True), torch.randn(4, 2)
+    lora_add(torch.zeros(5, 4), y, a, b, 1.0).sum().backward()
+    torch.testing.assert_close(a.grad, (torch.ones(5, 4) @ b).t() @ y.detach())
+
+
+def test_norm_rebuild_input_changed_in_place_is_an_error():
+    # the rebuild's inputs go through save_for_backward: autograd's version check catches an in-place change
+    from llm2vec_fast.lora import tag_recomputable
+
+    x = torch.randn(5, 6)
+    w = torch.randn(6, requires_grad=True)
+    y = tag_recomputable(x * w, lambda t, v: t * v, x, w)
+    a = torch.randn(2, 6, requires_grad=True)
+    loss = lora_add(torch.zeros(5, 4), y, a, torch.randn(4, 2), 1.0).sum()
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_norm_rebuild_replays_the_forwards_autocast(no_rebuild):
+    # the backward runs outside autocast: the rebuild re-enters the state the tagged tensor was made under (here a
+    # bf16 matmul; in float32 it would round differently)
+    from llm2vec_fast.lora import tag_recomputable
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((5, 6), (6, 6), (4, 2)))
+    a = torch.randn(2, 6, generator=g, requires_grad=True)
+
+    def grad_a():
+        a.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = tag_recomputable(x @ w, lambda t, v: t @ v, x, w)
+            out = lora_add(torch.zeros(5, 4, dtype=torch.bfloat16), y, a, b, 1.0)
+        out.float().sum().backward()
+        return a.grad.clone()
+
+    rebuilt = grad_a()
+    no_rebuild()
+    assert torch.equal(rebuilt, grad_a())
