@@ -4,7 +4,9 @@ same run:
 * ``rms_norm`` vs ``LlamaRMSNorm``'s forward (float32 upcast, variance, rsqrt, scale, downcast);
 * ``silu_mul`` vs ``F.silu(gate) * up`` (the SwiGLU MLP's activation);
 * ``rope`` vs ``apply_rotary_pos_emb`` on q and k (HF's ``[1, H, T, D]`` views of the projections' outputs), with
-  HF's ``LlamaRotaryEmbedding`` tables for packed positions.
+  HF's ``LlamaRotaryEmbedding`` tables for packed positions;
+* ``dropout_project`` vs ``F.dropout(x, 0.05) @ A.T`` (a LoRA layer's input dropout and rank-16 down projection, what
+  peft and the fused LoRA's torch path run), on the hidden-wide and the MLP-wide inputs.
 
 Shapes: the 1.3B config (hidden 2048, MLP 5504, 16/16 heads of 128) and the 7B Mistral config (4096, 14336, 32/8
 heads), 16k and 64k tokens. Forward alone and forward + backward (``triton.testing.do_bench`` medians); GB/s counts
@@ -75,7 +77,7 @@ def _time(fn, args, grads_of=(), dys=None, bench=None):
 
 
 def run(device, tokens, configs, bench):
-    from llm2vec_fast.kernels import rms_norm, rope, silu_mul
+    from llm2vec_fast.kernels import dropout_project, rms_norm, rope, silu_mul
 
     rows = []
     dt = torch.bfloat16 if device == "cuda" else torch.float32
@@ -105,6 +107,13 @@ def run(device, tokens, configs, bench):
             cases.append(("rope", [lambda a, b, cs=cos, sn=sin: rope(a, b, cs, sn),
                                    lambda a, b, cs=cos, sn=sin: _hf_rope(a, b, cs, sn)],
                           (q, k), None, 2 * (q.numel() + k.numel()) * q.element_size()))
+            # dropout_project: a LoRA A projection (rank 16) with dropout 0.05 on its input, on the hidden-wide and the
+            # MLP-wide inputs; read x, write the rank-16 product (the peer also writes and reads the dropped-out copy)
+            for K in (c["hidden"], c["inter"]):
+                xa, A = rnd(T, K), rnd(16, K) / K**0.5
+                cases.append((f"dropout_project K{K}", [lambda a, b: dropout_project(a, b, 0.05),
+                                                        lambda a, b: F.dropout(a, 0.05, training=True) @ b.t()],
+                              (xa, A), (rnd(T, 16),), (xa.numel() + T * 16) * xa.element_size()))
             for op, (ours, hf), inputs, dys, nbytes in cases:
                 res = {}
                 for who, fn in (("ours", ours), ("hf", hf)):

@@ -134,6 +134,7 @@ def mntp_batch(batch, length, vocab, seed=0):
 def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=print):
     import torch.nn.functional as F
 
+    import llm2vec_fast.lora as lora_mod
     from llm2vec_fast import fuse_ops, to_bidirectional
     from llm2vec_fast.training.common import add_lora, enable_checkpointing
     from llm2vec_fast.training.mntp import MNTPModel
@@ -143,6 +144,8 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
     rows = []
     for variant in variants:
         model = build(cfg_kw)
+        # the fused LoRA's dropout inside the rank-r product ("auto": on CUDA), or torch's dropout (the ablation)
+        lora_mod.DROPOUT_KERNEL = "off" if "torch's LoRA dropout" in variant else "auto"
         if variant == "reference (HF+peft, SDPA padding mask, full logits, ckpt)":
             bidir_sdpa(model)
             model = lora(model, causal=True)
@@ -171,6 +174,7 @@ def bench_mntp(name, cfg_kw, batch, length, warmup, steps, variants, on_row=prin
         del model, loss_fn
         gc.collect()
         torch.cuda.empty_cache()
+    lora_mod.DROPOUT_KERNEL = "auto"
     return rows
 
 
@@ -292,7 +296,8 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
 
 MNTP_VARIANTS = ["reference (HF+peft, SDPA padding mask, full logits, ckpt)",
                  "ours (Triton attn, fused norm/SwiGLU, fused LoRA, masked-row fused CE)", "ours + ckpt",
-                 "ours + ckpt 1/2 of layers", "ours + ckpt 2/3 of layers", "ours with peft's LoRA forward"]
+                 "ours + ckpt 1/2 of layers", "ours + ckpt 2/3 of layers", "ours with torch's LoRA dropout",
+                 "ours with peft's LoRA forward"]
 SIMCSE_VARIANTS = ["reference (HF+peft, SDPA padding mask, 2 passes, dropout 0.3, ckpt)",
                    "ours (packed Triton attn + dropout, fused norm/SwiGLU, fused LoRA, one pass, masked pool)",
                    "ours + GradCache (chunks of 64)"]

@@ -77,6 +77,7 @@ def write_results(name: str, rows: list[dict], out_dir=None, columns=None, title
 # kernel-name patterns, first match wins: where a profile's device time goes
 _KERNEL_CLASSES = (
     ("attention (ours)", ("_attn_",)),
+    ("LoRA dropout + projection (ours)", ("_dp_fwd", "_dp_dw", "_dp_dx")),
     ("fused ops (ours)", ("_rms_norm", "_rmsnorm", "_silu", "_gelu", "_rope", "_pool", "_ce_", "_lce", "cross_entropy",
                           "_masked_pool", "_dropout_mask")),
     ("attention (torch)", ("flash", "fmha", "attention", "cudnn", "sdpa")),

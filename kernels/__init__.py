@@ -14,6 +14,7 @@ _LAZY = {
     "silu_mul": ".swiglu",
     "gelu_tanh_mul": ".swiglu",
     "rope": ".rotary",
+    "dropout_project": ".lora_project",
 }
 
 __all__ = list(_LAZY)

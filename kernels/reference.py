@@ -339,3 +339,39 @@ def rope_ref(q, k, cos, sin):
 
     return (q * cos + rotate_half(q) * sin).contiguous(), (k * cos + rotate_half(k) * sin).contiguous()
 # ==== END ROTARY POSITION EMBEDDING ====
+
+# ==== DROPOUT + PROJECTION (dropout_project_ref) ====
+_DP_MAX_RANK = 128
+
+
+def _check_dropout_project_args(x, weight, dropout_p, dtypes=_FLOAT_DTYPES):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if x.dtype not in dtypes or weight.dtype not in dtypes:
+        raise TypeError(f"x and weight must be one of {dtypes}, got {x.dtype} and {weight.dtype}")
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"expected x [..., K] and weight [R, K], got x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[0] > _DP_MAX_RANK:
+        raise ValueError(f"dropout_project supports a weight of up to {_DP_MAX_RANK} rows (a LoRA rank), "
+                         f"got {weight.shape[0]}")
+    if x.device != weight.device:
+        raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def dropout_project_ref(x, weight, dropout_p=0.0, seed=None, *, _keep=None):
+    """PyTorch twin of :func:`llm2vec_fast.kernels.dropout_project`: ``dropout(x.to(w.dtype)) @ weight.T``, the
+    dropout drawn from a torch generator seeded with ``seed`` (same distribution, not the same bits); the private
+    ``_keep`` (bool, x's shape, True = kept, e.g. from ``lora_project.keep_mask``) replaces the draw so that a test
+    compares against the kernels' exact mask. Differentiable through autograd."""
+    _check_dropout_project_args(x, weight, dropout_p, _FLOAT_DTYPES + (torch.float64,))
+    xin = x.to(weight.dtype)
+    if dropout_p > 0:
+        if _keep is None:
+            gen = torch.Generator(device=x.device).manual_seed(int(seed or 0) % (1 << 63))
+            _keep = torch.rand(x.shape, generator=gen, device=x.device) >= dropout_p
+        xin = xin * _keep.reshape(x.shape).to(xin.dtype) / (1.0 - dropout_p)
+    return xin @ weight.t()
+# ==== END DROPOUT + PROJECTION ====

@@ -8,9 +8,9 @@ as the layer's attention. ``fuse_ops`` points each RMSNorm and gated MLP module 
 ``unit_offset``) and :func:`~llm2vec_fast.kernels.silu_mul` / :func:`~llm2vec_fast.kernels.gelu_tanh_mul` (SwiGLU
 for Llama, Mistral and Qwen; GeGLU with the tanh GELU for Gemma). The MLP's projections stay ``nn.Linear``, or peft's
 LoRA layers wrapping them. The ops compute what HF computes, with the same rounding points for RMSNorm, and their
-backward saves less (``x`` and one float per row instead of float32 copies), and a norm's output is tagged so that
-the fused LoRA layers reading it (:mod:`llm2vec_fast.lora`) rebuild it in their backward instead of keeping it. A norm or an activation of another kind
-(a LayerNorm, an exact GELU) keeps its HF forward.
+backward saves less (``x`` and one float per row instead of float32 copies); a norm's output is tagged so that the
+fused LoRA layers reading it (:mod:`llm2vec_fast.lora`) rebuild it in their backward instead of keeping it. A norm or
+an activation of another kind (a LayerNorm, an exact GELU) keeps its HF forward.
 
 HF's ``apply_rotary_pos_emb`` runs about seven elementwise passes over q and as many over k (two products, a
 half-swap built from two slices, a negation and a concatenation, a sum). The ``"rope"`` op gives the attention

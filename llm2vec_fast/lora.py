@@ -21,6 +21,11 @@ mask from that state instead of keeping it (on CPU, where Bernoulli sampling is 
 per element: ``KEEP_MASK_ON_CPU``). :func:`torch.utils.checkpoint`'s replay restores the same state, so the
 function composes with gradient checkpointing.
 
+On CUDA the dropout goes further (``DROPOUT_KERNEL``): :func:`llm2vec_fast.kernels.dropout_project` draws the keep
+mask inside the rank-``r`` product's kernels from a Philox seed (taken from torch's CPU generator, so seeding and
+checkpointing's replay reproduce it), and neither the mask nor the dropped-out copy is ever written: the forward
+reads ``x`` once, the backward reads it once for ``A``'s gradient and writes ``x``'s gradient once, already masked.
+
 Dropout draws from torch's own generators exactly as ``torch.nn.functional.dropout`` does on the same tensor, so on
 CPU without autocast a fused layer drops the same elements as peft from the same seed, and its output and gradients
 agree with peft's to float32 rounding (the fused accumulation rounds once where peft rounds twice); with autocast the
@@ -43,6 +48,7 @@ forward everywhere.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -199,14 +205,37 @@ def _dropout_backward(grad, keep, p):
 KEEP_MASK_ON_CPU = True
 
 
+# Where the dropout runs inside the rank-r product (llm2vec_fast.kernels.dropout_project: the keep mask drawn in the
+# kernels from a Philox seed, never written): "auto" on CUDA tensors (unless LLM2VEC_FAST_DISABLE_TRITON=1),
+# "triton" everywhere (CPU only under TRITON_INTERPRET=1; the tests), "off" never (torch's dropout, as above).
+# The kernels' masks are not torch's: the same distribution, other bits.
+DROPOUT_KERNEL = "auto"
+
+
+def _dropout_in_kernel(x, lora_a):
+    if DROPOUT_KERNEL == "off" or lora_a.shape[0] > 128:
+        return False
+    if DROPOUT_KERNEL == "triton":
+        return True
+    return x.is_cuda and os.environ.get("LLM2VEC_FAST_DISABLE_TRITON") != "1"
+
+
 def _lora_forward(out, x, lora_a, lora_b, scaling, p):
     """``out += scaling * dropout(x) @ A.T @ B.T`` on 2-D ``out`` (N, out) and ``x`` (N, in), in place; returns
     ``(xa, compute dtype, generator state, kept mask)``, what :func:`_lora_backward` needs besides ``x``: the state
-    to regenerate the dropout mask from, or (CPU, see ``KEEP_MASK_ON_CPU``) the bool mask itself."""
+    to regenerate the dropout mask from (the kernels' ``("philox", seed)``, or torch's generator state), or (CPU,
+    see ``KEEP_MASK_ON_CPU``) the bool mask itself."""
     cd = _compute_dtype(x, lora_a)
     a, b = lora_a.to(cd), lora_b.to(cd)
     state = keep = None
     with torch.autocast(x.device.type, enabled=False):
+        if p > 0 and _dropout_in_kernel(x, lora_a):
+            from llm2vec_fast.kernels.lora_project import dropout_project_fwd, new_seed
+
+            state = ("philox", new_seed())
+            xa = dropout_project_fwd(x, a, p, state[1])  # (N, r): x read once, no mask or copy written
+            _add_product(out, xa, b, scaling, cd)
+            return xa, cd, state, keep
         xin = x.to(cd)
         xd = xin
         if p > 0:
@@ -218,11 +247,15 @@ def _lora_forward(out, x, lora_a, lora_b, scaling, p):
                 keep = noise != 0
         xa = xd @ a.t()  # (N, r)
         del xd
-        if out.dtype == cd:
-            out.addmm_(xa, b.t(), alpha=scaling)
-        else:  # float32 adapter on a bf16 base without autocast: peft adds in float32, then rounds
-            out.copy_(out + (xa @ b.t()) * scaling)
+        _add_product(out, xa, b, scaling, cd)
     return xa, cd, state, keep
+
+
+def _add_product(out, xa, b, scaling, cd):
+    if out.dtype == cd:
+        out.addmm_(xa, b.t(), alpha=scaling)
+    else:  # float32 adapter on a bf16 base without autocast: peft adds in float32, then rounds
+        out.copy_(out + (xa @ b.t()) * scaling)
 
 
 def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_x, need_a, need_b):
@@ -235,6 +268,11 @@ def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_x
         gxa = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
         if need_b:
             gb = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)  # (out, r)
+        if (need_x or need_a) and isinstance(state, tuple):  # the kernels' dropout: mask regenerated inside
+            from llm2vec_fast.kernels.lora_project import dropout_project_bwd
+
+            gx, ga = dropout_project_bwd(gxa, x, a, p, state[1], need_x, need_a)
+            return gx, (ga.to(lora_a.dtype) if ga is not None else None), gb
         if need_x or need_a:
             xin = x.to(cd)
             if p > 0 and keep is not None:

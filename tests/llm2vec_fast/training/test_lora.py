@@ -418,7 +418,8 @@ def test_norm_rebuild_tag_rules():
     y = tag_recomputable(x * 2, lambda t: t * 2, x)
     assert _recipe_of(y) is not None
     with torch.no_grad():
-        assert _recipe_of(y) is None and not hasattr(tag_recomputable(x * 2, lambda t: t * 2, x), "_llm2vec_fast_rebuild")
+        untagged = tag_recomputable(x * 2, lambda t: t * 2, x)
+        assert _recipe_of(y) is None and not hasattr(untagged, "_llm2vec_fast_rebuild")
     # changed in place after tagging: the adapter keeps y as it now is, and its gradient uses that value
     with torch.no_grad():
         y.mul_(3)
@@ -462,3 +463,71 @@ def test_norm_rebuild_replays_the_forwards_autocast(no_rebuild):
     rebuilt = grad_a()
     no_rebuild()
     assert torch.equal(rebuilt, grad_a())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dropout inside the rank-r product (llm2vec_fast.kernels.dropout_project, the default on CUDA): forced on the CPU
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def kernel_dropout(monkeypatch):
+    import llm2vec_fast.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "DROPOUT_KERNEL", "triton")
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_add_kernel_dropout_matches_explicit_mask(dev, p, kernel_dropout, monkeypatch):
+    import llm2vec_fast.kernels.lora_project as lp
+
+    monkeypatch.setattr(lp, "new_seed", lambda: 77)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 23, generator=g).to(dev).requires_grad_(True)
+    w = torch.randn(29, 23, generator=g).to(dev)
+    a = torch.randn(5, 23, generator=g).to(dev).requires_grad_(True)
+    b = torch.randn(29, 5, generator=g).to(dev).requires_grad_(True)
+    gy = torch.randn(37, 29, generator=g).to(dev)
+    y = lora_add(x @ w.t(), x, a, b, 1.5, p)
+    y.backward(gy)
+    keep = lp.keep_mask(77, p, 37, 23, dev).float() / (1 - p) if p > 0 else None
+    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    y2 = _explicit(x2 @ w.t(), x2, a2, b2, 1.5, keep)
+    y2.backward(gy)
+    for mine, ref in zip((y.detach(), x.grad, a.grad, b.grad), (y2.detach(), x2.grad, a2.grad, b2.grad), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernel_dropout_in_a_model_live_checkpointable_and_keeps_no_mask(dev, kernel_dropout):
+    _, fused = _pair(0.2)
+    fused = fused.to(dev)
+    out_a, out_b = _run(fused, seed=1)[0], _run(fused, seed=2)[0]
+    assert (out_a - out_b).abs().max() > 1e-3  # seeds from torch's CPU generator: a new draw each step
+    fused.zero_grad(set_to_none=True)
+    out0, gin0, g0 = _run(fused)
+    # checkpointing replays the forward with the CPU generator restored: the same seeds, the same masks
+    ckpt = copy.deepcopy(fused)
+    fuse_lora(ckpt)
+    enable_checkpointing(ckpt)
+    ckpt.zero_grad(set_to_none=True)
+    out1, gin1, g1 = _run(ckpt)
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(gin1, gin0, rtol=1e-6, atol=1e-7)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-7, msg=k)
+    # nothing kept beyond what the adapters keep without dropout: no mask, no dropped-out copy
+    assert _saved_bytes(fused) == _saved_bytes(_pair(0.0)[1].to(dev))
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gated_down_with_kernel_dropout_matches_unfused(dev, kernel_dropout, monkeypatch):
+    import llm2vec_fast.lora as lora_mod
+
+    inside, outside = (m.to(dev) for m in _mlp_pair(0.2))
+    out0, gin0, g0 = _run(inside)
+    monkeypatch.setattr(lora_mod, "lora_gated_down", lambda *a: None)
+    out1, gin1, g1 = _run(outside)  # the same seeds in the same order: the same masks
+    torch.testing.assert_close(out0, out1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gin0, gin1, rtol=1e-5, atol=1e-7)
+    for k in g1:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)
