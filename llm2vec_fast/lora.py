@@ -47,6 +47,7 @@ forward everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -168,6 +169,18 @@ def lora_add(result, x, lora_a, lora_b, scaling, dropout_p=0.0):
     return LoRAAddFunction.apply(result, x, lora_a, lora_b, scaling, dropout_p, _recipe_of(x))
 
 
+def _cast(t, dtype):
+    # .to() of a tensor already in dtype returns it, but through the dispatcher: a few microseconds of host time per
+    # call, and a LoRA layer makes about ten of them per step
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _no_autocast(device_type):
+    # the low-rank branch runs in its compute dtype: autocast off inside, a context only where it is on
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else (
+        contextlib.nullcontext())
+
+
 def _compute_dtype(x, weight):
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -226,9 +239,9 @@ def _lora_forward(out, x, lora_a, lora_b, scaling, p):
     to regenerate the dropout mask from (the kernels' ``("philox", seed)``, or torch's generator state), or (CPU,
     see ``KEEP_MASK_ON_CPU``) the bool mask itself."""
     cd = _compute_dtype(x, lora_a)
-    a, b = lora_a.to(cd), lora_b.to(cd)
+    a, b = _cast(lora_a, cd), _cast(lora_b, cd)
     state = keep = None
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         if p > 0 and _dropout_in_kernel(x, lora_a):
             from llm2vec_fast.kernels.lora_project import dropout_project_fwd, new_seed
 
@@ -236,7 +249,7 @@ def _lora_forward(out, x, lora_a, lora_b, scaling, p):
             xa = dropout_project_fwd(x, a, p, state[1])  # (N, r): x read once, no mask or copy written
             _add_product(out, xa, b, scaling, cd)
             return xa, cd, state, keep
-        xin = x.to(cd)
+        xin = _cast(x, cd)
         xd = xin
         if p > 0:
             if x.is_cuda or not KEEP_MASK_ON_CPU:
@@ -261,20 +274,20 @@ def _add_product(out, xa, b, scaling, cd):
 def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_x, need_a, need_b):
     """Gradients of :func:`_lora_forward` for the upstream ``g`` (N, out): ``(gx (N, in) in the compute dtype or
     None, gA, gB)``; the dropout mask is ``keep`` or regenerated from ``state``."""
-    a, b = lora_a.to(cd), lora_b.to(cd)
+    a, b = _cast(lora_a, cd), _cast(lora_b, cd)
     gx = ga = gb = None
-    with torch.autocast(x.device.type, enabled=False):
-        g = g.to(cd)
+    with _no_autocast(x.device.type):
+        g = _cast(g, cd)
         gxa = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
         if need_b:
-            gb = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)  # (out, r)
+            gb = _cast((g.t() @ xa).mul_(scaling), lora_b.dtype)  # (out, r)
         if (need_x or need_a) and isinstance(state, tuple):  # the kernels' dropout: mask regenerated inside
             from llm2vec_fast.kernels.lora_project import dropout_project_bwd
 
             gx, ga = dropout_project_bwd(gxa, x, a, p, state[1], need_x, need_a)
-            return gx, (ga.to(lora_a.dtype) if ga is not None else None), gb
+            return gx, (_cast(ga, lora_a.dtype) if ga is not None else None), gb
         if need_x or need_a:
-            xin = x.to(cd)
+            xin = _cast(x, cd)
             if p > 0 and keep is not None:
                 xin = _dropout_backward(xin, keep, p)  # x * mask / (1 - p): the forward's dropped-out input
             elif p > 0:
@@ -286,7 +299,7 @@ def _lora_backward(g, x, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_x
                         torch.set_rng_state(state)
                     xin, keep = _dropout(xin, p)
             if need_a:
-                ga = (gxa.t() @ xin).to(lora_a.dtype)  # (r, in)
+                ga = _cast(gxa.t() @ xin, lora_a.dtype)  # (r, in)
             del xin
             if need_x:
                 gx = gxa @ a  # (N, in)
@@ -325,7 +338,7 @@ class LoRAAddFunction(torch.autograd.Function):
         gx, ga, gb = _lora_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), lora_a, lora_b, xa,
                                     ctx.scaling, ctx.p, ctx.cd, ctx.state, keep, *ctx.needs_input_grad[1:4])
         if gx is not None:
-            gx = gx.to(x.dtype).view(x.shape)
+            gx = _cast(gx, x.dtype).view(x.shape)
         return grad, gx, ga, gb, None, None, None
 
 
@@ -431,17 +444,17 @@ class GatedDownLoRAFunction(torch.autograd.Function):
         h2 = silu_mul_fwd(gate, up, act).reshape(-1, gate.shape[-1])  # recomputed: (N, I)
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         gw = gbias = gh = None
-        with torch.autocast(gate.device.type, enabled=False):
+        with _no_autocast(gate.device.type):
             if need_h:
-                gh = g.to(ld) @ weight.to(ld)  # (N, I), the base projection's input gradient
+                gh = _cast(g, ld) @ _cast(weight, ld)  # (N, I), the base projection's input gradient
             if need_w:
-                gw = (g.to(ld).t() @ h2.to(ld)).to(weight.dtype)
+                gw = _cast(_cast(g, ld).t() @ _cast(h2, ld), weight.dtype)
             if need_bias and has_bias:
                 gbias = g.sum(0).to(weight.dtype)
         gx, ga, gb = _lora_backward(g, h2, lora_a, lora_b, xa, scaling, p, cd, state, keep, need_h, need_a, need_b)
         del h2
         dgate = dup = None
         if need_h:
-            gh = gh.add_(gx.to(gh.dtype)) if gx is not None else gh
-            dgate, dup = silu_mul_bwd(gh.to(gate.dtype).view(gate.shape), gate, up, act)
+            gh = gh.add_(_cast(gx, gh.dtype)) if gx is not None else gh
+            dgate, dup = silu_mul_bwd(_cast(gh, gate.dtype).view(gate.shape), gate, up, act)
         return (dgate if need_gate else None, dup if need_up else None, gw, gbias, ga, gb, None, None, None)
