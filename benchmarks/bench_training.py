@@ -344,8 +344,9 @@ def main(argv=None) -> int:
 
     warmup, steps = (1, 2) if a.quick else (3, 10)
     notes = ("Random-weight Llama configs, bf16 autocast, AdamW on LoRA (r 16, all linear layers) weights; median "
-             f"of {steps} steps after {warmup} warm-up. Targets (ANCHORS.md, H100): MNTP 1.3B reference 11.6k tok/s "
-             "at 11.2 GB, ours >= 2x at no more memory; SimCSE 1.3B reference 2.0k tok/s at 11.6 GB, ours >= 3x.")
+             f"of {steps} steps after {warmup} warm-up; peak_mem_gb is torch.cuda.max_memory_allocated in GiB "
+             "(2^30 bytes). Targets (ANCHORS.md, H100): MNTP 1.3B reference 11.6k tok/s at 11.2 GB, ours >= 2x at "
+             "no more memory; SimCSE 1.3B reference 2.0k tok/s at 11.6 GB, ours >= 3x.")
     rows = []
 
     def flush(row):
