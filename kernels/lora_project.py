@@ -13,11 +13,12 @@ Layers: ``_dp_fwd_kernel`` / ``_dp_dw_kernel`` / ``_dp_dx_kernel`` → ``dropout
 ``DropoutProjectFunction`` → :func:`dropout_project`. Twin: :func:`llm2vec_fast.kernels.reference.dropout_project_ref`
 (with the kernels' own mask from :func:`keep_mask`).
 
-Keep rule: element ``(i, k)`` of ``x [N, K]`` is kept when ``tl.rand(seed, i·K + k) >= p`` (int64 offsets), so it
-depends only on ``(seed, i, k, K)``. Kept values are scaled by ``1 / (1 − p)`` and rounded to the weight's dtype before
-the product (as ``dropout`` then ``matmul`` round in that dtype); products accumulate in fp32. K and R are
-compile-time (model dims: a decoder layer compiles two K's, the hidden and the MLP width); the row count never
-recompiles.
+Keep rule: element ``(i, k)`` of ``x [N, K]`` is kept when its uniform is ``>= p``; the uniforms of columns
+``4c .. 4c + 3`` of row ``i`` are the four outputs of one Philox call, ``tl.rand4x(seed, i · cdiv(K, 4) + c)`` (int64
+counters), so a decision depends only on ``(seed, i, k, K)``. Kept values are scaled by ``1 / (1 − p)`` and rounded
+to the weight's dtype before the product (as ``dropout`` then ``matmul`` round in that dtype); products accumulate
+in fp32. K and R are compile-time (model dims: a decoder layer compiles two K's, the hidden and the MLP width); the
+row count never recompiles.
 """
 import functools
 
@@ -32,11 +33,21 @@ _BN, _BK = 64, 64
 
 
 @triton.jit
-def _keep(b_x, o_n, o_k, K, p, scale, seed, HAS_DROPOUT: tl.constexpr):
+def _uniform(seed, o_n, k0, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # [BN, BK] uniforms for columns k0 .. k0 + BK of rows o_n: one Philox call (tl.rand4x) per 4 consecutive columns,
+    # its counter row · cdiv(K, 4) + column // 4; a call per element would make the kernels compute-bound on the
+    # random numbers (about 60 integer operations each) instead of memory-bound on x
+    o_c = k0 // 4 + tl.arange(0, BK // 4)
+    b_r0, b_r1, b_r2, b_r3 = tl.rand4x(seed, o_n[:, None] * ((K + 3) // 4) + o_c[None, :])
+    return tl.reshape(tl.join(tl.join(b_r0, b_r1), tl.join(b_r2, b_r3)), (BN, BK))
+
+
+@triton.jit
+def _keep(b_x, o_n, k0, p, scale, seed, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          HAS_DROPOUT: tl.constexpr):
     # [BN, BK] the kept values scaled by 1 / (1 - p) in fp32, the dropped ones 0
     if HAS_DROPOUT:
-        b_r = tl.rand(seed, o_n[:, None] * K + o_k[None, :])
-        b_x = tl.where(b_r >= p, b_x * scale, 0.0)
+        b_x = tl.where(_uniform(seed, o_n, k0, K, BN, BK) >= p, b_x * scale, 0.0)
     return b_x
 
 
@@ -55,7 +66,7 @@ def _dp_fwd_kernel(x, w, y, stride_x, stride_w, stride_y, N, p, scale, seed, K: 
         m_k = o_k < K
         # [BN, BK] x rounded to the weight's dtype first (x.to(dtype) before the dropout, as the torch path)
         b_x = tl.load(x + o_n[:, None] * stride_x + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_x = _keep(b_x.to(w.dtype.element_ty).to(tl.float32), o_n, o_k, K, p, scale, seed, HAS_DROPOUT)
+        b_x = _keep(b_x.to(w.dtype.element_ty).to(tl.float32), o_n, k0, p, scale, seed, K, BN, BK, HAS_DROPOUT)
         # [BK, BR] the weight transposed
         b_w = tl.load(w + o_r[None, :] * stride_w + o_k[:, None], mask=m_k[:, None] & m_r[None, :], other=0.0)
         b_acc += tl.dot(b_x.to(w.dtype.element_ty), b_w, input_precision=PREC)
@@ -83,7 +94,7 @@ def _dp_dw_kernel(x, dy, dw, stride_x, stride_dy, N, rows_per_prog, p, scale, se
         m_n = o_n < hi
         # [BN, BK]
         b_x = tl.load(x + o_n[:, None] * stride_x + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_x = _keep(b_x.to(dy.dtype.element_ty).to(tl.float32), o_n, o_k, K, p, scale, seed, HAS_DROPOUT)
+        b_x = _keep(b_x.to(dy.dtype.element_ty).to(tl.float32), o_n, i_k * BK, p, scale, seed, K, BN, BK, HAS_DROPOUT)
         # [BR, BN] dy transposed
         b_dy = tl.load(dy + o_n[None, :] * stride_dy + o_r[:, None], mask=m_r[:, None] & m_n[None, :], other=0.0)
         b_acc += tl.dot(b_dy, b_x.to(dy.dtype.element_ty), input_precision=PREC)
@@ -105,17 +116,17 @@ def _dp_dx_kernel(dy, w, dx, stride_dy, stride_w, stride_dx, N, p, scale, seed, 
     b_dy = tl.load(dy + o_n[:, None] * stride_dy + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
     b_w = tl.load(w + o_r[:, None] * stride_w + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
     # [BN, BK]
-    b_dx = _keep(tl.dot(b_dy, b_w, input_precision=PREC), o_n, o_k, K, p, scale, seed, HAS_DROPOUT)
+    b_dx = _keep(tl.dot(b_dy, b_w, input_precision=PREC), o_n, i_k * BK, p, scale, seed, K, BN, BK, HAS_DROPOUT)
     tl.store(dx + o_n[:, None] * stride_dx + o_k[None, :], b_dx.to(dx.dtype.element_ty),
              mask=m_n[:, None] & m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["N", "seed"])
-def _keep_mask_kernel(m, N, K, p, seed, BN: tl.constexpr, BK: tl.constexpr):
+def _keep_mask_kernel(m, N, p, seed, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     i_n, i_k = tl.program_id(0), tl.program_id(1)
     o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)
     o_k = i_k * BK + tl.arange(0, BK)
-    b_keep = tl.rand(seed, o_n[:, None] * K + o_k[None, :]) >= p
+    b_keep = _uniform(seed, o_n, i_k * BK, K, BN, BK) >= p
     tl.store(m + o_n[:, None] * K + o_k[None, :], b_keep.to(tl.int8), mask=(o_n < N)[:, None] & (o_k < K)[None, :])
 
 
@@ -200,7 +211,7 @@ def keep_mask(seed, dropout_p, rows, cols, device):
     m = torch.empty((rows, cols), dtype=torch.int8, device=device)
     if rows and cols:
         _keep_mask_kernel[(triton.cdiv(rows, _BN), triton.cdiv(cols, _BK))](
-            m, rows, cols, float(dropout_p), _kernel_seed(seed), BN=_BN, BK=_BK)
+            m, rows, float(dropout_p), _kernel_seed(seed), K=cols, BN=_BN, BK=_BK)
     return m.bool()
 
 
@@ -238,7 +249,7 @@ def dropout_project(x, weight, dropout_p=0.0, seed=None):
             ``1 / (1 - dropout_p)``.
         seed: the Philox seed of the keep mask (int); None draws one from torch's CPU generator (so
             ``torch.manual_seed`` and checkpointing's RNG replay give the same mask). The same seed gives the same
-            mask, forward and backward; element ``(i, k)`` of x's rows is kept when ``tl.rand(seed, i·K + k) >= p``.
+            mask, forward and backward (element ``(i, k)`` of x's rows: see the module's keep rule).
 
     Returns ``[..., R]`` in the weight's dtype. Raises ``ValueError`` / ``TypeError`` for mismatched shapes,
     dtypes, devices, a rank above 128 or a probability outside ``[0, 1)``.

@@ -139,7 +139,7 @@ import llm2vec_fast.kernels.lora_project as M
 for name, consts in (("_dp_fwd_kernel", dict(K=2048, R=16, BN=64, BK=64, BR=16, HAS_DROPOUT=True, PREC="tf32")),
                      ("_dp_dw_kernel", dict(K=5504, R=16, BN=64, BK=64, BR=16, HAS_DROPOUT=True, PREC="tf32")),
                      ("_dp_dx_kernel", dict(K=2048, R=20, BN=64, BK=64, BR=32, HAS_DROPOUT=True, PREC="tf32")),
-                     ("_keep_mask_kernel", dict(BN=64, BK=64))):
+                     ("_keep_mask_kernel", dict(K=2048, BN=64, BK=64))):
     fn = getattr(M, name)
     ptrs = {"x": "*bf16", "w": "*bf16", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dw": "*fp32", "m": "*i8"}
     sig = {n: ("constexpr" if n in consts else ptrs.get(n) or ("i64" if n == "seed" else
