@@ -225,8 +225,11 @@ KEEP_MASK_ON_CPU = True
 DROPOUT_KERNEL = "auto"
 
 
-def _dropout_in_kernel(x, lora_a):
-    if DROPOUT_KERNEL == "off" or lora_a.shape[0] > 128:
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dropout_in_kernel(x, lora_a, cd):
+    if DROPOUT_KERNEL == "off" or lora_a.shape[0] > 128 or cd not in _KERNEL_DTYPES or x.dtype not in _KERNEL_DTYPES:
         return False
     if DROPOUT_KERNEL == "triton":
         return True
@@ -242,7 +245,7 @@ def _lora_forward(out, x, lora_a, lora_b, scaling, p):
     a, b = _cast(lora_a, cd), _cast(lora_b, cd)
     state = keep = None
     with _no_autocast(x.device.type):
-        if p > 0 and _dropout_in_kernel(x, lora_a):
+        if p > 0 and _dropout_in_kernel(x, lora_a, cd):
             from llm2vec_fast.kernels.lora_project import dropout_project_fwd, new_seed
 
             state = ("philox", new_seed())

@@ -112,9 +112,13 @@ def _explicit(result, x, a, b, scaling, keep):
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_lora_add_matches_explicit_mask(dev, p, cpu_mask):
+def test_lora_add_matches_explicit_mask(dev, p, cpu_mask, monkeypatch):
     # the mask the forward drew, materialised from the same generator state, gives the reference forward and
-    # backward (odd sizes: 37 rows, in 23, out 29, rank 5)
+    # backward (odd sizes: 37 rows, in 23, out 29, rank 5); torch's dropout (CUDA's default draws in the kernels,
+    # tested below)
+    import llm2vec_fast.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "DROPOUT_KERNEL", "off")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 23, generator=g, dtype=torch.float64).to(dev).requires_grad_(True)
     w = torch.randn(29, 23, generator=g, dtype=torch.float64).to(dev)
@@ -531,3 +535,13 @@ def test_gated_down_with_kernel_dropout_matches_unfused(dev, kernel_dropout, mon
     torch.testing.assert_close(gin0, gin1, rtol=1e-5, atol=1e-7)
     for k in g1:
         torch.testing.assert_close(g0[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_kernel_dropout_leaves_float64_to_torch(kernel_dropout):
+    # the kernels take fp32 / fp16 / bf16: a float64 layer keeps torch's dropout (gradcheck-able, as above)
+    from llm2vec_fast.lora import _dropout_in_kernel
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert not _dropout_in_kernel(x, torch.randn(2, 4, dtype=torch.float64), torch.float64)
+    assert _dropout_in_kernel(x.float(), torch.randn(2, 4), torch.float32)
+    assert not _dropout_in_kernel(x.float(), torch.randn(129, 4), torch.float32)  # rank above the kernels' 128
