@@ -36,7 +36,7 @@ step "pytest test_fused.py + bf16 encode parity" 70 20 \
 # checkpointing are all unmeasured on a GPU (issue #5's speed and memory targets)
 step "training --quick" 185 60 $PY benchmarks/bench_training.py --quick --profile
 # encode's host side alone on this machine's CPU (no GPU): can it feed the 1.3B encode at 60 % MFU (~200k tok/s)?
-step "host pipeline (CPU)" 30 10 $PY benchmarks/bench_host_pipeline.py --tokenizer "$TOKENIZER"
+step "host pipeline (CPU)" 40 15 $PY benchmarks/bench_host_pipeline.py --repeats 1 --tokenizer "$TOKENIZER"
 step "attention --check --bench --quick" 80 30 \
   $PY benchmarks/bench_attention.py --check --bench --quick --no-flex --tokenizer "$TOKENIZER"
 # every path warms up on the whole corpus; the default budget is 64k tokens on an H100/H200, so 128k is the extra one

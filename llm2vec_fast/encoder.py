@@ -644,9 +644,12 @@ class LLM2Vec(nn.Module):
         """Yield ``(rows, packed features on device, texts skipped)`` for the texts ``live`` of ``pairs``.
 
         Texts are tokenized in chunks that grow from ``_FIRST_CHUNK`` to ``_TOKENIZE_CHUNK`` texts, so the device
-        starts after a few hundred texts instead of after the whole input; within a chunk they are sorted longest
+        starts after a few dozen texts instead of after the whole input; within a chunk they are sorted longest
         first and cut into ``budget``-token batches. The last, partly filled batch of a chunk is not run: its texts
-        join the next chunk, so only the final batch of the call is ever short.
+        join the next chunk, so that batches are full. Except while the chunks still grow: a chunk smaller than
+        ``_TOKENIZE_CHUNK`` that fills no whole batch runs at once, so the device works on it while the next,
+        twice larger chunk is tokenized, instead of idling until a full budget of texts is ready
+        (``_EARLY_PARTIAL``). The batches depend on the input only, never on timing.
         """
         pin = device.type == "cuda"
         held = []  # (row, ids, pool start) carried into the next chunk
@@ -675,8 +678,8 @@ class LLM2Vec(nn.Module):
             batches = _budget_batches(lengths[order], budget)
             if not last and len(batches) > 1:
                 held = [items[order[j]] for j in batches.pop()]
-            elif not last:  # one batch, not yet full: wait for more texts
-                held = [items[j] for j in order]
+            elif not last and not (_EARLY_PARTIAL and len(chunk) < _TOKENIZE_CHUNK):
+                held = [items[j] for j in order]  # one batch, not yet full: wait for more texts
                 continue
             for sel in batches:
                 chosen = [items[order[j]] for j in sel]
@@ -768,8 +771,11 @@ def pack(ids, starts):
 _MIN_CPU_TOKENS = 16
 # texts tokenized per chunk, growing from the first to the largest (see LLM2Vec._packed_batches); the length sort is
 # per chunk, which costs nothing with packed batches
-_FIRST_CHUNK = 256
+_FIRST_CHUNK = 64
 _TOKENIZE_CHUNK = 32768
+# while chunks grow, one that fills no whole batch runs at once (False: it waits for the next chunk's texts, the rule
+# before 2026-11-27, under which wiki1m's 1.3B encode started after ~3,800 texts; bench_host_pipeline.py compares)
+_EARLY_PARTIAL = True
 
 
 def _unchanged(text):

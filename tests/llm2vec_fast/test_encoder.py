@@ -150,8 +150,10 @@ def test_chunked_tokenization_matches_one_chunk(tiny, monkeypatch):
     assert (grown - whole).abs().max() <= 1e-6
 
 
-def test_chunk_leftovers_join_the_next_chunk(tiny, monkeypatch):
-    """Only the call's last batch may be short: a chunk's partly filled last batch waits for the next chunk."""
+@pytest.mark.parametrize("early", [True, False])
+def test_chunk_leftovers_join_the_next_chunk(tiny, monkeypatch, early):
+    """A chunk's partly filled last batch waits for the next chunk, so only the call's last batch is short; except
+    (``_EARLY_PARTIAL``) a growing chunk that fills no whole batch, which runs at once: here the first, 3 texts."""
     import llm2vec_fast.encoder as enc
 
     items = [f"text {i} " + "word " * (i % 5) for i in range(40)]
@@ -161,11 +163,15 @@ def test_chunk_leftovers_join_the_next_chunk(tiny, monkeypatch):
     monkeypatch.setattr(tiny, "forward", lambda f: sizes.append(f["input_ids"].numel()) or real(f))
     monkeypatch.setattr(enc, "_FIRST_CHUNK", 3)
     monkeypatch.setattr(enc, "_TOKENIZE_CHUNK", 6)
+    monkeypatch.setattr(enc, "_EARLY_PARTIAL", early)
     chunked = tiny.encode(items, max_batch_tokens=64, show_progress_bar=False)
-    longest = max(len(tiny.tokenize([t])["input_ids"]) for t in items)
+    lengths = [len(tiny.tokenize([t])["input_ids"]) for t in items]
     assert len(sizes) >= 3
-    assert all(n > 64 - longest for n in sizes[:-1]), sizes  # every batch but the last is full to within one text
-    assert sum(sizes) == sum(len(tiny.tokenize([t])["input_ids"]) for t in items)
+    if early:
+        assert sizes[0] == sum(lengths[:3]), sizes  # the first chunk alone, before the next is tokenized
+        sizes = sizes[1:]
+    assert all(n > 64 - max(lengths) for n in sizes[:-1]), sizes  # full to within one text, but the last
+    assert sum(sizes) == sum(lengths) - (sum(lengths[:3]) if early else 0)
     assert (chunked - whole).abs().max() <= 1e-6
 
 
