@@ -247,7 +247,13 @@ class LLM2Vec(nn.Module):
         """Build what the original tokenizes; returns (joint strings, character offset where the text starts)."""
         joints, cuts, texts = [], [], []
         prepare = self._preparer()
+        plain = prepare is _unchanged
         for instruction, text in pairs:
+            if plain and not instruction and SEPARATOR not in text:  # what the marking below gives, without it
+                joints.append(text)
+                cuts.append(0)
+                texts.append(text)
+                continue
             marked = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
             parts = prepare(marked).split(SEPARATOR)
             cuts.append(len(parts[0]) if len(parts) > 1 else None)

@@ -486,3 +486,15 @@ def test_budget_batches_is_the_greedy_split():
         lengths = sorted((rng.randint(0, 50) for _ in range(rng.randint(0, 30))), reverse=True)
         budget = rng.randint(1, 120)
         assert _budget_batches(np.array(lengths), budget) == greedy(lengths, budget), (lengths, budget)
+
+
+def test_joint_strings_fast_path_equals_the_marked_path(tiny, monkeypatch):
+    """Plain texts skip the separator marking; the strings, cuts and texts are what the marking gives (a text that
+    itself contains the separator still takes the marked path)."""
+    from llm2vec_fast.encoder import SEPARATOR
+
+    pairs = [("", "a plain text"), ("", ""), ("", f"has {SEPARATOR} inside"), ("an instruction", "text"),
+             ("", " leading space"), ("  ", "blank instruction")]
+    fast = tiny._joint_strings(pairs)
+    monkeypatch.setattr(tiny, "_preparer", lambda: (lambda t: t))  # an identity that is not _unchanged: marked
+    assert fast == tiny._joint_strings(pairs)
