@@ -69,7 +69,9 @@ def lora(model, causal=False):
 
 def checkpointing(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from llm2vec_fast.training.common import hf_checkpointing_enable
+
+    hf_checkpointing_enable(base)
     base.config.use_cache = False
 
 

@@ -69,12 +69,23 @@ def enable_checkpointing(model, layers: bool | int | float = True) -> int:
     n = len(blocks) if layers is True else _checkpointed_count(layers, len(blocks))
     if n == 0 and layers is not True:
         return 0
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_checkpointing_enable(target)
     if hasattr(target.config, "use_cache"):
         target.config.use_cache = False
     for block in blocks[n:]:
         block.gradient_checkpointing = False
     return n
+
+
+def hf_checkpointing_enable(model, use_reentrant: bool = False):
+    """Hugging Face's checkpointing switch on every decoder layer: ``activation_checkpointing_enable`` where
+    transformers has it (its ``gradient_checkpointing_enable`` is then a deprecated alias), else the older name."""
+    kwargs = {"use_reentrant": use_reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _checkpointed_count(layers, total: int) -> int:
