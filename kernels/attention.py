@@ -110,7 +110,8 @@ def _prune(kind):
         k = _CLASSES.index(_head_class(bd))
         start = sum(sizes[:k])
         tiles = configs[start:start + sizes[k]]
-        if kwargs.get("SEQ_BUCKET", named_args.get("SEQ_BUCKET")) == 256:
+        bucket = kwargs.get("SEQ_BUCKET", named_args.get("SEQ_BUCKET"))
+        if bucket is not None and bucket - bucket % 2 == 256:  # the length bucket, small pack or not
             # sentences: most rows of a 128 x 128 tile would be past the sequence's end, so the smaller tiles are
             # the likelier winners and come first (what a limited tuning run, LLM2VEC_FAST_AUTOTUNE=2, tries)
             tiles = sorted(tiles, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])
@@ -502,9 +503,16 @@ def _kernel_seed(seed: int) -> int:
     return (int(seed) % (1 << 62)) + (1 << 62)
 
 
-def _seq_bucket(max_seqlen: int) -> int:
-    # autotune key: tiles that win on 100-token sentences lose on 8k documents; three buckets bound the tuning runs
-    return 256 if max_seqlen <= 256 else 1024 if max_seqlen <= 1024 else 8192
+# packs of at most this many tokens are tuned apart from larger ones (see _seq_bucket)
+SMALL_PACK = 8192
+
+
+def _seq_bucket(max_seqlen: int, total_tokens: int) -> int:
+    # autotune key: tiles that win on 100-token sentences lose on 8k documents (three length buckets, 256 / 1024 /
+    # 8192), and a small pack (a first encode batch, a GradCache chunk: few programs on the card) can favour other
+    # tiles than a 64k-token one, so it is its own bucket (+1): whichever pack first meets a key picks its tiles
+    base = 256 if max_seqlen <= 256 else 1024 if max_seqlen <= 1024 else 8192
+    return base + (1 if total_tokens <= SMALL_PACK else 0)
 
 
 def _scalars(scale, softcap, dropout_p):
@@ -570,7 +578,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
     kernel[grid](
         q, k, v, o, lse, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        T, qk_mul, cap_mul, float(dropout_p), drop_scale, _kernel_seed(seed), _seq_bucket(max_seqlen),
+        T, qk_mul, cap_mul, float(dropout_p), drop_scale, _kernel_seed(seed), _seq_bucket(max_seqlen, T),
         G=HQ // HKV, D=D, BD=triton.next_power_of_2(D),
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -598,7 +606,7 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
                   PREC="ieee" if q.dtype == torch.float32 else "tf32")
     runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, _kernel_seed(seed),
-               _seq_bucket(max_seqlen))
+               _seq_bucket(max_seqlen, T))
 
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BN"]), HKV, B)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, order,

@@ -460,7 +460,17 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
             assert [(c.kwargs["BM"], c.kwargs["BN"]) for c in long] == want
             short = [(c.kwargs["BM"], c.kwargs["BN"]) for c in prune(configs, {}, BD=bd, SEQ_BUCKET=256)]
             assert sorted(short) == sorted(want) and [a * b for a, b in short] == sorted(a * b for a, b in want)
+            # a small pack's bucket (+1) orders its tiles as its length bucket does
+            for small, big in ((257, 256), (1025, 1024)):
+                assert ([c.kwargs for c in prune(configs, {}, BD=bd, SEQ_BUCKET=small)]
+                        == [c.kwargs for c in prune(configs, {}, BD=bd, SEQ_BUCKET=big)])
         monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "2")
         short = prune(configs, {}, BD=64, SEQ_BUCKET=256)
         assert len(short) == 2 and short[0].kwargs["BM"] * short[0].kwargs["BN"] == min(
             a * b for a, b, _, _ in attn._TILES[kind][64])
+
+
+def test_autotune_buckets_split_lengths_and_small_packs():
+    assert [attn._seq_bucket(m, 65536) for m in (1, 256, 257, 1024, 1025, 8192)] == [256, 256, 1024, 1024, 8192, 8192]
+    assert [attn._seq_bucket(m, attn.SMALL_PACK) for m in (100, 512, 4096)] == [257, 1025, 8193]
+    assert attn._seq_bucket(100, attn.SMALL_PACK + 1) == 256
