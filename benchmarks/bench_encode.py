@@ -361,11 +361,35 @@ def run(args) -> Path:
     ctx = dict(model=model, tokenizer=tokenizer, l2v=l2v, st=st, device=device, dtype=dtype, peers=peers,
                batch_sizes=batch_sizes, budgets=budgets, repeats=repeats, n_params=n_params, peak=peak,
                attn_backend=args.attn_backend, model_name=args.model, profile=args.profile, profiles=[])
+    name = args.name or f"encode_{args.model}_{'gpu' if on_gpu else 'cpu'}"
+    out_dir = args.out or os.environ.get("OUT") or RESULTS_DIR
+
+    def write(rows):
+        notes = summary_notes(args.model, rows, n_params, peak, peak_how, weights, st_note, limit, repeats, device)
+        columns = ["model", "corpus", "texts", "avg_tokens", "path", "batch", "dtype", "seconds", "tokens_per_s",
+                   "sentences_per_s", "mfu", "peak_mem_gib"]
+        columns += sorted({k for r in rows for k in r if k.startswith(("x_vs_", "min_cos_"))})
+        path = write_results(name, rows, out_dir=out_dir, columns=columns,
+                             title=f"Encode throughput: {args.model} ({'GPU' if on_gpu else 'CPU'})", notes=notes)
+        plot(rows, Path(out_dir) / f"{name}.png", f"{args.model} · {environment()['card']}")
+        if ctx["profiles"]:
+            prof_rows = [r for rows_, _ in ctx["profiles"] for r in rows_]
+            lines = [f"{s['corpus']}: wall {s['wall_s']:.3f} s, device busy {s['device_busy_s']:.3f} s "
+                     f"({s['busy_over_wall']:.0%} of wall), tokenizing {s['tokenize_s']:.3f} s on the packing thread."
+                     for _, s in ctx["profiles"]]
+            write_results(f"encode_profile_{args.model}_{'gpu' if on_gpu else 'cpu'}", prof_rows, out_dir=out_dir,
+                          title=f"Encode profile: {args.model}, ours default (one pass under torch.profiler)",
+                          notes="\n\n".join(lines) + "\n\nDevice busy = the kernels' own times summed (one stream). "
+                          "Profiling slows the host a little.")
+        return path
+
     rows = []
     try:
         for corpus in corpora:
             rows += bench_corpus(ctx, corpus, load_corpus(corpus, data_dir, limit))
             gc.collect()
+            if on_gpu:  # written after each corpus: a run cut short by a time limit keeps the corpora it finished
+                write(rows)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # a saved copy of the weights for sentence-transformers
     if not on_gpu:
@@ -373,25 +397,7 @@ def run(args) -> Path:
         peak = max(peak, matmul_peak(device, dtype)[0])
         for r in rows:
             r["mfu"] = 2 * n_params * r["tokens_per_s"] / peak
-
-    notes = summary_notes(args.model, rows, n_params, peak, peak_how, weights, st_note, limit, repeats, device)
-    name = args.name or f"encode_{args.model}_{'gpu' if on_gpu else 'cpu'}"
-    out_dir = args.out or os.environ.get("OUT") or RESULTS_DIR
-    columns = ["model", "corpus", "texts", "avg_tokens", "path", "batch", "dtype", "seconds", "tokens_per_s",
-               "sentences_per_s", "mfu", "peak_mem_gib"]
-    columns += sorted({k for r in rows for k in r if k.startswith(("x_vs_", "min_cos_"))})
-    path = write_results(name, rows, out_dir=out_dir, columns=columns,
-                         title=f"Encode throughput: {args.model} ({'GPU' if on_gpu else 'CPU'})", notes=notes)
-    plot(rows, Path(out_dir) / f"{name}.png", f"{args.model} · {environment()['card']}")
-    if ctx["profiles"]:
-        prof_rows = [r for rows_, _ in ctx["profiles"] for r in rows_]
-        lines = [f"{s['corpus']}: wall {s['wall_s']:.3f} s, device busy {s['device_busy_s']:.3f} s "
-                 f"({s['busy_over_wall']:.0%} of wall), tokenizing {s['tokenize_s']:.3f} s on the packing thread."
-                 for _, s in ctx["profiles"]]
-        write_results(f"encode_profile_{args.model}_{'gpu' if on_gpu else 'cpu'}", prof_rows, out_dir=out_dir,
-                      title=f"Encode profile: {args.model}, ours default (one pass under torch.profiler)",
-                      notes="\n\n".join(lines) + "\n\nDevice busy = the kernels' own times summed (one stream). "
-                      "Profiling slows the host a little.")
+    path = write(rows)
     print(Path(path).with_suffix(".md").read_text())
     return path
 
