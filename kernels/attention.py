@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import kernel_seed, new_seed
+
 __all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -498,11 +500,6 @@ def _empty(shape, like, dtype=None):
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _kernel_seed(seed: int) -> int:
-    # always a 63-bit value ≥ 2**62: one argument type (i64) for every seed, so a new seed never recompiles
-    return (int(seed) % (1 << 62)) + (1 << 62)
-
-
 # packs of at most this many tokens are tuned apart from larger ones (see _seq_bucket)
 SMALL_PACK = 8192
 
@@ -578,7 +575,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
     kernel[grid](
         q, k, v, o, lse, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        T, qk_mul, cap_mul, float(dropout_p), drop_scale, _kernel_seed(seed), _seq_bucket(max_seqlen, T),
+        T, qk_mul, cap_mul, float(dropout_p), drop_scale, kernel_seed(seed), _seq_bucket(max_seqlen, T),
         G=HQ // HKV, D=D, BD=triton.next_power_of_2(D),
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -605,7 +602,7 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
     common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
                   PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, _kernel_seed(seed),
+    runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, kernel_seed(seed),
                _seq_bucket(max_seqlen, T))
 
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BN"]), HKV, B)](
@@ -632,7 +629,7 @@ def dropout_keep_mask(seed, dropout_p, num_heads, total_tokens, device):
     if T:
         BM = BN = 64
         _dropout_mask_kernel[(triton.cdiv(T, BM), triton.cdiv(T, BN), num_heads)](
-            m, T, float(dropout_p), _kernel_seed(seed), BM=BM, BN=BN)
+            m, T, float(dropout_p), kernel_seed(seed), BM=BM, BN=BN)
     return m.bool()
 
 
@@ -757,7 +754,7 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = new_seed()
     seed = 0 if seed is None else int(seed)
     o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), order, scale, float(softcap),
                                           dropout_p, seed, bool(causal))

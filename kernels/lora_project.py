@@ -20,15 +20,14 @@ to the weight's dtype before the product (as ``dropout`` then ``matmul`` round i
 in fp32. K and R are compile-time (model dims: a decoder layer compiles two K's, the hidden and the MLP width); the
 row count never recompiles.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import kernel_seed, new_seed, num_sms
+from .reference import DROPOUT_PROJECT_MAX_RANK as MAX_RANK
 from .reference import _check_dropout_project_args
 
-MAX_RANK = 128  # one [BN, BR] accumulator per program: LoRA ranks are 8-64
 _BN, _BK = 64, 64
 
 
@@ -130,11 +129,6 @@ def _keep_mask_kernel(m, N, p, seed, K: tl.constexpr, BN: tl.constexpr, BK: tl.c
     tl.store(m + o_n[:, None] * K + o_k[None, :], b_keep.to(tl.int8), mask=(o_n < N)[:, None] & (o_k < K)[None, :])
 
 
-def _kernel_seed(seed: int) -> int:
-    # always a 63-bit value >= 2**62: one argument type (i64) for every seed, so a new seed never recompiles
-    return (int(seed) % (1 << 62)) + (1 << 62)
-
-
 def _rank_block(R):
     if R > MAX_RANK:
         raise ValueError(f"dropout_project supports a weight of up to {MAX_RANK} rows (a LoRA rank), got {R}")
@@ -150,11 +144,6 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.cache
-def _num_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def dropout_project_fwd(x, weight, dropout_p, seed):
     """``dropout(x.to(w.dtype)) @ weight.T`` for x ``[..., K]`` (any float dtype) and weight ``[R, K]``: ``[N, R]`` in
     the weight's dtype (N = the product of x's leading dims)."""
@@ -167,7 +156,7 @@ def dropout_project_fwd(x, weight, dropout_p, seed):
     if N:
         _dp_fwd_kernel[(triton.cdiv(N, _BN),)](
             x2, weight, y, x2.stride(0), weight.stride(0), y.stride(0), N, float(dropout_p),
-            1.0 / (1.0 - dropout_p), _kernel_seed(seed), K=K, R=R, BN=_BN, BK=_BK, BR=BR, HAS_DROPOUT=dropout_p > 0,
+            1.0 / (1.0 - dropout_p), kernel_seed(seed), K=K, R=R, BN=_BN, BK=_BK, BR=BR, HAS_DROPOUT=dropout_p > 0,
             PREC=_prec(weight.dtype))
     return y
 
@@ -182,7 +171,7 @@ def dropout_project_bwd(dy, x, weight, dropout_p, seed, need_x=True, need_weight
     dy = dy.to(weight.dtype)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    args = (float(dropout_p), 1.0 / (1.0 - dropout_p), _kernel_seed(seed))
+    args = (float(dropout_p), 1.0 / (1.0 - dropout_p), kernel_seed(seed))
     flags = dict(K=K, R=R, BN=_BN, BK=_BK, BR=BR, HAS_DROPOUT=dropout_p > 0, PREC=_prec(weight.dtype))
     dx = dw = None
     if need_x:
@@ -193,7 +182,7 @@ def dropout_project_bwd(dy, x, weight, dropout_p, seed, need_x=True, need_weight
     if need_weight:
         col_blocks = triton.cdiv(K, _BK)
         if x.is_cuda:  # about two programs per SM over the column blocks and row ranges
-            target = 2 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+            target = 2 * num_sms(x.device)
             parts = max(1, min(triton.cdiv(N, _BN), triton.cdiv(target, col_blocks)))
         else:  # the interpreter runs programs one by one: a few partials still exercise the sum
             parts = max(1, min(triton.cdiv(N, _BN), 3))
@@ -211,7 +200,7 @@ def keep_mask(seed, dropout_p, rows, cols, device):
     m = torch.empty((rows, cols), dtype=torch.int8, device=device)
     if rows and cols:
         _keep_mask_kernel[(triton.cdiv(rows, _BN), triton.cdiv(cols, _BK))](
-            m, rows, float(dropout_p), _kernel_seed(seed), K=cols, BN=_BN, BK=_BK)
+            m, rows, float(dropout_p), kernel_seed(seed), K=cols, BN=_BN, BK=_BK)
     return m.bool()
 
 
@@ -258,8 +247,3 @@ def dropout_project(x, weight, dropout_p=0.0, seed=None):
     if seed is None:
         seed = new_seed()
     return DropoutProjectFunction.apply(x, weight, float(dropout_p), int(seed))
-
-
-def new_seed() -> int:
-    """A seed from torch's CPU generator (restored by checkpointing's replay, unlike Python's ``random``)."""
-    return int(torch.randint(0, 1 << 62, (1,)).item())

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._launch import new_seed
+
 
 # ==== ATTENTION (flash_attention_ref) ====
 def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
@@ -36,7 +38,7 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
     gen = None
     if dropout_p > 0 and _dropout_mask is None:
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = new_seed()
         gen = torch.Generator(device=q.device).manual_seed(int(seed) % (1 << 63))
     # GQA: query head i reads kv head i // G
     cdt = torch.float32 if _upcast else q.dtype  # matmul dtype
@@ -341,7 +343,7 @@ def rope_ref(q, k, cos, sin):
 # ==== END ROTARY POSITION EMBEDDING ====
 
 # ==== DROPOUT + PROJECTION (dropout_project_ref) ====
-_DP_MAX_RANK = 128
+DROPOUT_PROJECT_MAX_RANK = 128  # the kernels hold one [rows, rank] accumulator per program: LoRA ranks are 8-64
 
 
 def _check_dropout_project_args(x, weight, dropout_p, dtypes=_FLOAT_DTYPES):
@@ -352,8 +354,8 @@ def _check_dropout_project_args(x, weight, dropout_p, dtypes=_FLOAT_DTYPES):
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"expected x [..., K] and weight [R, K], got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")
-    if weight.shape[0] > _DP_MAX_RANK:
-        raise ValueError(f"dropout_project supports a weight of up to {_DP_MAX_RANK} rows (a LoRA rank), "
+    if weight.shape[0] > DROPOUT_PROJECT_MAX_RANK:
+        raise ValueError(f"dropout_project supports a weight of up to {DROPOUT_PROJECT_MAX_RANK} rows (a LoRA rank), "
                          f"got {weight.shape[0]}")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}")

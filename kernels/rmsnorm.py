@@ -8,7 +8,6 @@ The forward saves x, the weight and one fp32 ``rstd`` per row. The backward runs
 over a contiguous block of rows, each writing its fp32 partial sum of d weight to its own row of a small buffer that
 is then summed (Liger's scheme): no atomics, so d weight is bit-identical from run to run.
 """
-import functools
 import math
 import os
 
@@ -16,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import num_sms
 from .reference import _check_rms_norm_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -100,17 +100,12 @@ def _blocks(D):
     return BR, BD, num_warps
 
 
-@functools.cache
-def _num_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bwd_programs(device, tiles):
     # two programs per SM hide some memory latency; more would grow the [P, D] fp32 partial-d-weight buffer that is
     # written and read back (at 4096 x 2048 bf16 it is 2 MiB against 48 MiB of x, dy and dx). The interpreter runs
     # programs one by one, so there a handful suffices (and still exercises several partials).
     if device.type == "cuda" and not _INTERPRET:
-        return min(tiles, 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+        return min(tiles, 2 * num_sms(device))
     return min(tiles, 4)
 
 

@@ -26,6 +26,7 @@ moved to CPU keeps working), ``"triton"`` always runs them (CPU only under ``TRI
 import functools
 import os
 
+from ._patch import patch, patched, unpatch
 from .bidirectional import FAMILIES
 
 OPS = ("rms_norm", "gated_mlp", "rope")
@@ -65,34 +66,24 @@ def fuse_ops(model, ops=OPS, backend: str = "auto"):
         if "rms_norm" in ops and name.endswith("RMSNorm"):
             style = _norm_style(module)
             if style is not None:
-                module.forward = functools.partial(_rms_norm_forward, module, backend, style == "gemma")
+                patch(module, _rms_norm_forward, backend, style == "gemma")
         elif "gated_mlp" in ops and name.endswith("MLP") and _is_gated_mlp(module):
             act = _ACTS.get(type(module.act_fn).__name__)
             if act is not None:
-                module.forward = functools.partial(_gated_mlp_forward, module, backend, act)
+                patch(module, _gated_mlp_forward, backend, act)
         elif "rope" in ops and name in _ROPE_ATTENTIONS:
-            module.forward = functools.partial(_rope_attention_forward, module, backend)
+            patch(module, _rope_attention_forward, backend)
     return model
 
 
 def unfuse_ops(model):
     """Give every module :func:`fuse_ops` changed its Hugging Face forward back; returns the model."""
-    for module in model.modules():
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, functools.partial) and fwd.func in _FORWARDS:
-            del module.forward
-    return model
+    return unpatch(model, _FORWARDS)
 
 
 def fused_ops_of(model) -> tuple[str, ...]:
     """The ops :func:`fuse_ops` routed at least one module of ``model`` through."""
-    found = set()
-    for module in model.modules():
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, functools.partial):
-            op = _FORWARDS.get(fwd.func)
-            if op is not None:
-                found.add(op)
+    found = {_FORWARDS.get(patched(module)) for module in model.modules()}
     return tuple(op for op in OPS if op in found)
 
 
@@ -119,7 +110,7 @@ def _use_kernel(backend, x):
     return x.is_cuda and os.environ.get("LLM2VEC_FAST_DISABLE_TRITON") != "1"
 
 
-# module-level functions bound with functools.partial (not types.MethodType): a patched model still pickles, so
+# module-level functions bound by _patch.patch (not types.MethodType): a patched model still pickles, so
 # encode worker processes (load="share") and copy.deepcopy get it whole
 def _rms_norm_forward(module, backend, unit_offset, hidden_states):
     from llm2vec_fast.lora import tag_recomputable

@@ -48,12 +48,14 @@ forward everywhere.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._patch import patch, patched, unpatch
+from .kernels.reference import DROPOUT_PROJECT_MAX_RANK  # torch only: no triton at import
 
 
 def fuse_lora(model):
@@ -68,23 +70,18 @@ def fuse_lora(model):
         return model
     for module in model.modules():
         if type(module) is linear:  # subclasses (quantized LoRA layers) keep their own forward
-            module.forward = functools.partial(_fused_lora_forward, module)
+            patch(module, _fused_lora_forward)
     return model
 
 
 def unfuse_lora(model):
     """Give every layer :func:`fuse_lora` changed peft's forward back; returns the model."""
-    for module in model.modules():
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, functools.partial) and fwd.func is _fused_lora_forward:
-            del module.forward
-    return model
+    return unpatch(model, (_fused_lora_forward,))
 
 
 def is_lora_fused(model) -> bool:
     """Whether :func:`fuse_lora` routed at least one layer of ``model``."""
-    return any(isinstance(f := m.__dict__.get("forward"), functools.partial) and f.func is _fused_lora_forward
-               for m in model.modules())
+    return any(patched(m) is _fused_lora_forward for m in model.modules())
 
 
 def kept_bytes(fn, model) -> int:
@@ -130,7 +127,7 @@ def _fusable(module, args, kwargs):
     return True
 
 
-# a module-level function bound with functools.partial: a fused model still pickles and deep-copies
+# bound by _patch.patch: a fused model still pickles and deep-copies
 def _fused_lora_forward(module, x, *args, **kwargs):
     if not _fusable(module, args, kwargs):
         return type(module).forward(module, x, *args, **kwargs)
@@ -229,7 +226,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dropout_in_kernel(x, lora_a, cd):
-    if DROPOUT_KERNEL == "off" or lora_a.shape[0] > 128 or cd not in _KERNEL_DTYPES or x.dtype not in _KERNEL_DTYPES:
+    if (DROPOUT_KERNEL == "off" or lora_a.shape[0] > DROPOUT_PROJECT_MAX_RANK or cd not in _KERNEL_DTYPES
+            or x.dtype not in _KERNEL_DTYPES):
         return False
     if DROPOUT_KERNEL == "triton":
         return True
@@ -406,8 +404,7 @@ def lora_gated_down(gate, up, down, act):
     and recomputes ``h`` in the backward (one elementwise pass), so each layer keeps one ``intermediate_size``-wide
     tensor less. ``act``: ``"silu"`` or ``"gelu_tanh"`` (the Triton activation kernels).
     """
-    fwd = down.__dict__.get("forward")
-    if not (isinstance(fwd, functools.partial) and fwd.func is _fused_lora_forward and _fusable(down, (), {})):
+    if not (patched(down) is _fused_lora_forward and _fusable(down, (), {})):
         return None
     names = [n for n in down.active_adapters if n in down.lora_A]
     if len(names) != 1 or type(down.base_layer) is not nn.Linear or gate.shape != up.shape:

@@ -15,8 +15,8 @@ def assert_lowp_close(ours, ref_lp, exact, factor, atol=1e-5):
 
 
 # run first in every compile script: `sm90(fn, sig, consts, attrs, **options)` compiles one kernel for Hopper and
-# returns it; it prints SKIP and exits 0 where this triton lacks the internal API, COMPILE ERROR and exits 1 on a
-# compile error
+# returns it (`aligned(fn, sig)` gives the usual attrs); it prints SKIP and exits 0 where this triton lacks the
+# internal API, COMPILE ERROR and exits 1 on a compile error
 _AOT_PRELUDE = r"""
 import os, sys
 os.environ.pop("TRITON_INTERPRET", None)
@@ -27,6 +27,13 @@ try:
     from triton.compiler.errors import CompilationError
 except ImportError as e:
     print("SKIP", e); sys.exit(0)
+
+
+def aligned(fn, sig, also=()):
+    # tt.divisibility 16 on every pointer and stride argument (and those named in `also`), as the launchers'
+    # specialisation marks them for contiguous tensors
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if sig[n].startswith("*") or n.startswith("stride") or n in also}
 
 
 def sm90(fn, sig, consts, attrs, **options):

@@ -431,8 +431,7 @@ for name, BM, BN, w, s, D, causal in todo:
         sig[n] = ("constexpr" if n in consts else "*bf16" if n in ptrs else "*fp32" if n in ("LSE", "DELTA")
                   else "*i32" if n in ("CU", "ORDER") else "i64" if n == "seed"
                   else "fp32" if n in ("qk_mul", "cap_mul", "dropout_p", "drop_scale", "scale") else "i32")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride")}
+    attrs = aligned(fn, sig)
     k = sm90(fn, sig, consts, attrs, num_warps=w, num_stages=s)
     assert "wgmma" in k.asm["ptx"], f"{name}: no Hopper tensor-core MMA in the PTX"
     print("OK", name, "causal" if causal else "")

@@ -144,8 +144,7 @@ for name, consts in (("_dp_fwd_kernel", dict(K=2048, R=16, BN=64, BK=64, BR=16, 
     ptrs = {"x": "*bf16", "w": "*bf16", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dw": "*fp32", "m": "*i8"}
     sig = {n: ("constexpr" if n in consts else ptrs.get(n) or ("i64" if n == "seed" else
                "fp32" if n in ("p", "scale") else "i32")) for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride")}
+    attrs = aligned(fn, sig)
     sm90(fn, sig, consts, attrs, num_warps=4, num_stages=2)
     print("OK", name)
 """

@@ -291,8 +291,7 @@ for name, consts in (("_rms_norm_fwd_kernel", dict(BR=2, BD=2048, UNIT_OFFSET=Fa
     ptrs = {"x", "w", "y", "dy", "dx", "rstd", "dw"}
     sig = {n: ("constexpr" if n in consts else ("*fp32" if n in fp32_ptrs or n == "dw" else "*bf16") if n in ptrs
                else "fp32" if n == "eps" else "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride") or n == "D"}
+    attrs = aligned(fn, sig, also=("D",))
     k = sm90(fn, sig, consts, attrs, num_warps=8)
     assert ".version" in k.asm["ptx"]
     print("OK", name, consts)

@@ -463,8 +463,7 @@ for bwd, table in ((False, "*bf16"), (True, "*bf16"), (False, "*fp32"), (True, "
     consts = dict(HQ=32, HKV=8, D=128, BT=1, BD=64, BHQ=32, BHK=8, BWD=bwd)
     sig = {n: ("constexpr" if n in consts else (table if n in ("cos", "sin") else "*bf16") if n in
                ("q", "k", "cos", "sin", "q_out", "k_out") else "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride")}
+    attrs = aligned(fn, sig)
     k = sm90(fn, sig, consts, attrs, num_warps=R._NUM_WARPS)
     assert ".version" in k.asm["ptx"]
     print("OK", bwd, table)

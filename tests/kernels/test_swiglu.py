@@ -200,7 +200,7 @@ for name, n_type, act in (("_silu_mul_fwd_kernel", "i32", 0), ("_silu_mul_bwd_ke
     fn = getattr(S, name)
     consts = dict(BLOCK=S.BLOCK, ACT=act)
     sig = {a: "constexpr" if a in consts else n_type if a == "n" else "*bf16" for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] != "constexpr"}
+    attrs = aligned(fn, sig, also=("n",))
     k = sm90(fn, sig, consts, attrs, num_warps=S._NUM_WARPS)
     assert ".version" in k.asm["ptx"]
     print("OK", name, n_type)
