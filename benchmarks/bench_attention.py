@@ -203,6 +203,20 @@ def _sdpa_padded(q, k, v, mask):
 # ----------------------------------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------------------------------
+def _tuned_tiles():
+    """The autotuner's picks for the last call of our forward and dQ kernels: "BMxBN/warps/stages", "+pack" for
+    GQA-packed rows (the layout that fills short sequences' tiles G times better)."""
+    from llm2vec_fast.kernels import attention as A
+
+    out = []
+    for name, kernel in (("fwd", A._attn_fwd_kernel), ("dq", A._attn_bwd_dq_kernel)):
+        c = getattr(kernel, "best_config", None)
+        if c is not None:
+            kw = c.kwargs
+            out.append(f"{name} {kw['BM']}x{kw['BN']}/{c.num_warps}/{c.num_stages}{'+pack' if kw.get('PACK') else ''}")
+    return ", ".join(out) or None
+
+
 def _time(fn, inputs, do, bwd, warmup, rep):
     """Median ms of fn(*inputs) (forward) or of forward + autograd.grad (bwd); None if the peer fails."""
     try:
@@ -294,6 +308,8 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
         for bwd in (False, True):
             ms = _time(fn, (q, k, v, cu, m), do, bwd, W, R)
             res[(pname, bwd)] = _tflops(real * (3.5 if bwd else 1.0), ms)
+        if pname == "ours":
+            row["tiles"] = _tuned_tiles()
     # HF path: padded [B, L, H, D] batch with a key-padding mask
     if peers.get("others", True) and T * m <= 16 * TOKENS * 512:  # the padded batch stays within a few GB
         qp, kp, vp, dop = (torch.zeros(B, m, x.shape[1], d, device=dev, dtype=DTYPE) for x in (q, k, v, do))
@@ -483,7 +499,7 @@ def main(argv=None):
              f"(sdpa_flash, cudnn) run equal-length B×S batches with the same token count. ×peer = ours / peer. "
              f"{varlen_note}. Real lengths: {real_note}. Wall time {time.time() - t0:.0f} s.")
     # headline ratios first (the issue's targets), then our TFLOP/s, then every peer's
-    order = ["×varlen fwd", "×cudnn fwd", "×flex fwd+bwd", "best", "ours fwd", "ours_tma fwd", "ours fwd+bwd"]
+    order = ["×varlen fwd", "×cudnn fwd", "×flex fwd+bwd", "best", "ours fwd", "ours_tma fwd", "ours fwd+bwd", "tiles"]
     seen = {c for r in rows for c in r}
     base = ["case", "Hq/Hkv", "D", "B", "mean_len", "max_len"]
     cols = base + [c for c in order if c in seen]

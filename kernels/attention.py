@@ -31,6 +31,9 @@ LN2 = 0.6931471805599453
 _POISON_OUTPUTS = False
 # Forces the TMA forward (tests use it under the interpreter); on GPUs LLM2VEC_FAST_ATTN_TMA=1 opts in.
 _FORCE_TMA = False
+# Forces the row layout of the pointer forward and dQ (True: GQA-packed rows, False: per-head rows); None lets the
+# autotuner choose on the GPU and takes per-head rows under the interpreter. Tests set it.
+_FORCE_PACK = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -62,6 +65,22 @@ def _store_rows(p_base, b, o_r, o_d, stride_r, n_rows, D: tl.constexpr, EVEN_D: 
         tl.store(p, b, mask=(o_r < n_rows)[:, None] & (o_d < D)[None, :])
 
 
+@triton.jit
+def _load_at(p_rows, m_r, o_d, D: tl.constexpr, EVEN_D: tl.constexpr):
+    # [len(p_rows), BD] block whose rows start at the pointers p_rows (masked by m_r): the GQA-packed rows
+    if EVEN_D:
+        return tl.load(p_rows[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
+    return tl.load(p_rows[:, None] + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_at(p_rows, b, m_r, o_d, D: tl.constexpr, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(p_rows[:, None] + o_d[None, :], b, mask=m_r[:, None])
+    else:
+        tl.store(p_rows[:, None] + o_d[None, :], b, mask=m_r[:, None] & (o_d < D)[None, :])
+
+
 # Tile sets per head-dim class, (BM, BN, num_warps, num_stages). Every set was compiled ahead of time for sm_90 with
 # triton 3.9 and ptxas reports no register spills for it except where noted; the autotuner picks among them on the
 # card. Forward: BM query rows per program, BN keys per step. Backward: BM query rows and BN key rows per tile (dK/dV
@@ -85,19 +104,26 @@ def _head_class(bd):
     return 64 if bd <= 64 else 128 if bd <= 128 else 256
 
 
-def _configs(kind):
+def _configs(kind, pack=False):
+    """The autotuner's candidates for one kernel: every head-dim class's tiles, in _CLASSES order. With ``pack`` (the
+    pointer forward and dQ) each tile comes twice, PACK False then True: per-head rows, or GQA-packed rows (the G
+    query heads of a kv head interleaved token by token in one tile; see _attn_fwd_kernel)."""
     if INTERPRET:
         # the interpreter cannot autotune: one small tile per kernel, unequal sides (as on the GPU) so that CPU tests
-        # cross block edges and the causal diagonal with BM > BN (forward, dQ) and BM < BN (dK/dV)
+        # cross block edges and the causal diagonal with BM > BN (forward, dQ) and BM < BN (dK/dV); the launchers
+        # pass PACK themselves (_FORCE_PACK)
         BM, BN = (32, 64) if kind == "dkdv" else (64, 32)
         return [triton.Config({"BM": BM, "BN": BN}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
-            for c in _CLASSES for BM, BN, w, s in _TILES[kind][c]]
+    packs = (False, True) if pack else (None,)
+    return [triton.Config({"BM": BM, "BN": BN} if p is None else {"BM": BM, "BN": BN, "PACK": p},
+                          num_warps=w, num_stages=s)
+            for c in _CLASSES for BM, BN, w, s in _TILES[kind][c] for p in packs]
 
 
-def _prune(kind):
+def _prune(kind, pack=False):
     # configs arrive as the per-class lists concatenated in _CLASSES order: keep the slice of this head dim
-    sizes = [len(_TILES[kind][c]) for c in _CLASSES]
+    per_tile = 2 if pack else 1
+    sizes = [len(_TILES[kind][c]) * per_tile for c in _CLASSES]
 
     def prune(configs, named_args, **kwargs):
         return _prune_impl(configs, named_args, kwargs)[:_autotune_limit()]
@@ -105,7 +131,8 @@ def _prune(kind):
     def _prune_impl(configs, named_args, kwargs):
         if kwargs.get("PREC") == "ieee":
             # exact fp32 runs on FMA units, not tensor cores: larger tiles spill heavily or overflow shared memory
-            return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
+            extra = {} if not pack else {"PACK": bool(_FORCE_PACK)}
+            return [triton.Config({"BM": 32, "BN": 32, **extra}, num_warps=4, num_stages=1)]
         bd = kwargs.get("BD", named_args.get("BD"))
         if bd is None or len(configs) != sum(sizes):
             return configs
@@ -113,10 +140,21 @@ def _prune(kind):
         start = sum(sizes[:k])
         tiles = configs[start:start + sizes[k]]
         bucket = kwargs.get("SEQ_BUCKET", named_args.get("SEQ_BUCKET"))
-        if bucket is not None and bucket - bucket % 2 == 256:  # the length bucket, small pack or not
+        short = bucket is not None and bucket - bucket % 2 == 256  # the length bucket, small pack or not
+        if pack:
+            g = named_args.get("G", kwargs.get("G"))
+            if _FORCE_PACK is not None:
+                tiles = [c for c in tiles if c.kwargs["PACK"] == _FORCE_PACK]
+            elif g == 1:
+                tiles = [c for c in tiles if not c.kwargs["PACK"]]  # one head per group: both layouts are the same
+            # every per-head tile before the packed ones (a limited tuning run of long sequences tries the tiles it
+            # always tried); sentences reorder below
+            tiles = sorted(tiles, key=lambda c: c.kwargs["PACK"])
+        if short:
             # sentences: most rows of a 128 x 128 tile would be past the sequence's end, so the smaller tiles are
-            # the likelier winners and come first (what a limited tuning run, LLM2VEC_FAST_AUTOTUNE=2, tries)
-            tiles = sorted(tiles, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])
+            # the likelier winners and come first (what a limited tuning run, LLM2VEC_FAST_AUTOTUNE=2, tries); of
+            # one tile, the GQA-packed layout first: it holds G times as many real rows of a short sequence
+            tiles = sorted(tiles, key=lambda c: (c.kwargs["BM"] * c.kwargs["BN"], not c.kwargs.get("PACK", False)))
         return tiles
 
     return prune
@@ -154,13 +192,13 @@ _KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "CAUSAL", "SEQ_BUCKET"]
 
 
 @triton.jit
-def _key_blocks(i_m, L, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
-    # key range of query block i_m: keys [0, n_full) come in whole blocks that need no mask, [n_full, hi) in blocks
-    # that do. Bidirectional: every key, only the partial last block masked. Causal: keys up to the block's last
-    # query row; a block is mask-free when every key in it is at or before the block's first query row.
+def _key_blocks(t0, t_end, L, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    # key range of a query block holding tokens [t0, t_end): keys [0, n_full) come in whole blocks that need no mask,
+    # [n_full, hi) in blocks that do. Bidirectional: every key, only the partial last block masked. Causal: keys up to
+    # the block's last token; a block is mask-free when every key in it is at or before the block's first token.
     if CAUSAL:
-        hi = tl.minimum(L, (i_m + 1) * BM)
-        n_full = (tl.minimum(i_m * BM + 1, L) // BN) * BN
+        hi = tl.minimum(L, t_end)
+        n_full = (tl.minimum(t0 + 1, L) // BN) * BN
     else:
         hi = L
         n_full = (L // BN) * BN
@@ -176,16 +214,19 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
     if HAS_SOFTCAP:
         b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+        s_mul = 1.0
     else:
-        b_s = b_s * qk_mul
+        # the scale goes into the exponent's argument, one FMA per score; the row maximum is taken on the raw scores
+        # and scaled once per row (max(s)·c = max(s·c) for c > 0: the launcher rejects scale <= 0)
+        s_mul = qk_mul
     if MASK:  # a partial last key block (keys past the sequence end) or, when causal, a block crossing the diagonal
         m_s = (start_n + o_n < L)[None, :]
         if CAUSAL:
             m_s = m_s & (o_m[:, None] >= (start_n + o_n)[None, :])
         # no row is all -inf here: key 0 (in the first block visited) is visible to every query row
         b_s = tl.where(m_s, b_s, float("-inf"))
-    b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-    b_p = tl.exp2(b_s - b_mn[:, None])
+    b_mn = tl.maximum(b_mi, tl.max(b_s, 1) * s_mul)
+    b_p = tl.exp2(b_s * s_mul - b_mn[:, None])
     b_alpha = tl.exp2(b_mi - b_mn)
     b_li = b_li * b_alpha + tl.sum(b_p, 1)
     if HAS_DROPOUT:
@@ -195,8 +236,8 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
     return b_mn, b_li, b_acc
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.autotune(configs=_configs("fwd", pack=True), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("fwd", pack=True)})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, ORDER,
@@ -204,39 +245,60 @@ def _attn_fwd_kernel(
     T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Row layouts. Per-head (PACK False): program (i_m, query head, sequence) holds BM tokens of one query head.
+    # GQA-packed (PACK True): program (i_m, kv head, sequence) holds BM rows of the L·G rows (token t, head g) of the
+    # kv head's G query heads, row r = t·G + g: a short sequence fills its tiles G times better, and each K/V block
+    # loaded serves G heads.
+    i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # sequences are visited longest first (ORDER), so the long tail of work starts early
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
     L = tl.load(CU + i_b + 1) - bos
+    if PACK:
+        n_rows = L * G
+        i_h = i_x
+    else:
+        n_rows = L
+        i_h = i_x // G
     if CAUSAL:
         # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
-        i_m = tl.cdiv(L, BM) - 1 - i_m
+        i_m = tl.cdiv(n_rows, BM) - 1 - i_m
         if i_m < 0:
             return
-    if i_m * BM >= L:
+    if i_m * BM >= n_rows:
         return
-    i_h = i_hq // G
     EVEN_D: tl.constexpr = BD == D
 
-    o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, BD)
     bos64 = bos.to(tl.int64)
     p_k = K + bos64 * stride_kt + i_h * stride_kh
     p_v = V + bos64 * stride_vt + i_h * stride_vh
-    # [BM, BD]
-    b_q = _load_rows(Q + bos64 * stride_qt + i_hq * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
+    if PACK:
+        o_r = i_m * BM + tl.arange(0, BM)
+        m_r = o_r < n_rows
+        o_m = o_r // G  # each row's token
+        o_hq = i_h * G + o_r % G  # and query head
+        b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)  # [BM, BD]
+        o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]  # dropout counter base per query row
+        t0 = i_m * BM // G
+        t_end = ((i_m + 1) * BM - 1) // G + 1
+    else:
+        o_m = i_m * BM + tl.arange(0, BM)
+        b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
+        o_row = ((i_x * T + bos64 + o_m) * T)[:, None]
+        t0 = i_m * BM
+        t_end = t0 + BM
 
     b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_li = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
-    o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]  # dropout counter base per query row
 
     # full key blocks load without masks; only the last, partial block (and, when causal, the blocks crossing the
     # diagonal) pay for them
-    n_full, hi = _key_blocks(i_m, L, BM, BN, CAUSAL)
+    n_full, hi = _key_blocks(t0, t_end, L, BN, CAUSAL)
     for start_n in range(0, n_full, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
@@ -248,12 +310,15 @@ def _attn_fwd_kernel(
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
                                        cap_mul, dropout_p, seed, True, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
-    b_acc = b_acc * (drop_scale / b_li)[:, None]
-    _store_rows(O + bos64 * stride_ot + i_hq * stride_oh, b_acc.to(O.dtype.element_ty), o_m, o_d, stride_ot, L, D,
-                EVEN_D)
+    b_acc = (b_acc * (drop_scale / b_li)[:, None]).to(O.dtype.element_ty)
     # natural-log lse of the *undropped* softmax: what the backward needs to rebuild P
     b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
-    tl.store(LSE + i_hq * T + bos64 + o_m, b_lse, mask=o_m < L)
+    if PACK:
+        _store_at(O + (bos64 + o_m) * stride_ot + o_hq * stride_oh, b_acc, m_r, o_d, D, EVEN_D)
+        tl.store(LSE + o_hq * T + bos64 + o_m, b_lse, mask=m_r)
+    else:
+        _store_rows(O + bos64 * stride_ot + i_x * stride_oh, b_acc, o_m, o_d, stride_ot, L, D, EVEN_D)
+        tl.store(LSE + i_x * T + bos64 + o_m, b_lse, mask=o_m < L)
 
 
 @triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_tune_bench,
@@ -295,7 +360,7 @@ def _attn_fwd_tma_kernel(
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
 
-    n_full, hi = _key_blocks(i_m, L, BM, BN, CAUSAL)
+    n_full, hi = _key_blocks(i_m * BM, (i_m + 1) * BM, L, BN, CAUSAL)
     for start_n in range(0, n_full, BN):
         b_k = d_k.load([start_n, 0])  # [BN, BD]
         b_v = d_v.load([start_n, 0])
@@ -409,8 +474,8 @@ def _attn_bwd_dkdv_kernel(
                 EVEN_D)
 
 
-@triton.autotune(configs=_configs("dq"), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.autotune(configs=_configs("dq", pack=True), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("dq", pack=True)})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,
@@ -418,39 +483,55 @@ def _attn_bwd_dq_kernel(
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic
-    i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic. Rows
+    # per head or GQA-packed, as in the forward (PACK).
+    i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
     L = tl.load(CU + i_b + 1) - bos
+    if PACK:
+        n_rows = L * G
+        i_h = i_x
+    else:
+        n_rows = L
+        i_h = i_x // G
     if CAUSAL:
         # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
-        i_m = tl.cdiv(L, BM) - 1 - i_m
+        i_m = tl.cdiv(n_rows, BM) - 1 - i_m
         if i_m < 0:
             return
-    if i_m * BM >= L:
+    if i_m * BM >= n_rows:
         return
-    i_h = i_hq // G
     EVEN_D: tl.constexpr = BD == D
-    o_m = i_m * BM + tl.arange(0, BM)
+    o_r = i_m * BM + tl.arange(0, BM)
     o_n0 = tl.arange(0, BN)
     o_d = tl.arange(0, BD)
-    m_m = o_m < L
+    m_r = o_r < n_rows
     bos64 = bos.to(tl.int64)
-
-    b_q = _load_rows(Q + bos64 * stride_qt + i_hq * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
-    b_do = _load_rows(DO + bos64 * stride_dot + i_hq * stride_doh, o_m, o_d, stride_dot, L, D, True, EVEN_D)
-    b_lse2 = tl.load(LSE + i_hq * T + bos64 + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
-    b_delta = tl.load(DELTA + i_hq * T + bos64 + o_m, mask=m_m, other=0.0)
+    if PACK:
+        o_m = o_r // G  # each row's token
+        o_hq = i_h * G + o_r % G  # and query head
+        b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)
+        b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_r, o_d, D, EVEN_D)
+        t_end = ((i_m + 1) * BM - 1) // G + 1
+    else:
+        o_m = o_r
+        o_hq = i_x
+        b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
+        b_do = _load_rows(DO + bos64 * stride_dot + i_x * stride_doh, o_m, o_d, stride_dot, L, D, True, EVEN_D)
+        t_end = (i_m + 1) * BM
+    b_lse2 = tl.load(LSE + o_hq * T + bos64 + o_m, mask=m_r, other=float("inf")) * 1.4426950408889634
+    b_delta = tl.load(DELTA + o_hq * T + bos64 + o_m, mask=m_r, other=0.0)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     p_k = K + bos64 * stride_kt + i_h * stride_kh
     p_v = V + bos64 * stride_vt + i_h * stride_vh
-    o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
+    o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]
 
     hi = L
-    if CAUSAL:  # keys after this query block's last row are never seen
-        hi = tl.minimum(L, (i_m + 1) * BM)
+    if CAUSAL:  # keys after this query block's last token are never seen
+        hi = tl.minimum(L, t_end)
     for start_n in range(0, hi, BN):
         o_n = start_n + o_n0
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, True, EVEN_D)  # [BN, BD]
@@ -474,9 +555,11 @@ def _attn_bwd_dq_kernel(
             b_ds = b_ds * (1.0 - b_t * b_t)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
-    b_dq = b_dq * scale
-    _store_rows(DQ + bos64 * stride_dqt + i_hq * stride_dqh, b_dq.to(DQ.dtype.element_ty), o_m, o_d, stride_dqt, L, D,
-                EVEN_D)
+    b_dq = (b_dq * scale).to(DQ.dtype.element_ty)
+    if PACK:
+        _store_at(DQ + (bos64 + o_m) * stride_dqt + o_hq * stride_dqh, b_dq, m_r, o_d, D, EVEN_D)
+    else:
+        _store_rows(DQ + bos64 * stride_dqt + i_x * stride_dqh, b_dq, o_m, o_d, stride_dqt, L, D, EVEN_D)
 
 
 @triton.jit(do_not_specialize=["T", "seed"])
@@ -565,22 +648,35 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
         return o, lse
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
 
-    def grid(meta):
-        return (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)
-
-    kernel = _attn_fwd_kernel
+    kernel, extra = _attn_fwd_kernel, _pack_arg()
     if _use_tma(q, k, v):
         _set_tma_allocator()
-        kernel = _attn_fwd_tma_kernel
-    kernel[grid](
+        kernel, extra = _attn_fwd_tma_kernel, {}
+    kernel[_row_grid(max_seqlen, HQ, HKV, B)](
         q, k, v, o, lse, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         T, qk_mul, cap_mul, float(dropout_p), drop_scale, kernel_seed(seed), _seq_bucket(max_seqlen, T),
         G=HQ // HKV, D=D, BD=triton.next_power_of_2(D),
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", **extra,
     )
     return o, lse
+
+
+def _row_grid(max_seqlen, HQ, HKV, B):
+    # query-row programs of the forward and dQ: BM rows of one query head, or with PACK BM of a kv head's
+    # G·max_seqlen GQA-packed rows
+    def grid(meta):
+        if meta.get("PACK"):
+            return (triton.cdiv(max_seqlen * (HQ // HKV), meta["BM"]), HKV, B)
+        return (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)
+
+    return grid
+
+
+def _pack_arg():
+    # the interpreter's single config carries no PACK: the launcher passes the forced layout (per-head by default)
+    return {"PACK": bool(_FORCE_PACK)} if INTERPRET else {}
 
 
 def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False):
@@ -610,10 +706,10 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common,
     )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)](
+    _attn_bwd_dq_kernel[_row_grid(max_seqlen, HQ, HKV, B)](
         q, k, v, do, lse, delta, dq, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), *runtime, **common,
+        dq.stride(0), dq.stride(1), *runtime, **common, **_pack_arg(),
     )
     return dq, dk, dv
 
@@ -746,12 +842,14 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             int.
         ValueError: wrong ranks or shapes, device mismatch, non-contiguous last dimension, ``Hq % Hkv != 0``,
             unsupported head dim, ``cu_seqlens`` not starting at 0, decreasing, not ending at ``T``, or longer than
-            ``max_seqlen``, ``dropout_p`` outside ``[0, 1)``, ``softcap < 0``.
+            ``max_seqlen``, ``dropout_p`` outside ``[0, 1)``, ``softcap < 0``, ``scale <= 0`` or not finite.
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p)
     T, HQ, D = q.shape
     order = _seq_info(cu_seqlens, T, int(max_seqlen))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     dropout_p = float(dropout_p)
     if dropout_p > 0 and seed is None:
         seed = new_seed()

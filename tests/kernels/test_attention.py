@@ -210,6 +210,75 @@ def test_causal_dropout_matches_reference_with_the_kernels_mask(poison):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# GQA-packed rows (PACK): the forward and dQ tiles hold the G query heads of a kv head interleaved token by token. The
+# autotuner picks the layout on the GPU; here _FORCE_PACK runs it under the interpreter.
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def packed(monkeypatch):
+    monkeypatch.setattr(attn, "_FORCE_PACK", True)
+    for kernel in (attn._attn_fwd_kernel, attn._attn_bwd_dq_kernel):
+        # tuning choices made under the flag go to a scratch cache and are dropped with it
+        monkeypatch.setattr(kernel, "cache", {})
+
+
+CASES_PACK = [
+    # G = 3 and 4 do not divide the 64-row tile into whole tokens; MQA packs every head; G = 1 is the trivial pack
+    pytest.param(80, 6, 2, 0.0, False, torch.float32, id="D80-HQ6-H2-gqa3-fp32"),
+    pytest.param(64, 4, 1, 2.0, False, torch.float32, id="D64-HQ4-H1-mqa-softcap-fp32"),
+    pytest.param(64, 8, 2, 0.0, True, torch.float32, id="D64-HQ8-H2-gqa4-causal-fp32"),
+    pytest.param(32, 2, 2, 0.0, True, torch.float32, id="D32-HQ2-H2-mha-causal-fp32"),
+    pytest.param(128, 4, 1, 0.0, False, torch.float16, id="D128-HQ4-H1-mqa-fp16"),
+    pytest.param(96, 6, 2, 2.0, True, torch.bfloat16, id="D96-HQ6-H2-gqa3-softcap-causal-bf16",
+                 marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("d, hq, hkv, softcap, causal, dtype", CASES_PACK)
+def test_gqa_packed_rows_match_reference(poison, packed, d, hq, hkv, softcap, causal, dtype):
+    cu = _cu(LENS)
+    q, k, v, do = _inputs(LENS, hq, hkv, d, dtype, fused="qkv", qscale=3.0 if softcap else 1.0, seed=d + hq)
+    kw = dict(softcap=softcap, causal=causal)
+    ours = _run(flash_attention, q, k, v, do, cu, max(LENS), **kw)
+    names = ("o", "lse", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        ref = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), **kw)
+        for name, a, b in zip(names, ours, ref, strict=True):
+            assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max(LENS), **kw)
+        ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), _upcast=False, **kw)
+        _check_lowp(ours, ref32, ref_lp, names, (2, 2, 3, 3, 3))
+
+
+def test_gqa_packed_rows_equal_per_head_rows(monkeypatch, packed):
+    """Each row meets the same key blocks in the same order in both layouts, so they agree to float rounding (the
+    matmuls of differently shaped tiles round differently), dropout included: its counter is the row's head and
+    token, not its tile slot, so both layouts draw the same bits."""
+    lens = (1, 40, 70, 9)
+    cu = _cu(lens)
+    q, k, v, do = _inputs(lens, 6, 2, 32, torch.float32, seed=3)
+    kw = dict(dropout_p=0.3, seed=5, causal=False)
+    ours = _run(flash_attention, q, k, v, do, cu, 70, **kw)
+    monkeypatch.setattr(attn, "_FORCE_PACK", False)
+    per_head = _run(flash_attention, q, k, v, do, cu, 70, **kw)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), ours, per_head, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_gqa_packed_rows_dropout_matches_reference_with_the_kernels_mask(poison, packed):
+    cu = _cu(DROP_LENS)
+    q, k, v, do = _inputs(DROP_LENS, 4, 1, 32, torch.float32, seed=8)
+    mask = dropout_keep_mask(13, 0.3, 4, sum(DROP_LENS), DEV)
+    for causal in (False, True):
+        ours = _run(flash_attention, q, k, v, do, cu, 70, dropout_p=0.3, seed=13, causal=causal)
+        ref = _run(flash_attention_ref, q, k, v, do, cu, 70, dropout_p=0.3, _dropout_mask=mask, causal=causal)
+        for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+            assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # dropout
 # ---------------------------------------------------------------------------------------------------------------------
 DROP_LENS = (1, 40, 70)
@@ -343,8 +412,10 @@ def test_empty_pack():
     assert q.grad.shape == q.shape
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(dropout_p=1.0), "dropout_p"), (dict(softcap=-1.0), "softcap")],
-                         ids=["dropout-1", "softcap-negative"])
+@pytest.mark.parametrize("kw, msg", [(dict(dropout_p=1.0), "dropout_p"), (dict(softcap=-1.0), "softcap"),
+                                     (dict(scale=0.0), "scale"), (dict(scale=-0.125), "got -0.125"),
+                                     (dict(scale=float("inf")), "got inf")],
+                         ids=["dropout-1", "softcap-negative", "scale-0", "scale-negative", "scale-inf"])
 def test_invalid_options_raise(kw, msg):
     a = _valid()
     with pytest.raises(ValueError, match=msg):
@@ -412,20 +483,24 @@ def test_gpu_new_lengths_do_not_recompile():
 # ---------------------------------------------------------------------------------------------------------------------
 # Hopper compile check without a GPU: the interpreter never runs the real compiler, so GPU-only compile errors would
 # otherwise surface on the first GPU run. Compiles the kernels (softcap + dropout + padded head dim, the longest code
-# path, causal; the TMA forward at D=128) for sm_90 in a subprocess without TRITON_INTERPRET.
+# path, causal; per-head and GQA-packed rows; the TMA forward at D=128) for sm_90 in a subprocess without
+# TRITON_INTERPRET.
 # ---------------------------------------------------------------------------------------------------------------------
 _AOT = r"""
 import llm2vec_fast.kernels.attention as A
 
 ptrs = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 import triton.language as tl
-todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True), ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False),
-        ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True)]
+todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, False),
+        ("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, True), ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, None),
+        ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True)]
 if hasattr(tl, "make_tensor_descriptor"):
-    todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128, False))
-for name, BM, BN, w, s, D, causal in todo:
+    todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128, False, None))
+for name, BM, BN, w, s, D, causal, pack in todo:
     fn = getattr(A, name).fn
     consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, CAUSAL=causal, PREC="tf32")
+    if pack is not None:
+        consts["PACK"] = pack
     sig = {}
     for n in fn.arg_names:
         sig[n] = ("constexpr" if n in consts else "*bf16" if n in ptrs else "*fp32" if n in ("LSE", "DELTA")
@@ -434,13 +509,13 @@ for name, BM, BN, w, s, D, causal in todo:
     attrs = aligned(fn, sig)
     k = sm90(fn, sig, consts, attrs, num_warps=w, num_stages=s)
     assert "wgmma" in k.asm["ptx"], f"{name}: no Hopper tensor-core MMA in the PTX"
-    print("OK", name, "causal" if causal else "")
+    print("OK", name, "causal" if causal else "", "packed" if pack else "")
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=4)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=6)
 
 
 def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
@@ -467,6 +542,38 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
         short = prune(configs, {}, BD=64, SEQ_BUCKET=256)
         assert len(short) == 2 and short[0].kwargs["BM"] * short[0].kwargs["BN"] == min(
             a * b for a, b, _, _ in attn._TILES[kind][64])
+
+
+def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monkeypatch):
+    """Forward and dQ offer each tile per head and GQA-packed: both when G > 1 (all per-head tiles first for long
+    sequences, the smallest tile packed first for sentences), per-head only when G = 1, the forced layout only under
+    _FORCE_PACK."""
+    import triton
+
+    monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
+    for kind in ("fwd", "dq"):
+        configs = [triton.Config({"BM": BM, "BN": BN, "PACK": p}, num_warps=w, num_stages=s)
+                   for c in attn._CLASSES for BM, BN, w, s in attn._TILES[kind][c] for p in (False, True)]
+        prune = attn._prune(kind, pack=True)
+        tiles = [(BM, BN) for BM, BN, _, _ in attn._TILES[kind][128]]
+
+        def got(prune=prune, configs=configs, **kw):
+            kept = prune(configs, {"G": kw.pop("G")}, BD=128, **kw)
+            return [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["PACK"]) for c in kept]
+
+        assert got(G=4, SEQ_BUCKET=1024) == [(a, b, p) for p in (False, True) for a, b in tiles]
+        assert got(G=1, SEQ_BUCKET=1024) == [(a, b, False) for a, b in tiles]
+        short = got(G=4, SEQ_BUCKET=257)
+        assert sorted(short) == sorted((a, b, p) for a, b in tiles for p in (False, True))
+        assert short[0][2] and short[0][0] * short[0][1] == min(a * b for a, b in tiles)
+        monkeypatch.setattr(attn, "_FORCE_PACK", True)
+        assert got(G=4, SEQ_BUCKET=1024) == got(G=1, SEQ_BUCKET=1024) == [(a, b, True) for a, b in tiles]
+        assert got(G=4, SEQ_BUCKET=1024, PREC="ieee") == [(32, 32, True)]
+        monkeypatch.setattr(attn, "_FORCE_PACK", None)
+        assert got(G=4, SEQ_BUCKET=1024, PREC="ieee") == [(32, 32, False)]
+        monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "1")
+        assert got(G=4, SEQ_BUCKET=1024) == [(*tiles[0], False)]
+        monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE")
 
 
 def test_autotune_buckets_split_lengths_and_small_packs():
