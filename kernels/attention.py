@@ -31,8 +31,8 @@ LN2 = 0.6931471805599453
 _POISON_OUTPUTS = False
 # Forces the TMA forward (tests use it under the interpreter); on GPUs LLM2VEC_FAST_ATTN_TMA=1 opts in.
 _FORCE_TMA = False
-# Forces the row layout of the pointer forward and dQ (True: GQA-packed rows, False: per-head rows); None lets the
-# autotuner choose on the GPU and takes per-head rows under the interpreter. Tests set it.
+# Forces the query-row layout of the pointer forward, dQ and dK/dV (True: GQA-packed rows, False: per-head rows); None
+# lets the autotuner choose on the GPU and takes per-head rows under the interpreter. Tests set it.
 _FORCE_PACK = None
 
 
@@ -106,7 +106,7 @@ def _head_class(bd):
 
 def _configs(kind, pack=False):
     """The autotuner's candidates for one kernel: every head-dim class's tiles, in _CLASSES order. With ``pack`` (the
-    pointer forward and dQ) each tile comes twice, PACK False then True: per-head rows, or GQA-packed rows (the G
+    pointer forward, dQ and dK/dV) each tile comes twice, PACK False then True: per-head rows, or GQA-packed rows (the G
     query heads of a kv head interleaved token by token in one tile; see _attn_fwd_kernel)."""
     if INTERPRET:
         # the interpreter cannot autotune: one small tile per kernel, unequal sides (as on the GPU) so that CPU tests
@@ -396,8 +396,42 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + i_hq * T + o_t, b_delta, mask=o_t < T)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.jit
+def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o_n, o_drop, qk_mul, cap_mul, dropout_p,
+                drop_scale, seed, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                PREC: tl.constexpr):
+    # one query block's contribution to a key block's dK/dV: o_stat indexes the rows' lse and delta ([Hq, T] flat),
+    # o_m holds each row's token (causal mask), o_drop the dropout counters [BN, BM]
+    # padded query rows get lse = +inf so their P is exactly 0
+    b_lse2 = tl.load(LSE + o_stat, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_delta = tl.load(DELTA + o_stat, mask=m_m, other=0.0)
+    # transposed tiles ([BN, BM]: keys × queries) so that P^T and dS^T come out of the MMAs already in the
+    # A-operand orientation of the dV and dK products: no register transposes through shared memory
+    b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
+    if HAS_SOFTCAP:
+        b_tT = 1.0 - 2.0 / (tl.exp2(b_sT * qk_mul * 2.8853900817779268) + 1.0)
+        b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
+    else:
+        b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
+    if CAUSAL:
+        b_pT = tl.where(o_m[None, :] >= o_n[:, None], b_pT, 0.0)
+    b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
+    if HAS_DROPOUT:
+        b_keep = tl.rand(seed, o_drop) >= dropout_p
+        b_pdT = tl.where(b_keep, b_pT * drop_scale, 0.0)
+        b_dpT = tl.where(b_keep, b_dpT * drop_scale, 0.0)
+    else:
+        b_pdT = b_pT
+    b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PREC)
+    b_dsT = b_pT * (b_dpT - b_delta[None, :])
+    if HAS_SOFTCAP:
+        b_dsT = b_dsT * (1.0 - b_tT * b_tT)
+    b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PREC)
+    return b_dk, b_dv
+
+
+@triton.autotune(configs=_configs("dkdv", pack=True), key=_KEY, do_bench=_tune_bench,
+                 prune_configs_by={"early_config_prune": _prune("dkdv", pack=True)})
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
@@ -406,9 +440,12 @@ def _attn_bwd_dkdv_kernel(
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    # one program owns BN keys of one kv head and loops over the G query heads of its group: dK/dV are summed in
-    # registers, no atomics, deterministic
+    # one program owns BN keys of one kv head and streams the queries of the G query heads of its group: dK/dV are
+    # summed in registers, no atomics, deterministic. Per head (PACK False): G passes over the L query tokens.
+    # GQA-packed (PACK True): one pass over the L·G rows (token t, head g), row r = t·G + g, as in the forward: fewer,
+    # fuller query blocks for short sequences.
     i_n, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
@@ -428,44 +465,36 @@ def _attn_bwd_dkdv_kernel(
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     o_col = (bos64 + o_n)[:, None]
 
-    # causal: queries before this key block never see it
-    lo = 0
-    if CAUSAL:
-        lo = (i_n * BN // BM) * BM
-    for g in range(G):
-        i_hq = i_h * G + g
-        p_q = Q + bos64 * stride_qt + i_hq * stride_qh
-        p_do = DO + bos64 * stride_dot + i_hq * stride_doh
-        for start_m in range(lo, L, BM):
-            o_m = start_m + o_m0
-            m_m = o_m < L
-            b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
-            b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
-            # padded query rows get lse = +inf so their P is exactly 0
-            b_lse2 = tl.load(LSE + i_hq * T + bos64 + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
-            b_delta = tl.load(DELTA + i_hq * T + bos64 + o_m, mask=m_m, other=0.0)
-            # transposed tiles ([BN, BM]: keys × queries) so that P^T and dS^T come out of the MMAs already in the
-            # A-operand orientation of the dV and dK products: no register transposes through shared memory
-            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
-            if HAS_SOFTCAP:
-                b_tT = 1.0 - 2.0 / (tl.exp2(b_sT * qk_mul * 2.8853900817779268) + 1.0)
-                b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
-            else:
-                b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
-            if CAUSAL:
-                b_pT = tl.where(o_m[None, :] >= o_n[:, None], b_pT, 0.0)
-            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
-            if HAS_DROPOUT:
-                b_keep = tl.rand(seed, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col) >= dropout_p
-                b_pdT = tl.where(b_keep, b_pT * drop_scale, 0.0)
-                b_dpT = tl.where(b_keep, b_dpT * drop_scale, 0.0)
-            else:
-                b_pdT = b_pT
-            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PREC)
-            b_dsT = b_pT * (b_dpT - b_delta[None, :])
-            if HAS_SOFTCAP:
-                b_dsT = b_dsT * (1.0 - b_tT * b_tT)
-            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PREC)
+    if PACK:
+        lo = 0
+        if CAUSAL:  # rows of tokens before this key block never see it
+            lo = (i_n * BN * G // BM) * BM
+        for start_m in range(lo, L * G, BM):
+            o_r = start_m + o_m0
+            m_m = o_r < L * G
+            o_m = o_r // G  # each row's token
+            o_hq = i_h * G + o_r % G  # and query head
+            b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
+            b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)  # [BM, BD]
+            b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m, o_m,
+                                     o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                                     dropout_p, drop_scale, seed, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+    else:
+        lo = 0
+        if CAUSAL:  # queries before this key block never see it
+            lo = (i_n * BN // BM) * BM
+        for g in range(G):
+            i_hq = i_h * G + g
+            p_q = Q + bos64 * stride_qt + i_hq * stride_qh
+            p_do = DO + bos64 * stride_dot + i_hq * stride_doh
+            for start_m in range(lo, L, BM):
+                o_m = start_m + o_m0
+                m_m = o_m < L
+                b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
+                b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
+                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, m_m,
+                                         o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                                         dropout_p, drop_scale, seed, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_dk = b_dk * scale
     _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L, D,
@@ -704,7 +733,7 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BN"]), HKV, B)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common, **_pack_arg(),
     )
     _attn_bwd_dq_kernel[_row_grid(max_seqlen, HQ, HKV, B)](
         q, k, v, do, lse, delta, dq, cu_seqlens, order,

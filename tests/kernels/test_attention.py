@@ -210,13 +210,13 @@ def test_causal_dropout_matches_reference_with_the_kernels_mask(poison):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GQA-packed rows (PACK): the forward and dQ tiles hold the G query heads of a kv head interleaved token by token. The
-# autotuner picks the layout on the GPU; here _FORCE_PACK runs it under the interpreter.
+# GQA-packed rows (PACK): the query tiles of the forward, dQ and dK/dV kernels hold the G query heads of a kv head
+# interleaved token by token. The autotuner picks the layout on the GPU; here _FORCE_PACK runs it under the interpreter.
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def packed(monkeypatch):
     monkeypatch.setattr(attn, "_FORCE_PACK", True)
-    for kernel in (attn._attn_fwd_kernel, attn._attn_bwd_dq_kernel):
+    for kernel in (attn._attn_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel):
         # tuning choices made under the flag go to a scratch cache and are dropped with it
         monkeypatch.setattr(kernel, "cache", {})
 
@@ -492,7 +492,8 @@ import llm2vec_fast.kernels.attention as A
 ptrs = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 import triton.language as tl
 todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, False),
-        ("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, True), ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, None),
+        ("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, True), ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, False),
+        ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, True),
         ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True)]
 if hasattr(tl, "make_tensor_descriptor"):
     todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128, False, None))
@@ -515,7 +516,7 @@ for name, BM, BN, w, s, D, causal, pack in todo:
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=6)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=7)
 
 
 def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
@@ -545,13 +546,13 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
 
 
 def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monkeypatch):
-    """Forward and dQ offer each tile per head and GQA-packed: both when G > 1 (all per-head tiles first for long
-    sequences, the smallest tile packed first for sentences), per-head only when G = 1, the forced layout only under
-    _FORCE_PACK."""
+    """The forward and both backward kernels offer each tile per head and GQA-packed: both when G > 1 (all per-head
+    tiles first for long sequences, the smallest tile packed first for sentences), per-head only when G = 1, the
+    forced layout only under _FORCE_PACK."""
     import triton
 
     monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
-    for kind in ("fwd", "dq"):
+    for kind in ("fwd", "dkdv", "dq"):
         configs = [triton.Config({"BM": BM, "BN": BN, "PACK": p}, num_warps=w, num_stages=s)
                    for c in attn._CLASSES for BM, BN, w, s in attn._TILES[kind][c] for p in (False, True)]
         prune = attn._prune(kind, pack=True)
