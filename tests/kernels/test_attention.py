@@ -471,9 +471,10 @@ def test_gpu_new_lengths_do_not_recompile():
         T = sum(lens)
         flash_attention(q[:T], k[:T], v[:T], _cu(lens), max(lens))
 
-    call((300,))  # all maxima below stay in one autotune bucket (257..512), so only T and cu_seqlens change
+    # every pack below stays in one autotune bucket (work-weighted length 257..1024), so only T and cu_seqlens change
+    call((300,))
     before = n_compiled()
-    for lens in ((100, 290), (1, 299), (37, 63, 400), (450, 150)):
+    for lens in ((280, 290), (1, 299), (37, 63, 400), (450, 150)):
         call(lens)
     if before is None:
         pytest.skip("this triton exposes no compile cache to count")
@@ -581,3 +582,8 @@ def test_autotune_buckets_split_lengths_and_small_packs():
     assert [attn._seq_bucket(m, 65536) for m in (1, 256, 257, 1024, 1025, 8192)] == [256, 256, 1024, 1024, 8192, 8192]
     assert [attn._seq_bucket(m, attn.SMALL_PACK) for m in (100, 512, 4096)] == [257, 1025, 8193]
     assert attn._seq_bucket(100, attn.SMALL_PACK + 1) == 256
+    # packs are bucketed by their work-weighted length ΣL²/ΣL (rounded up), not by their longest sequence
+    assert attn._work_length([131] * 124 + [442]) == 140 and attn._work_length([100] * 80 + [8000]) == 4050
+    assert attn._work_length([]) == attn._work_length([0, 0]) == 0 and attn._work_length([3, 4]) == 4
+    cu = _cu([131] * 124 + [442])
+    assert attn._seq_info(cu, int(cu[-1]), 442)[1] == 140
