@@ -9,7 +9,7 @@ the 1.3B config at the issue's 60 % MFU needs 0.6 x the dense limit bench_encode
 H100/H200), the 7B config at 75 % about 40k. Runs anywhere (no GPU, no model weights: a one-layer stand-in model
 with the SmolLM2 tokenizer).
 
-    python benchmarks/bench_host_pipeline.py       # ~40 s; writes host_pipeline.{json,md}
+    python benchmarks/bench_host_pipeline.py       # ~60 s; writes host_pipeline.{json,md}
 """
 from __future__ import annotations
 
@@ -65,27 +65,36 @@ def run(tok_dir, corpora, budget, repeats):
         texts = load_corpus(corpus)
         pairs = _instructed_pairs(texts, None)
         live = [i for i, (_, t) in enumerate(pairs) if t.strip()]
-        times, tokens, batches = [], 0, 0
+        import llm2vec_fast.encoder as enc
+
+        # the host side alone, tokenizing through tokenizer.__call__ (before 2026-11-27) and through the fast
+        # tokenizer's Rust backend (encode's default since), alternating so that both see the same machine load
+        times, tokens, batches = {False: [], True: []}, 0, 0
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            tokens = batches = 0
-            for _, feats, _ in l2v._packed_batches(pairs, live, budget, torch.device("cpu")):
-                if feats is not None:
-                    tokens += feats["input_ids"].numel()
-                    batches += 1
-            times.append(time.perf_counter() - t0)
+            for fast in (False, True):
+                enc.FAST_TOKENIZE = fast
+                t0 = time.perf_counter()
+                tokens = batches = 0
+                for _, feats, _ in l2v._packed_batches(pairs, live, budget, torch.device("cpu")):
+                    if feats is not None:
+                        tokens += feats["input_ids"].numel()
+                        batches += 1
+                times[fast].append(time.perf_counter() - t0)
+        enc.FAST_TOKENIZE = True
         plain = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             tokenizer(texts, truncation=True, max_length=512)
             plain.append(time.perf_counter() - t0)
-        sec, plain_sec = statistics.median(times), statistics.median(plain)
-        rows.append({"corpus": corpus, "mode": "host side alone", "texts": len(texts), "tokens": tokens,
-                     "batches": batches, "budget_tokens": budget, "seconds": sec, "tokens_per_s": tokens / sec,
-                     "plain_tokenizer_tokens_per_s": tokens / plain_sec, "vs_plain_tokenizer": plain_sec / sec})
-        print(rows[-1], flush=True)
+        plain_sec = statistics.median(plain)
+        for fast in (False, True):
+            sec = statistics.median(times[fast])
+            mode = "host side alone" + (", Rust backend" if fast else ", tokenizer __call__ (before)")
+            rows.append({"corpus": corpus, "mode": mode, "texts": len(texts), "tokens": tokens,
+                         "batches": batches, "budget_tokens": budget, "seconds": sec, "tokens_per_s": tokens / sec,
+                         "plain_tokenizer_tokens_per_s": tokens / plain_sec, "vs_plain_tokenizer": plain_sec / sec})
+            print(rows[-1], flush=True)
         # the whole loop against a stand-in device at the 1.3B config's 60 % MFU rate, under each chunk rule
-        import llm2vec_fast.encoder as enc
 
         for early in (False, True):
             enc._EARLY_PARTIAL = early
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: as bench_encode.py)")
     p.add_argument("--budget", type=int, default=65536, help="tokens per batch (encode's default on an H100/H200)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results or $OUT)")
     a = p.parse_args(argv)
     from benchmarks.bench_encode import CORPORA, tokenizer_folder
@@ -114,7 +123,9 @@ def main(argv=None) -> int:
     write_results("host_pipeline", rows, out_dir=a.out, title="Encode's host side alone: tokenize, sort, batch, pack",
                   notes=f"Median of {a.repeats} passes over the corpora of bench_encode.py with the SmolLM2 tokenizer, "
                         "no model run. 'host side alone': tokens_per_s bounds encode's throughput when the device is "
-                        "faster; vs_plain_tokenizer = the time of one tokenizer(texts) call over this pipeline's time. "
+                        "faster; vs_plain_tokenizer = the time of one tokenizer(texts) call over this pipeline's time; "
+                        "'tokenizer __call__' tokenizes through transformers' call (before 2026-11-27), 'Rust backend' "
+                        "through the fast tokenizer's backend directly (the same tokens). "
                         "'device at ...': encode's loop (background tokenization, batch i collected after batch i + 1 "
                         "is launched) against a stand-in device that takes tokens / rate seconds per batch; "
                         "device_busy_share = the device's busy time over the wall time (1 = never waiting for the "

@@ -266,18 +266,14 @@ class LLM2Vec(nn.Module):
 
         One batched tokenizer call with character offsets; only texts near ``doc_max_length`` are tokenized again.
         """
-        enc, n_text = self._encode_joint(pairs)
+        ids, n_text = self._encode_joint(pairs)
         # near the word-truncation limit: apply the original's rule exactly (rare for sentence-length inputs)
         long = [i for i, n in enumerate(n_text) if n > self.doc_max_length - 16]
         if long:
-            enc2, n2 = self._encode_joint([(pairs[i][0], self._shorten(pairs[i][1])) for i in long])
-            ids = list(enc["input_ids"])
+            ids2, n2 = self._encode_joint([(pairs[i][0], self._shorten(pairs[i][1])) for i in long])
             for k, i in enumerate(long):
-                ids[i] = enc2["input_ids"][k]
+                ids[i] = ids2[k]
                 n_text[i] = n2[k]
-        else:
-            ids = enc["input_ids"]
-        ids = [np.asarray(x, dtype=np.int32) for x in ids]
         if self.skip_instruction:
             # the original pools the last n positions, n = the text's own token count
             starts = np.array([len(x) - n for x, n in zip(ids, n_text, strict=True)], dtype=np.int32)
@@ -286,35 +282,70 @@ class LLM2Vec(nn.Module):
         return ids, np.maximum(starts, 0), np.asarray(n_text)
 
     def _encode_joint(self, pairs):
-        """One batched call on the joint strings; the text's token count from offsets, or (``instruction_span=
-        "compat"``, the default) from one more batched call on the instructed items' texts alone, which is what the
-        original counts: " Orange" inside a joint string is one token, "Orange" alone two."""
+        """One batched call on the joint strings: (token ids, one int32 array per item; the text's token counts).
+        The count comes from offsets, or (``instruction_span="compat"``, the default) from one more batched call on
+        the instructed items' texts alone, which is what the original counts: " Orange" inside a joint string is one
+        token, "Orange" alone two."""
         joints, cuts, texts = self._joint_strings(pairs)
         # character offsets only where an instruction precedes the text (they cost ~20 % of the tokenizer's time)
-        enc = self.tokenizer(joints, add_special_tokens=True, truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=any(cuts), return_special_tokens_mask=True)
-        n_text = self._count_text_tokens(enc, cuts)
+        ids, special, offsets = self._tokenize_batch(joints, True, any(cuts))
+        n_text = self._count_text_tokens(special, offsets, cuts)
         if self.instruction_span == "compat":
             instructed = [i for i, c in enumerate(cuts) if c]
             if instructed:
-                alone = self.tokenizer([texts[i] for i in instructed], add_special_tokens=False, truncation=True,
-                                       max_length=self.max_length)["input_ids"]
+                alone = self._tokenize_batch([texts[i] for i in instructed], False, False)[0]
                 for i, a in zip(instructed, alone, strict=True):
-                    n_text[i] = min(len(a), len(enc["input_ids"][i]))
-        return enc, n_text
+                    n_text[i] = min(len(a), len(ids[i]))
+        return ids, n_text
+
+    def _tokenize_batch(self, strings, add_special_tokens, offsets):
+        """``tokenizer(strings, truncation=True, max_length=self.max_length, ...)``'s ids (int32 arrays), special-
+        token masks and (with ``offsets``) character offsets. A fast tokenizer's Rust backend is called directly,
+        configured by the tokenizer's own ``set_truncation_and_padding`` as its ``__call__`` configures it: the same
+        tokens, without the per-item Python dicts of attention masks and type ids that ``__call__`` builds (over half
+        of the host side's time on short sentences)."""
+        backend = self._rust_backend()
+        if backend is None:
+            enc = self.tokenizer(strings, add_special_tokens=add_special_tokens, truncation=True,
+                                 max_length=self.max_length, return_offsets_mapping=offsets,
+                                 return_special_tokens_mask=True)
+            return ([np.asarray(x, dtype=np.int32) for x in enc["input_ids"]], enc["special_tokens_mask"],
+                    enc["offset_mapping"] if offsets else None)
+        encodings = backend.encode_batch(strings, add_special_tokens=add_special_tokens)
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        special = [e.special_tokens_mask for e in encodings]
+        return ids, special, ([e.offsets for e in encodings] if offsets else None)
+
+    def _rust_backend(self):
+        """The fast tokenizer's ``tokenizers.Tokenizer``, set to truncate at ``max_length`` without padding exactly
+        as ``tokenizer.__call__`` sets it before each call; None for slow tokenizers or with ``FAST_TOKENIZE`` off."""
+        tok = self.tokenizer
+        backend = getattr(tok, "_tokenizer", None)
+        if not FAST_TOKENIZE or backend is None or not hasattr(backend, "encode_batch") \
+                or not hasattr(tok, "set_truncation_and_padding"):
+            return None
+        from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+        tok.set_truncation_and_padding(padding_strategy=PaddingStrategy.DO_NOT_PAD,
+                                       truncation_strategy=TruncationStrategy.LONGEST_FIRST,
+                                       max_length=self.max_length, stride=0, pad_to_multiple_of=None,
+                                       padding_side=None)
+        split = getattr(tok, "split_special_tokens", False)
+        if backend.encode_special_tokens != split:
+            backend.encode_special_tokens = split
+        return backend
 
     @staticmethod
-    def _count_text_tokens(enc, cuts):
+    def _count_text_tokens(special, offsets, cuts):
         counts = []
         for i, cut in enumerate(cuts):
-            special = enc["special_tokens_mask"][i]
+            sp = special[i]
             if cut is None:  # no text marker survived: nothing to pool
                 counts.append(0)
             elif cut == 0:
-                counts.append(len(special) - sum(special))
+                counts.append(len(sp) - sum(sp))
             else:
-                offsets = enc["offset_mapping"][i]
-                counts.append(sum(1 for (_, end), sp in zip(offsets, special, strict=True) if not sp and end > cut))
+                counts.append(sum(1 for (_, end), s in zip(offsets[i], sp, strict=True) if not s and end > cut))
         return counts
 
     def tokenize(self, items):
@@ -778,6 +809,9 @@ _MIN_CPU_TOKENS = 16
 # texts tokenized per chunk, growing from the first to the largest (see LLM2Vec._packed_batches); the length sort is
 # per chunk, which costs nothing with packed batches
 _FIRST_CHUNK = 64
+# encode tokenizes through a fast tokenizer's Rust backend directly (LLM2Vec._tokenize_batch); False: through
+# tokenizer.__call__ (the same tokens, slower)
+FAST_TOKENIZE = True
 _TOKENIZE_CHUNK = 32768
 # while chunks grow, one that fills no whole batch runs at once (False: it waits for the next chunk's texts, the rule
 # before 2026-11-27, under which wiki1m's 1.3B encode started after ~3,800 texts; bench_host_pipeline.py compares)

@@ -498,3 +498,49 @@ def test_joint_strings_fast_path_equals_the_marked_path(tiny, monkeypatch):
     fast = tiny._joint_strings(pairs)
     monkeypatch.setattr(tiny, "_preparer", lambda: (lambda t: t))  # an identity that is not _unchanged: marked
     assert fast == tiny._joint_strings(pairs)
+
+
+def test_tokenizer_backend_path_equals_tokenizer_call(tiny, monkeypatch, data_dir):
+    """encode tokenizes through the fast tokenizer's Rust backend directly (configured by the tokenizer's own
+    set_truncation_and_padding); ids, pooled-span starts and text token counts equal tokenizer.__call__'s, for plain
+    and instructed items, empty, blank and special-token texts, truncation at either side, and the user's own later
+    calls on the shared tokenizer are unaffected."""
+    import llm2vec_fast.encoder as enc
+
+    lines = (data_dir / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()[:40]
+    texts = [ln.split("\t")[5] for ln in lines]
+    long = " ".join(texts * 3)  # ~880 tokens: past max_length and doc_max_length, truncated
+    pairs = ([("", t) for t in texts] + [("Retrieve semantically similar text", t) for t in texts[:10]]
+             + [("", ""), ("", "   "), ("", "<|endoftext|> inside <|im_start|>"), ("Instruct:", "<|endoftext|>"),
+                ("", long), ("Summarise the passage", long), ("", " leading space"), ("", "naïve café — 東京")])
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    # SmolLM2's tokenizer adds no special tokens; a copy whose template adds a BOS (as Llama's and Mistral's do)
+    # covers add_special_tokens and the special-token masks
+    backend = copy.deepcopy(tiny.tokenizer.backend_tokenizer)
+    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert with_bos("x")["input_ids"][0] == 0 and with_bos("x", add_special_tokens=False)["input_ids"][0] != 0
+    for tok in (tiny.tokenizer, with_bos):
+        monkeypatch.setattr(tiny, "tokenizer", tok)
+        assert enc.FAST_TOKENIZE and tiny._rust_backend() is not None  # the path under test is taken
+        for side, max_length in (("right", 512), ("right", 24), ("left", 24)):
+            monkeypatch.setattr(tok, "truncation_side", side)
+            monkeypatch.setattr(tiny, "max_length", max_length)
+            got = tiny.tokenize_items(pairs)
+            monkeypatch.setattr(enc, "FAST_TOKENIZE", False)
+            want = tiny.tokenize_items(pairs)
+            monkeypatch.setattr(enc, "FAST_TOKENIZE", True)
+            assert len(got[0]) == len(want[0]) == len(pairs)
+            for i, (a, b) in enumerate(zip(got[0], want[0], strict=True)):
+                assert a.dtype == b.dtype == np.int32 and np.array_equal(a, b), (side, max_length, i)
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2]), (side, max_length)
+            longest = max(len(x) for x in got[0])
+            assert longest == max_length if max_length < 100 else longest <= max_length  # truncation happened
+    # the shared tokenizer's own calls: no truncation unless asked for
+    tok = tiny.tokenizer
+    monkeypatch.setattr(tok, "truncation_side", "right")
+    assert len(tok(long)["input_ids"]) > 512 and tok(long)["input_ids"] == tok([long])["input_ids"][0]
