@@ -4,11 +4,14 @@ The contrastive loss couples every example of the batch, so the batch cannot sim
 steps. GradCache splits the *encoder* work instead:
 
 1. encode the batch chunk by chunk without autograd, keeping only the representations (and each chunk's RNG state);
+   the last chunk runs with autograd and keeps its graph (``KEEP_LAST_CHUNK``): it is never encoded twice;
 2. compute the loss on the cached representations and its gradient with respect to them (cheap: [N, H]);
-3. encode each chunk again with autograd, replaying its RNG state so dropout draws the same masks, and back-propagate
-   the cached gradient through it (``backward(reps · grad)``); parameter gradients accumulate over chunks.
+3. back-propagate the cached gradient through the kept chunk (``backward(reps · grad)``), then encode every other
+   chunk again with autograd, replaying its RNG state so dropout draws the same masks, and back-propagate through it;
+   parameter gradients accumulate over chunks.
 
-The result equals the full-batch gradient (exactly, up to float summation order), at the cost of a second forward.
+The result equals the full-batch gradient (exactly, up to float summation order), at the cost of a second forward of
+all chunks but one, in the memory of one chunk's activations.
 """
 from __future__ import annotations
 
@@ -54,35 +57,56 @@ def grad_cache_step(encode: Callable[[Sequence], torch.Tensor], loss_fn: Callabl
     """One GradCache step over ``items``; parameter gradients are accumulated, the loss (detached) returned.
 
     Args:
-        encode: ``encode(chunk_of_items) -> reps [len(chunk), H]`` (runs the model; called twice per chunk).
+        encode: ``encode(chunk_of_items) -> reps [len(chunk), H]`` (runs the model; twice per chunk but the last).
         loss_fn: ``loss_fn(reps [len(items), H]) -> scalar``, on all representations in item order.
         items: the whole batch (e.g. queries + positives + negatives, concatenated).
         chunk_size: items per encoder call.
         backward: how to back-propagate a chunk's surrogate (default ``Tensor.backward``; the Trainer passes
             ``accelerator.backward`` with its loss scaling).
-        no_sync: context manager factory that suspends DDP gradient all-reduce; used for every chunk but the last.
+        no_sync: context manager factory that suspends DDP gradient all-reduce; every forward and backward with
+            autograd but the last back-propagated runs inside it, so gradients are all-reduced once per step.
         device: the model's device, whose RNG state is saved and replayed per chunk (CPU state always is).
     """
     backward = backward or (lambda t: t.backward())
     chunks = chunked(items, chunk_size)
+    keep = KEEP_LAST_CHUNK
+    n_replay = len(chunks) - 1 if keep else len(chunks)
+
+    def sync_scope(last):
+        return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+
     states, cached = [], []
-    # 1. representations without autograd
+    # 1. representations without autograd, but for the kept chunk's
     with torch.no_grad():
-        for ch in chunks:
+        for ch in chunks[:n_replay]:
             states.append(RandState(device))
             cached.append(encode(ch))
+    kept = None
+    if keep:
+        with sync_scope(last=n_replay == 0):  # its backward is the step's last only when it is the only chunk
+            kept = encode(chunks[-1])
+        cached.append(kept.detach())
     reps = torch.cat(cached).detach().requires_grad_(True)
     # 2. loss and its gradient with respect to the representations only
     loss = loss_fn(reps)
     (grad,) = torch.autograd.grad(loss, reps)
-    # 3. re-encode with autograd and push the cached gradient through each chunk
-    offset = 0
-    for i, (ch, state) in enumerate(zip(chunks, states, strict=True)):
-        with state.replay():
-            r = encode(ch)
-        g = grad[offset:offset + r.shape[0]].to(r.dtype)
-        offset += r.shape[0]
-        ctx = no_sync() if (no_sync is not None and i < len(chunks) - 1) else contextlib.nullcontext()
-        with ctx:
+    # 3. the kept chunk first (its graph is freed before any re-encoding), then every other chunk re-encoded
+    sizes = [len(ch) for ch in chunks]
+    offsets = [sum(sizes[:i]) for i in range(len(chunks))]
+    if kept is not None:
+        g = grad[offsets[-1]:offsets[-1] + kept.shape[0]].to(kept.dtype)
+        with sync_scope(last=n_replay == 0):
+            backward((kept * g).sum())
+        del kept
+    for i in range(n_replay):
+        with sync_scope(last=i == n_replay - 1):
+            with states[i].replay():
+                r = encode(chunks[i])
+            g = grad[offsets[i]:offsets[i] + r.shape[0]].to(r.dtype)
             backward((r * g).sum())
     return loss.detach()
+
+
+# the last chunk's forward keeps its graph for the backward instead of running twice (False: every chunk is encoded
+# twice, the textbook GradCache; the gradients are the same)
+KEEP_LAST_CHUNK = True

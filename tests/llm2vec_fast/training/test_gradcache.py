@@ -45,7 +45,7 @@ def _run(enc, items, sizes, chunk):
 
 
 @pytest.mark.parametrize("attn_dropout,lora_dropout,chunk", [(0.0, 0.0, 5), (0.0, 0.0, 1), (0.3, 0.1, 100)],
-                         ids=["no-dropout-chunk5", "no-dropout-chunk1", "dropout-one-chunk-replays-rng"])
+                         ids=["no-dropout-chunk5", "no-dropout-chunk1", "dropout-one-chunk"])
 def test_gradcache_equals_plain_in_batch(tiny_model_dir, attn_dropout, lora_dropout, chunk):
     enc = _encoder(tiny_model_dir, attn_dropout, lora_dropout)
     q = [["w1 ;", s] for s in sentences(4, seed=1)]  # queries carry an instruction
@@ -58,6 +58,73 @@ def test_gradcache_equals_plain_in_batch(tiny_model_dir, attn_dropout, lora_drop
     for k in g_plain:
         assert g_plain[k].abs().max() > 0, k
         torch.testing.assert_close(g_gc[k], g_plain[k], rtol=1e-7, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("keep_last", [True, False], ids=["kept-last-chunk", "every-chunk-twice"])
+def test_gradcache_with_dropout_equals_chunked_in_batch(tiny_model_dir, monkeypatch, keep_last):
+    """With attention and LoRA dropout and several chunks, GradCache's gradients equal those of one loss over the
+    chunks encoded one after another with autograd (the same dropout draws, in the same order): the replayed chunks
+    draw their masks again, the kept last chunk is encoded once. Encoder calls: 2 per chunk, 1 for the kept one."""
+    import llm2vec_fast.training.gradcache as gc
+
+    monkeypatch.setattr(gc, "KEEP_LAST_CHUNK", keep_last)
+    enc = _encoder(tiny_model_dir, 0.3, 0.1)
+    items = [["w1 ;", s] for s in sentences(3, seed=1)] + sentences(3, seed=2) + sentences(3, seed=3)
+
+    def loss_fn(reps):
+        return hard_negative_nll_loss(reps[:3], reps[3:6], reps[6:], scale=50.0)
+
+    enc.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    reps = torch.cat([enc(enc.tokenize(ch)) for ch in chunked(items, 4)])
+    loss_ref = loss_fn(reps)
+    loss_ref.backward()
+    g_ref = _grads(enc)
+
+    calls = []
+    enc.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    loss = grad_cache_step(lambda ch: calls.append(len(ch)) or enc(enc.tokenize(ch)), loss_fn, items, 4)
+    assert calls == ([4, 4, 1, 4, 4] if keep_last else [4, 4, 1, 4, 4, 1])
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-10, atol=1e-10)
+    g = _grads(enc)
+    for k in g_ref:
+        assert g_ref[k].abs().max() > 0, k
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-7, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("n_items", [9, 4], ids=["three-chunks", "one-chunk"])
+def test_gradcache_all_reduces_once(n_items):
+    """Under DDP every forward and backward with autograd but the step's last runs inside no_sync (DDP decides at
+    the forward whether the backward all-reduces), so gradients are all-reduced once per step."""
+    import contextlib
+
+    w = torch.nn.Parameter(torch.ones(3))
+    state = {"in_no_sync": False}
+    log = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        state["in_no_sync"] = True
+        try:
+            yield
+        finally:
+            state["in_no_sync"] = False
+
+    def encode(ch):
+        if torch.is_grad_enabled():
+            log.append(("fwd", state["in_no_sync"]))
+        return torch.stack([w * float(x) for x in ch])
+
+    def backward(t):
+        log.append(("bwd", state["in_no_sync"]))
+        t.backward()
+
+    grad_cache_step(encode, lambda r: (r ** 2).sum(), list(range(n_items)), 4, backward=backward, no_sync=no_sync)
+    n_chunks = -(-n_items // 4)
+    assert [k for k, _ in log].count("bwd") == n_chunks
+    assert [s for _, s in log] == [True] * (2 * n_chunks - 2) + [False, False]
+    torch.testing.assert_close(w.grad, 2 * w.detach() * sum(x * x for x in range(n_items)))
 
 
 def test_dropout_is_active_and_replayed(tiny_model_dir):
