@@ -460,11 +460,12 @@ def main(argv=None):
         print(f"[bench_attention] check took {time.time() - t0:.0f} s", flush=True)
         if not args.bench:
             return 0 if ok else 1
-    # the benchmark tunes: all tiles, or the two likeliest per head dim with --quick (each tile costs a compile)
+    # the benchmark tunes: all tiles, or with --quick the three likeliest per head dim (each tile costs a compile): for
+    # grouped heads the first two per-head tiles and the first GQA-packed one on long packs, small tiles first on short
     if user_tune is None:
         os.environ.pop("LLM2VEC_FAST_AUTOTUNE", None)
         if args.quick:
-            os.environ["LLM2VEC_FAST_AUTOTUNE"] = "2"
+            os.environ["LLM2VEC_FAST_AUTOTUNE"] = "3"
 
     varlen, varlen_note = _varlen_peer()
     peers = {"varlen": varlen, "flash_attn": _flash_attn_peer(), "flex": not args.no_flex}

@@ -143,13 +143,15 @@ def _prune(kind, pack=False):
         short = bucket is not None and bucket - bucket % 2 == 256  # the length bucket, small pack or not
         if pack:
             g = named_args.get("G", kwargs.get("G"))
+            rank = {id(c): i // 2 for i, c in enumerate(tiles)}  # each tile's index (both layouts listed per tile)
             if _FORCE_PACK is not None:
                 tiles = [c for c in tiles if c.kwargs["PACK"] == _FORCE_PACK]
             elif g == 1:
                 tiles = [c for c in tiles if not c.kwargs["PACK"]]  # one head per group: both layouts are the same
-            # every per-head tile before the packed ones (a limited tuning run of long sequences tries the tiles it
-            # always tried); sentences reorder below
-            tiles = sorted(tiles, key=lambda c: c.kwargs["PACK"])
+            # tiles in pairs, each pair per head then packed: a limited tuning run of long sequences tries the first
+            # two tiles per head (as before the packed layout existed), then the first packed (LLM2VEC_FAST_AUTOTUNE
+            # 2 and 3); sentences reorder below
+            tiles = sorted(tiles, key=lambda c: (rank[id(c)] // 2, c.kwargs["PACK"], rank[id(c)]))
         if short:
             # sentences: most rows of a 128 x 128 tile would be past the sequence's end, so the smaller tiles are
             # the likelier winners and come first (what a limited tuning run, LLM2VEC_FAST_AUTOTUNE=2, tries); of

@@ -547,9 +547,9 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
 
 
 def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monkeypatch):
-    """The forward and both backward kernels offer each tile per head and GQA-packed: both when G > 1 (all per-head
-    tiles first for long sequences, the smallest tile packed first for sentences), per-head only when G = 1, the
-    forced layout only under _FORCE_PACK."""
+    """The forward and both backward kernels offer each tile per head and GQA-packed: both when G > 1 (for long
+    sequences the first two tiles per head, then packed, then the next two; for sentences the smallest tile packed
+    first), per-head only when G = 1, the forced layout only under _FORCE_PACK."""
     import triton
 
     monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
@@ -563,7 +563,8 @@ def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monke
             kept = prune(configs, {"G": kw.pop("G")}, BD=128, **kw)
             return [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["PACK"]) for c in kept]
 
-        assert got(G=4, SEQ_BUCKET=1024) == [(a, b, p) for p in (False, True) for a, b in tiles]
+        assert got(G=4, SEQ_BUCKET=1024) == [(*tiles[i], p) for pair in (0, 2) for p in (False, True)
+                                             for i in (pair, pair + 1)]
         assert got(G=1, SEQ_BUCKET=1024) == [(a, b, False) for a, b in tiles]
         short = got(G=4, SEQ_BUCKET=257)
         assert sorted(short) == sorted((a, b, p) for a, b in tiles for p in (False, True))
