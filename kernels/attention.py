@@ -208,6 +208,26 @@ def _key_blocks(t0, t_end, L, BN: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_block(ORDER, CU, i_m, i_x, i_s, G, BM: tl.constexpr, CAUSAL: tl.constexpr, PACK: tl.constexpr):
+    # a query-row program's sequence (start, length), query rows (L per head, or L·G GQA-packed), kv head and block
+    # index. Sequences are visited longest first (ORDER), so the long tail of work starts early; causal programs take
+    # a sequence's blocks last first (they see the most keys). The caller returns when i_m < 0 or the block starts
+    # past the rows.
+    i_b = tl.load(ORDER + i_s)
+    bos = tl.load(CU + i_b)
+    L = tl.load(CU + i_b + 1) - bos
+    if PACK:
+        n_rows = L * G
+        i_h = i_x
+    else:
+        n_rows = L
+        i_h = i_x // G
+    if CAUSAL:
+        i_m = tl.cdiv(n_rows, BM) - 1 - i_m
+    return bos, L, n_rows, i_h, i_m
+
+
+@triton.jit
 def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul, cap_mul, dropout_p, seed,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                PREC: tl.constexpr):
@@ -254,21 +274,9 @@ def _attn_fwd_kernel(
     # kv head's G query heads, row r = t·G + g: a short sequence fills its tiles G times better, and each K/V block
     # loaded serves G heads.
     i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # sequences are visited longest first (ORDER), so the long tail of work starts early
-    i_b = tl.load(ORDER + i_s)
-    bos = tl.load(CU + i_b)
-    L = tl.load(CU + i_b + 1) - bos
-    if PACK:
-        n_rows = L * G
-        i_h = i_x
-    else:
-        n_rows = L
-        i_h = i_x // G
-    if CAUSAL:
-        # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
-        i_m = tl.cdiv(n_rows, BM) - 1 - i_m
-        if i_m < 0:
-            return
+    bos, L, n_rows, i_h, i_m = _query_block(ORDER, CU, i_m, i_x, i_s, G, BM, CAUSAL, PACK)
+    if i_m < 0:
+        return
     if i_m * BM >= n_rows:
         return
     EVEN_D: tl.constexpr = BD == D
@@ -337,17 +345,11 @@ def _attn_fwd_tma_kernel(
     # the copy engine (pipelined, no per-element pointers in registers) and rows past the sequence end arrive as
     # zeros. Same math as _attn_fwd_kernel; head dims that are powers of two only (BD == D).
     i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b = tl.load(ORDER + i_s)
-    bos = tl.load(CU + i_b)
-    L = tl.load(CU + i_b + 1) - bos
-    if CAUSAL:
-        # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
-        i_m = tl.cdiv(L, BM) - 1 - i_m
-        if i_m < 0:
-            return
-    if i_m * BM >= L:
+    bos, L, n_rows, i_h, i_m = _query_block(ORDER, CU, i_m, i_hq, i_s, G, BM, CAUSAL, False)
+    if i_m < 0:
         return
-    i_h = i_hq // G
+    if i_m * BM >= n_rows:
+        return
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, BD)
@@ -519,20 +521,9 @@ def _attn_bwd_dq_kernel(
     # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic. Rows
     # per head or GQA-packed, as in the forward (PACK).
     i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b = tl.load(ORDER + i_s)
-    bos = tl.load(CU + i_b)
-    L = tl.load(CU + i_b + 1) - bos
-    if PACK:
-        n_rows = L * G
-        i_h = i_x
-    else:
-        n_rows = L
-        i_h = i_x // G
-    if CAUSAL:
-        # a sequence's last query blocks see the most keys: they take the first program ids, so they start first
-        i_m = tl.cdiv(n_rows, BM) - 1 - i_m
-        if i_m < 0:
-            return
+    bos, L, n_rows, i_h, i_m = _query_block(ORDER, CU, i_m, i_x, i_s, G, BM, CAUSAL, PACK)
+    if i_m < 0:
+        return
     if i_m * BM >= n_rows:
         return
     EVEN_D: tl.constexpr = BD == D

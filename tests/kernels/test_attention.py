@@ -151,6 +151,23 @@ def test_custom_scale_and_lse_only_rows_of_each_sequence():
 # ---------------------------------------------------------------------------------------------------------------------
 # causal (the decoder's own attention on the packed layout)
 # ---------------------------------------------------------------------------------------------------------------------
+def _check_against_reference(q, k, v, do, cu, max_seqlen, **kw):
+    """Forward, lse and the three gradients against the twin: fp32 tightly, fp16/bf16 by the 2×/3× rule. Returns
+    ours (o, lse, dq, dk, dv)."""
+    ours = _run(flash_attention, q, k, v, do, cu, max_seqlen, **kw)
+    names = ("o", "lse", "dq", "dk", "dv")
+    if q.dtype == torch.float32:
+        ref = _run(flash_attention_ref, q, k, v, do, cu, max_seqlen, **kw)
+        for name, a, b in zip(names, ours, ref, strict=True):
+            assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max_seqlen, **kw)
+        ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max_seqlen, _upcast=False, **kw)
+        _check_lowp(ours, ref32, ref_lp, names, (2, 2, 3, 3, 3))
+    return ours
+
+
 CASES_CAUSAL = [
     pytest.param(64, 2, 2, 0.0, torch.float32, id="D64-HQ2-H2-mha-fp32"),
     pytest.param(80, 8, 2, 2.0, torch.float32, id="D80-HQ8-H2-gqa4-softcap-fp32"),
@@ -164,17 +181,7 @@ def test_causal_matches_reference(poison, d, hq, hkv, softcap, dtype):
     cu = _cu(LENS)
     q, k, v, do = _inputs(LENS, hq, hkv, d, dtype, qscale=3.0 if softcap else 1.0, seed=d)
     kw = dict(softcap=softcap, causal=True)
-    ours = _run(flash_attention, q, k, v, do, cu, max(LENS), **kw)
-    names = ("o", "lse", "dq", "dk", "dv")
-    if dtype == torch.float32:
-        ref = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), **kw)
-        for name, a, b in zip(names, ours, ref, strict=True):
-            assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    else:
-        ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max(LENS), **kw)
-        ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), _upcast=False, **kw)
-        _check_lowp(ours, ref32, ref_lp, names, (2, 2, 3, 3, 3))
+    ours = _check_against_reference(q, k, v, do, cu, max(LENS), **kw)
     # really causal: each sequence's first token sees only itself, and the output differs from bidirectional
     first = _cu(LENS)[:-1][torch.tensor(LENS, device=DEV) > 0].long()
     g = hq // hkv
@@ -238,17 +245,7 @@ def test_gqa_packed_rows_match_reference(poison, packed, d, hq, hkv, softcap, ca
     cu = _cu(LENS)
     q, k, v, do = _inputs(LENS, hq, hkv, d, dtype, fused="qkv", qscale=3.0 if softcap else 1.0, seed=d + hq)
     kw = dict(softcap=softcap, causal=causal)
-    ours = _run(flash_attention, q, k, v, do, cu, max(LENS), **kw)
-    names = ("o", "lse", "dq", "dk", "dv")
-    if dtype == torch.float32:
-        ref = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), **kw)
-        for name, a, b in zip(names, ours, ref, strict=True):
-            assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    else:
-        ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), cu, max(LENS), **kw)
-        ref_lp = _run(flash_attention_ref, q, k, v, do, cu, max(LENS), _upcast=False, **kw)
-        _check_lowp(ours, ref32, ref_lp, names, (2, 2, 3, 3, 3))
+    _check_against_reference(q, k, v, do, cu, max(LENS), **kw)
 
 
 def test_gqa_packed_rows_equal_per_head_rows(monkeypatch, packed):
