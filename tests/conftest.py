@@ -16,6 +16,29 @@ DATA = SHARED / "data"
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _interpreter_blocked():
+    """Why the Triton interpreter cannot run here, or None. Triton 3.6's interpreter (the device image's triton)
+    turns scalar tensors into loop bounds with int() on one-element arrays, which NumPy 2.4 rejects; later tritons
+    read the element first."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+    from triton.runtime import interpreter
+
+    src = Path(interpreter.__file__).read_text()
+    numpy_major_minor = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if "int(self.handle.data))" in src and numpy_major_minor >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run on NumPy {numpy.__version__} (int() of "
+                "one-element arrays): pip install 'numpy<2.4', or a newer triton")
+    return None
+
+
+def pytest_report_header(config):
+    blocked = _interpreter_blocked()
+    return [f"WARNING: Triton kernel tests will fail on this machine: {blocked}"] if blocked else []
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
