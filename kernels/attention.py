@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ._launch import kernel_seed, new_seed
 
-__all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction"]
+__all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction",
+           "prime_seq_info"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
@@ -762,16 +763,42 @@ _SEQ_CACHE = {"ref": None, "key": None, "info": None}
 
 def _seq_info(cu_seqlens, total_tokens, max_seqlen):
     """(launch order, work-weighted length) of a pack, validated; cached for the tensor until it changes."""
-    key = (cu_seqlens._version, cu_seqlens.data_ptr(), total_tokens, max_seqlen)
+    key = (_version_of(cu_seqlens), cu_seqlens.data_ptr(), total_tokens, max_seqlen)
     ref = _SEQ_CACHE["ref"]
     if ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"] == key:
         return _SEQ_CACHE["info"]
-    lens_host = _validate_cu_seqlens(cu_seqlens, total_tokens, max_seqlen)
+    lens_host = _validate_cu_seqlens(cu_seqlens.tolist(), total_tokens, max_seqlen)  # a device-to-host copy
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
     info = (order, _work_length(lens_host))
     _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=info)
     return info
+
+
+def _version_of(t):
+    # autograd's in-place counter; tensors made under torch.inference_mode have none (and cannot be edited in place
+    # outside it)
+    return None if t.is_inference() else t._version
+
+
+def prime_seq_info(cu_seqlens, cu_host, max_seqlen):
+    """Tell ``flash_attention`` the host copy ``cu_host`` (a list, numpy array or CPU tensor) of the device tensor
+    ``cu_seqlens`` it will be called with next: validation, the launch order and the tuning length then come from
+    the host copy, and no attention call on that tensor copies it back (a device synchronisation once per forward,
+    which stalls the host's launches behind the device's queue). Raises what ``flash_attention`` raises for bad
+    ``cu_seqlens``. A later in-place change to ``cu_seqlens`` drops the primed copy (it is validated again)."""
+    cu = [int(x) for x in (cu_host.tolist() if hasattr(cu_host, "tolist") else cu_host)]
+    if len(cu) != cu_seqlens.numel():
+        raise ValueError(f"cu_host has {len(cu)} entries, cu_seqlens {cu_seqlens.numel()}")
+    total = cu[-1] if cu else 0
+    lens_host = _validate_cu_seqlens(cu, total, int(max_seqlen))
+    order = torch.argsort(torch.tensor(lens_host), descending=True, stable=True).to(torch.int32)
+    if cu_seqlens.is_cuda:
+        order = order.pin_memory().to(cu_seqlens.device, non_blocking=True)
+    else:
+        order = order.to(cu_seqlens.device)
+    key = (_version_of(cu_seqlens), cu_seqlens.data_ptr(), total, int(max_seqlen))
+    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=(order, _work_length(lens_host)))
 
 
 def _work_length(lens):
@@ -782,8 +809,8 @@ def _work_length(lens):
     return -(-sum(n * n for n in lens) // total) if total else 0
 
 
-def _validate_cu_seqlens(cu_seqlens, total_tokens, max_seqlen):
-    cu = cu_seqlens.tolist()
+def _validate_cu_seqlens(cu, total_tokens, max_seqlen):
+    # cu: the host list of cu_seqlens; returns the lengths
     if len(cu) < 1 or cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[:4]}")
     lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]

@@ -352,7 +352,9 @@ class LLM2Vec(nn.Module):
         """Packed features for ``items`` (strings or ``[instruction, text]`` pairs), ready for :meth:`forward`.
 
         Returns a dict: ``input_ids`` int64 ``[T]``, ``position_ids`` int64 ``[T]``, ``cu_seqlens`` int32
-        ``[B + 1]``, ``max_seqlen`` int, ``pool_start`` int32 ``[B]`` (instruction tokens at each sequence start).
+        ``[B + 1]``, ``max_seqlen`` int, ``pool_start`` int32 ``[B]`` (instruction tokens at each sequence start),
+        ``cu_seqlens_host`` (a numpy copy of ``cu_seqlens`` that stays on the host, so that the forward needs no
+        device-to-host copy).
         """
         pairs = _normalize_inputs(items)
         ids, starts, _ = self.tokenize_items(pairs)
@@ -377,6 +379,13 @@ class LLM2Vec(nn.Module):
     def hidden_states(self, f):
         """Last hidden states ``[T, H]`` of a packed batch."""
         cu, m = f["cu_seqlens"], int(f["max_seqlen"])
+        host = f.get("cu_seqlens_host")
+        if host is not None and len(host) == cu.numel():
+            # the attention kernels then validate and order the pack from the host copy: no device-to-host copy
+            # (a synchronisation) in the forward
+            from .kernels.attention import prime_seq_info
+
+            prime_seq_info(cu, host, m)
         out = self.model(input_ids=f["input_ids"][None], position_ids=f["position_ids"][None],
                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -788,7 +797,8 @@ def _short(x, n=80):
 
 
 def pack(ids, starts):
-    """Concatenate token arrays into packed features (see :meth:`LLM2Vec.tokenize`)."""
+    """Concatenate token arrays into packed features (see :meth:`LLM2Vec.tokenize`); ``cu_seqlens_host`` keeps a
+    numpy copy of ``cu_seqlens`` that stays on the host when the tensors move to the device."""
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     cu = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
@@ -800,6 +810,7 @@ def pack(ids, starts):
         "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
         "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         "pool_start": torch.from_numpy(np.asarray(starts, dtype=np.int32)),
+        "cu_seqlens_host": cu,
     }
 
 
@@ -826,13 +837,16 @@ def _add_filler(f, n):
     """Append a throw-away sequence of ``n`` tokens to packed features (its pooled row is dropped)."""
     dev = f["input_ids"].device
     total = f["input_ids"].numel()
-    return {
+    out = {
         "input_ids": torch.cat([f["input_ids"], f["input_ids"].new_zeros(n)]),
         "position_ids": torch.cat([f["position_ids"], torch.arange(n, device=dev)]),
         "cu_seqlens": torch.cat([f["cu_seqlens"], f["cu_seqlens"].new_tensor([total + n])]),
         "max_seqlen": max(int(f["max_seqlen"]), n),
         "pool_start": torch.cat([f["pool_start"], f["pool_start"].new_zeros(1)]),
     }
+    if f.get("cu_seqlens_host") is not None:
+        out["cu_seqlens_host"] = np.append(f["cu_seqlens_host"], total + n)
+    return out
 
 
 def default_batch_tokens(config, device, max_length=512, free_bytes=None, dtype=torch.bfloat16):

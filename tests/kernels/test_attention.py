@@ -400,6 +400,30 @@ def test_cu_seqlens_edited_in_place_is_validated_again():
         flash_attention(a["q"], a["k"], a["v"], cu, 5)
 
 
+def test_primed_host_copy_replaces_the_device_copy(monkeypatch):
+    """prime_seq_info validates and orders a pack from its host copy; flash_attention over that tensor then reads
+    nothing back from the device, gives the same result, and validates again after an in-place change."""
+    lens = (5, 0, 17, 9)
+    cu = _cu(lens)
+    q, k, v, _ = _inputs(lens, 4, 2, 32, torch.float32, seed=2)
+    want = flash_attention(q, k, v, cu.clone(), 17)
+    calls = []
+    real = attn._validate_cu_seqlens
+    monkeypatch.setattr(attn, "_validate_cu_seqlens", lambda *a: calls.append(a[0]) or real(*a))
+    attn.prime_seq_info(cu, cu.cpu().numpy(), 17)
+    assert calls == [[0, 5, 5, 22, 31]]
+    torch.testing.assert_close(flash_attention(q, k, v, cu, 17), want, atol=0, rtol=0)
+    assert len(calls) == 1  # no device-to-host copy: the primed copy served
+    assert attn._SEQ_CACHE["info"][0].tolist() == [2, 3, 0, 1] and attn._SEQ_CACHE["info"][1] == 13
+    cu[2] = 4  # an in-place change: validated again from the device copy
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flash_attention(q, k, v, cu, 17)
+    with pytest.raises(ValueError, match="max_seqlen=9"):
+        attn.prime_seq_info(_cu(lens), [0, 5, 5, 22, 31], 9)
+    with pytest.raises(ValueError, match="cu_host has 3 entries"):
+        attn.prime_seq_info(_cu(lens), [0, 5, 5], 17)
+
+
 def test_empty_pack():
     q = torch.zeros(0, 2, 32, device=DEV, requires_grad=True)
     k = torch.zeros(0, 1, 32, device=DEV, requires_grad=True)

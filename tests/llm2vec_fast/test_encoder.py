@@ -544,3 +544,38 @@ def test_tokenizer_backend_path_equals_tokenizer_call(tiny, monkeypatch, data_di
     tok = tiny.tokenizer
     monkeypatch.setattr(tok, "truncation_side", "right")
     assert len(tok(long)["input_ids"]) > 512 and tok(long)["input_ids"] == tok([long])["input_ids"][0]
+
+
+def test_forward_reads_no_cu_seqlens_back_from_the_device(tokenizer, tmp_path, monkeypatch):
+    """encode primes the attention kernels with each batch's host copy of cu_seqlens (pack's cu_seqlens_host), so
+    no layer of the forward copies it back from the device (a synchronisation per batch on a GPU); embeddings equal
+    the unprimed run's. Triton backend under the interpreter (head dim 32), fused ops off to keep it quick."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import llm2vec_fast.encoder as enc
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=len(tokenizer))
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = LLM2Vec.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32, attn_backend="triton",
+                                    fused_ops=False)
+    items = ["a short text", "another, somewhat longer text about packed encoders", ["Retrieve a passage", "x y z"],
+             "three", "a fourth text of middling length"]
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(t):
+        if t.dtype == torch.int32 and t.dim() == 1:
+            reads.append(tuple(t.shape))
+        return real_tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    primed = model.encode(items, max_batch_tokens=24, show_progress_bar=False)
+    assert reads == []
+    real_pack = enc.pack
+    monkeypatch.setattr(enc, "pack", lambda *a: {k: v for k, v in real_pack(*a).items() if k != "cu_seqlens_host"})
+    unprimed = model.encode(items, max_batch_tokens=24, show_progress_bar=False)
+    assert len(reads) >= 2  # one read back per batch without the host copy
+    torch.testing.assert_close(primed, unprimed, atol=0, rtol=0)
