@@ -23,9 +23,12 @@ is adapted by inspection); ``flash_attn_varlen_func`` when flash-attn is install
 TFLOP/s count only real tokens' work: forward 4·ΣL²·Hq·D, backward 2.5× that (dense rows: 4·B·S²·Hq·D). The
 headline columns are ratios of our TFLOP/s to the peers'. Ours is timed twice on Hopper: the default forward
 (pointer loads) and the opt-in TMA forward (``LLM2VEC_FAST_ATTN_TMA=1``, column ``ours_tma``); ratios use the
-better one (column ``best``), so the run tells whether TMA should become the default.
+better one (column ``best``), so the run tells whether TMA should become the default. With grouped heads, ``ours``
+is the autotuner's pick between per-head and GQA-packed query rows (column ``tiles``) and ``ours_head`` the per-head
+layout alone: ``×ours_head`` is what the packed layout gained.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -268,6 +271,28 @@ def _with_tma(fn):
     return call
 
 
+_LAYOUT_CACHES = {}
+
+
+@contextlib.contextmanager
+def _per_head_layout():
+    """Our kernels with the per-head query-row layout forced (the layout before GQA packing), forward and backward,
+    with tuning choices of their own: the A/B of the packed layout where the autotuner picked it."""
+    from llm2vec_fast.kernels import attention as attn_mod
+
+    kernels = (attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel, attn_mod._attn_bwd_dq_kernel)
+    saved, old = [k.cache for k in kernels], attn_mod._FORCE_PACK
+    attn_mod._FORCE_PACK = False
+    for k in kernels:
+        k.cache = _LAYOUT_CACHES.setdefault(id(k), {})
+    try:
+        yield
+    finally:
+        attn_mod._FORCE_PACK = old
+        for k, c in zip(kernels, saved, strict=True):
+            k.cache = c
+
+
 def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
     import functools
 
@@ -293,6 +318,8 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
            "mean_len": round(T / B, 1)}
     res = {}
     packed = [("ours", flash_attention)]
+    if hq != hkv:  # grouped heads: the autotuner weighs the GQA-packed layout; time the per-head one beside it
+        packed.append(("ours_head", flash_attention))
     if _tma_possible(q):
         packed.append(("ours_tma", _with_tma(flash_attention)))
     if peers["varlen"]:
@@ -305,9 +332,10 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
         except Exception as e:  # noqa: BLE001
             print(f"    flex unavailable: {e}", file=sys.stderr)
     for pname, fn in packed:
-        for bwd in (False, True):
-            ms = _time(fn, (q, k, v, cu, m), do, bwd, W, R)
-            res[(pname, bwd)] = _tflops(real * (3.5 if bwd else 1.0), ms)
+        with _per_head_layout() if pname == "ours_head" else contextlib.nullcontext():
+            for bwd in (False, True):
+                ms = _time(fn, (q, k, v, cu, m), do, bwd, W, R)
+                res[(pname, bwd)] = _tflops(real * (3.5 if bwd else 1.0), ms)
         if pname == "ours":
             row["tiles"] = _tuned_tiles()
     # HF path: padded [B, L, H, D] batch with a key-padding mask
@@ -349,7 +377,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
         ours_f, ours_b, row["best"] = tma_f, max(ours_b or 0, tma_b or 0) or None, "tma"
     else:
         row["best"] = "ptr"
-    for pname in ("varlen", "cudnn", "sdpa_flash", "sdpa_pad", "flex", "flash_attn"):
+    for pname in ("varlen", "cudnn", "sdpa_flash", "sdpa_pad", "flex", "flash_attn", "ours_head"):
         for bwd, ours in ((False, ours_f), (True, ours_b)):
             peer = res.get((pname, bwd))
             if peer and ours:

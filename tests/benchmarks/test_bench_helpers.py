@@ -149,3 +149,28 @@ def test_gpu_evidence_assembles_the_model_and_runs_both_stages(tmp_path):
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and not calls.exists()
     assert "sha256 mismatch" in (out / "summary.md").read_text()
+
+
+def test_bench_attention_per_head_layout_runs_with_its_own_tuning_cache(monkeypatch):
+    """bench_attention's per-head A/B ("ours_head"): inside, the kernels take the per-head layout with a tuning cache
+    of their own; after, the flag and the tuner's cache are back as they were; the tuned-tile label reads configs."""
+    import torch
+    import triton
+    from llm2vec_fast.kernels import attention as A
+    from llm2vec_fast.kernels import flash_attention
+
+    from benchmarks import bench_attention
+
+    kernels = (A._attn_fwd_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel)
+    before = [k.cache for k in kernels]
+    lens = (3, 9)
+    cu = torch.tensor([0, 3, 12], dtype=torch.int32)
+    q, k, v = torch.randn(12, 4, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 32)
+    with bench_attention._per_head_layout():
+        assert A._FORCE_PACK is False and all(a.cache is not b for a, b in zip(kernels, before, strict=True))
+        inside = flash_attention(q, k, v, cu, max(lens))
+    assert A._FORCE_PACK is None and all(a.cache is b for a, b in zip(kernels, before, strict=True))
+    torch.testing.assert_close(inside, flash_attention(q, k, v, cu, max(lens)))
+    best = triton.Config({"BM": 64, "BN": 32, "PACK": True}, num_warps=4, num_stages=3)
+    monkeypatch.setattr(A._attn_fwd_kernel, "best_config", best, raising=False)
+    assert bench_attention._tuned_tiles().startswith("fwd 64x32/4/3+pack")
