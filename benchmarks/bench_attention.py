@@ -318,7 +318,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
            "mean_len": round(T / B, 1)}
     res = {}
     packed = [("ours", flash_attention)]
-    if hq != hkv:  # grouped heads: the autotuner weighs the GQA-packed layout; time the per-head one beside it
+    if hq != hkv and peers.get("others", True):  # grouped heads: the tuner weighs the packed layout; A/B it
         packed.append(("ours_head", flash_attention))
     if _tma_possible(q):
         packed.append(("ours_tma", _with_tma(flash_attention)))
