@@ -191,7 +191,9 @@ def _measure(model, loss_fn, step, variant, tokens, warmup, steps):
     try:
         fn = train_step(params, loss_fn)
         sec, mem = time_steps(fn, warmup, steps)
-        if PROFILE["on"] and (variant.startswith("reference") or variant.startswith("ours (")):
+        # the GradCache step too: it ran at a third of the plain step's speed on the H200, where a quarter more work
+        # was expected; its device-busy share tells whether the host (small chunks, many launches) is the limit
+        if PROFILE["on"] and (variant.startswith(("reference", "ours (", "ours + GradCache"))):
             profile_step(fn, step, variant)
         return {"step": step, "path": variant, "tokens_per_s": tokens / sec, "step_ms": 1e3 * sec,
                 "peak_mem_gb": mem}
