@@ -9,6 +9,7 @@ Kernel naming follows FLA: ``i_`` program indices, ``o_`` offsets, ``m_`` masks,
 uppercase compile-time sizes. Scores live in the log2 domain (``log2(e)`` folded into the scale) so that every
 exponential is an ``exp2``; the log-sum-exp is stored in natural units.
 """
+import inspect
 import math
 import os
 import weakref
@@ -194,6 +195,21 @@ def _tune_bench(fn, quantiles):
 _KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "CAUSAL", "SEQ_BUCKET"]
 
 
+def _autotune_kwargs():
+    # tuning results go to triton's disk cache (keyed by triton version, GPU arch, kernel source, tuning key and the
+    # candidate list), so a machine tunes each case once, not once per process; LLM2VEC_FAST_AUTOTUNE_CACHE=0 opts out
+    if os.environ.get("LLM2VEC_FAST_AUTOTUNE_CACHE", "1") == "0":
+        return {}
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _autotune(kind, pack=False):
+    """The autotuner of one attention kernel: ``kind``'s tiles (both row layouts with ``pack``), pruned to the head
+    dim's class, keyed by _KEY, timed briefly, results cached on disk."""
+    return triton.autotune(configs=_configs(kind, pack), key=_KEY, do_bench=_tune_bench,
+                           prune_configs_by={"early_config_prune": _prune(kind, pack)}, **_autotune_kwargs())
+
+
 @triton.jit
 def _key_blocks(t0, t_end, L, BN: tl.constexpr, CAUSAL: tl.constexpr):
     # key range of a query block holding tokens [t0, t_end): keys [0, n_full) come in whole blocks that need no mask,
@@ -259,8 +275,7 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
     return b_mn, b_li, b_acc
 
 
-@triton.autotune(configs=_configs("fwd", pack=True), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("fwd", pack=True)})
+@_autotune("fwd", pack=True)
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, ORDER,
@@ -332,8 +347,7 @@ def _attn_fwd_kernel(
         tl.store(LSE + i_x * T + bos64 + o_m, b_lse, mask=o_m < L)
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("fwd")})
+@_autotune("fwd")
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_fwd_tma_kernel(
     Q, K, V, O, LSE, CU, ORDER,
@@ -435,8 +449,7 @@ def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_configs("dkdv", pack=True), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("dkdv", pack=True)})
+@_autotune("dkdv", pack=True)
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
@@ -508,8 +521,7 @@ def _attn_bwd_dkdv_kernel(
                 EVEN_D)
 
 
-@triton.autotune(configs=_configs("dq", pack=True), key=_KEY, do_bench=_tune_bench,
-                 prune_configs_by={"early_config_prune": _prune("dq", pack=True)})
+@_autotune("dq", pack=True)
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,

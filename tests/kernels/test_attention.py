@@ -600,6 +600,18 @@ def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monke
         monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE")
 
 
+def test_autotune_results_are_cached_on_disk_unless_opted_out(monkeypatch):
+    import inspect
+
+    import triton
+
+    monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE_CACHE", raising=False)
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert attn._autotune_kwargs() == ({"cache_results": True} if supported else {})
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE_CACHE", "0")
+    assert attn._autotune_kwargs() == {}
+
+
 def test_autotune_buckets_split_lengths_and_small_packs():
     assert [attn._seq_bucket(m, 65536) for m in (1, 256, 257, 1024, 1025, 8192)] == [256, 256, 1024, 1024, 8192, 8192]
     assert [attn._seq_bucket(m, attn.SMALL_PACK) for m in (100, 512, 4096)] == [257, 1025, 8193]
