@@ -99,7 +99,21 @@ _TILES = {
            128: [(128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
            256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)]},
 }
+# Tiles offered for sentences only (length bucket 256): small key blocks for packs whose sequences fill a fraction of a
+# 64-key block (wiki1m's sentences average 28 tokens); 82-180 registers, no spills with per-head or packed rows
+# (ptxas, sm_90a, triton 3.6), so several programs share an SM and hide each other's load latency. (dK/dV already has
+# 32-key tiles; a 32 x 32 one would leave wgmma for mma.sync.)
+_SHORT_TILES = {
+    "fwd": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)]},
+    "dkdv": {},
+    "dq": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)]},
+}
 _CLASSES = (64, 128, 256)
+
+
+def _class_tiles(kind, c):
+    # the class's tiles, then its sentence-only ones
+    return _TILES[kind][c] + _SHORT_TILES[kind].get(c, [])
 
 
 def _head_class(bd):
@@ -119,13 +133,13 @@ def _configs(kind, pack=False):
     packs = (False, True) if pack else (None,)
     return [triton.Config({"BM": BM, "BN": BN} if p is None else {"BM": BM, "BN": BN, "PACK": p},
                           num_warps=w, num_stages=s)
-            for c in _CLASSES for BM, BN, w, s in _TILES[kind][c] for p in packs]
+            for c in _CLASSES for BM, BN, w, s in _class_tiles(kind, c) for p in packs]
 
 
 def _prune(kind, pack=False):
     # configs arrive as the per-class lists concatenated in _CLASSES order: keep the slice of this head dim
     per_tile = 2 if pack else 1
-    sizes = [len(_TILES[kind][c]) * per_tile for c in _CLASSES]
+    sizes = [len(_class_tiles(kind, c)) * per_tile for c in _CLASSES]
 
     def prune(configs, named_args, **kwargs):
         return _prune_impl(configs, named_args, kwargs)[:_autotune_limit()]
@@ -143,6 +157,9 @@ def _prune(kind, pack=False):
         tiles = configs[start:start + sizes[k]]
         bucket = kwargs.get("SEQ_BUCKET", named_args.get("SEQ_BUCKET"))
         short = bucket is not None and bucket - bucket % 2 == 256  # the length bucket, small pack or not
+        if not short:
+            only_short = set(_SHORT_TILES[kind].get(_CLASSES[k], []))
+            tiles = [c for c in tiles if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) not in only_short]
         if pack:
             g = named_args.get("G", kwargs.get("G"))
             rank = {id(c): i // 2 for i, c in enumerate(tiles)}  # each tile's index (both layouts listed per tile)

@@ -516,7 +516,9 @@ import triton.language as tl
 todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, False),
         ("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, True), ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, False),
         ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, True),
-        ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True)]
+        ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True),
+        # sentence-only tiles
+        ("_attn_fwd_kernel", 64, 32, 4, 2, 80, False, True), ("_attn_bwd_dq_kernel", 64, 32, 4, 2, 80, True, True)]
 if hasattr(tl, "make_tensor_descriptor"):
     todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128, False, None))
 for name, BM, BN, w, s, D, causal, pack in todo:
@@ -538,17 +540,18 @@ for name, BM, BN, w, s, D, causal, pack in todo:
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=7)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=9)
 
 
 def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
     """The autotuner's candidate tiles: the head dim's class, all of them unless LLM2VEC_FAST_AUTOTUNE limits the
-    count, smallest first for sequences of at most 256 tokens (so a limited run still tries a 64-row tile there)."""
+    count, smallest first for sequences of at most 256 tokens (so a limited run still tries a 64-row tile there),
+    the sentence-only tiles for those alone."""
     import triton
 
     for kind in ("fwd", "dkdv", "dq"):
         configs = [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
-                   for c in attn._CLASSES for BM, BN, w, s in attn._TILES[kind][c]]
+                   for c in attn._CLASSES for BM, BN, w, s in attn._class_tiles(kind, c)]
         prune = attn._prune(kind)
         monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
         for bd, cls in ((64, 64), (128, 128), (80, 128)):
@@ -556,6 +559,7 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
             long = prune(configs, {}, BD=bd, SEQ_BUCKET=1024)
             assert [(c.kwargs["BM"], c.kwargs["BN"]) for c in long] == want
             short = [(c.kwargs["BM"], c.kwargs["BN"]) for c in prune(configs, {}, BD=bd, SEQ_BUCKET=256)]
+            want = want + [(BM, BN) for BM, BN, _, _ in attn._SHORT_TILES[kind].get(cls, [])]
             assert sorted(short) == sorted(want) and [a * b for a, b in short] == sorted(a * b for a, b in want)
             # a small pack's bucket (+1) orders its tiles as its length bucket does
             for small, big in ((257, 256), (1025, 1024)):
@@ -564,7 +568,7 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
         monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "2")
         short = prune(configs, {}, BD=64, SEQ_BUCKET=256)
         assert len(short) == 2 and short[0].kwargs["BM"] * short[0].kwargs["BN"] == min(
-            a * b for a, b, _, _ in attn._TILES[kind][64])
+            a * b for a, b, _, _ in attn._class_tiles(kind, 64))
 
 
 def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monkeypatch):
@@ -576,9 +580,10 @@ def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monke
     monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
     for kind in ("fwd", "dkdv", "dq"):
         configs = [triton.Config({"BM": BM, "BN": BN, "PACK": p}, num_warps=w, num_stages=s)
-                   for c in attn._CLASSES for BM, BN, w, s in attn._TILES[kind][c] for p in (False, True)]
+                   for c in attn._CLASSES for BM, BN, w, s in attn._class_tiles(kind, c) for p in (False, True)]
         prune = attn._prune(kind, pack=True)
         tiles = [(BM, BN) for BM, BN, _, _ in attn._TILES[kind][128]]
+        with_short = tiles + [(BM, BN) for BM, BN, _, _ in attn._SHORT_TILES[kind].get(128, [])]
 
         def got(prune=prune, configs=configs, **kw):
             kept = prune(configs, {"G": kw.pop("G")}, BD=128, **kw)
@@ -588,8 +593,8 @@ def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monke
                                              for i in (pair, pair + 1)]
         assert got(G=1, SEQ_BUCKET=1024) == [(a, b, False) for a, b in tiles]
         short = got(G=4, SEQ_BUCKET=257)
-        assert sorted(short) == sorted((a, b, p) for a, b in tiles for p in (False, True))
-        assert short[0][2] and short[0][0] * short[0][1] == min(a * b for a, b in tiles)
+        assert sorted(short) == sorted((a, b, p) for a, b in with_short for p in (False, True))
+        assert short[0][2] and short[0][0] * short[0][1] == min(a * b for a, b in with_short)
         monkeypatch.setattr(attn, "_FORCE_PACK", True)
         assert got(G=4, SEQ_BUCKET=1024) == got(G=1, SEQ_BUCKET=1024) == [(a, b, True) for a, b in tiles]
         assert got(G=4, SEQ_BUCKET=1024, PREC="ieee") == [(32, 32, True)]
