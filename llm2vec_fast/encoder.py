@@ -380,9 +380,9 @@ class LLM2Vec(nn.Module):
         """Last hidden states ``[T, H]`` of a packed batch."""
         cu, m = f["cu_seqlens"], int(f["max_seqlen"])
         host = f.get("cu_seqlens_host")
-        if host is not None and len(host) == cu.numel():
-            # the attention kernels then validate and order the pack from the host copy: no device-to-host copy
-            # (a synchronisation) in the forward
+        if host is not None and len(host) == cu.numel() and (cu.is_cuda or _TRITON_INTERPRET):
+            # the attention kernels (CUDA, or the interpreter's tests) then validate and order the pack from the host
+            # copy: no device-to-host copy (a synchronisation) in the forward
             from .kernels.attention import prime_seq_info
 
             prime_seq_info(cu, host, m)
@@ -820,6 +820,7 @@ _MIN_CPU_TOKENS = 16
 # texts tokenized per chunk, growing from the first to the largest (see LLM2Vec._packed_batches); the length sort is
 # per chunk, which costs nothing with packed batches
 _FIRST_CHUNK = 64
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # encode tokenizes through a fast tokenizer's Rust backend directly (LLM2Vec._tokenize_batch); False: through
 # tokenizer.__call__ (the same tokens, slower)
 FAST_TOKENIZE = True
