@@ -242,11 +242,12 @@ def _key_blocks(t0, t_end, L, BN: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _query_block(ORDER, CU, i_m, i_x, i_s, G, BM: tl.constexpr, CAUSAL: tl.constexpr, PACK: tl.constexpr):
-    # a query-row program's sequence (start, length), query rows (L per head, or L·G GQA-packed), kv head and block
-    # index. Sequences are visited longest first (ORDER), so the long tail of work starts early; causal programs take
-    # a sequence's blocks last first (they see the most keys). The caller returns when i_m < 0 or the block starts
-    # past the rows.
+def _query_block(ORDER, CU, G, BM: tl.constexpr, CAUSAL: tl.constexpr, PACK: tl.constexpr):
+    # a query-row program's sequence (start, length), query rows (L per head, or L·G GQA-packed), head index on grid
+    # axis 1 (query head, or kv head when packed), kv head, block index, and whether the block is empty (the caller
+    # returns). Sequences are visited longest first (ORDER), so the long tail of work starts early; causal programs
+    # take a sequence's blocks last first (they see the most keys).
+    i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = tl.load(ORDER + i_s)
     bos = tl.load(CU + i_b)
     L = tl.load(CU + i_b + 1) - bos
@@ -258,7 +259,7 @@ def _query_block(ORDER, CU, i_m, i_x, i_s, G, BM: tl.constexpr, CAUSAL: tl.const
         i_h = i_x // G
     if CAUSAL:
         i_m = tl.cdiv(n_rows, BM) - 1 - i_m
-    return bos, L, n_rows, i_h, i_m
+    return bos, L, n_rows, i_x, i_h, i_m, (i_m < 0) | (i_m * BM >= n_rows)
 
 
 @triton.jit
@@ -306,11 +307,8 @@ def _attn_fwd_kernel(
     # GQA-packed (PACK True): program (i_m, kv head, sequence) holds BM rows of the L·G rows (token t, head g) of the
     # kv head's G query heads, row r = t·G + g: a short sequence fills its tiles G times better, and each K/V block
     # loaded serves G heads.
-    i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, L, n_rows, i_h, i_m = _query_block(ORDER, CU, i_m, i_x, i_s, G, BM, CAUSAL, PACK)
-    if i_m < 0:
-        return
-    if i_m * BM >= n_rows:
+    bos, L, n_rows, i_x, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, PACK)
+    if empty:
         return
     EVEN_D: tl.constexpr = BD == D
 
@@ -376,11 +374,8 @@ def _attn_fwd_tma_kernel(
     # The forward with Hopper TMA loads: one [L, D] tensor descriptor per (sequence, head), so tiles stream through
     # the copy engine (pipelined, no per-element pointers in registers) and rows past the sequence end arrive as
     # zeros. Same math as _attn_fwd_kernel; head dims that are powers of two only (BD == D).
-    i_m, i_hq, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, L, n_rows, i_h, i_m = _query_block(ORDER, CU, i_m, i_hq, i_s, G, BM, CAUSAL, False)
-    if i_m < 0:
-        return
-    if i_m * BM >= n_rows:
+    bos, L, n_rows, i_hq, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, False)
+    if empty:
         return
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
@@ -550,11 +545,8 @@ def _attn_bwd_dq_kernel(
 ):
     # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic. Rows
     # per head or GQA-packed, as in the forward (PACK).
-    i_m, i_x, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, L, n_rows, i_h, i_m = _query_block(ORDER, CU, i_m, i_x, i_s, G, BM, CAUSAL, PACK)
-    if i_m < 0:
-        return
-    if i_m * BM >= n_rows:
+    bos, L, n_rows, i_x, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, PACK)
+    if empty:
         return
     EVEN_D: tl.constexpr = BD == D
     o_r = i_m * BM + tl.arange(0, BM)
