@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bidirectional import FAMILIES, is_bidirectional, to_bidirectional, to_packed_causal
+from .cpu_memory import cpu_work
 from .fused import fuse_ops
 from .models import resolve_model
 
@@ -661,28 +662,30 @@ class LLM2Vec(nn.Module):
                     out[r] = t
             bar.update(len(rows))
 
-        # one background thread tokenizes, packs and copies ahead; batch i is collected after batch i + 1 is
-        # launched, so the device never waits for the host between batches
-        pending = None
-        for rows, feats, skipped in _ahead(self._packed_batches(pairs, live, budget, dev), depth=2):
-            bar.update(skipped)
-            if feats is None:
-                continue
-            if tokens:
-                f, emb = self._run(feats)
-                n = len(rows)
-                spans = torch.stack([f["cu_seqlens"][:n].long() + f["pool_start"][:n].long(),
-                                     f["cu_seqlens"][1:n + 1].long()], dim=1)
-                emb = emb.float()
-            else:
-                emb, spans = self.forward(feats).float(), None
-            if normalize_embeddings:
-                emb = torch.nn.functional.normalize(emb, dim=-1)
+        # CPU: freed activations stay in the heap for the next batch instead of being mapped afresh (cpu_memory)
+        with cpu_work(dev):
+            # one background thread tokenizes, packs and copies ahead; batch i is collected after batch i + 1 is
+            # launched, so the device never waits for the host between batches
+            pending = None
+            for rows, feats, skipped in _ahead(self._packed_batches(pairs, live, budget, dev), depth=2):
+                bar.update(skipped)
+                if feats is None:
+                    continue
+                if tokens:
+                    f, emb = self._run(feats)
+                    n = len(rows)
+                    spans = torch.stack([f["cu_seqlens"][:n].long() + f["pool_start"][:n].long(),
+                                         f["cu_seqlens"][1:n + 1].long()], dim=1)
+                    emb = emb.float()
+                else:
+                    emb, spans = self.forward(feats).float(), None
+                if normalize_embeddings:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+                if pending is not None:
+                    collect(*pending)
+                pending = rows, emb, spans
             if pending is not None:
                 collect(*pending)
-            pending = rows, emb, spans
-        if pending is not None:
-            collect(*pending)
         bar.close()
         return out[0] if single else out
 

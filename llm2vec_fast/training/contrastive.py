@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cpu_memory import cpu_work
 from .common import (
     CONFIG_NAME,
     LORA_TARGETS,
@@ -283,7 +284,8 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                   processing_class=encoder.tokenizer, scale=args.scale,
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
-    out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)
+        out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
     if trainer.args.should_save:
         save_contrastive_output(encoder, args, losses)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cpu_memory import cpu_work
 from .common import (
     CONFIG_NAME,
     LORA_TARGETS,
@@ -225,7 +226,8 @@ def train_mntp(args: MNTPArguments) -> dict:
     trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
                           processing_class=tokenizer, masker=collator)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
-    out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)
+        out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
     if trainer.args.should_save:
         save_mntp_output(model.backbone, tokenizer, args, base_path, losses)
