@@ -230,6 +230,7 @@ def simcse_lengths(batch, length, seed=0):
 
 def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64, on_row=print):
     from llm2vec_fast.kernels.attention import prime_seq_info
+    from llm2vec_fast.kernels.pooling import prime_pool_args
 
     from llm2vec_fast import fuse_ops, to_bidirectional
     from llm2vec_fast.bidirectional import set_attention_dropout
@@ -276,7 +277,9 @@ def bench_simcse(name, cfg_kw, batch, length, warmup, steps, variants, chunk=64,
                 f = pack([seqs[i % batch] for i in idx], [0] * len(idx))
                 f = {k: (v.to(DEV) if torch.is_tensor(v) else v) for k, v in f.items()}
                 cu, m = f["cu_seqlens"], f["max_seqlen"]
-                prime_seq_info(cu, f["cu_seqlens_host"], m)  # as LLM2Vec.hidden_states does: no sync per forward
+                # as LLM2Vec.hidden_states does: no sync per forward or pooling
+                prime_seq_info(cu, f["cu_seqlens_host"], m)
+                prime_pool_args(cu, f["pool_start"], f["cu_seqlens_host"], f["pool_start_host"])
                 h = model(input_ids=f["input_ids"][None], position_ids=f["position_ids"][None], cu_seq_lens_q=cu,
                           cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False).last_hidden_state[0]
                 return pool(h, cu, "mean", f["pool_start"])

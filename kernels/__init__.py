@@ -9,6 +9,7 @@ import importlib
 _LAZY = {
     "flash_attention": ".attention",
     "masked_pool": ".pooling",
+    "prime_pool_args": ".pooling",
     "fused_linear_cross_entropy": ".cross_entropy",
     "rms_norm": ".rmsnorm",
     "silu_mul": ".swiglu",

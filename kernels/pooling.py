@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check_pool_args
+from .reference import _check_pool_args, prime_pool_args  # noqa: F401 (re-exported: priming belongs with the op)
 
 _MODE_ID = {"mean": 0, "weighted_mean": 1, "last_token": 2, "first_token": 3}
 _EPS = 1e-12

@@ -3,6 +3,7 @@
 Only torch is imported here, never triton or transformers.
 """
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -98,29 +99,76 @@ def _check_pool_args(hidden, cu_seqlens, mode, pool_start, dtypes=_FLOAT_DTYPES)
             raise TypeError(f"pool_start must be int32, got {pool_start.dtype}")
         if pool_start.device != hidden.device:
             raise ValueError(f"pool_start is on {pool_start.device} but hidden is on {hidden.device}")
-    # one host sync for all value checks; the detailed (slower) search runs only when something is wrong
+    if not _primed(cu_seqlens, pool_start, hidden.shape[0]):
+        _check_pool_values(cu_seqlens, pool_start, hidden.shape[0])
+    return POOL_MODES[mode]
+
+
+def _check_pool_values(cu_seqlens, pool_start, total):
+    """cu_seqlens a prefix sum of ``total`` tokens starting at 0, each pool_start in [0, length]: one host sync for
+    every check on a device tensor; the detailed (slower) search runs only when something is wrong."""
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    bad = (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (lengths < 0).any()
+    bad = (cu[0] != 0) | (cu[-1] != total) | (lengths < 0).any()
     if pool_start is not None:
         bad = bad | (pool_start < 0).any() | (pool_start.long() > lengths).any()
     if not bool(bad):
-        return POOL_MODES[mode]
+        return
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
     if (lengths < 0).any():
         i = int(torch.nonzero(lengths < 0)[0])
         raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(cu[i])} > "
                          f"cu_seqlens[{i + 1}] = {int(cu[i + 1])}")
-    if int(cu[-1]) != hidden.shape[0]:
+    if int(cu[-1]) != total:
         raise ValueError(f"cu_seqlens[-1] = {int(cu[-1])} must equal the number of packed tokens "
-                         f"hidden.shape[0] = {hidden.shape[0]}")
+                         f"hidden.shape[0] = {total}")
     ps = pool_start.long()
     if (ps < 0).any():
         i = int(torch.nonzero(ps < 0)[0])
         raise ValueError(f"pool_start must be >= 0, got pool_start[{i}] = {int(ps[i])}")
     i = int(torch.nonzero(ps > lengths)[0])
     raise ValueError(f"pool_start[{i}] = {int(ps[i])} is beyond the length {int(lengths[i])} of sequence {i}")
+
+
+# one-entry cache, as the attention's (prime_seq_info): a batch's cu_seqlens and pool_start validated from their host
+# copies, so pooling them copies nothing back (a device synchronisation per batch that stalls the host's launches)
+_POOL_PRIMED = {"refs": None, "key": None}
+
+
+def _pool_key(cu_seqlens, pool_start, total):
+    def one(t):
+        return None if t is None else (None if t.is_inference() else t._version, t.data_ptr())
+
+    return one(cu_seqlens), one(pool_start), int(total)
+
+
+def prime_pool_args(cu_seqlens, pool_start, cu_host, pool_start_host=None):
+    """Tell ``masked_pool`` (and its twin) the host copies (lists, numpy arrays or CPU tensors) of the device tensors
+    ``cu_seqlens`` and ``pool_start`` (or None) it will be called with next: they are validated here, on the host,
+    and the call then reads nothing back from the device. Raises what ``masked_pool`` raises for bad values. A later
+    in-place change to either tensor drops the primed copies (they are validated again)."""
+    cu = torch.as_tensor(cu_host).reshape(-1).to(torch.int64)
+    if cu.numel() != cu_seqlens.numel() or cu.numel() < 1:
+        raise ValueError(f"cu_host has {cu.numel()} entries, cu_seqlens {cu_seqlens.numel()}")
+    ps = None
+    if pool_start is not None:
+        if pool_start_host is None:
+            raise ValueError("pool_start is given but pool_start_host is not")
+        ps = torch.as_tensor(pool_start_host).reshape(-1).to(torch.int64)
+        if ps.numel() != pool_start.numel():
+            raise ValueError(f"pool_start_host has {ps.numel()} entries, pool_start {pool_start.numel()}")
+    total = int(cu[-1])
+    _check_pool_values(cu, ps, total)
+    _POOL_PRIMED.update(refs=(weakref.ref(cu_seqlens), None if pool_start is None else weakref.ref(pool_start)),
+                        key=_pool_key(cu_seqlens, pool_start, total))
+
+
+def _primed(cu_seqlens, pool_start, total):
+    refs = _POOL_PRIMED["refs"]
+    if refs is None or refs[0]() is not cu_seqlens or (refs[1]() if refs[1] is not None else None) is not pool_start:
+        return False
+    return _POOL_PRIMED["key"] == _pool_key(cu_seqlens, pool_start, total)
 
 
 def masked_pool_ref(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=False):

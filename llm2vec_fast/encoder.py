@@ -354,8 +354,8 @@ class LLM2Vec(nn.Module):
 
         Returns a dict: ``input_ids`` int64 ``[T]``, ``position_ids`` int64 ``[T]``, ``cu_seqlens`` int32
         ``[B + 1]``, ``max_seqlen`` int, ``pool_start`` int32 ``[B]`` (instruction tokens at each sequence start),
-        ``cu_seqlens_host`` (a numpy copy of ``cu_seqlens`` that stays on the host, so that the forward needs no
-        device-to-host copy).
+        ``cu_seqlens_host`` and ``pool_start_host`` (numpy copies of ``cu_seqlens`` and ``pool_start`` that stay on
+        the host, so that the forward and the pooling need no device-to-host copy).
         """
         pairs = _normalize_inputs(items)
         ids, starts, _ = self.tokenize_items(pairs)
@@ -385,8 +385,11 @@ class LLM2Vec(nn.Module):
             # the attention kernels (CUDA, or the interpreter's tests) then validate and order the pack from the host
             # copy: no device-to-host copy (a synchronisation) in the forward
             from .kernels.attention import prime_seq_info
+            from .kernels.pooling import prime_pool_args
 
             prime_seq_info(cu, host, m)
+            if f.get("pool_start_host") is not None:  # and pooling (LLM2Vec.forward) validates from host copies too
+                prime_pool_args(cu, f["pool_start"], host, f["pool_start_host"])
         out = self.model(input_ids=f["input_ids"][None], position_ids=f["position_ids"][None],
                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -800,8 +803,9 @@ def _short(x, n=80):
 
 
 def pack(ids, starts):
-    """Concatenate token arrays into packed features (see :meth:`LLM2Vec.tokenize`); ``cu_seqlens_host`` keeps a
-    numpy copy of ``cu_seqlens`` that stays on the host when the tensors move to the device."""
+    """Concatenate token arrays into packed features (see :meth:`LLM2Vec.tokenize`); ``cu_seqlens_host`` and
+    ``pool_start_host`` keep numpy copies of ``cu_seqlens`` and ``pool_start`` that stay on the host when the tensors
+    move to the device."""
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     cu = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
@@ -814,6 +818,7 @@ def pack(ids, starts):
         "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         "pool_start": torch.from_numpy(np.asarray(starts, dtype=np.int32)),
         "cu_seqlens_host": cu,
+        "pool_start_host": np.array(starts, dtype=np.int32),  # a copy: the tensor above shares its memory
     }
 
 
@@ -850,6 +855,8 @@ def _add_filler(f, n):
     }
     if f.get("cu_seqlens_host") is not None:
         out["cu_seqlens_host"] = np.append(f["cu_seqlens_host"], total + n)
+    if f.get("pool_start_host") is not None:
+        out["pool_start_host"] = np.append(f["pool_start_host"], np.int32(0))
     return out
 
 

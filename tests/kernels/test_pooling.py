@@ -174,6 +174,49 @@ def test_errors():
         _err(lambda f=fn: f(h, cu, "nope"), ValueError, "nope")
 
 
+def test_primed_args_are_validated_once_on_the_host(monkeypatch):
+    """prime_pool_args validates cu_seqlens / pool_start from host copies; pooling those tensors then reads nothing
+    back (on a GPU, a synchronisation per batch), with the same result; an in-place edit or another token count
+    makes the call validate the device tensors again."""
+    from llm2vec_fast.kernels import prime_pool_args, reference
+
+    hidden, cu, ps = _batch(LENGTHS, 8, torch.float32)
+    want = masked_pool(hidden, cu, "mean", ps)
+    prime_pool_args(cu, ps, cu.numpy().copy(), ps.numpy().copy())
+    checks = []
+    real = reference._check_pool_values
+    # checks of the caller's int32 tensors (priming checks its int64 host copies)
+    monkeypatch.setattr(reference, "_check_pool_values",
+                        lambda *a: (checks.append(a) if a[0].dtype == torch.int32 else None) or real(*a))
+    for fn in (masked_pool, masked_pool_ref):
+        torch.testing.assert_close(fn(hidden, cu, "mean", ps), want, atol=0, rtol=0)
+    assert checks == []
+    masked_pool(hidden[:43], cu[:-1], "mean", ps[:-1])  # other tensors: validated as usual
+    assert len(checks) == 1
+    ps[3] = LENGTHS[3] + 1  # in place: the primed copy no longer describes it
+    _err(lambda: masked_pool(hidden, cu, "mean", ps), ValueError, r"pool_start\[3\] = 34 .*length 33")
+    ps[3] = 0
+    prime_pool_args(cu, ps, cu.tolist(), ps.tolist())
+    _err(lambda: masked_pool(hidden[:-1], cu, "mean", ps), ValueError, r"= 48 .*= 47")  # not the primed total
+    prime_pool_args(cu, None, cu.tolist())
+    masked_pool(hidden, cu, "last_token")
+    assert len(checks) == 3
+
+
+def test_prime_pool_args_raises_what_pooling_raises():
+    from llm2vec_fast.kernels import prime_pool_args
+
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ps = torch.tensor([0, 1], dtype=torch.int32)
+    _err(lambda: prime_pool_args(cu, ps, [1, 4, 10], [0, 1]), ValueError, r"start at 0.*= 1")
+    _err(lambda: prime_pool_args(cu, ps, [0, 6, 4], [0, 1]), ValueError, r"non-decreasing.*cu_seqlens\[1\] = 6")
+    _err(lambda: prime_pool_args(cu, ps, [0, 4, 10], [0, -1]), ValueError, r"pool_start\[1\] = -1")
+    _err(lambda: prime_pool_args(cu, ps, [0, 4, 10], [5, 0]), ValueError, r"pool_start\[0\] = 5 .*length 4")
+    _err(lambda: prime_pool_args(cu, ps, [0, 10], [0, 1]), ValueError, "cu_host has 2 entries, cu_seqlens 3")
+    _err(lambda: prime_pool_args(cu, ps, [0, 4, 10], [0]), ValueError, "pool_start_host has 1 entries")
+    _err(lambda: prime_pool_args(cu, ps, [0, 4, 10]), ValueError, "pool_start_host is not")
+
+
 @pytest.mark.gpu
 def test_device_mismatch_gpu():
     h = torch.randn(10, 4, device="cuda")

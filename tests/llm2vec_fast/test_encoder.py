@@ -547,9 +547,10 @@ def test_tokenizer_backend_path_equals_tokenizer_call(tiny, monkeypatch, data_di
 
 
 def test_forward_reads_no_cu_seqlens_back_from_the_device(tokenizer, tmp_path, monkeypatch):
-    """encode primes the attention kernels with each batch's host copy of cu_seqlens (pack's cu_seqlens_host), so
-    no layer of the forward copies it back from the device (a synchronisation per batch on a GPU); embeddings equal
-    the unprimed run's. Triton backend under the interpreter (head dim 32), fused ops off to keep it quick."""
+    """encode primes the attention kernels and the pooling with each batch's host copies of cu_seqlens and
+    pool_start (pack's cu_seqlens_host, pool_start_host), so neither the forward nor the pooling copies them back from
+    the device (a synchronisation per batch on a GPU); embeddings equal the unprimed run's. Triton backend under the interpreter (head dim 32), fused ops off to keep it quick."""
+    from llm2vec_fast.kernels import reference
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import llm2vec_fast.encoder as enc
@@ -572,10 +573,17 @@ def test_forward_reads_no_cu_seqlens_back_from_the_device(tokenizer, tmp_path, m
         return real_tolist(t)
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    # pooling's value checks on the batch's int32 tensors (a synchronisation per batch on a GPU; priming checks its
+    # int64 host copies)
+    checks = []
+    real_check = reference._check_pool_values
+    monkeypatch.setattr(reference, "_check_pool_values",
+                        lambda *a: (checks.append(a) if a[0].dtype == torch.int32 else None) or real_check(*a))
     primed = model.encode(items, max_batch_tokens=24, show_progress_bar=False)
-    assert reads == []
+    assert reads == [] and checks == []
     real_pack = enc.pack
-    monkeypatch.setattr(enc, "pack", lambda *a: {k: v for k, v in real_pack(*a).items() if k != "cu_seqlens_host"})
+    monkeypatch.setattr(enc, "pack", lambda *a: {k: v for k, v in real_pack(*a).items()
+                                                 if k not in ("cu_seqlens_host", "pool_start_host")})
     unprimed = model.encode(items, max_batch_tokens=24, show_progress_bar=False)
-    assert len(reads) >= 2  # one read back per batch without the host copy
+    assert len(reads) >= 2 and len(checks) >= 2  # one read back per batch without the host copies
     torch.testing.assert_close(primed, unprimed, atol=0, rtol=0)
