@@ -116,6 +116,27 @@ class AdapterTrainer(Trainer):
     """
 
     peft_module = None  # set by subclasses' __init__
+    _nonfinite = None  # a device bool: some micro-step's loss since the last check was not finite
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return self.watch_loss(super().training_step(model, inputs, num_items_in_batch))
+
+    def watch_loss(self, loss):
+        """Mark ``loss`` in the non-finite flag :class:`FiniteLossGuard` reads (a device op, no sync); returns it."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        return loss
+
+    def take_nonfinite_loss(self) -> bool:
+        """Whether a loss since the last call was not finite (reads the device flag), and clear the flag. Under
+        torchrun every process calls it at the same steps and all get the same answer (one NaN rank stops all,
+        instead of leaving the others waiting in the next all-reduce)."""
+        flag, self._nonfinite = self._nonfinite, None
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.zeros((), dtype=torch.int32, device=self.args.device) if flag is None else flag.to(torch.int32)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return bool(t)
+        return flag is not None and bool(flag)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -210,13 +231,50 @@ class TimeLimit(TrainerCallback):
 
 
 def add_step_callbacks(trainer, max_train_seconds=None):
-    """A :class:`StepCounter` and, with ``max_train_seconds``, a :class:`TimeLimit` on ``trainer``."""
+    """A :class:`StepCounter`, with ``max_train_seconds`` a :class:`TimeLimit`, and (an :class:`AdapterTrainer`) a
+    :class:`FiniteLossGuard` on ``trainer``."""
     counter = StepCounter()
     trainer.add_callback(counter)
     limit = TimeLimit(max_train_seconds) if max_train_seconds else None
     if limit is not None:
         trainer.add_callback(limit)
+    if isinstance(trainer, AdapterTrainer):
+        trainer.add_callback(FiniteLossGuard(trainer))  # last: it sees the stop and save decisions of the others
     return counter, limit
+
+
+class FiniteLossGuard(TrainerCallback):
+    """Stops a run whose loss is no longer finite, before it saves anything more.
+
+    Hugging Face's Trainer keeps training through a NaN or infinite loss: its log replaces such a step's loss with
+    the running mean (``logging_nan_inf_filter``), and the optimizer carries the NaN into the adapter, which is then
+    saved as if nothing had happened. :class:`AdapterTrainer` marks every micro-step whose loss is not finite in a
+    device flag (no synchronisation); this callback reads the flag where the Trainer is about to log or save (which
+    reads the device anyway), at the last step and at the end of training, and raises ``FloatingPointError``
+    naming the steps. Checkpoints already written stay; the NaN one and the final output are never written.
+    """
+
+    def __init__(self, trainer):
+        self.trainer, self.checked_at = trainer, None
+
+    def _check(self, state, where):
+        if not self.trainer.take_nonfinite_loss():
+            self.checked_at = state.global_step
+            return
+        since = "the start" if self.checked_at is None else f"step {self.checked_at}"
+        raise FloatingPointError(
+            f"the training loss was NaN or infinite in a step after {since} (checked {where}, optimizer step "
+            f"{state.global_step} of {state.max_steps}); stopped without saving it. Checkpoints written before "
+            "are intact. Try a lower learning rate, float32 weights (--dtype float32) or gradient clipping "
+            "(max_grad_norm).")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_training_stop or \
+                state.global_step >= state.max_steps:
+            self._check(state, "before the step's log or save")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._check(state, "at the end of training")
 
 
 class StepCounter(TrainerCallback):

@@ -198,7 +198,7 @@ class ContrastiveTrainer(AdapterTrainer):
             else self.args.gradient_accumulation_steps
         with self.compute_loss_context_manager():
             loss = self._grad_cache(model, inputs, ga)
-        return loss / ga
+        return self.watch_loss(loss / ga)
 
     def _grad_cache(self, model, inputs, ga):
         return grad_cache_step(

@@ -549,7 +549,8 @@ def test_tokenizer_backend_path_equals_tokenizer_call(tiny, monkeypatch, data_di
 def test_forward_reads_no_cu_seqlens_back_from_the_device(tokenizer, tmp_path, monkeypatch):
     """encode primes the attention kernels and the pooling with each batch's host copies of cu_seqlens and
     pool_start (pack's cu_seqlens_host, pool_start_host), so neither the forward nor the pooling copies them back from
-    the device (a synchronisation per batch on a GPU); embeddings equal the unprimed run's. Triton backend under the interpreter (head dim 32), fused ops off to keep it quick."""
+    the device (a synchronisation per batch on a GPU); embeddings equal the unprimed run's. Triton backend under the
+    interpreter (head dim 32), fused ops off to keep it quick."""
     from llm2vec_fast.kernels import reference
     from transformers import LlamaConfig, LlamaForCausalLM
 

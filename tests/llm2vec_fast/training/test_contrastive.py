@@ -142,3 +142,22 @@ def test_adapter_folder_alone_loads_on_its_recorded_base(tiny_model_dir, tiny_se
     (tmp_path / "simcse" / "llm2vec_training.json").write_text(json.dumps(record))
     with pytest.raises(FileNotFoundError, match="which is not here: pass the base model"):
         LLM2Vec.from_pretrained(str(tmp_path / "simcse"), device="cpu")
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["in-batch", "gradcache"])
+def test_a_nan_loss_stops_contrastive_training(tiny_model_dir, tmp_path, monkeypatch, chunk):
+    from llm2vec_fast.training.contrastive import ContrastiveTrainer
+
+    real, calls = ContrastiveTrainer._loss, []
+
+    def loss(self, *a, **k):
+        calls.append(1)
+        out = real(self, *a, **k)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(ContrastiveTrainer, "_loss", loss)
+    f = _triplet_csv(tmp_path / "one.csv", 1)
+    args = _args("supervised", [f], tmp_path / "out", model=tiny_model_dir, split="train", gradcache_chunk_size=chunk)
+    with pytest.raises(FloatingPointError, match=r"after step 1 .*optimizer step 2 of 3"):
+        train_contrastive(args)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

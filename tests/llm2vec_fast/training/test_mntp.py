@@ -165,3 +165,35 @@ def test_packed_forward_equals_the_padded_batch(padded):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_nan_loss_stops_the_run_before_it_is_saved(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    """A NaN loss at step 4 (of 6, checkpoints every 3, no logging in between): checkpoint 3 is written and finite,
+    then the run raises at the last step's check, and neither checkpoint 6 nor the final output is written (the
+    Trainer alone would log a smoothed loss and save the NaN adapter)."""
+    from safetensors.torch import load_file
+
+    from llm2vec_fast.training.mntp import MNTPTrainer
+
+    real, calls = MNTPTrainer.compute_loss, []
+
+    def compute_loss(self, *a, **k):
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(MNTPTrainer, "compute_loss", compute_loss)
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite in a step after step 3 .*optimizer step 6 of 6"):
+        train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path, logging_steps=100))
+    weights = load_file(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_a_nan_loss_is_caught_at_the_next_log(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    from llm2vec_fast.training.mntp import MNTPTrainer
+
+    real = MNTPTrainer.compute_loss
+    monkeypatch.setattr(MNTPTrainer, "compute_loss", lambda self, *a, **k: real(self, *a, **k) * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"after the start .*optimizer step 1 of 6"):
+        train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path, save_steps=0))
