@@ -1,10 +1,10 @@
 """LLM2Vec: encode texts with a (bidirectional) decoder LLM; a drop-in for the original ``llm2vec`` 0.2.3.
 
-Texts are tokenized in chunks that grow from 256 to 32,768 texts (one batched call with character offsets finds the
+Texts are tokenized in chunks that grow from 64 to 32,768 texts (one batched call with character offsets finds the
 instruction span), sorted by length within the chunk, cut into token-budget batches and run **packed**: sequences
 back to back, no padding token anywhere from the tokenizer to the pooled vector. A background thread tokenizes, packs
 (and, on CUDA, pins and copies) the next batches while the current one runs, so the device starts after the first
-few hundred texts and host work hides behind it.
+few dozen texts and host work hides behind it.
 """
 import json
 import logging

@@ -8,6 +8,8 @@ that of the global mean over all queries.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -20,13 +22,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` over non-ignored rows (0 when none).
 
-    On CUDA the Triton ``fused_linear_cross_entropy`` (never materializes full logits for all rows); elsewhere its
-    PyTorch twin.
+    On CUDA the Triton ``fused_linear_cross_entropy`` (never materializes full logits for all rows); elsewhere, or
+    with ``LLM2VEC_FAST_DISABLE_TRITON=1``, its PyTorch twin.
     """
     if hidden.dtype != weight.dtype:
         # e.g. fp32 hidden states from an fp32 LoRA path against a bf16 head: the op wants one dtype
         hidden = hidden.to(weight.dtype)
-    if hidden.is_cuda:
+    if hidden.is_cuda and os.environ.get("LLM2VEC_FAST_DISABLE_TRITON") != "1":
         from llm2vec_fast.kernels import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index)
