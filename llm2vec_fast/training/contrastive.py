@@ -271,8 +271,13 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     """
     # the process group may not exist yet (TrainingArguments creates it): read the launcher's environment
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    encoder = load_encoder(args)
     dataset, collator, grouped = build_dataset(args, world)
+    if len(dataset) < args.batch_size * world:
+        per = f"{args.batch_size} per process x {world} processes" if world > 1 else f"{args.batch_size}"
+        raise ValueError(f"{len(dataset)} training examples in {list(args.train_files)}, fewer than one batch of "
+                         f"{per}: contrastive batches are always full (the batch is each example's negatives); "
+                         "lower the batch size or give more data")
+    encoder = load_encoder(args)
     targs = training_arguments(
         args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,

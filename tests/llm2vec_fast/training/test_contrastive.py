@@ -161,3 +161,11 @@ def test_a_nan_loss_stops_contrastive_training(tiny_model_dir, tmp_path, monkeyp
     with pytest.raises(FloatingPointError, match=r"after step 1 .*optimizer step 2 of 3"):
         train_contrastive(args)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("lines", [0, 5])
+def test_fewer_examples_than_a_batch_is_an_error(tmp_path, lines):
+    f = tmp_path / "few.txt"
+    f.write_text("".join(f"sentence number {i}\n" for i in range(lines)))
+    with pytest.raises(ValueError, match=rf"{lines} training examples in .*few.txt.*fewer than one batch of 6"):
+        train_contrastive(_args("simcse", [str(f)], tmp_path / "out", model="no-model-is-loaded-first"))
