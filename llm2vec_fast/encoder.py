@@ -125,7 +125,7 @@ class LLM2Vec(nn.Module):
         if "torch_dtype" in hf_kwargs:  # the original's spelling
             dtype = dtype if dtype is not None else hf_kwargs.pop("torch_dtype")
             hf_kwargs.pop("torch_dtype", None)
-        device = torch.device(device) if device is not None else torch.device(
+        device = _check_device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype) if dtype is not None else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -628,7 +628,7 @@ class LLM2Vec(nn.Module):
         pairs = _instructed_pairs(sentences, instruction)
         _check_budget_args(batch_size, max_batch_tokens)
         if device is not None:
-            self.model.to(device)
+            self.model.to(_check_device(device))
         self.model.eval()
         dev = self.device
         budget = max_batch_tokens or (batch_size * self.max_length if batch_size else
@@ -981,6 +981,21 @@ def _read_config(folder):
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{p} is not valid JSON: {e}") from e
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; a CUDA device this machine lacks is a ValueError that says so."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            built = "has no usable GPU" if torch.backends.cuda.is_built() else "is a build without CUDA"
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available (torch {torch.__version__} "
+                             f"{built}); use device='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has {n} CUDA device(s): "
+                             f"cuda:0..cuda:{n - 1}")
+    return dev
 
 
 def _parse_dtype(dtype):

@@ -588,3 +588,16 @@ def test_forward_reads_no_cu_seqlens_back_from_the_device(tokenizer, tmp_path, m
     unprimed = model.encode(items, max_batch_tokens=24, show_progress_bar=False)
     assert len(reads) >= 2 and len(checks) >= 2  # one read back per batch without the host copies
     torch.testing.assert_close(primed, unprimed, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_a_missing_cuda_device_is_a_clear_error(tiny, tiny_encoder_dir, monkeypatch, gpus):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    want = r"'cuda' asked for, but CUDA is not available" if gpus == 0 else r"'cuda:5' asked for, .* 2 CUDA device"
+    device = "cuda" if gpus == 0 else "cuda:5"
+    with pytest.raises(ValueError, match=want):
+        tiny.encode(["a text"], device=device, show_progress_bar=False)
+    with pytest.raises(ValueError, match=want):
+        LLM2Vec.from_pretrained(str(tiny_encoder_dir), device=device)
+    assert tiny.encode(["a text"], device="cpu", show_progress_bar=False).shape == (1, 64)
