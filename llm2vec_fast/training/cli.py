@@ -95,7 +95,8 @@ def run_contrastive(a) -> int:
         max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale, attention_dropout=a.attention_dropout,
         warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
         num_negatives=getattr(a, "num_negatives", 1),
-        gradcache_chunk_size=a.gradcache_chunk_size, pooling_mode=a.pooling_mode, **_shared_kwargs(a))
+        gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
+        pooling_mode=a.pooling_mode, **_shared_kwargs(a))
     return _report(train_contrastive(args))
 
 
@@ -164,6 +165,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                        choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
         p.add_argument("--gradcache-chunk-size", type=int, default=None,
                        help="GradCache: encode the batch in chunks of this many texts (memory of a small batch)")
+        p.add_argument("--gradcache-chunk-tokens", type=int, default=None,
+                       help="GradCache: encode the batch in chunks of at most this many tokens (a bound on activation "
+                            "memory, whatever the texts' lengths); instead of --gradcache-chunk-size")
         if mode == "supervised":
             p.add_argument("--instruction", action="append", default=None,
                            help="instruction for queries: once for all files, or once per --train-file")

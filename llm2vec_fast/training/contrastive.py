@@ -4,8 +4,9 @@ query / positive / hard-negative training.
 The encoder is :class:`llm2vec_fast.LLM2Vec`: texts are tokenized into packed features and pooled through the
 masked-pooling op (Triton on CUDA), so the gradient flows through the pooling kernel's backward. A fresh LoRA adapter
 trains on top of the base model, into which an MNTP adapter (if any) has been merged. Queries, positives and
-negatives of a batch run as one packed forward; with ``gradcache_chunk_size`` the batch runs in chunks through
-:mod:`.gradcache`.
+negatives of a batch run as one packed forward; with ``gradcache_chunk_size`` (texts per chunk) or
+``gradcache_chunk_tokens`` (tokens per chunk: a bound on each chunk's activation memory) the batch runs in chunks
+through :mod:`.gradcache`.
 
 Python API::
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from ..cpu_memory import cpu_work
+from ..encoder import _normalize_inputs, pack
 from .common import (
     CONFIG_NAME,
     LORA_TARGETS,
@@ -38,7 +40,7 @@ from .common import (
     write_json,
 )
 from .data import ListDataset, one_dataset_per_batch, read_sentences, read_triplets, with_instruction
-from .gradcache import grad_cache_step
+from .gradcache import grad_cache_step, token_chunk_sizes
 from .losses import hard_negative_nll_loss
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class ContrastiveArguments:
     mask_false_negatives: bool = False
     num_negatives: int = 1  # supervised: hard negatives per query (the original: 1); fewer if the data has fewer
     gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
+    gradcache_chunk_tokens: int | None = None  # GradCache chunks of at most this many tokens (instead of a size)
     pooling_mode: str = "mean"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -101,6 +104,13 @@ class ContrastiveArguments:
                 setattr(self, k, v)
         if not isinstance(self.num_negatives, int) or self.num_negatives < 0:
             raise ValueError(f"num_negatives must be an int >= 0, got {self.num_negatives!r}")
+        for name in ("gradcache_chunk_size", "gradcache_chunk_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if self.gradcache_chunk_size and self.gradcache_chunk_tokens:
+            raise ValueError("give gradcache_chunk_size (texts per chunk) or gradcache_chunk_tokens (tokens per "
+                             f"chunk), not both: got {self.gradcache_chunk_size} and {self.gradcache_chunk_tokens}")
 
 
 class ContrastiveModel(nn.Module):
@@ -169,12 +179,13 @@ class ContrastiveTrainer(AdapterTrainer):
     """Trainer with the contrastive loss in ``compute_loss`` and GradCache in ``training_step``."""
 
     def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False,
-                 gradcache_chunk_size: int | None = None, **kwargs):
+                 gradcache_chunk_size: int | None = None, gradcache_chunk_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.peft_module = self.model.encoder.model
         self.scale = scale
         self.mask_false_negatives = mask_false_negatives
         self.gradcache_chunk_size = gradcache_chunk_size
+        self.gradcache_chunk_tokens = gradcache_chunk_tokens
 
     def _encode(self, model, texts):
         return model(self.model.encoder.tokenize(texts))
@@ -191,7 +202,7 @@ class ContrastiveTrainer(AdapterTrainer):
         return (loss, {"embeddings": reps}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.gradcache_chunk_size:
+        if not (self.gradcache_chunk_size or self.gradcache_chunk_tokens):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         ga = self.current_gradient_accumulation_steps if hasattr(self, "current_gradient_accumulation_steps") \
@@ -201,10 +212,19 @@ class ContrastiveTrainer(AdapterTrainer):
         return self.watch_loss(loss / ga)
 
     def _grad_cache(self, model, inputs, ga):
+        texts, encode, chunks = inputs["texts"], (lambda ts: self._encode(model, ts)), self.gradcache_chunk_size
+        if self.gradcache_chunk_tokens:
+            # tokenized once, chunked by tokens (what a chunk's activations grow with), packed per chunk
+            ids, starts, _ = self.model.encoder.tokenize_items(_normalize_inputs(texts))
+            chunks = token_chunk_sizes([len(x) for x in ids], self.gradcache_chunk_tokens)
+            texts = list(range(len(ids)))
+
+            def encode(rows):
+                return model(pack([ids[i] for i in rows], [starts[i] for i in rows]))
         return grad_cache_step(
-            encode=lambda texts: self._encode(model, texts),
+            encode=encode,
             loss_fn=lambda reps: self._loss(reps, inputs["sizes"]),
-            items=inputs["texts"], chunk_size=self.gradcache_chunk_size,
+            items=texts, chunk_size=chunks,
             backward=lambda t: self.accelerator.backward(t / ga),
             no_sync=lambda: self.accelerator.no_sync(model),
             device=self.args.device)
@@ -287,7 +307,8 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     cls = _SequentialTrainer if grouped else ContrastiveTrainer
     trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,
                   processing_class=encoder.tokenizer, scale=args.scale,
-                  mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size)
+                  mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
+                  gradcache_chunk_tokens=args.gradcache_chunk_tokens)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)
         out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -44,14 +44,39 @@ class RandState:
             yield
 
 
-def chunked(items: Sequence, size: int) -> list:
-    if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def chunked(items: Sequence, size: int | Sequence[int]) -> list:
+    """Consecutive chunks of ``items``: of ``size`` items each (the last one shorter), or, for a sequence of sizes,
+    of those sizes in order (they must add up to ``len(items)``)."""
+    if isinstance(size, int):
+        if size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {size}")
+        return [items[i:i + size] for i in range(0, len(items), size)]
+    sizes = [int(n) for n in size]
+    if any(n < 1 for n in sizes) or sum(sizes) != len(items):
+        raise ValueError(f"chunk sizes must be >= 1 and add up to the {len(items)} items, got {sizes}")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[a:a + n] for a, n in zip(starts, sizes, strict=True)]
+
+
+def token_chunk_sizes(lengths: Sequence[int], budget: int) -> list[int]:
+    """Sizes of consecutive chunks of items whose token ``lengths`` add up to at most ``budget`` each (an item longer
+    than the budget forms a chunk alone): GradCache chunks bounded by activation memory rather than item count."""
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"the token budget of a GradCache chunk must be an int >= 1, got {budget!r}")
+    sizes, n, used = [], 0, 0
+    for length in lengths:
+        if n and used + length > budget:
+            sizes.append(n)
+            n, used = 0, 0
+        n, used = n + 1, used + int(length)
+    if n:
+        sizes.append(n)
+    return sizes
 
 
 def grad_cache_step(encode: Callable[[Sequence], torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                    items: Sequence, chunk_size: int, backward: Callable[[torch.Tensor], None] | None = None,
+                    items: Sequence, chunk_size: int | Sequence[int],
+                    backward: Callable[[torch.Tensor], None] | None = None,
                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
                     device: torch.device | None = None) -> torch.Tensor:
     """One GradCache step over ``items``; parameter gradients are accumulated, the loss (detached) returned.
@@ -60,7 +85,8 @@ def grad_cache_step(encode: Callable[[Sequence], torch.Tensor], loss_fn: Callabl
         encode: ``encode(chunk_of_items) -> reps [len(chunk), H]`` (runs the model; twice per chunk but the last).
         loss_fn: ``loss_fn(reps [len(items), H]) -> scalar``, on all representations in item order.
         items: the whole batch (e.g. queries + positives + negatives, concatenated).
-        chunk_size: items per encoder call.
+        chunk_size: items per encoder call, or the sizes of consecutive chunks (e.g. from
+            :func:`token_chunk_sizes`).
         backward: how to back-propagate a chunk's surrogate (default ``Tensor.backward``; the Trainer passes
             ``accelerator.backward`` with its loss scaling).
         no_sync: context manager factory that suspends DDP gradient all-reduce; every forward and backward with

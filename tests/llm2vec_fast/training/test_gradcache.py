@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llm2vec_fast.training.gradcache import chunked, grad_cache_step
+from llm2vec_fast.training.gradcache import chunked, grad_cache_step, token_chunk_sizes
 from llm2vec_fast.training.losses import hard_negative_nll_loss
 
 from .conftest import sentences
@@ -44,8 +44,9 @@ def _run(enc, items, sizes, chunk):
     return loss.detach(), _grads(enc)
 
 
-@pytest.mark.parametrize("attn_dropout,lora_dropout,chunk", [(0.0, 0.0, 5), (0.0, 0.0, 1), (0.3, 0.1, 100)],
-                         ids=["no-dropout-chunk5", "no-dropout-chunk1", "dropout-one-chunk"])
+@pytest.mark.parametrize("attn_dropout,lora_dropout,chunk",
+                         [(0.0, 0.0, 5), (0.0, 0.0, 1), (0.3, 0.1, 100), (0.0, 0.0, [3, 1, 6, 2])],
+                         ids=["no-dropout-chunk5", "no-dropout-chunk1", "dropout-one-chunk", "no-dropout-sizes"])
 def test_gradcache_equals_plain_in_batch(tiny_model_dir, attn_dropout, lora_dropout, chunk):
     enc = _encoder(tiny_model_dir, attn_dropout, lora_dropout)
     q = [["w1 ;", s] for s in sentences(4, seed=1)]  # queries carry an instruction
@@ -142,3 +143,42 @@ def test_chunked_rejects_bad_size():
     assert chunked([1, 2, 3], 2) == [[1, 2], [3]]
     with pytest.raises(ValueError, match="chunk size"):
         chunked([1], 0)
+
+
+def test_chunk_sizes():
+    assert chunked(list("abcdef"), [1, 3, 2]) == [["a"], ["b", "c", "d"], ["e", "f"]]
+    for bad in ([1, 3], [0, 6], [2, 5]):
+        with pytest.raises(ValueError, match="add up to the 6 items"):
+            chunked(list("abcdef"), bad)
+    # consecutive, at most the budget each; an item over the budget alone
+    assert token_chunk_sizes([3, 4, 2, 9, 1, 1, 5], 8) == [2, 1, 1, 3]
+    assert token_chunk_sizes([8, 8], 8) == [1, 1] and token_chunk_sizes([], 8) == []
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="token budget"):
+            token_chunk_sizes([1], bad)
+
+
+def test_trainer_chunks_by_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """gradcache_chunk_tokens: the batch is encoded in consecutive chunks of at most that many tokens; a run trains
+    and saves; both chunk options at once, or a budget of 0, are refused."""
+    import llm2vec_fast.training.contrastive as C
+
+    sizes, forwards = [], []
+    real_step, real_forward = C.grad_cache_step, C.ContrastiveModel.forward
+    monkeypatch.setattr(C, "grad_cache_step", lambda **kw: sizes.append(kw["chunk_size"]) or real_step(**kw))
+    monkeypatch.setattr(C.ContrastiveModel, "forward",
+                        lambda self, f: forwards.append(f["input_ids"].numel()) or real_forward(self, f))
+    f = tmp_path / "s.txt"
+    f.write_text("\n".join(sentences(12, seed=4)) + "\n")
+    args = C.ContrastiveArguments(mode="simcse", train_files=[str(f)], output_dir=str(tmp_path / "out"),
+                                  model=tiny_model_dir, batch_size=6, max_steps=2, logging_steps=1, save_steps=0,
+                                  disable_tqdm=True, max_length=32, gradcache_chunk_tokens=40)
+    r = C.train_contrastive(args)
+    assert r["steps_run"] == 2 and (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert len(sizes) == 2 and all(sum(s) == 12 and len(s) > 1 for s in sizes)  # both views of 6 sentences
+    assert forwards and max(forwards) <= 40 and len(forwards) == sum(2 * len(s) - 1 for s in sizes)
+    with pytest.raises(ValueError, match="not both"):
+        C.ContrastiveArguments(mode="simcse", train_files=["x"], output_dir="o", gradcache_chunk_size=4,
+                               gradcache_chunk_tokens=100)
+    with pytest.raises(ValueError, match="gradcache_chunk_tokens must be an int >= 1"):
+        C.ContrastiveArguments(mode="simcse", train_files=["x"], output_dir="o", gradcache_chunk_tokens=0)
