@@ -98,6 +98,10 @@ def _convert(model, backend, causal):
         cfg.llm2vec_fast_backend = backend
         # transformers >= 5.2x reads this to build bidirectional masks natively; older versions ignore it
         cfg.is_causal = causal
+        if not causal and hasattr(cfg, "use_cache"):
+            # an encoder has no use for a KV cache (a forward would fill one for nothing), and a forward that
+            # carries one keeps Hugging Face's own attention forward instead of the fused RoPE path
+            cfg.use_cache = False
     return model
 
 

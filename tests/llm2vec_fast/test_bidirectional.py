@@ -94,6 +94,31 @@ def test_converting_one_model_leaves_others_causal():
     assert b.config._attn_implementation == "sdpa" and b.layers[0].self_attn.is_causal
 
 
+def test_bidirectional_model_keeps_no_kv_cache_by_default(monkeypatch):
+    """A converted encoder's forward builds no KV cache unless asked (config.use_cache False), so a packed forward
+    without use_cache=False takes the fused RoPE attention path rather than HF's own; the causal conversion keeps the
+    config's cache setting."""
+    import llm2vec_fast.kernels as K
+
+    from llm2vec_fast import fuse_ops
+
+    m = to_bidirectional(tiny_model("llama", seed=2, head_dim=32, hidden_size=128), "triton")
+    fuse_ops(m, ops=("rope",), backend="triton")
+    assert m.config.use_cache is False
+    calls = []
+    real = K.rope
+    monkeypatch.setattr(K, "rope", lambda *a: calls.append(1) or real(*a))
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    ids = torch.randint(0, 256, (1, 8))
+    pos = torch.cat([torch.arange(3), torch.arange(5)])[None]
+    with torch.no_grad():
+        out = m(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    assert out.past_key_values is None and len(calls) == m.config.num_hidden_layers
+    causal = to_packed_causal(tiny_model("llama", seed=2))
+    assert causal.config.use_cache is True
+
+
 def test_causal_lm_wrapper_and_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
