@@ -1,4 +1,5 @@
-"""What several kernel launchers share (torch only, no triton): Philox seeds and the card's SM count."""
+"""What several kernel launchers share (torch only, no triton): Philox seeds, the card's SM count, and host-side
+integer helpers."""
 import functools
 
 import torch
@@ -24,3 +25,16 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _num_sms(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# host-side launch arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions since triton 3.5, about
+# 5 µs per call on the host (their arguments go through constexpr unwrapping), and a LoRA training step's launchers
+# call them ~100 times per decoder layer; these are plain Python, for host code only (kernels keep tl.cdiv)
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, as triton.next_power_of_2 (which gives 0 for 0)."""
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()

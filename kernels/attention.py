@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import kernel_seed, new_seed
+from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2
 
 __all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction",
            "prime_seq_info"]
@@ -661,7 +661,7 @@ def _use_tma(q, *others):
     if not (_FORCE_TMA or os.environ.get("LLM2VEC_FAST_ATTN_TMA") == "1") or not hasattr(tl, "make_tensor_descriptor"):
         return False
     D = q.shape[-1]
-    if D != triton.next_power_of_2(D) or q.dtype == torch.float32:
+    if D != next_power_of_2(D) or q.dtype == torch.float32:
         return False
     # TMA needs 16-byte aligned bases and row strides (the kernel's per-sequence bases inherit it from the strides)
     if any(x.data_ptr() % 16 or any(st % 8 for st in x.stride()[:-1]) for x in (q, *others)):
@@ -703,7 +703,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
         q, k, v, o, lse, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         T, qk_mul, cap_mul, float(dropout_p), drop_scale, kernel_seed(seed), _seq_bucket(tune_len or max_seqlen, T),
-        G=HQ // HKV, D=D, BD=triton.next_power_of_2(D),
+        G=HQ // HKV, D=D, BD=next_power_of_2(D),
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", **extra,
     )
@@ -715,8 +715,8 @@ def _row_grid(max_seqlen, HQ, HKV, B):
     # G·max_seqlen GQA-packed rows
     def grid(meta):
         if meta.get("PACK"):
-            return (triton.cdiv(max_seqlen * (HQ // HKV), meta["BM"]), HKV, B)
-        return (triton.cdiv(max_seqlen, meta["BM"]), HQ, B)
+            return (cdiv(max_seqlen * (HQ // HKV), meta["BM"]), HKV, B)
+        return (cdiv(max_seqlen, meta["BM"]), HQ, B)
 
     return grid
 
@@ -737,10 +737,10 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
     if T == 0 or B == 0:
         return dq, dk, dv
-    BD = triton.next_power_of_2(D)
+    BD = next_power_of_2(D)
     delta = _empty((HQ, T), q, torch.float32)
     BT = 64 if BD <= 128 else 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, BT), HQ)](
+    _attn_bwd_preprocess_kernel[(cdiv(T, BT), HQ)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BD=BD, BT=BT,
     )
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
@@ -749,7 +749,7 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, kernel_seed(seed),
                _seq_bucket(tune_len or max_seqlen, T))
 
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BN"]), HKV, B)](
+    _attn_bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen, meta["BN"]), HKV, B)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common, **_pack_arg(),
@@ -772,7 +772,7 @@ def dropout_keep_mask(seed, dropout_p, num_heads, total_tokens, device):
     m = torch.empty((num_heads, T, T), dtype=torch.int8, device=device)
     if T:
         BM = BN = 64
-        _dropout_mask_kernel[(triton.cdiv(T, BM), triton.cdiv(T, BN), num_heads)](
+        _dropout_mask_kernel[(cdiv(T, BM), cdiv(T, BN), num_heads)](
             m, T, float(dropout_p), kernel_seed(seed), BM=BM, BN=BN)
     return m.bool()
 

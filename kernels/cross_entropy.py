@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_power_of_2
 from .reference import _check_ce_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,7 +65,7 @@ def _pick_chunk_rows(N, V, elem_size):
 
 def _pick_block_v(V):
     # a GPU program streams its row in 4k blocks (16 values per thread at 8 warps); the interpreter likes big blocks
-    return min(triton.next_power_of_2(V), 4096 if not _INTERPRET else 2048)
+    return min(next_power_of_2(V), 4096 if not _INTERPRET else 2048)
 
 
 def linear_ce_fwd(hidden, weight, labels, ignore_index, bias, n_valid, need_gh, need_gw, need_gb,

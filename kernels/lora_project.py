@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import kernel_seed, new_seed, num_sms
+from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, num_sms
 from .reference import DROPOUT_PROJECT_MAX_RANK as MAX_RANK
 from .reference import _check_dropout_project_args
 
@@ -132,7 +132,7 @@ def _keep_mask_kernel(m, N, p, seed, K: tl.constexpr, BN: tl.constexpr, BK: tl.c
 def _rank_block(R):
     if R > MAX_RANK:
         raise ValueError(f"dropout_project supports a weight of up to {MAX_RANK} rows (a LoRA rank), got {R}")
-    return max(16, triton.next_power_of_2(R))  # tl.dot needs every dimension >= 16
+    return max(16, next_power_of_2(R))  # tl.dot needs every dimension >= 16
 
 
 def _prec(dtype):
@@ -154,7 +154,7 @@ def dropout_project_fwd(x, weight, dropout_p, seed):
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty((N, R), dtype=weight.dtype, device=x.device)
     if N:
-        _dp_fwd_kernel[(triton.cdiv(N, _BN),)](
+        _dp_fwd_kernel[(cdiv(N, _BN),)](
             x2, weight, y, x2.stride(0), weight.stride(0), y.stride(0), N, float(dropout_p),
             1.0 / (1.0 - dropout_p), kernel_seed(seed), K=K, R=R, BN=_BN, BK=_BK, BR=BR, HAS_DROPOUT=dropout_p > 0,
             PREC=_prec(weight.dtype))
@@ -177,17 +177,17 @@ def dropout_project_bwd(dy, x, weight, dropout_p, seed, need_x=True, need_weight
     if need_x:
         dx = torch.empty((N, K), dtype=weight.dtype, device=x.device)
         if N:
-            _dp_dx_kernel[(triton.cdiv(N, _BN), triton.cdiv(K, _BK))](
+            _dp_dx_kernel[(cdiv(N, _BN), cdiv(K, _BK))](
                 dy, weight, dx, dy.stride(0), weight.stride(0), dx.stride(0), N, *args, **flags)
     if need_weight:
-        col_blocks = triton.cdiv(K, _BK)
+        col_blocks = cdiv(K, _BK)
         if x.is_cuda:  # about two programs per SM over the column blocks and row ranges
             target = 2 * num_sms(x.device)
-            parts = max(1, min(triton.cdiv(N, _BN), triton.cdiv(target, col_blocks)))
+            parts = max(1, min(cdiv(N, _BN), cdiv(target, col_blocks)))
         else:  # the interpreter runs programs one by one: a few partials still exercise the sum
-            parts = max(1, min(triton.cdiv(N, _BN), 3))
-        rows_per_prog = triton.cdiv(triton.cdiv(max(N, 1), parts), _BN) * _BN
-        parts = triton.cdiv(max(N, 1), rows_per_prog)
+            parts = max(1, min(cdiv(N, _BN), 3))
+        rows_per_prog = cdiv(cdiv(max(N, 1), parts), _BN) * _BN
+        parts = cdiv(max(N, 1), rows_per_prog)
         partial = torch.empty((parts, BR, K), dtype=torch.float32, device=x.device)
         _dp_dw_kernel[(col_blocks, parts)](
             x2, dy, partial, x2.stride(0), dy.stride(0), N, rows_per_prog, *args, **flags)
@@ -199,7 +199,7 @@ def keep_mask(seed, dropout_p, rows, cols, device):
     """The kernels' keep mask for an ``[rows, cols]`` input, materialised as bool (True = kept): for tests."""
     m = torch.empty((rows, cols), dtype=torch.int8, device=device)
     if rows and cols:
-        _keep_mask_kernel[(triton.cdiv(rows, _BN), triton.cdiv(cols, _BK))](
+        _keep_mask_kernel[(cdiv(rows, _BN), cdiv(cols, _BK))](
             m, rows, float(dropout_p), kernel_seed(seed), K=cols, BN=_BN, BK=_BK)
     return m.bool()
 

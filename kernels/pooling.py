@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
 from .reference import _check_pool_args, prime_pool_args  # noqa: F401 (re-exported: priming belongs with the op)
 
 _MODE_ID = {"mean": 0, "weighted_mean": 1, "last_token": 2, "first_token": 3}
@@ -129,7 +130,7 @@ def _l2norm_bwd_kernel(x, dy, dx, stride_x, stride_dy, stride_dx, D, EPS: tl.con
 
 
 def _blocks(D):
-    BD = min(triton.next_power_of_2(D), 128)
+    BD = min(next_power_of_2(D), 128)
     # the interpreter is fastest with few, large blocks; on a GPU 32 x 128 tiles keep registers low
     BT = 32 if not _INTERPRET else 16
     return BT, BD
@@ -145,13 +146,13 @@ def pool_fwd(hidden, cu_seqlens, mode, pool_start, normalize):
     pooled = torch.empty(B, D, dtype=torch.float32, device=hidden.device) if normalize else out
     if B == 0:
         return out, (pooled if normalize else None)
-    _pool_fwd_kernel[(B, triton.cdiv(D, BD))](
+    _pool_fwd_kernel[(B, cdiv(D, BD))](
         hidden, cu_seqlens, ps, pooled, hidden.stride(0), pooled.stride(0), D,
         MODE=_MODE_ID[mode], HAS_PS=pool_start is not None, BT=BT, BD=BD)
     if not normalize:
         return out, None
     _l2norm_fwd_kernel[(B,)](pooled, out, pooled.stride(0), out.stride(0), D, EPS=_EPS,
-                             BD=min(triton.next_power_of_2(D), 1024))
+                             BD=min(next_power_of_2(D), 1024))
     return out, pooled
 
 
@@ -166,11 +167,11 @@ def pool_bwd(dout, pooled, cu_seqlens, mode, pool_start, T, dtype):
     if pooled is not None:  # back through x / max(||x||, eps) first, in fp32
         dx = torch.empty(B, D, dtype=torch.float32, device=dout.device)
         _l2norm_bwd_kernel[(B,)](pooled, dout, dx, pooled.stride(0), dout.stride(0), dx.stride(0), D, EPS=_EPS,
-                                 BD=min(triton.next_power_of_2(D), 1024))
+                                 BD=min(next_power_of_2(D), 1024))
     else:
         dx = dout
     ps = pool_start if pool_start is not None else cu_seqlens
-    _pool_bwd_kernel[(B, triton.cdiv(D, BD))](
+    _pool_bwd_kernel[(B, cdiv(D, BD))](
         dx, cu_seqlens, ps, dh, dx.stride(0), dh.stride(0), D,
         MODE=_MODE_ID[mode], HAS_PS=pool_start is not None, BT=BT, BD=BD)
     return dh

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import num_sms
+from ._launch import cdiv, next_power_of_2, num_sms
 from .reference import _check_rms_norm_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,7 +93,7 @@ def _blocks(D):
     """(BR, BD, num_warps): the whole row in one block of BD >= D lanes, BR rows per tile."""
     if D > MAX_D:
         raise ValueError(f"rms_norm supports a feature size D up to {MAX_D} (a whole row per program), got D={D}")
-    BD = triton.next_power_of_2(max(D, 1))
+    BD = next_power_of_2(max(D, 1))
     BR = max(1, min(_TILE // BD, 64))
     # about 16 fp32 values per thread and block: 4 warps for short tiles, 32 for a 64k row
     num_warps = min(max(BR * BD // 512, 4), 32)
@@ -121,7 +121,7 @@ def rms_norm_fwd(x, weight, eps, unit_offset=False):
         return y, rstd, x2
     BR, BD, num_warps = _blocks(D)
     y2 = y.view(-1, D)
-    _rms_norm_fwd_kernel[(triton.cdiv(N, BR),)](x2, weight, y2, rstd, x2.stride(0), y2.stride(0), N, D, eps,
+    _rms_norm_fwd_kernel[(cdiv(N, BR),)](x2, weight, y2, rstd, x2.stride(0), y2.stride(0), N, D, eps,
                                                 BR=BR, BD=BD, UNIT_OFFSET=unit_offset, num_warps=num_warps)
     return y, rstd, x2
 
@@ -137,10 +137,10 @@ def rms_norm_bwd(dy, x2, weight, rstd, x_shape, need_dx, need_dw, unit_offset=Fa
     dy2 = dy.reshape(N, D)
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
-    tiles = triton.cdiv(N, BR)
+    tiles = cdiv(N, BR)
     P = _bwd_programs(dev, tiles)
-    rows_per_prog = triton.cdiv(tiles, P) * BR
-    P = triton.cdiv(N, rows_per_prog)  # no program without rows
+    rows_per_prog = cdiv(tiles, P) * BR
+    P = cdiv(N, rows_per_prog)  # no program without rows
     dx2 = dx.view(-1, D) if need_dx else x2  # dummy pointer when HAS_DX is False, never written
     dw_part = torch.empty(P, D, dtype=torch.float32, device=dev) if need_dw else rstd  # likewise
     _rms_norm_bwd_kernel[(P,)](x2, weight, rstd, dy2, dx2, dw_part, x2.stride(0), dy2.stride(0), dx2.stride(0),

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
 from .reference import _check_rope_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -83,8 +84,8 @@ def _blocks(D, HQ, HKV):
     """(BT, BD, BHQ, BHK): half-width BD >= D / 2, up to a tile's worth of heads, then as many tokens as fit."""
     if D > MAX_D:
         raise ValueError(f"rope supports a head dim D up to {MAX_D}, got D={D}")
-    BD = triton.next_power_of_2(max(D // 2, 1))
-    BHQ, BHK = (min(triton.next_power_of_2(max(h, 1)), max(1, _TILE // BD)) for h in (HQ, HKV))
+    BD = next_power_of_2(max(D // 2, 1))
+    BHQ, BHK = (min(next_power_of_2(max(h, 1)), max(1, _TILE // BD)) for h in (HQ, HKV))
     BT = max(1, min(_TILE // (max(BHQ, BHK) * BD), 64))
     return BT, BD, BHQ, BHK
 
@@ -102,7 +103,7 @@ def _launch(q, k, cos, sin, bwd):
     HQ = q.shape[1] if q is not None else 0
     HKV = k.shape[1] if k is not None else 0
     BT, BD, BHQ, BHK = _blocks(D, HQ, HKV)
-    _rope_kernel[(triton.cdiv(T, BT),)](qi, ki, cos, sin, qo, ko, qi.stride(0), qi.stride(1), ki.stride(0),
+    _rope_kernel[(cdiv(T, BT),)](qi, ki, cos, sin, qo, ko, qi.stride(0), qi.stride(1), ki.stride(0),
                                         ki.stride(1), cos.stride(0), sin.stride(0), T, HQ, HKV, D=D, BT=BT,
                                         BD=BD, BHQ=BHQ, BHK=BHK, BWD=bwd, num_warps=_NUM_WARPS)
     return outs

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv
 from .reference import _check_silu_mul_args
 
 BLOCK = 1024  # 8 values per thread at 4 warps: 16-byte loads of bf16 on the GPU
@@ -70,7 +71,7 @@ def silu_mul_fwd(gate, up, act="silu"):
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if n == 0:
         return y
-    _silu_mul_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, ACT=ACTS[act], num_warps=_NUM_WARPS)
+    _silu_mul_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, ACT=ACTS[act], num_warps=_NUM_WARPS)
     return y
 
 
@@ -82,7 +83,7 @@ def silu_mul_bwd(dy, gate, up, act="silu"):
     if n == 0:
         return dg, du
     dy = dy.contiguous()
-    _silu_mul_bwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, dy, dg, du, n, BLOCK=BLOCK, ACT=ACTS[act],
+    _silu_mul_bwd_kernel[(cdiv(n, BLOCK),)](gate, up, dy, dg, du, n, BLOCK=BLOCK, ACT=ACTS[act],
                                                     num_warps=_NUM_WARPS)
     return dg, du
 
