@@ -1,6 +1,5 @@
 """Host-side launch arithmetic (kernels/_launch.py) equals triton's own helpers, which cost ~5 µs per host call."""
 import triton
-
 from llm2vec_fast.kernels._launch import cdiv, next_power_of_2
 
 

@@ -182,3 +182,20 @@ def test_trainer_chunks_by_tokens(tiny_model_dir, tmp_path, monkeypatch):
                                gradcache_chunk_tokens=100)
     with pytest.raises(ValueError, match="gradcache_chunk_tokens must be an int >= 1"):
         C.ContrastiveArguments(mode="simcse", train_files=["x"], output_dir="o", gradcache_chunk_tokens=0)
+
+
+def test_cli_gradcache_chunk_tokens(tiny_model_dir, tmp_path, capsys):
+    import argparse
+    import json
+
+    from llm2vec_fast.training.cli import add_subcommands
+
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    f = tmp_path / "s.txt"
+    f.write_text("\n".join(sentences(8, seed=6)) + "\n")
+    a = parser.parse_args(["train", "simcse", "--model", tiny_model_dir, "--train-file", str(f), "--output-dir",
+                           str(tmp_path / "out"), "--batch-size", "4", "--max-steps", "1", "--save-steps", "0",
+                           "--no-progress", "--logging-steps", "1", "--gradcache-chunk-tokens", "30"])
+    assert a.gradcache_chunk_tokens == 30 and a.func(a) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
