@@ -174,3 +174,19 @@ def test_bench_attention_per_head_layout_runs_with_its_own_tuning_cache(monkeypa
     best = triton.Config({"BM": 64, "BN": 32, "PACK": True}, num_warps=4, num_stages=3)
     monkeypatch.setattr(A._attn_fwd_kernel, "best_config", best, raising=False)
     assert bench_attention._tuned_tiles().startswith("fwd 64x32/4/3+pack")
+
+
+@pytest.mark.parametrize("mode, launches", [("encode", {"attn_fwd", "rms_norm_fwd", "rope", "silu_mul_fwd"}),
+                                            ("train", {"attn_bwd_dq", "dp_fwd", "dp_dx", "dp_dw", "rms_norm_bwd"})])
+def test_host_overhead_worker_counts_the_gpu_paths_launches(mode, launches):
+    """bench_host_overhead's worker (own process: it stubs the interpreter's launches) sees the fused kernels of the
+    GPU code path launched once per layer or more, with no kernel computed."""
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host_overhead.py"), "--worker", mode, "0",
+                          "--steps", "1"], capture_output=True, text=True, timeout=300, check=True, cwd=ROOT)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    got = {k.removeprefix("_").removesuffix("_kernel"): v for k, v in res["launches"].items()}
+    assert launches <= set(got) and all(got[k] >= 24 for k in launches), got
+    assert res["ms_per_step"] > 0
