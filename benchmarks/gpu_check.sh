@@ -9,8 +9,8 @@
 # tests, training steps (--quick, with a profiled step of the reference and of ours), attention parity + benchmark,
 # the 1.3B encode benchmark (both corpora, fused ops on and off, a profile), attention against FlexAttention, then,
 # if time is left, the fused elementwise ops against HF's, pooling/CE parity + benchmark,
-# the 7B Mistral encode benchmark, causal attention and the 8B MNTP step. First run (H200, 2026-11-26): 435 s
-# with the budget at 455.
+# the 7B Mistral encode benchmark, causal attention, the 8B MNTP step and the host cost per layer (CPU). First run
+# (H200, 2026-11-26): 435 s with the budget at 455.
 # Every step writes into $WORK; after every step the results are packed into $OUT, so a run cut short still returns
 # what it finished:
 #   $OUT/gpu_check.log    everything printed
@@ -59,6 +59,9 @@ step "attention causal --quick" 60 40 \
 # issue #5's second shape, never measured yet: reference (checkpointed) against ours + checkpointing, 8B, vocab 128k
 step "training MNTP Llama-3-8B config --quick" 150 100 \
   $PY benchmarks/bench_training.py --quick --only mntp-8b
+# the host cost per decoder layer of the GPU code path on this machine's CPU (kernels stubbed): with the profiles'
+# device-busy shares, whether small packs and GradCache's chunks wait for the host
+step "host overhead (CPU)" 60 45 $PY benchmarks/bench_host_overhead.py --rounds 1 --steps 10
 
 echo "=== done in $(($(date +%s) - START))s"
 cat "$STATUS"
