@@ -11,6 +11,12 @@ def new_seed() -> int:
     return int(torch.randint(0, 1 << 62, (1,)).item())
 
 
+def version_of(t: torch.Tensor):
+    """Autograd's in-place counter of ``t`` (keys the caches of host copies primed for a device tensor); tensors made
+    under ``torch.inference_mode`` have none (and cannot be edited in place outside it)."""
+    return None if t.is_inference() else t._version
+
+
 def kernel_seed(seed: int) -> int:
     """The seed as the kernels take it: always a 63-bit value >= 2**62, one argument type (i64) for every seed, so a
     new seed never recompiles."""

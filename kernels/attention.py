@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2
+from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, version_of
 
 __all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction",
            "prime_seq_info"]
@@ -784,7 +784,7 @@ _SEQ_CACHE = {"ref": None, "key": None, "info": None}
 
 def _seq_info(cu_seqlens, total_tokens, max_seqlen):
     """(launch order, work-weighted length) of a pack, validated; cached for the tensor until it changes."""
-    key = (_version_of(cu_seqlens), cu_seqlens.data_ptr(), total_tokens, max_seqlen)
+    key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), total_tokens, max_seqlen)
     ref = _SEQ_CACHE["ref"]
     if ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"] == key:
         return _SEQ_CACHE["info"]
@@ -794,12 +794,6 @@ def _seq_info(cu_seqlens, total_tokens, max_seqlen):
     info = (order, _work_length(lens_host))
     _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=info)
     return info
-
-
-def _version_of(t):
-    # autograd's in-place counter; tensors made under torch.inference_mode have none (and cannot be edited in place
-    # outside it)
-    return None if t.is_inference() else t._version
 
 
 def prime_seq_info(cu_seqlens, cu_host, max_seqlen):
@@ -818,7 +812,7 @@ def prime_seq_info(cu_seqlens, cu_host, max_seqlen):
         order = order.pin_memory().to(cu_seqlens.device, non_blocking=True)
     else:
         order = order.to(cu_seqlens.device)
-    key = (_version_of(cu_seqlens), cu_seqlens.data_ptr(), total, int(max_seqlen))
+    key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), total, int(max_seqlen))
     _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=(order, _work_length(lens_host)))
 
 

@@ -8,7 +8,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._launch import new_seed
+from ._launch import new_seed, version_of
 
 
 # ==== ATTENTION (flash_attention_ref) ====
@@ -138,7 +138,7 @@ _POOL_PRIMED = {"refs": None, "key": None}
 
 def _pool_key(cu_seqlens, pool_start, total):
     def one(t):
-        return None if t is None else (None if t.is_inference() else t._version, t.data_ptr())
+        return None if t is None else (version_of(t), t.data_ptr())
 
     return one(cu_seqlens), one(pool_start), int(total)
 
