@@ -16,6 +16,7 @@ all chunks but one, in the memory of one chunk's activations.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -54,7 +55,7 @@ def chunked(items: Sequence, size: int | Sequence[int]) -> list:
     sizes = [int(n) for n in size]
     if any(n < 1 for n in sizes) or sum(sizes) != len(items):
         raise ValueError(f"chunk sizes must be >= 1 and add up to the {len(items)} items, got {sizes}")
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
     return [items[a:a + n] for a, n in zip(starts, sizes, strict=True)]
 
 
