@@ -6,6 +6,7 @@ back to back, no padding token anywhere from the tokenizer to the pooled vector.
 (and, on CUDA, pins and copies) the next batches while the current one runs, so the device starts after the first
 few dozen texts and host work hides behind it.
 """
+import contextlib
 import json
 import logging
 import os
@@ -154,7 +155,8 @@ class LLM2Vec(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path)
         own_attention = "attn_implementation" in hf_kwargs  # a causal model keeps an implementation asked for
         hf_kwargs.setdefault("attn_implementation", "sdpa")
-        model = AutoModel.from_pretrained(path, dtype=dtype, **hf_kwargs)
+        with _lm_head_expected(config):
+            model = AutoModel.from_pretrained(path, dtype=dtype, **hf_kwargs)
         if getattr(model, "_hf_peft_config_loaded", False) or os.path.exists(os.path.join(path,
                                                                                          "adapter_config.json")):
             model = _merge_embedded_adapter(model, path)
@@ -981,6 +983,33 @@ def _read_config(folder):
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{p} is not valid JSON: {e}") from e
+
+
+@contextlib.contextmanager
+def _lm_head_expected(config):
+    """While loading the base model of a ``*ForCausalLM`` checkpoint (every decoder LLM's), its LM head is an expected
+    leftover: the encoder never uses it. Transformers would otherwise print a load report flagging it as
+    UNEXPECTED on every load; other unexpected or missing keys are still reported."""
+    from transformers import AutoModel
+
+    try:
+        cls = AutoModel._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        yield
+        return
+    before = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
+    inherited = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    cls._keys_to_ignore_on_load_unexpected = [*inherited, r"^lm_head\."]
+    try:
+        yield
+    finally:
+        if before is _UNSET:
+            del cls._keys_to_ignore_on_load_unexpected
+        else:
+            cls._keys_to_ignore_on_load_unexpected = before
+
+
+_UNSET = object()
 
 
 def _check_device(device) -> torch.device:

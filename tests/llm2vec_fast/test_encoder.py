@@ -1,5 +1,6 @@
 """LLM2Vec encoder: conformance with the original llm2vec 0.2.3, batch invariance, pooling, save/load, PEFT, errors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -601,3 +602,36 @@ def test_a_missing_cuda_device_is_a_clear_error(tiny, tiny_encoder_dir, monkeypa
     with pytest.raises(ValueError, match=want):
         LLM2Vec.from_pretrained(str(tiny_encoder_dir), device=device)
     assert tiny.encode(["a text"], device="cpu", show_progress_bar=False).shape == (1, 64)
+
+
+def test_loading_a_causal_lm_checkpoint_does_not_flag_its_lm_head(tiny_encoder_dir, tmp_path):
+    """A *ForCausalLM folder's LM head is an expected leftover for the encoder: no load report for it. A key that is
+    really unexpected is still reported, and the model class is left as it was."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaModel
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.text = ""
+
+        def emit(self, record):
+            self.text += record.getMessage() + "\n"
+
+    logger, keep = logging.getLogger("transformers"), Keep()
+    logger.addHandler(keep)
+    try:
+        LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu")
+        assert "lm_head" not in keep.text and "UNEXPECTED" not in keep.text, keep.text
+        assert "_keys_to_ignore_on_load_unexpected" not in LlamaModel.__dict__
+        odd = tmp_path / "odd"
+        shutil.copytree(tiny_encoder_dir, odd)
+        weights = load_file(str(odd / "model.safetensors"))
+        save_file({**weights, "model.extra_block.weight": torch.zeros(2)}, str(odd / "model.safetensors"),
+                  metadata={"format": "pt"})
+        LLM2Vec.from_pretrained(str(odd), device="cpu")
+        assert "extra_block.weight" in keep.text and "lm_head" not in keep.text, keep.text
+    finally:
+        logger.removeHandler(keep)
