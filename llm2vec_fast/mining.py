@@ -194,24 +194,14 @@ def write_jsonl(rows, path) -> Path:
 
 def read_corpus(path) -> list[str]:
     """Candidate documents: a .txt file (a non-empty line each) or .jsonl with a ``text`` field per line."""
-    path = Path(path)
-    if not path.is_file():
+    from .cli import CLIError, iter_file
+
+    if not Path(path).is_file():
         raise ValueError(f"corpus file {str(path)!r} does not exist")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix.lower() == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string \"text\" field")
-                out.append(row["text"])
-            else:
-                out.append(line.rstrip("\n"))
+    try:
+        out = [text for _, text in iter_file(Path(path)) if text.strip()]
+    except CLIError as e:
+        raise ValueError(str(e)) from e
     if not out:
         raise ValueError(f"corpus file {str(path)!r} has no texts")
     return out
