@@ -235,16 +235,38 @@ class LLM2Vec(nn.Module):
         return prepare
 
     def _shorten(self, text: str) -> str:
-        """The original's ``doc_max_length`` rule: drop words in proportion until the text fits."""
+        """The original's ``doc_max_length`` rule: drop words in proportion until the text fits.
+
+        Where that rule would leave nothing of a non-empty text (one long "word": text without spaces, such as
+        Chinese or Japanese, a URL, a long token string), the original pools an empty span; here the text is cut
+        after its first ``doc_max_length`` tokens instead, at a character boundary of the text itself."""
         def count(t):
             return len(self.tokenizer(t, add_special_tokens=False, truncation=True,
                                       max_length=self.max_length)["input_ids"])
+        original = text
         n = count(text)
         while n > self.doc_max_length:
             words = text.split()
             text = " ".join(words[: int(len(words) * self.doc_max_length / n)])
             n = count(text)
+        if not text.strip() and original.strip():
+            # a token's characters can straddle the cut (byte-level BPE): keep fewer until the prefix fits
+            for k in range(self.doc_max_length, 0, -1):
+                text = self._cut_tokens(original, k)
+                if count(text) <= self.doc_max_length:
+                    break
         return text
+
+    def _cut_tokens(self, text: str, n: int) -> str:
+        """The prefix of ``text`` that holds its first ``n`` tokens (character offsets of a fast tokenizer, else a
+        decode of those tokens)."""
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=n,
+                                 return_offsets_mapping=True)
+            ends = [e for _, e in enc["offset_mapping"]]
+            return text[:max(ends)] if ends else ""
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
+        return self.tokenizer.decode(ids)
 
     def _joint_strings(self, pairs):
         """Build what the original tokenizes; returns (joint strings, character offset where the text starts)."""
@@ -760,11 +782,11 @@ def _check_budget_args(batch_size, max_batch_tokens):
 
 
 def _normalize_inputs(sentences):
-    """str | list[str | [instruction, text]] → list of (instruction, text); errors name the bad item."""
+    """str | list[str | [instruction, text]] → list of (instruction, text); errors name the bad item. A tuple at the
+    top is a sequence of items like a list (as the original and sentence-transformers read it): a single pair is
+    ``[[instruction, text]]``."""
     if isinstance(sentences, str):
         return [("", sentences)]
-    if isinstance(sentences, tuple) and len(sentences) == 2 and all(isinstance(x, str) for x in sentences):
-        return [tuple(sentences)]
     if not isinstance(sentences, (list, tuple)):
         if isinstance(sentences, np.ndarray):
             sentences = sentences.tolist()

@@ -249,6 +249,27 @@ def test_long_texts_are_truncated(tiny_encoder_dir):
     assert torch.isfinite(model.encode([long], show_progress_bar=False)).all()
 
 
+@pytest.mark.parametrize("text", ["日本語のテキスト" * 30, "x" * 3000, "-".join(["tok"] * 600),
+                                  "https://example.com/" + "a1b2c3" * 200])
+def test_long_text_without_spaces_is_cut_by_tokens_not_emptied(tiny_encoder_dir, text):
+    # the original's word-wise rule would keep int(1 word × 20 / n) = 0 words of it: an empty pooled span
+    model = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, max_length=32,
+                                    doc_max_length=20)
+    f = model.tokenize([text, ["an instruction", text]])
+    pooled = (f["cu_seqlens"][1:] - f["cu_seqlens"][:-1]) - f["pool_start"]
+    assert 15 <= pooled.min() and pooled.max() <= 20
+    shortened = model._shorten(text)
+    assert text.startswith(shortened) and shortened.strip()
+    assert (model.encode([text], show_progress_bar=False).norm(dim=-1) > 0).all()
+
+
+def test_tuple_of_strings_is_a_sequence_of_texts(tiny):
+    # as the original and sentence-transformers read it; a single pair is [[instruction, text]]
+    two = tiny.encode(("first text", "second text"), show_progress_bar=False)
+    torch.testing.assert_close(two, tiny.encode(["first text", "second text"], show_progress_bar=False))
+    assert tiny.encode([("an instruction", "a text")], show_progress_bar=False).shape[0] == 1
+
+
 # ---------------------------------------------------------------- save / load, PEFT
 def test_save_and_reload(tiny, tmp_path):
     tiny.pooling_mode = "weighted_mean"
