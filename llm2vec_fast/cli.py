@@ -160,7 +160,10 @@ def read_inputs(args):
         return read_file(args.input, args.instruction)
     if sys.stdin is None or sys.stdin.isatty():
         raise CLIError("no input: give texts as arguments, --input FILE, or pipe text on standard input")
-    texts = sys.stdin.read().splitlines()
+    # lines split as a file's are (iter_file): on "\n" only, after universal newlines, so that rows match lines
+    texts = sys.stdin.read().split("\n")
+    if texts and texts[-1] == "":
+        texts.pop()
     return [[args.instruction, t] if args.instruction else t for t in texts], texts
 
 
@@ -192,7 +195,8 @@ def iter_file(path: Path, instruction: str = ""):
                     raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from e
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got {line[:80]!r}")
-                instr = row.get("instruction", instruction) or ""
+                instr = row.get("instruction")
+                instr = instruction if instr is None else instr  # null: none of its own, as when absent
                 if not isinstance(instr, str):
                     raise CLIError(f"{path}:{n}: \"instruction\" must be a string, got {type(instr).__name__}")
                 yield ([instr, row["text"]] if instr else row["text"]), row["text"]
@@ -231,6 +235,9 @@ def write_output(path, emb, texts):
 def cmd_encode(args) -> int:
     out = args.output
     to_folder = out is not None and (out.is_dir() or out.suffix == "")
+    if to_folder and out.exists() and not out.is_dir():
+        raise CLIError(f"--output {str(out)!r} is an existing file: a folder (no suffix) streams shards; give a new "
+                       "folder, or a .npy / .jsonl file")
     if out is not None and not to_folder and out.suffix.lower() not in (".npy", ".jsonl"):
         raise CLIError(f"unsupported output type {out.suffix!r} for {str(out)!r}; expected .npy, .jsonl or a "
                        "folder")

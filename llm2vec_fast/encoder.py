@@ -488,7 +488,8 @@ class LLM2Vec(nn.Module):
         if truncate_dim is not None:
             out = truncate_embeddings(out, truncate_dim, renormalize=normalize_embeddings)
         if precision != "float32":
-            q = quantize_embeddings(out.reshape(-1, out.shape[-1]), precision).reshape(*out.shape[:-1], -1)
+            q = quantize_embeddings(out.reshape(-1, out.shape[-1]), precision)
+            q = q.reshape(*out.shape[:-1], q.shape[-1])  # an empty input keeps its [0, width]
             return torch.from_numpy(q) if convert_to_tensor else q
         if convert_to_tensor:
             return out
@@ -507,7 +508,7 @@ class LLM2Vec(nn.Module):
         if isinstance(corpus, dict):  # one document, or {doc_id: document}
             corpus = [corpus] if "text" in corpus else list(corpus.values())
         if isinstance(corpus, list) and corpus and isinstance(corpus[0], dict):
-            corpus = [(d.get("title", "") + " " + d["text"]).strip() for d in corpus]
+            corpus = [((d.get("title") or "") + " " + (d.get("text") or "")).strip() for d in corpus]
         kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
         return self.encode(corpus, **kwargs)
 
@@ -526,36 +527,59 @@ class LLM2Vec(nn.Module):
 
         Inputs are read lazily (a generator over a huge file works); each shard is written atomically, and
         ``manifest.json`` says ``"complete": false`` until the last shard lands, then lists every shard. With
-        ``resume``, shards already present from an interrupted run (same ``chunk_size``) are skipped.
+        ``resume``, shards already present from an interrupted run are skipped when they hold the same inputs (a
+        hash of each chunk's items is kept per shard) embedded with the same settings (model, pooling, chunk size
+        and every encode option); a folder that holds other inputs or settings raises ``ValueError`` instead of
+        being mixed in. Shard files a previous, longer run left behind are removed at the end.
         ``precision="int8"`` / ``"uint8"`` quantize every shard with one set of per-dimension ranges, taken from the
         first shard and kept in the manifest (``quantization_ranges``; quantize queries with them), so shards stay
         comparable. Returns the manifest.
         """
+        import hashlib
         import itertools
 
         from .quantization import PRECISIONS, quantization_ranges, quantize_embeddings
 
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         precision = encode_kwargs.pop("precision", "float32")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        if encode_kwargs.get("output_value", "sentence_embedding") != "sentence_embedding":
+            raise ValueError(f"encode_to_disk writes sentence embeddings only, got output_value="
+                             f"{encode_kwargs['output_value']!r}")
+        for key in ("convert_to_numpy", "convert_to_tensor"):
+            if key in encode_kwargs:
+                raise ValueError(f"encode_to_disk does not take {key}= (shards are numpy arrays)")
 
         out = Path(output_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir {str(out)!r} exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
         manifest_path = out / "manifest.json"
+        settings = {"model": getattr(self.model.config, "_name_or_path", None), "pooling_mode": self.pooling_mode,
+                    "max_length": self.max_length, "chunk_size": chunk_size, "precision": precision,
+                    **{k: v for k, v in sorted(encode_kwargs.items())
+                       if k not in ("batch_size", "max_batch_tokens", "chunk_size", "pool", "device")}}
+        settings = json.loads(json.dumps(settings, default=repr))
         old = json.loads(manifest_path.read_text()) if manifest_path.exists() and resume else {}
-        if old and old.get("chunk_size") != chunk_size:
-            raise ValueError(f"{out} holds shards of chunk_size {old.get('chunk_size')}, not {chunk_size}; "
-                             "use another folder or resume=False")
-        if old and old.get("precision", "float32") != precision:
-            raise ValueError(f"{out} holds {old.get('precision', 'float32')} shards, not {precision}; use another "
-                             "folder or resume=False")
+        if old:
+            before = old.get("settings") or {"chunk_size": old.get("chunk_size"),
+                                             "precision": old.get("precision", "float32")}
+            keys = set(before) | set(settings) if "settings" in old else set(before)  # older manifests: two keys
+            changed = sorted(k for k in keys if before.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(f"{out} holds shards made with other settings ("
+                                 + ", ".join(f"{k}: {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
+                                 + "); use another folder or resume=False")
         manifest = {"complete": False, "chunk_size": chunk_size, "rows": 0, "dim": None, "shards": [],
-                    "model": getattr(self.model.config, "_name_or_path", None), "pooling_mode": self.pooling_mode,
-                    "precision": precision}
+                    "model": settings["model"], "pooling_mode": self.pooling_mode, "precision": precision,
+                    "settings": settings}
         ranges = old.get("quantization_ranges")
         if ranges is not None:
             manifest["quantization_ranges"] = ranges
             ranges = np.asarray(ranges, dtype=np.float32)
+        previous = {sh["file"]: sh for sh in old.get("shards", [])}
         it = iter([sentences] if isinstance(sentences, str) else sentences)
         bar = tqdm(desc="Encoding to disk", unit="text", disable=not show_progress_bar)
         for index in itertools.count():
@@ -563,9 +587,14 @@ class LLM2Vec(nn.Module):
             if not chunk:
                 break
             name = f"embeddings-{index:05d}.npy"
-            done = [s for s in old.get("shards", []) if s["file"] == name and s["rows"] == len(chunk)]
-            if done and (out / name).exists():
-                dim = done[0]["dim"]
+            digest = hashlib.sha1(json.dumps(chunk, ensure_ascii=False, default=repr).encode()).hexdigest()
+            done = previous.get(name)
+            if done is not None and done.get("sha1") not in (None, digest):
+                raise ValueError(f"{out / name} holds the embeddings of other inputs than chunk {index} of these "
+                                 f"({done['rows']} rows); use another folder or resume=False")
+            if done is not None and done.get("sha1") == digest and done["rows"] == len(chunk) \
+                    and (out / name).exists():
+                dim = done["dim"]
             else:
                 emb = self.encode(chunk, show_progress_bar=False, convert_to_numpy=True, **encode_kwargs)
                 if precision in ("int8", "uint8"):
@@ -577,12 +606,16 @@ class LLM2Vec(nn.Module):
                     emb = quantize_embeddings(emb, precision)
                 _atomic_save(out / name, emb)
                 dim = int(emb.shape[1]) if emb.ndim == 2 else int(emb.shape[-1])
-            manifest["shards"].append({"file": name, "rows": len(chunk), "dim": dim})
+            manifest["shards"].append({"file": name, "rows": len(chunk), "dim": dim, "sha1": digest})
             manifest["rows"] += len(chunk)
             manifest["dim"] = dim
             _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
             bar.update(len(chunk))
         bar.close()
+        listed = {sh["file"] for sh in manifest["shards"]}
+        for stale in out.glob("embeddings-*.npy"):
+            if stale.name not in listed:
+                stale.unlink()
         manifest["complete"] = True
         _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         return manifest
@@ -1036,7 +1069,10 @@ _UNSET = object()
 
 def _check_device(device) -> torch.device:
     """``device`` as a ``torch.device``; a CUDA device this machine lacks is a ValueError that says so."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{device!r} is not a device (expected cpu, cuda, cuda:N, ...): {e}") from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:

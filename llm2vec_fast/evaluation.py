@@ -160,13 +160,17 @@ def sts_scores(emb1: np.ndarray, emb2: np.ndarray, gold) -> dict:
 
 
 def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, max_batch_tokens=None,
-                 task_name=None, split="test", show_progress_bar=False) -> dict:
+                 task_name=None, split=None, show_progress_bar=False) -> dict:
     """STS on a local STS-B TSV or SICK file; main score: Spearman of cosine similarity.
 
     Each distinct sentence is encoded once. ``limit`` keeps the first N pairs. ``instruction`` (optional) is
-    applied to both sides, as LLM2Vec does for symmetric tasks.
+    applied to both sides, as LLM2Vec does for symmetric tasks. ``split`` names the split in the result (MTEB's
+    names); default: from the file name (``*dev*`` / ``*valid*`` / ``*trial*`` → ``validation``, ``*train*`` →
+    ``train``, else ``test``).
     """
     t0 = time.perf_counter()
+    _check_count("limit", limit)
+    split = split or sts_split(data)
     s1, s2, gold = load_sts(data)
     if limit is not None:
         s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
@@ -178,6 +182,19 @@ def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, 
     extra = {"task": "sts", "data": str(data), "n_pairs": len(gold), "n_sentences": len(unique),
              "instruction": instruction, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, split, extra)
+
+
+def sts_split(path) -> str:
+    """The split an STS file holds, from its name, in MTEB's names."""
+    name = Path(path).name.lower()
+    if any(k in name for k in ("dev", "valid", "trial")):
+        return "validation"
+    return "train" if "train" in name else "test"
+
+
+def _check_count(name, value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 # ---------------------------------------------------------------------- retrieval
@@ -232,6 +249,8 @@ def subsample_beir(corpus, queries, qrels, max_docs=None, max_queries=None, rele
     """A deterministic small slice for quick runs: the first ``max_queries`` queries (file order) that have a relevant
     document, all their relevant documents (kept even past ``max_docs``), then other documents in file order up to
     ``max_docs``. Judged non-relevant documents get no special place: they come in with the fill or not at all."""
+    _check_count("max_docs", max_docs)
+    _check_count("max_queries", max_queries)
     qids = [q for q in queries if any(s >= relevance_threshold for s in qrels.get(q, {}).values())]
     if max_queries is not None:
         qids = qids[:max_queries]
@@ -494,6 +513,8 @@ def add_subcommands(subparsers):
     p.add_argument("--data", required=True, help="STS-B style TSV (e.g. sts-dev.csv) or SICK_*.txt")
     p.add_argument("--instruction", default=None, help="instruction applied to both sentences (default: none)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    p.add_argument("--split", default=None, help="split name recorded in the result (default: from the file name: "
+                   "dev/valid/trial -> validation, train -> train, else test)")
     _common_options(p)
     p.set_defaults(func=run_eval)
 
@@ -534,7 +555,8 @@ def run_eval(args, model=None) -> int:
     common = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, task_name=args.task_name,
                   show_progress_bar=args.progress)
     if args.eval_task == "sts":
-        result = evaluate_sts(model, args.data, instruction=args.instruction, limit=args.limit, **common)
+        result = evaluate_sts(model, args.data, instruction=args.instruction, limit=args.limit, split=args.split,
+                              **common)
     elif args.eval_task == "retrieval":
         result = evaluate_retrieval(model, args.data, instruction=args.instruction, split=args.split,
                                     max_docs=args.max_docs, max_queries=args.max_queries,

@@ -75,6 +75,8 @@ def quantize_embeddings(embeddings, precision: str = "float32", ranges=None, cal
         # int8 view of the same bits shifted by -128, as sentence-transformers stores "binary"
         return (packed.astype(np.int16) - 128).astype(np.int8) if precision == "binary" else packed
 
+    if emb.ndim == 2 and emb.shape[0] == 0 and ranges is None and calibration_embeddings is None:
+        return np.zeros((0, dim), dtype=np.uint8 if precision == "uint8" else np.int8)  # nothing to calibrate on
     if ranges is None:
         if calibration_embeddings is not None:
             cal = _to_numpy(calibration_embeddings, "calibration_embeddings")

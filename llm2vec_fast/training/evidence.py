@@ -40,7 +40,7 @@ def stsb_spearman(model=None, peft=None, bidirectional=True, pooling="mean", dat
     enc = LLM2Vec.from_pretrained(model, peft_model_name_or_path=peft, enable_bidirectional=bidirectional,
                                   pooling_mode=pooling)
     res = evaluate_sts(enc, data or _shared() / "data" / "stsb" / "sts-dev.csv", limit=limit)
-    return float(res["scores"]["test"][0]["main_score"])
+    return float(next(iter(res["scores"].values()))[0]["main_score"])
 
 
 def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="training_evidence") -> dict:

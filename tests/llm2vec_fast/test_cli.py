@@ -66,6 +66,36 @@ def test_stdin_and_global_instruction(model_args, capsys, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 2
 
 
+def test_stdin_rows_match_lines_as_a_file_does(model_args, tmp_path, capsys, monkeypatch):
+    # a form feed and U+2028 inside a line: str.splitlines() would cut there, a file's lines do not
+    text = "a\x0cb\nc\u2028d\n\nlast"
+    code, out, _ = run(["encode", *model_args], capsys, stdin=text, monkeypatch=monkeypatch)
+    from_stdin = [json.loads(line)["text"] for line in out.splitlines()]
+    src = tmp_path / "in.txt"
+    src.write_text(text, encoding="utf-8")
+    code2, out2, _ = run(["encode", "-i", str(src), *model_args], capsys)
+    assert code == code2 == 0 and from_stdin == [json.loads(line)["text"] for line in out2.splitlines()]
+    assert from_stdin == ["a\x0cb", "c\u2028d", "", "last"]
+
+
+def test_jsonl_null_instruction_takes_the_global_one(model_args, tmp_path, capsys):
+    from llm2vec_fast.cli import read_file
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a", "instruction": null}\n{"text": "b", "instruction": ""}\n{"text": "c"}\n'
+                   '{"text": "d", "instruction": "Own"}\n')
+    items, _ = read_file(src, "Global")
+    assert items == [["Global", "a"], "b", ["Global", "c"], ["Own", "d"]]
+
+
+def test_existing_file_as_folder_output_and_bad_device(model_args, tmp_path, capsys):
+    (tmp_path / "plain").write_text("keep me")
+    code, _, err = run(["encode", "x", "-o", str(tmp_path / "plain"), *model_args], capsys)
+    assert code == 2 and "is an existing file" in err and (tmp_path / "plain").read_text() == "keep me"
+    code, _, err = run(["encode", "x", "--model", model_args[1], "--device", "tpu"], capsys)
+    assert code == 2 and "'tpu' is not a device" in err
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ('{"text": "ok"}\nnot json\n', ".jsonl", r"in.jsonl:2: not valid JSON"),
     ('{"txt": "wrong key"}\n', ".jsonl", r"in.jsonl:1: expected an object with a string \"text\" field"),

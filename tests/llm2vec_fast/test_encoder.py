@@ -263,6 +263,16 @@ def test_long_text_without_spaces_is_cut_by_tokens_not_emptied(tiny_encoder_dir,
     assert (model.encode([text], show_progress_bar=False).norm(dim=-1) > 0).all()
 
 
+@pytest.mark.parametrize("precision,width", [("float32", 64), ("int8", 64), ("binary", 8), ("ubinary", 8)])
+def test_empty_input_in_every_precision(tiny, precision, width):
+    assert tiny.encode([], precision=precision, show_progress_bar=False).shape == (0, width)
+
+
+def test_encode_corpus_null_title_or_text(tiny):
+    got = tiny.encode_corpus([{"title": None, "text": "x"}, {"title": "T", "text": None}], show_progress_bar=False)
+    torch.testing.assert_close(got, tiny.encode(["x", "T"], show_progress_bar=False))
+
+
 def test_tuple_of_strings_is_a_sequence_of_texts(tiny):
     # as the original and sentence-transformers read it; a single pair is [[instruction, text]]
     two = tiny.encode(("first text", "second text"), show_progress_bar=False)
@@ -383,8 +393,43 @@ def test_encode_to_disk_int8_uses_one_set_of_ranges(tiny, tmp_path):
     assert got.dtype == np.int8 and manifest["precision"] == "int8"
     np.testing.assert_allclose(np.asarray(manifest["quantization_ranges"]), ranges, rtol=1e-6)
     assert np.abs(got.astype(int) - quantize_embeddings(full, "int8", ranges=ranges).astype(int)).max() <= 1
-    with pytest.raises(ValueError, match="holds int8 shards, not float32"):
+    with pytest.raises(ValueError, match="other settings \\(precision: 'int8', now 'float32'\\)"):
         tiny.encode_to_disk(texts, tmp_path, chunk_size=4, show_progress_bar=False)
+
+
+def test_encode_to_disk_never_mixes_in_other_inputs_or_settings(tiny, tmp_path):
+    abc, xyz = ["alpha text", "beta text", "gamma text"], ["x one", "y two", "z three"]
+    first = tiny.encode_to_disk(abc, tmp_path, chunk_size=2, show_progress_bar=False)
+    assert [len(sh["sha1"]) for sh in first["shards"]] == [40, 40]
+    with pytest.raises(ValueError, match="embeddings-00000.npy holds the embeddings of other inputs"):
+        tiny.encode_to_disk(xyz, tmp_path, chunk_size=2, show_progress_bar=False)
+    with pytest.raises(ValueError, match="other settings \\(truncate_dim: None, now 8\\)"):
+        tiny.encode_to_disk(abc, tmp_path, chunk_size=2, truncate_dim=8, show_progress_bar=False)
+    with pytest.raises(ValueError, match="normalize_embeddings: None, now True"):
+        tiny.encode_to_disk(abc, tmp_path, chunk_size=2, normalize_embeddings=True, show_progress_bar=False)
+    # a fresh start over other inputs: every shard rewritten, the longer run's extra shard removed
+    again = tiny.encode_to_disk(xyz[:2], tmp_path, chunk_size=2, resume=False, truncate_dim=8,
+                                show_progress_bar=False)
+    assert again["rows"] == 2 and sorted(p.name for p in tmp_path.glob("embeddings-*.npy")) == ["embeddings-00000.npy"]
+    np.testing.assert_allclose(np.load(tmp_path / "embeddings-00000.npy"),
+                               tiny.encode(xyz[:2], convert_to_numpy=True, truncate_dim=8, show_progress_bar=False),
+                               atol=1e-6)
+    # the same inputs and settings resume: nothing re-encoded
+    stamp = (tmp_path / "embeddings-00000.npy").stat().st_mtime_ns
+    tiny.encode_to_disk(xyz[:2], tmp_path, chunk_size=2, truncate_dim=8, show_progress_bar=False)
+    assert (tmp_path / "embeddings-00000.npy").stat().st_mtime_ns == stamp
+
+
+def test_encode_to_disk_argument_errors(tiny, tmp_path):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {bad!r}"):
+            tiny.encode_to_disk(["a"], tmp_path / "x", chunk_size=bad, show_progress_bar=False)
+    with pytest.raises(ValueError, match="sentence embeddings only, got output_value='token_embeddings'"):
+        tiny.encode_to_disk(["a"], tmp_path / "x", output_value="token_embeddings", show_progress_bar=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        tiny.encode_to_disk(["a"], tmp_path / "file", show_progress_bar=False)
+    assert not list((tmp_path / "x").glob("*.npy")) if (tmp_path / "x").exists() else True
 
 
 def test_non_finite_embeddings_name_their_rows(tiny, monkeypatch):

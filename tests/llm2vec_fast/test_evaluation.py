@@ -266,8 +266,8 @@ def test_cli_sts_matches_api(data_dir, tmp_path, capsys):
     api = ev.evaluate_sts(FakeEncoder(), data, limit=60)
     saved = json.loads(out.read_text())
     assert saved["scores"] == api["scores"] and saved["task_name"] == "SICK-R"
-    assert printed[-1] == f"{api['scores']['test'][0]['main_score']:.6f}"
-    assert "| SICK-R | test | cosine_spearman |" in "\n".join(printed)
+    assert printed[-1] == f"{api['scores']['validation'][0]['main_score']:.6f}"
+    assert "| SICK-R | validation | cosine_spearman |" in "\n".join(printed)
     assert out.with_suffix(".md").read_text().startswith("# SICK-R")
 
 
@@ -307,7 +307,8 @@ def test_cli_loads_model_from_flags(tiny_encoder_dir, data_dir, capsys):
     last = float(capsys.readouterr().out.strip().split("\n")[-1])
     ref = LLM2Vec.from_pretrained(str(tiny_encoder_dir), pooling_mode="weighted_mean", enable_bidirectional=False,
                                   device="cpu", dtype="float32")
-    assert last == pytest.approx(ev.evaluate_sts(ref, data, limit=12)["scores"]["test"][0]["main_score"], abs=1e-6)
+    api = ev.evaluate_sts(ref, data, limit=12)["scores"]["validation"][0]["main_score"]
+    assert last == pytest.approx(api, abs=1e-6)
 
 
 # ---------------------------------------------------------------------- real default model (small subsets)
@@ -322,7 +323,7 @@ def real_model():
 def test_real_model_sts_b_dev_subset(real_model, data_dir, capsys):
     data = data_dir / "stsb" / "sts-dev.csv"
     r = ev.evaluate_sts(real_model, data, limit=100)
-    e = r["scores"]["test"][0]
+    e = r["scores"]["validation"][0]
     # SmolLM2-135M made bidirectional without MNTP training, mean pooling: measured Spearman 0.130, Pearson 0.085 on
     # these 100 pairs (fp32, CPU). Weak, as the LLM2Vec paper finds for untrained bidirectional models; the band
     # guards the evaluation path (a broken pairing or ordering lands near 0 or flips sign).
@@ -349,3 +350,18 @@ def test_real_model_banking77_subset(real_model, data_dir):
     e = r["scores"]["test"][0]
     # measured accuracy 0.310, macro-F1 0.222 (400 train / 200 test rows, seed 0); chance is 1/77
     assert 0.2 < e["accuracy"] < 0.45 and 0.1 < e["f1"] < 0.35
+
+
+def test_sts_split_from_file_name_and_count_checks(tmp_path):
+    assert [ev.sts_split(n) for n in ("sts-dev.csv", "SICK_trial.txt", "sts-train.csv", "sts-test.csv", "x.tsv",
+                                      "valid.tsv")] == ["validation", "validation", "train", "test", "test",
+                                                        "validation"]
+    data = tmp_path / "sts-dev.tsv"
+    data.write_text("g\tf\ty\t0\t5\ta b\ta b\ng\tf\ty\t1\t0\ta b\tc d\ng\tf\ty\t2\t3\ta b c\ta b d\n")
+    assert set(ev.evaluate_sts(FakeEncoder(), data)["scores"]) == {"validation"}
+    assert set(ev.evaluate_sts(FakeEncoder(), data, split="test")["scores"]) == {"test"}
+    for bad in (0, -5, 1.5):
+        with pytest.raises(ValueError, match=f"limit must be a positive int or None, got {bad!r}"):
+            ev.evaluate_sts(FakeEncoder(), data, limit=bad)
+    with pytest.raises(ValueError, match="max_docs must be a positive int or None, got -1"):
+        ev.subsample_beir({}, {}, {}, max_docs=-1)
