@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -167,6 +169,13 @@ class LLM2Vec(nn.Module):
             to_packed_causal(model, backend=attn_backend)
         if fused_ops if fused_ops is not None else attn_backend != "torch":
             fuse_ops(model)  # "auto": the kernels on CUDA tensors, HF's forwards elsewhere
+        premerge = _recorded_premerge(peft_model_name_or_path, path) if peft_model_name_or_path else None
+        if premerge is not None:
+            from peft import PeftModel
+
+            logger.info("merging %s into %s first: %s was trained on that merge", premerge, path,
+                        peft_model_name_or_path)
+            model = PeftModel.from_pretrained(model, premerge).merge_and_unload()
         if peft_model_name_or_path is not None:
             from peft import PeftModel
 
@@ -187,20 +196,27 @@ class LLM2Vec(nn.Module):
         return encoder
 
     def save(self, output_path, merge_before_save=False, save_config=True):
-        """Write model, tokenizer and ``llm2vec_config.json``; ``from_pretrained(output_path)`` reloads it."""
+        """Write model, tokenizer and ``llm2vec_config.json``; ``from_pretrained(output_path)`` reloads it.
+
+        Files are written into a temporary folder beside them and renamed into place, so a file of ``output_path``
+        that is a hard link (an MNTP release folder links its base model's config and weights) is replaced, never
+        written through: saving into such a folder leaves the base model as it was."""
         model = self.model
         if merge_before_save and hasattr(model, "merge_and_unload"):
             model = self.model = model.merge_and_unload()
-        os.makedirs(output_path, exist_ok=True)
-        model.save_pretrained(output_path)
-        self.tokenizer.save_pretrained(output_path)
-        if save_config:
-            cfg = {k: getattr(self, k) for k in _ENCODER_KEYS}
-            cfg["bidirectional"] = is_bidirectional(_base(model))
-            if self.prompts:
-                cfg["prompts"] = self.prompts
-            with open(os.path.join(output_path, CONFIG_NAME), "w") as f:
-                json.dump(cfg, f, indent=4)
+        out = Path(output_path)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".saving-", dir=out) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if save_config:
+                cfg = {k: getattr(self, k) for k in _ENCODER_KEYS}
+                cfg["bidirectional"] = is_bidirectional(_base(model))
+                if self.prompts:
+                    cfg["prompts"] = self.prompts
+                with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                    json.dump(cfg, f, indent=4)
+            _move_into(Path(tmp), out)
 
     @property
     def device(self):
@@ -1012,10 +1028,6 @@ def _adapter_base(folder) -> str:
     record = {}
     if (folder / "llm2vec_training.json").is_file():
         record = json.loads((folder / "llm2vec_training.json").read_text()).get("load_with") or {}
-    if record.get("merged_adapter"):
-        raise ValueError(f"{folder} was trained on {record.get('base_model_name_or_path')!r} with the adapter "
-                         f"{record['merged_adapter']!r} merged into it: merge that adapter into the base and save it, "
-                         "then pass that folder as base_model_name_or_path and this one as peft_model_name_or_path")
     base = record.get("base_model_name_or_path")
     if base is None:
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -1026,6 +1038,27 @@ def _adapter_base(folder) -> str:
         raise FileNotFoundError(f"{folder} is an adapter trained on {base!r}, which is not here: pass the base "
                                 "model as base_model_name_or_path and this folder as peft_model_name_or_path")
     return base
+
+
+def _recorded_premerge(adapter_folder, base_path) -> str | None:
+    """The adapter a training run merged into its base before training this one (``train simcse --peft``), when
+    this adapter is applied on that same base: it must be merged first here too. None otherwise (another base, say
+    one where it is already merged, is taken as given)."""
+    record_path = Path(adapter_folder) / "llm2vec_training.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text()).get("load_with") or {}
+    merged, base = record.get("merged_adapter"), record.get("base_model_name_or_path")
+    if not merged or base is None:
+        return None
+    base = resolve_model(base) if Path(base).exists() or base.count("/") == 1 else base
+    if (Path(base).resolve() != Path(base_path).resolve()) if Path(base_path).exists() else base != base_path:
+        return None
+    if not Path(merged).exists():
+        raise FileNotFoundError(f"{adapter_folder} was trained on {base} with the adapter {merged!r} merged into it, "
+                                "and that adapter is not there any more: pass a base with it merged as "
+                                "base_model_name_or_path")
+    return merged
 
 
 def _read_config(folder):
@@ -1065,6 +1098,37 @@ def _lm_head_expected(config):
 
 
 _UNSET = object()
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in _WEIGHT_FILES or (name.startswith(("model-", "pytorch_model-"))
+                                     and name.endswith((".safetensors", ".bin")))
+
+
+def _move_into(src: Path, out: Path) -> None:
+    """Rename every file of ``src`` into ``out`` (same file system): a name already there, hard link or not, now
+    points at the new file. When ``src`` holds model weights, weight files of ``out`` it does not hold (an older
+    save's shards) are removed, as ``save_pretrained`` cleans its folder."""
+    names = {p.name for p in src.iterdir()}
+    if any(_is_weight_file(n) for n in names):
+        for old in out.iterdir():
+            if old.is_file() and _is_weight_file(old.name) and old.name not in names:
+                old.unlink()
+            # an adapter beside full weights is merged on load: the weights saved already hold any merged one
+            elif old.is_file() and old.name in _ADAPTER_FILES and not names & set(_ADAPTER_FILES):
+                old.unlink()
+    for p in src.iterdir():
+        dst = out / p.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(p, dst)
 
 
 def _check_device(device) -> torch.device:
@@ -1109,4 +1173,11 @@ def _merge_embedded_adapter(model, path):
     model._hf_peft_config_loaded = False
     if hasattr(model, "peft_config"):
         del model.peft_config
+    # transformers 5 loads an adapter through key renamings (the checkpoint's "base_model.model." prefix and its
+    # lora_ names) kept on the model, and save_pretrained applies them in reverse: the merged weights would be saved
+    # as "base_model.model.layers..." keys that no model loads. They belong to the adapter, now gone.
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not any(
+            "base_model.model." in p or "lora_" in p for p in getattr(c, "source_patterns", ()) or ())]
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .common import LORA_TARGETS
@@ -68,6 +69,8 @@ def _ckpt(value):
 
 
 def _report(result: dict) -> int:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun: one result line, from rank 0
     last = result["losses"][-1] if result["losses"] else None
     print(json.dumps({"output_dir": result["output_dir"], "final_loss": last and last["loss"],
                       "steps": last and last["step"], "train_runtime_s": result.get("train_runtime")}))

@@ -104,6 +104,40 @@ def _checkpointed_count(layers, total: int) -> int:
     raise TypeError(f"gradient checkpointing takes True/False, a layer count or a fraction, got {layers!r}")
 
 
+def check_run_arguments(args) -> None:
+    """Checks every stage's arguments share, before anything loads: counts in range (the error names the field),
+    local ``model`` / ``peft`` paths made absolute (the training record must find them from any directory), and an
+    ``output_dir`` that is not the folder a run trains from (the outputs would overwrite it)."""
+    def bad(name, want):
+        raise ValueError(f"{name} must be {want}, got {getattr(args, name)!r}")
+
+    for name in ("max_steps", "grad_accum", "logging_steps", "batch_size", "max_blocks", "max_examples",
+                 "max_seq_length", "max_length"):
+        v = getattr(args, name, None)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            bad(name, "an int >= 1" + (" or None" if name.startswith("max_") and name != "max_steps" else ""))
+    for name in ("save_steps", "warmup_steps", "dataloader_num_workers"):
+        v = getattr(args, name, None)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            bad(name, "an int >= 0" + (" (0: no checkpoints)" if name == "save_steps" else ""))
+    lr = getattr(args, "learning_rate", None)
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        bad("learning_rate", "a number > 0")
+    if getattr(args, "max_train_seconds", None) is not None and not args.max_train_seconds > 0:
+        bad("max_train_seconds", "> 0 or None")
+    if not args.output_dir:
+        raise ValueError("output_dir must be a folder path, got an empty value")
+    out = Path(args.output_dir).resolve()
+    for name in ("model", "peft"):
+        v = getattr(args, name, None)
+        if v is None or not Path(v).exists():
+            continue  # None (the default model) or a hub id
+        setattr(args, name, str(Path(v).resolve()))
+        if Path(v).resolve() == out:
+            raise ValueError(f"output_dir {args.output_dir!r} is the {name} folder this run trains from: its outputs "
+                             "would overwrite it; give another output_dir")
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 

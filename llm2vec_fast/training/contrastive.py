@@ -34,6 +34,7 @@ from .common import (
     AdapterTrainer,
     add_lora,
     add_step_callbacks,
+    check_run_arguments,
     enable_checkpointing,
     loss_history,
     training_arguments,
@@ -111,6 +112,7 @@ class ContrastiveArguments:
         if self.gradcache_chunk_size and self.gradcache_chunk_tokens:
             raise ValueError("give gradcache_chunk_size (texts per chunk) or gradcache_chunk_tokens (tokens per "
                              f"chunk), not both: got {self.gradcache_chunk_size} and {self.gradcache_chunk_tokens}")
+        check_run_arguments(self)
 
 
 class ContrastiveModel(nn.Module):
@@ -325,11 +327,15 @@ def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[di
     out.mkdir(parents=True, exist_ok=True)
     encoder.model.save_pretrained(out)
     encoder.tokenizer.save_pretrained(out)
-    write_json(out / CONFIG_NAME, {"pooling_mode": args.pooling_mode, "max_length": args.max_length,
+    # the encoder keeps its default 512 tokens (or the training length when longer), not SimCSE's 128
+    write_json(out / CONFIG_NAME, {"pooling_mode": args.pooling_mode, "max_length": max(512, args.max_length),
                                    "doc_max_length": encoder.doc_max_length, "skip_instruction": True,
                                    "bidirectional": True})
-    base_hint = args.model if args.peft is None else f"{args.model} with {args.peft} merged"
+    from llm2vec_fast import resolve_model
+
+    base = resolve_model(args.model)  # the default model's local folder, not None
+    base_hint = base if args.peft is None else f"{base} with {args.peft} merged"
     write_json(out / TRAINING_NAME, {
-        "stage": args.mode, "load_with": {"base_model_name_or_path": args.model, "merged_adapter": args.peft},
+        "stage": args.mode, "load_with": {"base_model_name_or_path": base, "merged_adapter": args.peft},
         "note": f"load with LLM2Vec.from_pretrained(base, peft_model_name_or_path=this folder), base = {base_hint}",
         "arguments": dataclasses.asdict(args), "losses": losses})

@@ -32,6 +32,7 @@ from .common import (
     AdapterTrainer,
     add_lora,
     add_step_callbacks,
+    check_run_arguments,
     default_dtype,
     enable_checkpointing,
     loss_history,
@@ -80,6 +81,9 @@ class MNTPArguments:
     disable_tqdm: bool | None = None
     dataloader_num_workers: int = 0
     extra_training_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_run_arguments(self)
 
 
 class MNTPModel(nn.Module):
@@ -175,6 +179,11 @@ def load_causal_lm(model_name_or_path, dtype: torch.dtype, attn_backend: str = "
     from llm2vec_fast import fuse_ops, resolve_model, to_bidirectional
 
     path = resolve_model(model_name_or_path)
+    if (Path(path) / "adapter_config.json").is_file():
+        raise ValueError(f"{path} carries a LoRA adapter (an MNTP output?): MNTP trains a fresh adapter on a base "
+                         "model, and this one would be ignored. To continue that run, use its checkpoints (--resume); "
+                         "to train on top of it, merge it first (LLM2Vec.from_pretrained(folder).save(new_folder), "
+                         "a causal LM's head included only in the folder's base) or start from its base model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     to_bidirectional(model, attn_backend)
@@ -254,7 +263,9 @@ def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, l
             tokenizer.pad_token = tokenizer.eos_token
     backbone.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
-    write_json(out / CONFIG_NAME, {"pooling_mode": "mean", "max_length": args.max_seq_length, "doc_max_length": 400,
+    # the encoder's max_length is not the training block length: texts keep the encoder's default 512 tokens
+    write_json(out / CONFIG_NAME, {"pooling_mode": "mean", "max_length": max(512, args.max_seq_length),
+                                   "doc_max_length": 400,
                                    "skip_instruction": True, "bidirectional": True})
     write_json(out / TRAINING_NAME, {"stage": "mntp", "base_model": base_path, "arguments": dataclasses.asdict(args),
                                      "losses": losses})

@@ -327,6 +327,43 @@ def test_peft_adapter_load_and_merge(tiny_encoder_dir, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_saving_into_a_release_folder_leaves_its_linked_base_alone(tiny_encoder_dir, tmp_path):
+    """An MNTP release folder hard-links the base's config and weights: saving an encoder into it must replace
+    those names, not write through them, and must not leave the adapter beside the merged weights (it would be
+    merged a second time on load)."""
+    import hashlib
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from llm2vec_fast.training.mntp import link_base_files
+
+    def digest(folder):
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_encoder_dir, base_dir)
+    before = digest(base_dir)
+    torch.manual_seed(3)
+    peft = get_peft_model(AutoModel.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                          target_modules=["q_proj", "up_proj"]))
+    release = tmp_path / "release"
+    peft.save_pretrained(release)
+    link_base_files(str(base_dir), release)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_dir / name, release / name)
+    assert (release / "model.safetensors").stat().st_nlink == 2
+    l2v = LLM2Vec.from_pretrained(str(release), device="cpu", dtype=torch.float32)
+    expected = l2v.encode(["text one", "two"], show_progress_bar=False)
+    l2v.save(str(release))
+    assert digest(base_dir) == before  # the base model is untouched
+    assert not (release / "adapter_config.json").exists() and not list(release.glob(".saving-*"))
+    again = LLM2Vec.from_pretrained(str(release), device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(again.encode(["text one", "two"], show_progress_bar=False), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_pack_helper():
     f = pack([np.array([5, 6, 7], np.int32), np.array([8], np.int32)], np.array([1, 0], np.int32))
     assert f["cu_seqlens"].tolist() == [0, 3, 4] and f["position_ids"].tolist() == [0, 1, 2, 0]

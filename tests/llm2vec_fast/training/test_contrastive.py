@@ -144,6 +144,71 @@ def test_adapter_folder_alone_loads_on_its_recorded_base(tiny_model_dir, tiny_se
         LLM2Vec.from_pretrained(str(tmp_path / "simcse"), device="cpu")
 
 
+def test_adapter_trained_on_a_merged_adapter_loads_in_one_call(tiny_model_dir, tiny_text_file, tiny_sentence_file,
+                                                                tmp_path, monkeypatch):
+    """`train simcse --peft MNTP_ADAPTER` (adapter-only MNTP): the output loads alone or on its recorded base, with
+    the MNTP adapter merged first, as training had it; on another base (one with it merged already) as given."""
+    from peft import PeftModel
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
+
+    mntp = tmp_path / "mntp"
+    train_mntp(MNTPArguments(train_files=[tiny_text_file], output_dir=str(mntp), model=tiny_model_dir,
+                             max_seq_length=32, batch_size=2, max_steps=2, save_steps=0, learning_rate=1e-2,
+                             disable_tqdm=True, release_layout=False))
+    assert json.loads((mntp / "llm2vec_config.json").read_text())["max_length"] == 512  # not the block length
+    monkeypatch.chdir(tmp_path)  # relative paths: the record must hold absolute ones
+    out = tmp_path / "simcse"
+    train_contrastive(_args("simcse", [tiny_sentence_file], "simcse", model=tiny_model_dir, peft="mntp"))
+    record = json.loads((out / "llm2vec_training.json").read_text())["load_with"]
+    assert record["merged_adapter"] == str(mntp.resolve())
+    texts = sentences(4, seed=78)
+    by_hand = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(mntp), merge_peft=True,
+                                      device="cpu")
+    merged_dir = tmp_path / "merged"
+    by_hand.save(str(merged_dir))
+    by_hand.model = PeftModel.from_pretrained(by_hand.model, str(out))
+    expected = by_hand.encode(texts, show_progress_bar=False)
+    monkeypatch.chdir("/")
+    for loaded in (LLM2Vec.from_pretrained(str(out), device="cpu"),
+                   LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out), device="cpu"),
+                   LLM2Vec.from_pretrained(str(merged_dir), peft_model_name_or_path=str(out), device="cpu")):
+        torch.testing.assert_close(loaded.encode(texts, show_progress_bar=False), expected, rtol=1e-4, atol=1e-5)
+    assert LLM2Vec.from_pretrained(str(out), device="cpu").max_length == 512
+
+
+def test_run_arguments_are_checked_before_loading(tiny_model_dir, tmp_path):
+    from llm2vec_fast.training.mntp import MNTPArguments
+
+    for kw, message in [(dict(max_steps=0), "max_steps must be an int >= 1, got 0"),
+                        (dict(max_steps=-1), "max_steps must be an int >= 1, got -1"),
+                        (dict(grad_accum=0), "grad_accum must be an int >= 1, got 0"),
+                        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+                        (dict(save_steps=-1), "save_steps must be an int >= 0 \\(0: no checkpoints\\), got -1"),
+                        (dict(max_examples=0), "max_examples must be an int >= 1 or None, got 0"),
+                        (dict(learning_rate=0.0), "learning_rate must be a number > 0, got 0.0")]:
+        with pytest.raises(ValueError, match=message):
+            _args("simcse", ["x"], tmp_path / "o", **kw)
+    with pytest.raises(ValueError, match="max_blocks must be an int >= 1 or None, got 0"):
+        MNTPArguments(train_files=["x"], output_dir=str(tmp_path / "o"), max_blocks=0)
+    with pytest.raises(ValueError, match="is the model folder this run trains from"):
+        _args("simcse", ["x"], tiny_model_dir, model=tiny_model_dir)
+    with pytest.raises(ValueError, match="is the peft folder this run trains from"):
+        _args("supervised", ["x"], tiny_model_dir + "/", peft=tiny_model_dir)
+
+
+def test_mntp_refuses_a_model_that_carries_an_adapter(tiny_model_dir, tiny_text_file, tmp_path):
+    from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
+
+    first = tmp_path / "mntp"
+    train_mntp(MNTPArguments(train_files=[tiny_text_file], output_dir=str(first), model=tiny_model_dir,
+                             max_seq_length=32, batch_size=2, max_steps=1, save_steps=0, disable_tqdm=True))
+    with pytest.raises(ValueError, match="carries a LoRA adapter .*--resume"):
+        train_mntp(MNTPArguments(train_files=[tiny_text_file], output_dir=str(tmp_path / "again"), model=str(first),
+                                 max_seq_length=32, batch_size=2, max_steps=1, save_steps=0, disable_tqdm=True))
+
+
 @pytest.mark.parametrize("chunk", [None, 5], ids=["in-batch", "gradcache"])
 def test_a_nan_loss_stops_contrastive_training(tiny_model_dir, tmp_path, monkeypatch, chunk):
     from llm2vec_fast.training.contrastive import ContrastiveTrainer
