@@ -6,6 +6,7 @@ Nothing here touches a model: the collators only need a tokenizer.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -19,6 +20,17 @@ import torch
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _read_text(path) -> str:
+    """A UTF-8 text file's contents; a file that is not UTF-8 is a ValueError naming the file and the place."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "convert the file to UTF-8") from None
+
+
 def read_documents(path: str | Path, split: str = "auto") -> list[str]:
     """Read a plain text file as a list of documents.
 
@@ -28,8 +40,7 @@ def read_documents(path: str | Path, split: str = "auto") -> list[str]:
     """
     if split not in ("auto", "line", "blank"):
         raise ValueError(f"split must be 'auto', 'line' or 'blank', got {split!r}")
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.splitlines()
+    lines = _read_text(path).splitlines()
     if split == "auto":
         stripped = [bool(l.strip()) for l in lines]
         first = next((i for i, s in enumerate(stripped) if s), None)
@@ -218,12 +229,15 @@ _POS_KEYS = ("positive", "pos", "sent1", "document", "d")
 _NEG_KEYS = ("negative", "neg", "hard_neg", "hard_negative")
 
 
-def _pick(row: dict, keys, what: str, path, required: bool = True):
+def _pick(row: dict, keys, what: str, path, required: bool = True, where: str = ""):
     for k in keys:
         if k in row and row[k] not in (None, ""):
             return row[k]
     if required:
-        raise ValueError(f"{path}: a row has no {what} column (looked for {', '.join(keys)}); got {sorted(row)}")
+        present = [k for k in keys if k in row]
+        if present:
+            raise ValueError(f"{path}{where}: the {what} ({present[0]!r}) is empty")
+        raise ValueError(f"{path}{where}: a row has no {what} column (looked for {', '.join(keys)}); got {sorted(row)}")
     return None
 
 
@@ -248,20 +262,32 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     negative, ``None`` when absent) and ``negatives`` (all of them, possibly empty).
     """
     path = Path(path)
+    text = _read_text(path)
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(l) for l in f if l.strip()]
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
     elif path.suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+        rows = [(reader.line_num, r) for r in reader]
     else:
         raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
     out = []
-    for r in rows:
+    for n, r in rows:
         if split is not None and "split" in r and r["split"] != split:
             continue
         negs = _negatives(r)
-        out.append({"query": _pick(r, _QUERY_KEYS, "query", path), "positive": _pick(r, _POS_KEYS, "positive", path),
+        where = f":{n}"
+        out.append({"query": _pick(r, _QUERY_KEYS, "query", path, where=where),
+                    "positive": _pick(r, _POS_KEYS, "positive", path, where=where),
                     "negative": negs[0] if negs else None, "negatives": negs})
         if limit and len(out) >= limit:
             break

@@ -148,3 +148,22 @@ def test_one_dataset_per_batch_groups():
 def test_with_instruction_on_queries():
     assert with_instruction("text", None) == "text"
     assert with_instruction("text", " Retrieve it ") == ["Retrieve it; ", "text"]
+
+
+def test_read_errors_name_the_file_and_line(tmp_path):
+    from llm2vec_fast.training.data import read_documents, read_triplets
+
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"query": "a", "positive": "b"}\n\n\nnot json\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:4: not valid JSON"):
+        read_triplets(bad)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("sent0,sent1\nok,fine\ncaf\u00e9,x\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv:3: not UTF-8 text \(byte 0xe9"):
+        read_triplets(latin)
+    with pytest.raises(ValueError, match=r"latin.csv:3: not UTF-8"):
+        read_documents(latin)
+    empty = tmp_path / "empty_cell.csv"
+    empty.write_text("sent0,sent1,hard_neg\na,b,c\nd,,f\n")
+    with pytest.raises(ValueError, match=r"empty_cell.csv:3: the positive \('sent1'\) is empty"):
+        read_triplets(empty)
