@@ -142,6 +142,10 @@ def load_model(args, **overrides):
               max_length=getattr(args, "max_length", None), attn_backend=getattr(args, "attn_backend", "auto"),
               device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
     kw.update(overrides)
+    if getattr(args, "no_progress", False) or getattr(args, "progress", None) is False:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar too
     return LLM2Vec.from_pretrained(getattr(args, "model", None), **kw)
 
 

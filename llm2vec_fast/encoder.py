@@ -50,6 +50,7 @@ _TEMPLATES = {
     "Qwen/Qwen2-1.5B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
     "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
 }
+_LLAMA3_BASE = "meta-llama/Meta-Llama-3-8B"  # the original appends its <|end_of_text|> for eos_token pooling
 
 
 class LLM2Vec(nn.Module):
@@ -93,6 +94,9 @@ class LLM2Vec(nn.Module):
         self.skip_instruction = skip_instruction
         self.prompts = dict(prompts or {})
         self.instruction_span = instruction_span
+        # the hub name that picks the original's chat template / eos suffix (``_TEMPLATES``); None: the model's
+        # ``_name_or_path``. Saved in llm2vec_config.json, since a reloaded folder's name is its path.
+        self.template_name = None
         self.config = model.config
         self._source = None  # from_pretrained's arguments, when it built this
         if tokenizer.pad_token is None:
@@ -192,6 +196,7 @@ class LLM2Vec(nn.Module):
         model.to(device)
         model.eval()
         encoder = cls(model, tokenizer, prompts=saved.get("prompts"), **args)
+        encoder.template_name = saved.get("template_name")
         encoder._source = source
         return encoder
 
@@ -214,6 +219,9 @@ class LLM2Vec(nn.Module):
                 cfg["bidirectional"] = is_bidirectional(_base(model))
                 if self.prompts:
                     cfg["prompts"] = self.prompts
+                name = self._template_name()
+                if name in _TEMPLATES or name == _LLAMA3_BASE:
+                    cfg["template_name"] = name
                 with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
                     json.dump(cfg, f, indent=4)
             _move_into(Path(tmp), out)
@@ -227,16 +235,19 @@ class LLM2Vec(nn.Module):
         """The original's per-model wrapping (chat templates for a few named models, the eos suffix)."""
         return self._preparer()(text)
 
+    def _template_name(self) -> str:
+        return getattr(self, "template_name", None) or getattr(self.model.config, "_name_or_path", "") or ""
+
     def _preparer(self):
         """:meth:`prepare_for_tokenization` as a function of the text alone: the model-dependent choices (template,
         eos suffix) made once per call instead of once per text. None when it returns every text unchanged."""
         if type(self).prepare_for_tokenization is not LLM2Vec.prepare_for_tokenization:
             return self.prepare_for_tokenization  # a subclass's own wrapping
-        name = getattr(self.model.config, "_name_or_path", "")
+        name = self._template_name()
         template = _TEMPLATES.get(name)
         suffix = None
         if self.pooling_mode == "eos_token":
-            suffix = ("<|end_of_text|>" if name == "meta-llama/Meta-Llama-3-8B"
+            suffix = ("<|end_of_text|>" if name == _LLAMA3_BASE
                       else _EOS_SUFFIX.get(getattr(self.model.config, "model_type", None)))
         if template is None and suffix is None:
             return _unchanged

@@ -23,7 +23,8 @@ import torch
 
 _READY_TIMEOUT_S = 900  # loading a 7B model onto a device takes a while
 # what a reloading worker copies from the parent's encoder after from_pretrained
-_ENCODER_STATE = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "prompts", "instruction_span")
+_ENCODER_STATE = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "prompts", "instruction_span",
+                  "template_name")
 
 
 class EncodePool:

@@ -470,7 +470,16 @@ def _handler_class(server: EmbeddingServer):
 
         def do_POST(self):  # noqa: N802
             path = self.path.split("?")[0]
-            length = int(self.headers.get("Content-Length") or 0)
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                self.close_connection = True  # the chunked body is not read: the connection cannot be reused
+                return self._error(RequestError(411, "chunked request bodies are not supported: send the body "
+                                                "with a Content-Length header", "LengthRequired"))
+            declared = (self.headers.get("Content-Length") or "0").strip()
+            if not declared.isdigit():
+                self.close_connection = True
+                return self._error(RequestError(400, f"Content-Length must be a non-negative integer, got "
+                                                f"{declared[:40]!r}", "BadRequest"))
+            length = int(declared)
             if length > server.payload_limit:
                 # read and drop a body of sane size first, so the client (still sending) gets the 413 rather than a
                 # broken pipe; a huge one is refused at once
@@ -509,7 +518,8 @@ def add_subcommands(sub):
 
     p = sub.add_parser("serve", help="serve embeddings over HTTP (TEI and OpenAI routes)", description=(
         "Serve one model over HTTP: POST /embed (Text Embeddings Inference), POST /v1/embeddings (OpenAI), "
-        "POST /similarity, GET /health /info /metrics. Concurrent requests share packed batches."))
+        "POST /similarity, POST /embed_all (token embeddings), POST /tokenize, GET /health /info /metrics. "
+        "Concurrent requests share packed batches."))
     _model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080)

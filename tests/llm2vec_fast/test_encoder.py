@@ -327,6 +327,26 @@ def test_peft_adapter_load_and_merge(tiny_encoder_dir, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_chat_template_choice_survives_save_and_reload(tiny, tmp_path):
+    """The original wraps texts in a chat template picked by the hub name; a reloaded folder's name is its path,
+    so the name is kept in llm2vec_config.json."""
+    name = tiny.model.config._name_or_path
+    try:
+        tiny.model.config._name_or_path = "Qwen/Qwen2-1.5B-Instruct"
+        assert tiny.prepare_for_tokenization("hello") == "<|im_start|>user\nhello<|im_end|>"
+        items = ["plain text", ["An instruction", "instructed text"]]
+        before = tiny.encode(items, show_progress_bar=False)
+        tiny.save(tmp_path / "qwen")
+    finally:
+        tiny.model.config._name_or_path = name
+    again = LLM2Vec.from_pretrained(str(tmp_path / "qwen"), device="cpu", dtype=torch.float32)
+    assert again.template_name == "Qwen/Qwen2-1.5B-Instruct"
+    assert again.prepare_for_tokenization("hello") == "<|im_start|>user\nhello<|im_end|>"
+    torch.testing.assert_close(again.encode(items, show_progress_bar=False), before, rtol=1e-5, atol=1e-5)
+    tiny.save(tmp_path / "plain")  # no template: nothing recorded
+    assert "template_name" not in json.loads((tmp_path / "plain" / "llm2vec_config.json").read_text())
+
+
 def test_saving_into_a_release_folder_leaves_its_linked_base_alone(tiny_encoder_dir, tmp_path):
     """An MNTP release folder hard-links the base's config and weights: saving an encoder into it must replace
     those names, not write through them, and must not leave the adapter beside the merged weights (it would be

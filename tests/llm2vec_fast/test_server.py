@@ -170,6 +170,31 @@ def test_other_errors(server):
     assert status == 413 and "payload limit" in r["error"]
 
 
+def _raw_http(server, head: bytes, body: bytes = b"") -> tuple[int, dict]:
+    """Send hand-written request bytes; (status, JSON body) of the answer, which must come within 10 s."""
+    import http.client
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, json.loads(resp.read())
+
+
+@pytest.mark.parametrize("header,status,message", [
+    (b"Content-Length: abc", 400, "Content-Length must be a non-negative integer, got 'abc'"),
+    (b"Content-Length: -1", 400, "got '-1'"),
+    (b"Transfer-Encoding: chunked", 411, "chunked request bodies are not supported"),
+])
+def test_malformed_request_framing_gets_an_answer(server, header, status, message):
+    head = b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + header + b"\r\n"
+    got, r = _raw_http(server, head, b'5\r\n{"a":\r\n0\r\n\r\n' if b"chunked" in header else b"")
+    assert got == status and message in r["error"], r
+    assert call(server, "/health")[0] == 200  # the server still answers
+
+
 def test_health_info_metrics(server):
     assert call(server, "/health") == (200, {"status": "ok"})
     _, info = call(server, "/info")
