@@ -342,6 +342,11 @@ class LLM2Vec(nn.Module):
         # character offsets only where an instruction precedes the text (they cost ~20 % of the tokenizer's time)
         ids, special, offsets = self._tokenize_batch(joints, True, any(cuts))
         n_text = self._count_text_tokens(special, offsets, cuts)
+        lost = [i for i, (c, n) in enumerate(zip(cuts, n_text, strict=True)) if c and not n and texts[i].strip()]
+        if lost:
+            logger.warning("%d input(s) (first: %d) have an instruction that fills max_length=%d tokens alone: their "
+                           "text was cut off entirely, and the embedding does not come from it (shorten the "
+                           "instruction or raise max_length)", len(lost), lost[0], self.max_length)
         if self.instruction_span == "compat":
             instructed = [i for i, c in enumerate(cuts) if c]
             if instructed:

@@ -102,9 +102,15 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     Every rank must pass the same ``n`` (the trainers drop the last incomplete batch)."""
     if not _dist_ready():
         return x, 0
+    import warnings
+
     import torch.distributed.nn.functional as dist_fn
 
-    parts = dist_fn.all_gather(x.contiguous())
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates it for a private functional collective whose name changed across versions; this
+        # autograd all-gather is public on every torch we run on (2.11 to 2.13)
+        warnings.filterwarnings("ignore", message=".*all_gather.*", category=FutureWarning)
+        parts = dist_fn.all_gather(x.contiguous())
     return torch.cat(parts, dim=0), torch.distributed.get_rank() * x.shape[0]
 
 

@@ -273,6 +273,17 @@ def test_encode_corpus_null_title_or_text(tiny):
     torch.testing.assert_close(got, tiny.encode(["x", "T"], show_progress_bar=False))
 
 
+def test_an_instruction_that_fills_max_length_is_reported(tiny_encoder_dir, caplog):
+    model = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32, max_length=16)
+    with caplog.at_level("WARNING", logger="llm2vec_fast.encoder"):
+        model.encode([["short", "a text"]], show_progress_bar=False)
+    assert "fills max_length" not in caplog.text
+    with caplog.at_level("WARNING", logger="llm2vec_fast.encoder"):
+        model.encode([["short", "a text"], [" ".join(["instruction"] * 40), "The cat sat."]],
+                     show_progress_bar=False)
+    assert "1 input(s) (first: 1) have an instruction that fills max_length=16" in caplog.text
+
+
 def test_tuple_of_strings_is_a_sequence_of_texts(tiny):
     # as the original and sentence-transformers read it; a single pair is [[instruction, text]]
     two = tiny.encode(("first text", "second text"), show_progress_bar=False)
