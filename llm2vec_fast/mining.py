@@ -215,9 +215,9 @@ def add_subcommands(subparsers):
     p = subparsers.add_parser(
         "mine", help="mine hard negatives for supervised training data",
         description="For each query / positive row of --input (JSONL or CSV, the columns `train supervised` reads), "
-                    "rank the dataset's positives (and --corpus) with the encoder and write the best documents that "
-                    "are not its positive, below its positive's score, as hard negatives: JSONL that `train "
-                    "supervised` reads.")
+                    "rank the dataset's positives and negatives (and --corpus) with the encoder and write the best "
+                    "documents that are not its positive, below its positive's score, as hard negatives: JSONL "
+                    "that `train supervised` reads.")
     p.add_argument("--input", "-i", required=True, type=Path, help="query / positive (/ negative) JSONL or CSV")
     p.add_argument("--output", "-o", required=True, type=Path, help="JSONL written atomically; rows that got fewer "
                    "than --num-negatives go to OUTPUT with .incomplete.jsonl instead (unless --keep-incomplete)")

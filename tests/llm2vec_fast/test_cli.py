@@ -139,6 +139,9 @@ def test_help_explains_options():
     for option in ("--input", "--output", "--model", "--pooling", "--instruction", "--normalize",
                    "--max-batch-tokens", "--batch-size", "--device", "--dtype"):
         assert option in res.stdout
+    # python -m llm2vec_fast is the same command line
+    top = subprocess.run([sys.executable, "-m", "llm2vec_fast", "--help"], capture_output=True, text=True, check=True)
+    assert "encode" in top.stdout and "mine" in top.stdout
 
 
 def test_stream_to_folder_and_resume(model_args, tmp_path, capsys):
