@@ -6,6 +6,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ._io import iter_jsonl
+
 DEMO_TEXTS = [
     "A man is playing a flute.",
     "Someone is playing a wind instrument.",
@@ -186,19 +188,15 @@ def iter_file(path: Path, instruction: str = ""):
         raise CLIError(f"unsupported input file type {suffix!r} for {str(path)!r}; expected .txt or .jsonl")
     try:
         with open(path, encoding="utf-8", newline=None) as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if suffix != ".jsonl":
+            if suffix != ".jsonl":
+                for line in f:
+                    line = line.rstrip("\n")
                     yield ([instruction, line] if instruction else line), line
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got {line[:80]!r}")
+                return
+            for n, row in iter_jsonl((line.rstrip("\n") for line in f), path):
+                if not isinstance(row.get("text"), str):
+                    raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got "
+                                   f"{json.dumps(row)[:80]!r}")
                 instr = row.get("instruction")
                 instr = instruction if instr is None else instr  # null: none of its own, as when absent
                 if not isinstance(instr, str):

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import iter_jsonl
+
 LANGUAGES = ["eng-Latn"]
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 TASKS = ("sts", "retrieval", "classification")
@@ -204,14 +206,8 @@ def _read_jsonl(path) -> list[dict]:
         raise FileNotFoundError(f"{str(path)!r} not found")
     rows = []
     # split on "\n" only: str.splitlines would also break on U+2028 inside MS MARCO passages
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or "_id" not in row:
+    for n, row in iter_jsonl(path.read_text(encoding="utf-8").split("\n"), path):
+        if "_id" not in row:
             raise ValueError(f"{path}:{n}: expected an object with an '_id' field")
         rows.append(row)
     return rows

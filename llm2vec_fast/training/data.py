@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .._io import iter_jsonl
 
 # ----------------------------------------------------------------------------------------------------------------
 # text files
@@ -264,17 +265,7 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     path = Path(path)
     text = _read_text(path)
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
+        rows = list(iter_jsonl(text.split("\n"), path))
     elif path.suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
         rows = [(reader.line_num, r) for r in reader]
