@@ -34,6 +34,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      "({\"text\", \"embedding\"} per line), written atomically; or a folder (no suffix): inputs are "
                      "streamed in chunks to .npy shards plus manifest.json (\"complete\": false until done; a rerun "
                      "resumes). Default: JSON lines on stdout")
+    enc.add_argument("--text-field", default="text", help="the field of a .jsonl input that holds the text "
+                     "(default: text)")
     enc.add_argument("--chunk-size", type=int, default=100_000, help="rows per shard with --output FOLDER")
     _model_options(enc)
     enc.add_argument("--instruction", default="", help="instruction prepended to every text that has none of its "
@@ -163,7 +165,7 @@ def read_inputs(args):
         texts = list(args.texts)
         return [[args.instruction, t] if args.instruction else t for t in texts], texts
     if args.input:
-        return read_file(args.input, args.instruction)
+        return read_file(args.input, args.instruction, args.text_field)
     if sys.stdin is None or sys.stdin.isatty():
         raise CLIError("no input: give texts as arguments, --input FILE, or pipe text on standard input")
     # lines split as a file's are (iter_file): on "\n" only, after universal newlines, so that rows match lines
@@ -173,14 +175,15 @@ def read_inputs(args):
     return [[args.instruction, t] if args.instruction else t for t in texts], texts
 
 
-def read_file(path: Path, instruction: str = ""):
+def read_file(path: Path, instruction: str = "", text_field: str = "text"):
     """All items of a .txt / .jsonl file: (items, texts)."""
-    pairs = list(iter_file(path, instruction))
+    pairs = list(iter_file(path, instruction, text_field))
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def iter_file(path: Path, instruction: str = ""):
-    """Lazily yield (item, text) from a .txt (one text per line) or .jsonl file; errors name the line."""
+def iter_file(path: Path, instruction: str = "", text_field: str = "text"):
+    """Lazily yield (item, text) from a .txt (one text per line) or .jsonl file (the text in ``text_field``, an
+    optional ``instruction``); errors name the line."""
     if not path.exists():
         raise CLIError(f"input file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -194,14 +197,14 @@ def iter_file(path: Path, instruction: str = ""):
                     yield ([instruction, line] if instruction else line), line
                 return
             for n, row in iter_jsonl((line.rstrip("\n") for line in f), path):
-                if not isinstance(row.get("text"), str):
-                    raise CLIError(f"{path}:{n}: expected an object with a string \"text\" field, got "
+                if not isinstance(row.get(text_field), str):
+                    raise CLIError(f"{path}:{n}: expected an object with a string {text_field!r} field, got "
                                    f"{json.dumps(row)[:80]!r}")
                 instr = row.get("instruction")
                 instr = instruction if instr is None else instr  # null: none of its own, as when absent
                 if not isinstance(instr, str):
                     raise CLIError(f"{path}:{n}: \"instruction\" must be a string, got {type(instr).__name__}")
-                yield ([instr, row["text"]] if instr else row["text"]), row["text"]
+                yield ([instr, row[text_field]] if instr else row[text_field]), row[text_field]
     except (OSError, UnicodeDecodeError) as e:
         raise CLIError(f"cannot read input file {str(path)!r}: {e}") from e
 
@@ -245,8 +248,8 @@ def cmd_encode(args) -> int:
                        "folder")
     if to_folder and args.input and not args.texts:
         # streamed: the input is never held in memory as a whole
-        items, texts = (pair[0] for pair in iter_file(args.input, args.instruction)), None
-        next(iter_file(args.input, args.instruction), None)  # fail fast on a missing / unreadable file
+        items, texts = (pair[0] for pair in iter_file(args.input, args.instruction, args.text_field)), None
+        next(iter_file(args.input, args.instruction, args.text_field), None)  # fail fast: missing / unreadable
     else:
         items, texts = read_inputs(args)
     model = load_model(args)

@@ -192,14 +192,14 @@ def write_jsonl(rows, path) -> Path:
     return path
 
 
-def read_corpus(path) -> list[str]:
-    """Candidate documents: a .txt file (a non-empty line each) or .jsonl with a ``text`` field per line."""
+def read_corpus(path, text_field: str = "text") -> list[str]:
+    """Candidate documents: a .txt file (a non-empty line each) or .jsonl with a ``text_field`` per line."""
     from .cli import CLIError, iter_file
 
     if not Path(path).is_file():
         raise ValueError(f"corpus file {str(path)!r} does not exist")
     try:
-        out = [text for _, text in iter_file(Path(path)) if text.strip()]
+        out = [text for _, text in iter_file(Path(path), "", text_field) if text.strip()]
     except CLIError as e:
         raise ValueError(str(e)) from e
     if not out:
@@ -223,6 +223,7 @@ def add_subcommands(subparsers):
                    "than --num-negatives go to OUTPUT with .incomplete.jsonl instead (unless --keep-incomplete)")
     p.add_argument("--corpus", type=Path, default=None, help="more candidate documents: .txt (a line each) or "
                    ".jsonl with \"text\"; the input's positives and negatives are always candidates")
+    p.add_argument("--corpus-text-field", default="text", help="the field of a .jsonl corpus that holds the text")
     p.add_argument("--split", default=None, help="only rows whose split column has this value")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--instruction", default=None, help="instruction for the queries (as in training)")
@@ -260,7 +261,7 @@ def run_mine(args, model=None) -> int:
         raise CLIError(f"--input file {str(args.input)!r} does not exist")
     try:
         examples = read_triplets(args.input, split=args.split, limit=args.limit)
-        corpus = read_corpus(args.corpus) if args.corpus else None
+        corpus = read_corpus(args.corpus, args.corpus_text_field) if args.corpus else None
         margin = None if args.relative_margin is not None and args.relative_margin < 0 else args.relative_margin
         _check_args(args.num_negatives, args.range_min, args.range_max, margin, args.absolute_margin, args.sampling)
     except (ValueError, UnicodeDecodeError) as e:

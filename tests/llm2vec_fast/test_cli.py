@@ -88,6 +88,15 @@ def test_jsonl_null_instruction_takes_the_global_one(model_args, tmp_path, capsy
     assert items == [["Global", "a"], "b", ["Global", "c"], ["Own", "d"]]
 
 
+def test_jsonl_text_field(model_args, tmp_path, capsys):
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"content": "first doc", "id": 1}\n{"content": "second doc", "instruction": "Represent"}\n')
+    code, out, _ = run(["encode", "-i", str(src), "--text-field", "content", *model_args], capsys)
+    assert code == 0 and [json.loads(x)["text"] for x in out.splitlines()] == ["first doc", "second doc"]
+    code, _, err = run(["encode", "-i", str(src), *model_args], capsys)
+    assert code == 2 and "docs.jsonl:1: expected an object with a string 'text' field" in err
+
+
 def test_existing_file_as_folder_output_and_bad_device(model_args, tmp_path, capsys):
     (tmp_path / "plain").write_text("keep me")
     code, _, err = run(["encode", "x", "-o", str(tmp_path / "plain"), *model_args], capsys)
@@ -98,7 +107,7 @@ def test_existing_file_as_folder_output_and_bad_device(model_args, tmp_path, cap
 
 @pytest.mark.parametrize("content, suffix, message", [
     ('{"text": "ok"}\nnot json\n', ".jsonl", r"in.jsonl:2: not valid JSON"),
-    ('{"txt": "wrong key"}\n', ".jsonl", r"in.jsonl:1: expected an object with a string \"text\" field"),
+    ('{"txt": "wrong key"}\n', ".jsonl", r"in.jsonl:1: expected an object with a string 'text' field"),
     ("a,b\n", ".csv", r"unsupported input file type '.csv'"),
 ])
 def test_malformed_input_files(model_args, tmp_path, capsys, content, suffix, message):
