@@ -232,6 +232,9 @@ def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max
         disable_tqdm=disable_tqdm,
         # accelerate only sets up multi-process CPU training (gloo DDP under torchrun) when told it is CPU-only
         use_cpu=not torch.cuda.is_available(),
+        # every trained weight is a LoRA weight that each step uses: DDP need not search the graph for unused
+        # ones (the Trainer's default for a wrapper module, with a warning per run and a graph walk per step)
+        ddp_find_unused_parameters=False,
     )
     kw.update(extra or {})
     return TrainingArguments(**kw)
