@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, version_of
+from .reference import check_attention_args
+from .reference import validate_cu_seqlens as _validate_cu_seqlens
 
 __all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction",
            "prime_seq_info"]
@@ -779,20 +781,25 @@ def dropout_keep_mask(seed, dropout_p, num_heads, total_tokens, device):
 
 # one-entry cache: the HF adapter passes the same cu_seqlens tensor to every layer of a forward, so validation (a
 # host copy) and the longest-first order run once per batch, not once per layer
-_SEQ_CACHE = {"ref": None, "key": None, "info": None}
+_SEQ_CACHE = {"ref": None, "key": None, "info": None, "primed": False}
 
 
 def _seq_info(cu_seqlens, total_tokens, max_seqlen):
-    """(launch order, work-weighted length) of a pack, validated; cached for the tensor until it changes."""
+    """(launch order, work-weighted length) of a pack, validated; cached for the tensor until it changes.
+
+    A tensor made under ``torch.inference_mode`` has no version counter, so an in-place change to it cannot be seen:
+    its validation is reused only when :func:`prime_seq_info` gave the values, otherwise it is validated again at
+    every call (a device-to-host copy each time; priming avoids them)."""
     key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), total_tokens, max_seqlen)
     ref = _SEQ_CACHE["ref"]
-    if ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"] == key:
+    if ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"] == key \
+            and (_SEQ_CACHE["primed"] or not cu_seqlens.is_inference()):
         return _SEQ_CACHE["info"]
     lens_host = _validate_cu_seqlens(cu_seqlens.tolist(), total_tokens, max_seqlen)  # a device-to-host copy
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
     info = (order, _work_length(lens_host))
-    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=info)
+    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=info, primed=False)
     return info
 
 
@@ -801,7 +808,9 @@ def prime_seq_info(cu_seqlens, cu_host, max_seqlen):
     ``cu_seqlens`` it will be called with next: validation, the launch order and the tuning length then come from
     the host copy, and no attention call on that tensor copies it back (a device synchronisation once per forward,
     which stalls the host's launches behind the device's queue). Raises what ``flash_attention`` raises for bad
-    ``cu_seqlens``. A later in-place change to ``cu_seqlens`` drops the primed copy (it is validated again)."""
+    ``cu_seqlens``. A later in-place change to ``cu_seqlens`` drops the primed copy (it is validated again), except
+    for a tensor made under ``torch.inference_mode``, which has no version counter: its primed copy holds until
+    another tensor is primed or validated, so do not edit it in place meanwhile."""
     cu = [int(x) for x in (cu_host.tolist() if hasattr(cu_host, "tolist") else cu_host)]
     if len(cu) != cu_seqlens.numel():
         raise ValueError(f"cu_host has {len(cu)} entries, cu_seqlens {cu_seqlens.numel()}")
@@ -813,7 +822,7 @@ def prime_seq_info(cu_seqlens, cu_host, max_seqlen):
     else:
         order = order.to(cu_seqlens.device)
     key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), total, int(max_seqlen))
-    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=(order, _work_length(lens_host)))
+    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=(order, _work_length(lens_host)), primed=True)
 
 
 def _work_length(lens):
@@ -822,24 +831,6 @@ def _work_length(lens):
     # one 8k document among short ones as a document
     total = sum(lens)
     return -(-sum(n * n for n in lens) // total) if total else 0
-
-
-def _validate_cu_seqlens(cu, total_tokens, max_seqlen):
-    # cu: the host list of cu_seqlens; returns the lengths
-    if len(cu) < 1 or cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[:4]}")
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-    bad = [i for i, l in enumerate(lens) if l < 0]
-    if bad:
-        i = bad[0]
-        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}]={cu[i]} > cu_seqlens[{i + 1}]="
-                         f"{cu[i + 1]}")
-    if cu[-1] != total_tokens:
-        raise ValueError(f"cu_seqlens[-1] must equal total_tokens = q.shape[0] = {total_tokens}, got {cu[-1]}")
-    longest = max(lens, default=0)
-    if longest > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence in cu_seqlens ({longest})")
-    return lens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -927,6 +918,7 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p)
     T, HQ, D = q.shape
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read it as a dense array (a strided view is copied)
     order, tune_len = _seq_info(cu_seqlens, T, int(max_seqlen))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (math.isfinite(scale) and scale > 0):
@@ -941,47 +933,14 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p):
-    for name, x in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 3:
-            raise ValueError(f"{name} must be [total_tokens, heads, head_dim], got shape {tuple(x.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q.dtype must be one of float16, bfloat16, float32, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        if isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() == 1 and not max_seqlen.is_floating_point():
-            pass  # a 0-d int tensor (as some HF paths pass it) is accepted and read once
-        else:
-            raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
-    devices = {x.device for x in (q, k, v, cu_seqlens)}
-    if len(devices) != 1:
-        raise ValueError(f"q, k, v and cu_seqlens must be on one device, got q {q.device}, k {k.device}, v {v.device}, "
-                         f"cu_seqlens {cu_seqlens.device}")
+    check_attention_args(q, k, v, cu_seqlens, max_seqlen, softcap=softcap, dropout_p=dropout_p,
+                         dtypes=SUPPORTED_DTYPES)
     if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); use "
                          "llm2vec_fast.kernels.reference.flash_attention_ref on CPU")
-    T, HQ, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[0] != T:
-        raise ValueError(f"k/v must have total_tokens = q.shape[0] = {T} rows, got {k.shape[0]}")
-    if k.shape[2] != D:
-        raise ValueError(f"k/v head_dim must equal q's ({D}), got {k.shape[2]}")
+    D = q.shape[2]
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
-    HKV = k.shape[1]
-    if HKV == 0 or HQ % HKV != 0:
-        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_layout(name, x)
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if float(softcap) < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+

@@ -218,9 +218,10 @@ def masked_pool(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=Fals
     - ``first_token`` / ``bos_token``: the first token of the sequence (``start_i``, where the BOS token sits);
       ``pool_start`` is ignored.
 
-    An empty pooled span (``pool_start_i == length_i``, or a zero-length sequence) gives a **zero vector** in every
-    mode (never NaN), also with ``normalize=True`` (zero stays zero), and passes no gradient. (The original would
-    pool the whole padded row in that case, an artefact of ``x[-0:]``; we do not reproduce it.)
+    An empty pooled span gives a **zero vector** (never NaN), also with ``normalize=True`` (zero stays zero), and
+    passes no gradient: for ``mean`` / ``weighted_mean`` when ``pool_start_i == length_i``, in every mode for a
+    zero-length sequence (the token modes ignore ``pool_start``, so a sequence with tokens always has its token).
+    (The original would pool the whole padded row in that case, an artefact of ``x[-0:]``; we do not reproduce it.)
 
     Accumulation is in fp32; the result is ``[B, D]`` in ``hidden.dtype``. Gradients flow to ``hidden`` only (zero
     outside the pooled spans); ``cu_seqlens`` and ``pool_start`` get none.

@@ -12,6 +12,69 @@ from ._launch import new_seed, version_of
 
 
 # ==== ATTENTION (flash_attention_ref) ====
+def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, dtypes=None):
+    """The argument checks ``flash_attention`` and its twin share (types, shapes, devices, GQA, dropout, softcap,
+    scale); the kernel adds its own (dtypes, head dims, layout, CUDA). Values of ``cu_seqlens`` are checked on the
+    host by :func:`validate_cu_seqlens`."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [total_tokens, heads, head_dim], got shape {tuple(x.shape)}")
+    if dtypes is not None and q.dtype not in dtypes:
+        raise TypeError(f"q.dtype must be one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}, got "
+                        f"{q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        if not (isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() == 1
+                and not max_seqlen.is_floating_point()):  # a 0-d int tensor (some HF paths pass one) is read once
+            raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
+    devices = {x.device for x in (q, k, v, cu_seqlens)}
+    if len(devices) != 1:
+        raise ValueError(f"q, k, v and cu_seqlens must be on one device, got q {q.device}, k {k.device}, v {v.device}, "
+                         f"cu_seqlens {cu_seqlens.device}")
+    T, HQ, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != T:
+        raise ValueError(f"k/v must have total_tokens = q.shape[0] = {T} rows, got {k.shape[0]}")
+    if k.shape[2] != D:
+        raise ValueError(f"k/v head_dim must equal q's ({D}), got {k.shape[2]}")
+    HKV = k.shape[1]
+    if HKV == 0 or HQ % HKV != 0:
+        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not (math.isfinite(float(softcap)) and float(softcap) >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
+    if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+
+
+def validate_cu_seqlens(cu, total_tokens, max_seqlen):
+    """Check the host list ``cu`` of ``cu_seqlens`` against the pack; returns the sequence lengths."""
+    if len(cu) < 1 or cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[:4]}")
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    bad = [i for i, n in enumerate(lens) if n < 0]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}]={cu[i]} > cu_seqlens[{i + 1}]="
+                         f"{cu[i + 1]}")
+    if cu[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens[-1] must equal total_tokens = q.shape[0] = {total_tokens}, got {cu[-1]}")
+    longest = max(lens, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence in cu_seqlens ({longest})")
+    return lens
+
+
 def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
                         return_lse=False, causal=False, _dropout_mask=None, _upcast=True):
     """Plain PyTorch twin of :func:`llm2vec_fast.kernels.flash_attention` (same signature and semantics).
@@ -25,17 +88,12 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
     before P·V, like a flash kernel): tests use it as the low-precision reference whose error sets the tolerance.
     Differentiable through autograd.
     """
+    check_attention_args(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap, dropout_p=dropout_p)
     T, HQ, D = q.shape
     HKV = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {cu}")
-    longest = max((b - a for a, b in zip(cu[:-1], cu[1:], strict=True)), default=0)
-    if longest > int(max_seqlen):
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
-    if HQ % HKV != 0:
-        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
+    validate_cu_seqlens(cu, T, int(max_seqlen))
     gen = None
     if dropout_p > 0 and _dropout_mask is None:
         if seed is None:
@@ -147,7 +205,8 @@ def prime_pool_args(cu_seqlens, pool_start, cu_host, pool_start_host=None):
     """Tell ``masked_pool`` (and its twin) the host copies (lists, numpy arrays or CPU tensors) of the device tensors
     ``cu_seqlens`` and ``pool_start`` (or None) it will be called with next: they are validated here, on the host,
     and the call then reads nothing back from the device. Raises what ``masked_pool`` raises for bad values. A later
-    in-place change to either tensor drops the primed copies (they are validated again)."""
+    in-place change to either tensor drops the primed copies (they are validated again); tensors made under
+    ``torch.inference_mode`` have no version counter, so for them the primed copies serve the next call only."""
     cu = torch.as_tensor(cu_host).reshape(-1).to(torch.int64)
     if cu.numel() != cu_seqlens.numel() or cu.numel() < 1:
         raise ValueError(f"cu_host has {cu.numel()} entries, cu_seqlens {cu_seqlens.numel()}")
@@ -168,7 +227,12 @@ def _primed(cu_seqlens, pool_start, total):
     refs = _POOL_PRIMED["refs"]
     if refs is None or refs[0]() is not cu_seqlens or (refs[1]() if refs[1] is not None else None) is not pool_start:
         return False
-    return _POOL_PRIMED["key"] == _pool_key(cu_seqlens, pool_start, total)
+    if _POOL_PRIMED["key"] != _pool_key(cu_seqlens, pool_start, total):
+        return False
+    if cu_seqlens.is_inference() or (pool_start is not None and pool_start.is_inference()):
+        # no version counter to see an in-place change: a primed copy serves one pooling call (a batch's)
+        _POOL_PRIMED.update(refs=None, key=None)
+    return True
 
 
 def masked_pool_ref(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=False):

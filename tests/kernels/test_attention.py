@@ -434,13 +434,45 @@ def test_empty_pack():
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(dropout_p=1.0), "dropout_p"), (dict(softcap=-1.0), "softcap"),
+                                     (dict(softcap=float("inf")), "softcap must be a finite number >= 0"),
+                                     (dict(softcap=float("nan")), "got nan"),
                                      (dict(scale=0.0), "scale"), (dict(scale=-0.125), "got -0.125"),
                                      (dict(scale=float("inf")), "got inf")],
-                         ids=["dropout-1", "softcap-negative", "scale-0", "scale-negative", "scale-inf"])
-def test_invalid_options_raise(kw, msg):
+                         ids=["dropout-1", "softcap-negative", "softcap-inf", "softcap-nan", "scale-0",
+                              "scale-negative", "scale-inf"])
+@pytest.mark.parametrize("fn", [flash_attention, flash_attention_ref], ids=["kernel", "twin"])
+def test_invalid_options_raise(kw, msg, fn):
+    # the twin (the CPU backend) raises what the kernel raises
     a = _valid()
     with pytest.raises(ValueError, match=msg):
-        flash_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], **kw)
+        fn(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], **kw)
+
+
+@pytest.mark.parametrize("over, exc, msg", [b for b in BAD if b.id not in ("q-float64", "q-strided-last-dim", "d48")])
+def test_twin_raises_what_the_kernel_raises(over, exc, msg):
+    a = {**_valid(), **{n: (x.to(DEV) if isinstance(x, torch.Tensor) else x) for n, x in over.items()}}
+    with pytest.raises(exc, match=msg):
+        flash_attention_ref(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"])
+
+
+def test_strided_cu_seqlens_view_is_read_as_its_values():
+    lens = (4, 6)
+    q, k, v, _ = _inputs(lens, 2, 1, 32, torch.float32, seed=5)
+    strided = torch.tensor([0, 5, 4, 6, 10, 7], dtype=torch.int32, device=DEV)[::2]  # values [0, 4, 10]
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(flash_attention(q, k, v, strided, 6), flash_attention_ref(q, k, v, _cu(lens), 6),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_inference_mode_cu_seqlens_edited_in_place_is_validated_again():
+    # inference tensors have no version counter: an unprimed one is validated at every call
+    a = _valid()
+    with torch.inference_mode():
+        cu = a["cu_seqlens"].clone()
+        flash_attention(a["q"], a["k"], a["v"], cu, 5)
+        cu[1] = 7
+        with pytest.raises(ValueError, match="max_seqlen=5"):
+            flash_attention(a["q"], a["k"], a["v"], cu, 5)
 
 
 def test_device_mismatch_raises():

@@ -203,6 +203,20 @@ def test_primed_args_are_validated_once_on_the_host(monkeypatch):
     assert len(checks) == 3
 
 
+def test_inference_mode_primed_args_serve_one_call():
+    """Inference tensors have no version counter, so an in-place edit cannot be seen: their primed copies serve the
+    next pooling call only, and an edit after it is validated."""
+    from llm2vec_fast.kernels import prime_pool_args
+
+    hidden, cu, ps = _batch(LENGTHS, 8, torch.float32)
+    with torch.inference_mode():
+        cu, ps = cu.clone(), ps.clone()
+        prime_pool_args(cu, ps, cu.tolist(), ps.tolist())
+        masked_pool(hidden, cu, "mean", ps)
+        ps[3] = LENGTHS[3] + 1
+        _err(lambda: masked_pool(hidden, cu, "mean", ps), ValueError, r"pool_start\[3\] = 34 .*length 33")
+
+
 def test_prime_pool_args_raises_what_pooling_raises():
     from llm2vec_fast.kernels import prime_pool_args
 
