@@ -39,7 +39,8 @@ class Family:
     sliding_window: bool = False
 
 
-# model_type -> Family. Mistral/Qwen2 windows are ignored, as the original llm2vec does (full bidirectional).
+# model_type -> Family. Mistral/Qwen2 windows are ignored bidirectionally, as the original llm2vec does (causal
+# models keep them).
 FAMILIES = {
     "llama": Family(),
     "mistral": Family(),
@@ -84,9 +85,13 @@ def _convert(model, backend, causal):
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "flash_attn":
         _import_flash_attn()
+    what = "packed causal attention" if causal else "bidirectional conversion"
+    if getattr(model, "config", None) is None:
+        raise ValueError(f"{type(model).__name__} has no Hugging Face config: {what} takes a transformers decoder "
+                         "model (or a PEFT model around one) of a supported family: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
-        what = "packed causal attention" if causal else "bidirectional conversion"
         raise ValueError(f"model type {model_type!r} is not supported for {what}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     register()
@@ -202,7 +207,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     config = getattr(module, "config", None)
     backend = getattr(config, "llm2vec_fast_backend", "auto")
     model_type = getattr(config, "model_type", None)
-    if not getattr(FAMILIES.get(model_type), "sliding_window", False):
+    if not _causal and not getattr(FAMILIES.get(model_type), "sliding_window", False):
+        # bidirectional Mistral / Qwen2 attend to the whole sequence, as the original llm2vec does; a causal model
+        # keeps its own window (to_packed_causal is the decoder's attention)
         sliding_window = None
     bsz, _, seq, dim = query.shape
     if key.shape[2] != seq:
@@ -226,7 +233,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     window = sliding_window if sliding_window and (max_len or seq) > sliding_window else None
     resolved = _resolve_backend(backend, query)
     if window is not None:
-        resolved = "torch"  # the kernels have no window; only long Gemma-2/3 inputs take this path
+        resolved = "torch"  # the kernels have no window: only inputs longer than a window take this path
 
     if cu is None:
         # dense or padded batch

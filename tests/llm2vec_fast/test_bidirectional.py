@@ -229,6 +229,28 @@ def test_packed_causal_equals_hf_causal_per_sequence(model_type):
     assert model.config._attn_implementation == "llm2vec_fast_causal"
 
 
+@pytest.mark.parametrize("model_type, window", [("mistral", dict(sliding_window=4)),
+                                                ("qwen2", dict(use_sliding_window=True, sliding_window=4,
+                                                               max_window_layers=0))])
+def test_packed_causal_keeps_mistral_and_qwen2_windows(model_type, window):
+    """A causal Mistral / Qwen2 keeps its sliding window (HF's own causal path applies it); bidirectional ones
+    ignore it, as the original llm2vec does."""
+    model = tiny_model(model_type, **window)
+    seqs = [torch.randint(0, 256, (n,)) for n in (10, 3, 7)]
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=s[None]).last_hidden_state[0] for s in seqs])
+        full = tiny_model(model_type)  # the same weights (same seed), no window
+        unwindowed = torch.cat([full(input_ids=s[None]).last_hidden_state[0] for s in seqs])
+        assert _rel(unwindowed, expected) > 1e-3  # the window matters for these inputs
+        to_packed_causal(model, backend="torch")
+        assert _rel(model(**_packed_kwargs(seqs)).last_hidden_state[0], expected) <= 1e-5
+        assert _rel(model(input_ids=seqs[0][None]).last_hidden_state[0], expected[:10]) <= 1e-5
+        bidir = to_bidirectional(copy.deepcopy(full), backend="torch")
+        ref = to_bidirectional(model, backend="torch")
+        assert _rel(ref(**_packed_kwargs(seqs)).last_hidden_state, bidir(**_packed_kwargs(seqs)).last_hidden_state) \
+            <= 1e-5
+
+
 def test_packed_causal_gemma2_window_and_errors():
     """Past the sliding window, Gemma-2's sliding layers see 0 <= i - j < window, as HF's own causal path does."""
     model = tiny_model("gemma2", sliding_window=4)
@@ -245,6 +267,8 @@ def test_packed_causal_gemma2_window_and_errors():
         to_packed_causal(gpt2)
     with pytest.raises(ValueError, match="unknown attention backend 'sdpa'"):
         to_packed_causal(tiny_model("llama"), backend="sdpa")
+    with pytest.raises(ValueError, match="Linear has no Hugging Face config"):
+        to_bidirectional(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
