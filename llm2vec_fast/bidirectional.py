@@ -305,7 +305,11 @@ def packed_torch_attention(q, k, v, cu_seqlens, max_seqlen, scale, softcap=0.0, 
     No padding means a sequence's result does not depend on its batch neighbours (a key-padding mask changes SDPA's
     blocking and hence its rounding, which 30 layers amplify to ~1e-3), and length-sorted batches hold few distinct
     lengths."""
+    from .kernels.reference import validate_cu_seqlens
+
     total, hq, dim = q.shape
+    # the kernels' checks, with their messages (this path reads the lengths on the host below anyway)
+    validate_cu_seqlens(cu_seqlens.tolist(), total, int(max_seqlen))
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     # tokens reordered so that sequences of one length are contiguous: [group of n_L sequences × L tokens] ...
     seq_order = torch.argsort(lengths, stable=True)

@@ -496,6 +496,9 @@ class LLM2Vec(nn.Module):
         if output_value not in _OUTPUT_VALUES:
             raise ValueError(f"unknown output_value {output_value!r}; expected one of {_OUTPUT_VALUES}")
         instruction = self._prompt(prompt_name, prompt)
+        width = getattr(self.model.config.get_text_config(), "hidden_size", None)
+        if truncate_dim is not None and width:
+            truncate_embeddings(torch.zeros(1, width), truncate_dim)  # its checks, before any text is encoded
         normalize = normalize_embeddings and truncate_dim is None
         if output_value == "token_embeddings":
             if precision != "float32":

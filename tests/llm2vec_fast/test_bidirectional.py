@@ -282,3 +282,17 @@ def test_packed_causal_triton_matches_torch(model_type):
     with torch.no_grad():
         got, expected = model(**kw).last_hidden_state, twin(**kw).last_hidden_state
     assert _rel(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("cu, max_len, message", [
+    ([0, 4, 8], 6, "cu_seqlens\\[-1\\] must equal total_tokens = q.shape\\[0\\] = 10, got 8"),
+    ([0, 6, 4, 10], 6, "non-decreasing"),
+    ([0, 4, 10], 3, "max_seqlen=3 is smaller than the longest sequence"),
+])
+def test_torch_backend_checks_packed_boundaries(cu, max_len, message):
+    model = to_bidirectional(tiny_model("llama"), backend="torch")
+    ids = torch.randint(0, 256, (1, 10))
+    cu = torch.tensor(cu, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(input_ids=ids, position_ids=torch.arange(10)[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+              max_length_q=max_len, max_length_k=max_len)

@@ -284,6 +284,15 @@ def test_an_instruction_that_fills_max_length_is_reported(tiny_encoder_dir, capl
     assert "1 input(s) (first: 1) have an instruction that fills max_length=16" in caplog.text
 
 
+def test_bad_truncate_dim_is_refused_before_encoding(tiny, monkeypatch):
+    calls = []
+    monkeypatch.setattr(type(tiny), "_encode", lambda *a, **k: calls.append(1))
+    for bad in (0, 100_000):
+        with pytest.raises(ValueError, match=f"truncate_dim={bad} is out of range"):
+            tiny.encode(["a text"], truncate_dim=bad, show_progress_bar=False)
+    assert calls == []
+
+
 def test_tuple_of_strings_is_a_sequence_of_texts(tiny):
     # as the original and sentence-transformers read it; a single pair is [[instruction, text]]
     two = tiny.encode(("first text", "second text"), show_progress_bar=False)
