@@ -54,6 +54,23 @@ def _check_args(num_negatives, range_min, range_max, relative_margin, absolute_m
         raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
 
 
+def _example(i, ex) -> dict:
+    """An example as mining reads it: string ``query`` and ``positive`` with text in them, and its ``negatives`` (a
+    list), also from the ``negative`` key (a string or a list: sentence-transformers' and mining's own output)."""
+    if not isinstance(ex, dict) or not isinstance(ex.get("query"), str) or not isinstance(ex.get("positive"), str):
+        raise TypeError(f"example {i} must be a dict with string 'query' and 'positive', got {ex!r:.120}")
+    for key in ("query", "positive"):
+        if not ex[key].strip():
+            raise ValueError(f"example {i} has a blank {key}: there is nothing to embed")
+    negs = ex.get("negatives")
+    if negs is None:
+        negs = ex.get("negative")
+    negs = [] if negs is None else [negs] if isinstance(negs, str) else negs
+    if not isinstance(negs, (list, tuple)) or not all(isinstance(n, str) for n in negs):
+        raise TypeError(f"example {i}: negatives must be a list of strings, got {negs!r:.120}")
+    return {**ex, "negatives": list(negs)}
+
+
 def _unique(texts) -> tuple[list[str], dict[str, int]]:
     ids: dict[str, int] = {}
     for t in texts:
@@ -62,8 +79,8 @@ def _unique(texts) -> tuple[list[str], dict[str, int]]:
     return list(ids), ids
 
 
-def _encode(model, items, batch_size, max_batch_tokens, show_progress_bar, device) -> torch.Tensor:
-    kw = dict(convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=show_progress_bar)
+def _encode(model, items, batch_size, max_batch_tokens, show_progress_bar, device, **extra) -> torch.Tensor:
+    kw = dict(convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=show_progress_bar, **extra)
     if batch_size is not None:
         kw["batch_size"] = batch_size
     if max_batch_tokens is not None:
@@ -104,29 +121,33 @@ def mine_hard_negatives(model, examples, *, corpus=None, instruction: str | None
         counts.
     """
     _check_args(num_negatives, range_min, range_max, relative_margin, absolute_margin, sampling)
-    examples = list(examples)
+    examples = [_example(i, ex) for i, ex in enumerate(examples)]
     if not examples:
         raise ValueError("no examples to mine negatives for")
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, dict) or not isinstance(ex.get("query"), str) or not isinstance(ex.get("positive"), str):
-            raise TypeError(f"example {i} must be a dict with string 'query' and 'positive', got {ex!r:.120}")
+    if isinstance(corpus, str):
+        raise TypeError("corpus must be a list of document strings, got one string")
     extra = [] if corpus is None else list(corpus)
     for i, t in enumerate(extra):
         if not isinstance(t, str):
             raise TypeError(f"corpus item {i} must be a string, got {type(t).__name__}")
+    extra = [t for t in extra if t.strip()]  # a blank text embeds to zeros: no document to mine
     device = search_device or getattr(model, "device", None) or "cpu"
 
     queries, qid = _unique(ex["query"] for ex in examples)
     # candidates: every positive and existing negative of the data (real documents), then the extra corpus
     docs, did = _unique([ex["positive"] for ex in examples]
-                        + [n for ex in examples for n in (ex.get("negatives") or [])] + extra)
+                        + [n for ex in examples for n in ex["negatives"] if n.strip()] + extra)
     # every positive of a query text, whichever row pairs them
     positives_of: dict[str, set[int]] = {}
     for ex in examples:
         positives_of.setdefault(ex["query"], set()).add(did[ex["positive"]])
 
-    q_emb = _encode(model, [with_instruction(q, instruction) for q in queries], batch_size, max_batch_tokens,
-                    show_progress_bar, device)
+    if callable(getattr(model, "tokenize_items", None)) or not instruction:  # LLM2Vec: [instruction, text] pairs, as in training
+        q_emb = _encode(model, [with_instruction(q, instruction) for q in queries], batch_size, max_batch_tokens,
+                        show_progress_bar, device)
+    else:  # another encoder (sentence-transformers): the instruction as its prompt
+        q_emb = _encode(model, queries, batch_size, max_batch_tokens, show_progress_bar, device,
+                        prompt=f"{instruction.strip()}; ")
     d_emb = _encode(model, docs, batch_size, max_batch_tokens, show_progress_bar, device)
 
     # one search per example (its exclusions depend on its existing negatives): the query's row, rank range_max
@@ -135,7 +156,7 @@ def mine_hard_negatives(model, examples, *, corpus=None, instruction: str | None
         ids = set(positives_of[ex["query"]])
         if ex["query"] in did:
             ids.add(did[ex["query"]])
-        for n in (ex.get("negatives") or []) if keep_existing else []:
+        for n in ex["negatives"] if keep_existing else []:
             if n in did:
                 ids.add(did[n])
         excludes.append(sorted(ids))
@@ -159,7 +180,7 @@ def mine_hard_negatives(model, examples, *, corpus=None, instruction: str | None
         if sampling == "random" and len(eligible) > num_negatives:
             eligible = sorted(rng.sample(eligible, num_negatives), key=lambda h: -h["score"])
         picked = eligible[:num_negatives]
-        existing = list(ex.get("negatives") or []) if keep_existing else []
+        existing = list(ex["negatives"]) if keep_existing else []
         row = {"query": ex["query"], "positive": ex["positive"],
                "negative": existing + [docs[h["corpus_id"]] for h in picked],
                "positive_score": round(pos, 6), "negative_scores": [round(h["score"], 6) for h in picked]}
@@ -265,7 +286,11 @@ def run_mine(args, model=None) -> int:
         margin = None if args.relative_margin is not None and args.relative_margin < 0 else args.relative_margin
         _check_args(args.num_negatives, args.range_min, args.range_max, margin, args.absolute_margin, args.sampling)
     except (ValueError, UnicodeDecodeError) as e:
-        raise CLIError(str(e)) from e
+        msg = str(e)
+        for name in ("num_negatives", "range_min", "range_max", "relative_margin", "absolute_margin", "sampling",
+                     "limit"):
+            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        raise CLIError(msg) from e
     model = model if model is not None else load_model(args)
     rows, incomplete, stats = mine_hard_negatives(
         model, examples, corpus=corpus, instruction=args.instruction, num_negatives=args.num_negatives,

@@ -294,7 +294,8 @@ class EmbeddingServer:
         if fmt not in ("float", "base64"):
             raise RequestError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}")
         items = self._items(body.get("input"), "input", pairs=False)
-        emb, tokens = self._encode(items, None, count=True)
+        emb, tokens = self._encode(items, None, count=True, hint="OpenAI's request has no truncate field: the server "
+                                   "cuts long inputs when started with --auto-truncate")
         # OpenAI's embeddings are unit length; a dimensions cut is renormalised
         emb = _postprocess(emb, True, body.get("dimensions"))
         data = []
@@ -367,7 +368,7 @@ class EmbeddingServer:
             raise RequestError(422, f"instruction must be a string, got {type(instruction).__name__}")
         return [[instruction, it] if isinstance(it, str) else it for it in items]
 
-    def _encode(self, items, truncate, count=False, tokens=False):
+    def _encode(self, items, truncate, count=False, tokens=False, hint="send truncate: true to cut it at the end"):
         """(embeddings [N, H] float32 CPU, or with ``tokens`` a list of [L_i, H]; total tokens or None). Refuses
         over-long texts unless truncating; tokens are counted here (a second tokenization besides the encoder's)
         only for that check or when ``count``."""
@@ -388,7 +389,7 @@ class EmbeddingServer:
             if over:
                 i, n = over[0]
                 raise RequestError(413, f"input {i} has {n} tokens, more than the model's max_length {limit}; "
-                                   "send truncate: true to cut it at the end")
+                                   + hint)
         return self.batcher.submit(items, tokens), sum(min(n, limit) for n in lengths)
 
     def _count(self, route, status):

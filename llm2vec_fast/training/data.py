@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ def read_documents(path: str | Path, split: str = "auto") -> list[str]:
 
 def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
     """One sentence per non-empty line (the SimCSE wiki1m format)."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     out = read_documents(path, split="line")
     return out[:limit] if limit else out
 
@@ -262,6 +265,8 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     ``negative_1``, ``negative_2``, …. Returns dicts with keys ``query``, ``positive``, ``negative`` (the first hard
     negative, ``None`` when absent) and ``negatives`` (all of them, possibly empty).
     """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     path = Path(path)
     text = _read_text(path)
     if path.suffix in (".jsonl", ".json"):
@@ -277,6 +282,9 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
             continue
         negs = _negatives(r)
         where = f":{n}"
+        bad = [x for x in negs if not isinstance(x, str)]
+        if bad:
+            raise ValueError(f"{path}{where}: hard negatives must be strings, got {json.dumps(bad[0])}")
         out.append({"query": _pick(r, _QUERY_KEYS, "query", path, where=where),
                     "positive": _pick(r, _POS_KEYS, "positive", path, where=where),
                     "negative": negs[0] if negs else None, "negatives": negs})

@@ -79,7 +79,8 @@ def test_semantic_search_errors():
 
 
 # ---------------------------------------------------------------------- mining on hand-placed embeddings
-ANGLES = {"q1": 0, "q2": 180, "p1": 10, "p1b": 5, "near": 12, "mid1": 30, "mid2": 40, "far": 90, "p2": 170}
+ANGLES = {"q1": 0, "q2": 180, "p1": 10, "p1b": 5, "near": 12, "mid1": 30, "mid2": 40, "far": 90, "p2": 170,
+          "q3": 270, "p3": 260}
 
 
 class AngleEncoder:
@@ -87,12 +88,18 @@ class AngleEncoder:
 
     device = torch.device("cpu")
 
+    def tokenize_items(self, pairs):  # marks an LLM2Vec-like encoder: it takes [instruction, text] pairs
+        raise NotImplementedError
+
     def __init__(self):
         self.calls = []
 
     def encode(self, items, convert_to_tensor=False, normalize_embeddings=False, show_progress_bar=False, **kw):
         self.calls.append(list(items))
+        self.kwargs = kw
         texts = [it[1] if isinstance(it, list) else it for it in items]
+        if any(not t.strip() for t in texts):
+            raise AssertionError(f"asked to encode a blank text: {texts}")
         rad = torch.tensor([math.radians(ANGLES[t]) for t in texts], dtype=torch.float64)
         return torch.stack([rad.cos(), rad.sin()], 1).float()
 
@@ -175,6 +182,31 @@ def test_argument_errors(kw, message):
         mine_hard_negatives(AngleEncoder(), ROWS, **kw)
 
 
+class PlainEncoder(AngleEncoder):
+    """An encoder without LLM2Vec's [instruction, text] pairs (sentence-transformers' encode: strings, prompt=)."""
+
+    tokenize_items = None
+
+    def encode(self, items, **kw):
+        assert all(isinstance(t, str) for t in items), items
+        return super().encode(items, **kw)
+
+
+def test_blank_texts_singular_negative_key_and_plain_encoders():
+    enc = AngleEncoder()
+    rows_in = [{"query": "q3", "positive": "p3", "negative": "   "}, {"query": "q1", "positive": "p1",
+                                                                      "negative": ["far"]}]
+    rows, _, stats = mine_hard_negatives(enc, rows_in, corpus=["  ", "mid1", "mid2", ""], num_negatives=1,
+                                         relative_margin=None)
+    # blank texts are never candidates (they embed to zeros); "negative" (a string or a list) is read
+    assert stats["corpus"] == 5 and all(r["negative"][-1].strip() for r in rows)
+    assert rows[1]["negative"][0] == "far"
+    plain = PlainEncoder()
+    rows2, _, _ = mine_hard_negatives(plain, ROWS, corpus=EXTRA, num_negatives=2, instruction="Find it")
+    assert plain.calls[0] == ["q1", "q2"] and plain.calls[1] != plain.calls[0]
+    assert rows2[0]["negative"] == ["mid1", "mid2"]
+
+
 def test_example_errors():
     with pytest.raises(ValueError, match="no examples"):
         mine_hard_negatives(AngleEncoder(), [])
@@ -182,6 +214,12 @@ def test_example_errors():
         mine_hard_negatives(AngleEncoder(), [ROWS[0], {"query": "q1"}])
     with pytest.raises(TypeError, match="corpus item 0 must be a string, got int"):
         mine_hard_negatives(AngleEncoder(), ROWS, corpus=[3])
+    with pytest.raises(TypeError, match="corpus must be a list of document strings, got one string"):
+        mine_hard_negatives(AngleEncoder(), ROWS, corpus="xyz")
+    with pytest.raises(ValueError, match="example 0 has a blank query"):
+        mine_hard_negatives(AngleEncoder(), [{"query": "  ", "positive": "p1"}])
+    with pytest.raises(TypeError, match="example 0: negatives must be a list of strings"):
+        mine_hard_negatives(AngleEncoder(), [{"query": "q1", "positive": "p1", "negatives": 5}])
 
 
 # ---------------------------------------------------------------------- CLI
@@ -220,7 +258,7 @@ def test_cli_errors(tmp_path, capsys):
         run_mine(_args("-i", str(data), "-o", str(tmp_path / "x.csv")), model=AngleEncoder())
     with pytest.raises(CLIError, match="does not exist"):
         run_mine(_args("-i", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "x.jsonl")), model=AngleEncoder())
-    with pytest.raises(CLIError, match="range_max must be"):
+    with pytest.raises(CLIError, match="--range-max must be an int >= --range-min"):
         run_mine(_args("-i", str(data), "-o", str(tmp_path / "x.jsonl"), "--range-max", "2"), model=AngleEncoder())
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(CLIError, match="no query column"):

@@ -168,6 +168,12 @@ def test_other_errors(server):
     assert status == 422 and "encoding_format" in r["error"]
     status, r = call(server, "/embed", raw=b" " * 2_000_001)
     assert status == 413 and "payload limit" in r["error"]
+    # each route's refusal of an over-long text says what that route's client can do
+    long_text = " ".join(["word"] * 60)
+    status, r = call(server, "/embed", {"inputs": long_text})
+    assert status == 413 and "send truncate: true" in r["error"]
+    status, r = call(server, "/v1/embeddings", {"input": long_text})
+    assert status == 413 and "--auto-truncate" in r["error"] and "send truncate" not in r["error"]
 
 
 def _raw_http(server, head: bytes, body: bytes = b"") -> tuple[int, dict]:

@@ -167,3 +167,17 @@ def test_read_errors_name_the_file_and_line(tmp_path):
     empty.write_text("sent0,sent1,hard_neg\na,b,c\nd,,f\n")
     with pytest.raises(ValueError, match=r"empty_cell.csv:3: the positive \('sent1'\) is empty"):
         read_triplets(empty)
+
+
+def test_read_triplets_limit_and_negative_types(tmp_path):
+    from llm2vec_fast.training.data import read_sentences, read_triplets
+
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"query": "q1", "positive": "p1", "negative": ["n1", 5]}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:1: hard negatives must be strings, got 5"):
+        read_triplets(f)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"limit must be a positive int or None, got {bad}"):
+            read_triplets(f, limit=bad)
+        with pytest.raises(ValueError, match=f"limit must be a positive int or None, got {bad}"):
+            read_sentences(f, limit=bad)
