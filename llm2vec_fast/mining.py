@@ -142,7 +142,8 @@ def mine_hard_negatives(model, examples, *, corpus=None, instruction: str | None
     for ex in examples:
         positives_of.setdefault(ex["query"], set()).add(did[ex["positive"]])
 
-    if callable(getattr(model, "tokenize_items", None)) or not instruction:  # LLM2Vec: [instruction, text] pairs, as in training
+    # LLM2Vec takes [instruction, text] pairs, as in training
+    if callable(getattr(model, "tokenize_items", None)) or not instruction:
         q_emb = _encode(model, [with_instruction(q, instruction) for q in queries], batch_size, max_batch_tokens,
                         show_progress_bar, device)
     else:  # another encoder (sentence-transformers): the instruction as its prompt
