@@ -37,6 +37,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     enc.add_argument("--text-field", default="text", help="the field of a .jsonl input that holds the text "
                      "(default: text)")
     enc.add_argument("--chunk-size", type=int, default=100_000, help="rows per shard with --output FOLDER")
+    enc.add_argument("--overwrite", action="store_true", help="with --output FOLDER: start afresh instead of "
+                     "resuming (a folder holding other inputs or settings is refused otherwise)")
     _model_options(enc)
     enc.add_argument("--instruction", default="", help="instruction prepended to every text that has none of its "
                      "own; attended to but not pooled")
@@ -260,8 +262,11 @@ def cmd_encode(args) -> int:
         kw["pool"] = model.start_multi_process_pool(devices, load=args.worker_load)
     try:
         if to_folder:
-            manifest = model.encode_to_disk(items, out, chunk_size=args.chunk_size,
-                                            show_progress_bar=not args.no_progress, **kw)
+            try:
+                manifest = model.encode_to_disk(items, out, chunk_size=args.chunk_size, resume=not args.overwrite,
+                                                show_progress_bar=not args.no_progress, **kw)
+            except ValueError as e:
+                raise CLIError(str(e).replace("resume=False", "--overwrite")) from e
             print(f"wrote {manifest['rows']} embeddings in {len(manifest['shards'])} shard(s) to {out}",
                   file=sys.stderr)
             return 0

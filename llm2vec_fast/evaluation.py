@@ -519,7 +519,9 @@ def add_subcommands(subparsers):
     p.add_argument("--instruction", default=DEFAULT_RETRIEVAL_INSTRUCTION,
                    help="instruction for queries only ('' for none; default: %(default)r)")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
-    p.add_argument("--max-docs", type=int, default=None, help="subset the corpus (judged documents kept)")
+    p.add_argument("--max-docs", type=int, default=None, help="subset the corpus to about N documents (the chosen "
+                   "queries' relevant documents are always kept; other documents, judged or not, fill up in file "
+                   "order)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
     p.add_argument("--relevance-threshold", type=int, default=1,
                    help="qrels score counted as relevant for MRR and recall (default 1; 2 for TREC-DL style)")

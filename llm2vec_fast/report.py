@@ -263,6 +263,9 @@ _TITLES = {
 def build_report(results_dir=None, output=None, plots: bool = True) -> Path:
     """Write ``REPORT.md`` (default: in ``results_dir``) and its PNG plots beside it; returns the page's path."""
     results_dir = Path(results_dir) if results_dir is not None else default_results_dir()
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results folder {str(results_dir)!r} does not exist (a benchmark writes its JSON "
+                                "there; default: benchmarks/results)")
     output = Path(output) if output is not None else results_dir / "REPORT.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     results, skipped = load_results(results_dir)

@@ -72,8 +72,11 @@ def _report(result: dict) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun: one result line, from rank 0
     last = result["losses"][-1] if result["losses"] else None
-    print(json.dumps({"output_dir": result["output_dir"], "final_loss": last and last["loss"],
-                      "steps": last and last["step"], "train_runtime_s": result.get("train_runtime")}))
+    # steps: where training ended; the last loss the Trainer logged (every --logging-steps) with its own step, and the
+    # mean loss of this run's steps
+    print(json.dumps({"output_dir": result["output_dir"], "steps": result.get("global_step"),
+                      "last_logged_step": last and last["step"], "last_logged_loss": last and last["loss"],
+                      "mean_train_loss": result.get("train_loss"), "train_runtime_s": result.get("train_runtime")}))
     return 0
 
 

@@ -318,7 +318,8 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     if trainer.args.should_save:
         save_contrastive_output(encoder, args, losses)
     return {"output_dir": args.output_dir, "base_model": args.model, "losses": losses,
-            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "examples": len(dataset),
+            "train_runtime": out.metrics.get("train_runtime"), "global_step": out.global_step,
+            "train_loss": out.training_loss, "steps_run": counter.steps, "examples": len(dataset),
             "stopped_at": limit and limit.stopped_at}
 
 

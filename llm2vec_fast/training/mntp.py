@@ -241,7 +241,8 @@ def train_mntp(args: MNTPArguments) -> dict:
     if trainer.args.should_save:
         save_mntp_output(model.backbone, tokenizer, args, base_path, losses)
     return {"output_dir": args.output_dir, "base_model": base_path, "losses": losses,
-            "train_runtime": out.metrics.get("train_runtime"), "steps_run": counter.steps, "blocks": len(dataset),
+            "train_runtime": out.metrics.get("train_runtime"), "global_step": out.global_step,
+            "train_loss": out.training_loss, "steps_run": counter.steps, "blocks": len(dataset),
             "stopped_at": limit and limit.stopped_at}
 
 

@@ -171,6 +171,13 @@ def test_stream_to_folder_and_resume(model_args, tmp_path, capsys):
     assert run(["encode", "-i", str(src), "-o", str(out), "--chunk-size", "8", *model_args], capsys)[0] == 0
     assert (out / "embeddings-00000.npy").stat().st_mtime_ns == stamp and (out / "embeddings-00002.npy").exists()
     assert json.loads((out / "manifest.json").read_text())["complete"]
+    # other settings: refused with the flag that starts afresh, which then rewrites the folder
+    code, _, err = run(["encode", "-i", str(src), "-o", str(out), "--chunk-size", "5", *model_args], capsys)
+    assert code == 2 and "use another folder or --overwrite" in err
+    code, _, _ = run(["encode", "-i", str(src), "-o", str(out), "--chunk-size", "5", "--overwrite", *model_args],
+                     capsys)
+    assert code == 0 and len(json.loads((out / "manifest.json").read_text())["shards"]) == 5
+    assert len(list(out.glob("embeddings-*.npy"))) == 5
 
 
 def test_precision_and_truncation_options(model_args, tmp_path, capsys):

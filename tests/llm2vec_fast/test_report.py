@@ -98,9 +98,13 @@ def test_no_plots_and_empty_folder(tmp_path):
     out = report.build_report(tmp_path / "r", tmp_path / "page" / "R.md", plots=False)
     assert out.is_file() and not list((tmp_path / "page").glob("*.png"))
     assert "![" not in out.read_text()
-    empty = report.build_report(tmp_path / "none", tmp_path / "empty.md")
-    text = empty.read_text()
-    assert "No benchmark results found yet" in text and "no such folder" in text
+    (tmp_path / "nothing").mkdir()
+    empty = report.build_report(tmp_path / "nothing", tmp_path / "empty.md")
+    assert "No benchmark results found yet" in empty.read_text()
+    # a folder that does not exist (a typo) is an error, not an empty report written into a new folder
+    with pytest.raises(FileNotFoundError, match="results folder .*none' does not exist"):
+        report.build_report(tmp_path / "none", tmp_path / "typo.md")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "typo.md").exists()
 
 
 def test_missing_matplotlib_is_noted(tmp_path, monkeypatch):

@@ -88,7 +88,8 @@ def test_cli_parses_and_runs(tiny_model_dir, tiny_text_file, tmp_path, capsys):
                            "--logging-steps", "1"])
     assert a.func(a) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["steps"] == 2 and report["final_loss"] > 0
+    assert report["steps"] == 2 and report["last_logged_step"] == 2 and report["last_logged_loss"] > 0
+    assert report["mean_train_loss"] > 0
 
 
 def test_time_limit_stops_and_saves(tiny_model_dir, tiny_text_file, tmp_path):
