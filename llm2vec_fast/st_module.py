@@ -82,17 +82,35 @@ class LLM2VecSTModule(InputModule):
         return out
 
     def forward(self, features: dict, **kwargs) -> dict:
-        """Add ``sentence_embedding`` ``[B, H]`` (float32 rows; zero rows for the texts left out in preprocess)."""
+        """Add ``sentence_embedding`` ``[B, H]`` (zero rows for the texts left out in preprocess), and
+        ``token_embeddings`` ``[B, L, H]`` with ``attention_mask`` ``[B, L]``: each text's pooled tokens' last hidden
+        states (what ``LLM2Vec.encode(..., output_value="token_embeddings")`` gives), padded at the end, for
+        sentence-transformers' ``output_value="token_embeddings"``."""
+        from .encoder import pool
+
         n = int(features["llm2vec_batch"])
         rows = features["llm2vec_rows"]
         width = self.get_embedding_dimension()
-        if len(rows) == n:
-            emb = self.l2v.forward(features)
-        else:
-            emb = torch.zeros(n, width, dtype=next(self.l2v.model.parameters()).dtype, device=self.l2v.device)
-            if len(rows):
-                emb[rows.to(emb.device)] = self.l2v.forward(features).to(emb.dtype)
+        dtype, device = next(self.l2v.model.parameters()).dtype, self.l2v.device
+        emb = torch.zeros(n, width, dtype=dtype, device=device)
+        spans = []
+        if len(rows):
+            m = len(rows)
+            f, hidden = self.l2v._run(features)
+            emb[rows.to(device)] = pool(hidden, f["cu_seqlens"], self.l2v.pooling_mode, f["pool_start"])[:m].to(dtype)
+            # the host copies: no device-to-host copy for the spans
+            cu = [int(x) for x in features["cu_seqlens_host"][:m + 1]]
+            starts = [int(x) for x in features["pool_start_host"][:m]]
+            spans = [hidden[a + p:b] for a, b, p in zip(cu[:-1], cu[1:], starts, strict=True)]
+        longest = max((len(t) for t in spans), default=0) or 1
+        tokens = torch.zeros(n, longest, width, dtype=dtype, device=device)
+        mask = torch.zeros(n, longest, dtype=torch.long, device=device)
+        for r, t in zip(rows.tolist(), spans, strict=True):
+            tokens[r, :len(t)] = t.to(dtype)
+            mask[r, :len(t)] = 1
         features["sentence_embedding"] = emb
+        features["token_embeddings"] = tokens
+        features["attention_mask"] = mask
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:

@@ -71,6 +71,19 @@ def test_sentence_transformer_matches_encode(sentence_transformers, tiny_encoder
     assert np.abs(ref_q - ref).max() > 1e-3  # the instruction is attended to: the test can tell them apart
 
 
+def test_token_embeddings_match_encode(sentence_transformers, tiny_encoder_dir, tmp_path):
+    l2v = _load(tiny_encoder_dir)
+    path = save_sentence_transformers(l2v, tmp_path / "st", prompts={"query": INSTR})
+    st = sentence_transformers.SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
+    texts = [t for t in TEXTS if t.strip()]
+    for kw, items in ((dict(), texts), (dict(prompt_name="query"), [[INSTR, t] for t in texts])):
+        ours = l2v.encode(items, output_value="token_embeddings", show_progress_bar=False)
+        theirs = st.encode(texts, output_value="token_embeddings", batch_size=3, **kw)
+        assert [len(t) for t in theirs] == [len(t) for t in ours]
+        for a, b in zip(theirs, ours, strict=True):
+            np.testing.assert_allclose(np.asarray(a.cpu()), b.numpy(), atol=1e-5, rtol=1e-4)
+
+
 def test_bidirectional_is_kept(sentence_transformers, tiny_encoder_dir, tmp_path):
     l2v = _load(tiny_encoder_dir)
     st = sentence_transformers.SentenceTransformer(str(save_sentence_transformers(l2v, tmp_path / "st")),
