@@ -5,6 +5,14 @@ import json
 from collections.abc import Iterable, Iterator
 
 
+def check_count(name: str, value, optional: bool = False) -> None:
+    """``value`` must be a positive int (``optional``: or None); the ValueError names ``name`` and the value."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
 def iter_jsonl(lines: Iterable[str], path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line; invalid JSON or a value that is not an object is a
     ``ValueError`` naming ``path:line``."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import check_count
 from .bidirectional import FAMILIES, is_bidirectional, to_bidirectional, to_packed_causal
 from .cpu_memory import cpu_work
 from .fused import fuse_ops
@@ -77,9 +78,8 @@ class LLM2Vec(nn.Module):
             raise ValueError(f"instruction_span must be 'compat' or 'offsets', got {instruction_span!r}")
         if pooling_mode not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling_mode!r}; expected one of {POOLING_MODES}")
-        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_count("max_length", max_length)
+        check_count("doc_max_length", doc_max_length)
         if getattr(tokenizer, "is_fast", True) is False:
             raise TypeError("LLM2Vec needs a fast (Rust) tokenizer for character offsets; got a slow one: load it "
                             "with AutoTokenizer.from_pretrained(..., use_fast=True)")
@@ -575,8 +575,7 @@ class LLM2Vec(nn.Module):
 
         from .quantization import PRECISIONS, quantization_ranges, quantize_embeddings
 
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_count("chunk_size", chunk_size)
         precision = encode_kwargs.pop("precision", "float32")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -845,8 +844,8 @@ def _instructed_pairs(sentences, instruction):
 
 def _check_budget_args(batch_size, max_batch_tokens):
     for name, v in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if v is not None:
+            check_count(name, v)
 
 
 def _normalize_inputs(sentences):

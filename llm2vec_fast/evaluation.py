@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import iter_jsonl
+from ._io import check_count, iter_jsonl
 
 LANGUAGES = ["eng-Latn"]
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -171,7 +171,7 @@ def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, 
     ``train``, else ``test``).
     """
     t0 = time.perf_counter()
-    _check_count("limit", limit)
+    check_count("limit", limit, optional=True)
     split = split or sts_split(data)
     s1, s2, gold = load_sts(data)
     if limit is not None:
@@ -192,11 +192,6 @@ def sts_split(path) -> str:
     if any(k in name for k in ("dev", "valid", "trial")):
         return "validation"
     return "train" if "train" in name else "test"
-
-
-def _check_count(name, value):
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 # ---------------------------------------------------------------------- retrieval
@@ -245,8 +240,8 @@ def subsample_beir(corpus, queries, qrels, max_docs=None, max_queries=None, rele
     """A deterministic small slice for quick runs: the first ``max_queries`` queries (file order) that have a relevant
     document, all their relevant documents (kept even past ``max_docs``), then other documents in file order up to
     ``max_docs``. Judged non-relevant documents get no special place: they come in with the fill or not at all."""
-    _check_count("max_docs", max_docs)
-    _check_count("max_queries", max_queries)
+    check_count("max_docs", max_docs, optional=True)
+    check_count("max_queries", max_queries, optional=True)
     qids = [q for q in queries if any(s >= relevance_threshold for s in qrels.get(q, {}).values())]
     if max_queries is not None:
         qids = qids[:max_queries]

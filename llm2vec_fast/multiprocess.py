@@ -21,6 +21,8 @@ import time
 import numpy as np
 import torch
 
+from ._io import check_count
+
 _READY_TIMEOUT_S = 900  # loading a 7B model onto a device takes a while
 # what a reloading worker copies from the parent's encoder after from_pretrained
 _ENCODER_STATE = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction", "prompts", "instruction_span",
@@ -111,8 +113,8 @@ class EncodePool:
             return out
         if chunk_size is None:
             chunk_size = min(5000, max(1, math.ceil(n / (8 * len(self._procs)))))
-        elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        else:
+            check_count("chunk_size", chunk_size)
         # longest first and similar lengths together: each chunk packs tightly, the long tail does not come last
         order = np.argsort([-len(t) - len(i) for i, t in pairs], kind="stable")
         chunks = [order[a:a + chunk_size] for a in range(0, n, chunk_size)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import iter_jsonl
+from .._io import check_count, iter_jsonl
 
 # ----------------------------------------------------------------------------------------------------------------
 # text files
@@ -65,8 +65,7 @@ def read_documents(path: str | Path, split: str = "auto") -> list[str]:
 
 def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
     """One sentence per non-empty line (the SimCSE wiki1m format)."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_count("limit", limit, optional=True)
     out = read_documents(path, split="line")
     return out[:limit] if limit else out
 
@@ -265,8 +264,7 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     ``negative_1``, ``negative_2``, …. Returns dicts with keys ``query``, ``positive``, ``negative`` (the first hard
     negative, ``None`` when absent) and ``negatives`` (all of them, possibly empty).
     """
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_count("limit", limit, optional=True)
     path = Path(path)
     text = _read_text(path)
     if path.suffix in (".jsonl", ".json"):
