@@ -2,8 +2,9 @@
 transformers' Trainer with LoRA (peft).
 
 Modules: :mod:`.data` (text → blocks, masking collator, contrastive readers), :mod:`.losses` (MNTP and contrastive
-losses with PyTorch twins), :mod:`.gradcache`, :mod:`.mntp` and :mod:`.contrastive` (drivers), :mod:`.cli`
-(the ``llm2vec-fast train`` subcommands). Importing this package does not import the drivers' heavy dependencies.
+losses with PyTorch twins), :mod:`.gradcache`, :mod:`.monitor` (evaluation during training), :mod:`.mntp` and
+:mod:`.contrastive` (drivers), :mod:`.cli` (the ``llm2vec-fast train`` subcommands). Importing this package does
+not import the drivers' heavy dependencies.
 """
 import importlib
 

@@ -44,10 +44,40 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the last checkpoint in --output-dir when no path is given")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("evaluation during training", "scores logged every --eval-steps and at the end; the "
+                             "best step's output is kept in OUTPUT_DIR/best")
+    g.add_argument("--eval-sts", default=None, metavar="FILE",
+                   help="STS-B TSV or SICK file: Spearman of cosine similarity (eval_sts_spearman)")
+    g.add_argument("--eval-sts-limit", type=int, default=None, metavar="N", help="score the first N pairs only")
+    g.add_argument("--eval-retrieval", default=None, metavar="DIR", help="BEIR folder: nDCG@10 "
+                   "(eval_retrieval_ndcg_at_10)")
+    g.add_argument("--eval-retrieval-instruction", default=None,
+                   help="query instruction for --eval-retrieval (default: the web-search one; '' for none)")
+    g.add_argument("--eval-retrieval-max-docs", type=int, default=None, metavar="N")
+    g.add_argument("--eval-retrieval-max-queries", type=int, default=None, metavar="N")
+    g.add_argument("--eval-steps", type=int, default=None,
+                   help="evaluate every N optimizer steps (default: --save-steps)")
+    g.add_argument("--eval-on-start", action="store_true", help="also evaluate before the first step")
+    g.add_argument("--best-metric", default=None,
+                   help="metric that picks the best step (default: eval_loss for MNTP with validation data, else "
+                        "eval_sts_spearman, else eval_retrieval_ndcg_at_10); lower is better for *loss/*perplexity")
+    g.add_argument("--load-best-at-end", action="store_true",
+                   help="the final output is the best evaluation's model, not the last step's")
+    g.add_argument("--early-stopping-patience", type=int, default=None, metavar="N",
+                   help="stop after N evaluations without a better --best-metric")
+
+
+def _eval_kwargs(a) -> dict:
+    return dict(eval_sts=a.eval_sts, eval_sts_limit=a.eval_sts_limit, eval_retrieval=a.eval_retrieval,
+                eval_retrieval_instruction=a.eval_retrieval_instruction,
+                eval_retrieval_max_docs=a.eval_retrieval_max_docs,
+                eval_retrieval_max_queries=a.eval_retrieval_max_queries, eval_steps=a.eval_steps,
+                eval_on_start=a.eval_on_start, best_metric=a.best_metric, load_best_at_end=a.load_best_at_end,
+                early_stopping_patience=a.early_stopping_patience)
 
 
 def _shared_kwargs(a) -> dict:
-    return dict(model=a.model, output_dir=a.output_dir, attn_backend=a.attn_backend, dtype=a.dtype,
+    return dict(**_eval_kwargs(a), model=a.model, output_dir=a.output_dir, attn_backend=a.attn_backend, dtype=a.dtype,
                 lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
                 fused_lora=not a.no_fused_lora,
@@ -74,9 +104,17 @@ def _report(result: dict) -> int:
     last = result["losses"][-1] if result["losses"] else None
     # steps: where training ended; the last loss the Trainer logged (every --logging-steps) with its own step, and the
     # mean loss of this run's steps
-    print(json.dumps({"output_dir": result["output_dir"], "steps": result.get("global_step"),
-                      "last_logged_step": last and last["step"], "last_logged_loss": last and last["loss"],
-                      "mean_train_loss": result.get("train_loss"), "train_runtime_s": result.get("train_runtime")}))
+    line = {"output_dir": result["output_dir"], "steps": result.get("global_step"),
+            "last_logged_step": last and last["step"], "last_logged_loss": last and last["loss"],
+            "mean_train_loss": result.get("train_loss"), "train_runtime_s": result.get("train_runtime")}
+    if result.get("evaluations"):
+        line["last_eval"] = result["evaluations"][-1]
+        line["best"] = result["best"]
+        line["final_is_best"] = bool(result.get("loaded_best")) or bool(
+            result["best"] and result["best"]["step"] == result.get("global_step"))
+        if result.get("stopped_early_at") is not None:
+            line["stopped_early_at"] = result["stopped_early_at"]
+    print(json.dumps(line))
     return 0
 
 
@@ -87,7 +125,10 @@ def run_mntp(a) -> int:
     args = MNTPArguments(train_files=a.train_file, max_seq_length=a.max_seq_length, doc_split=a.doc_split,
                          max_blocks=a.max_blocks, recipe=a.recipe, mlm_probability=a.mlm_probability,
                          mask_token=a.mask_token, learning_rate=a.learning_rate, batch_size=a.batch_size,
-                         warmup_steps=a.warmup_steps, release_layout=not a.adapter_only, **_shared_kwargs(a))
+                         warmup_steps=a.warmup_steps, release_layout=not a.adapter_only,
+                         validation_files=a.validation_file or [],
+                         validation_split_percentage=a.validation_split_percentage,
+                         max_eval_blocks=a.max_eval_blocks, **_shared_kwargs(a))
     return _report(train_mntp(args))
 
 
@@ -141,6 +182,13 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapter-only", action="store_true",
                    help="write only the adapter, tokenizer and config (not the base model's files)")
     _common(p)
+    g = next(x for x in p._action_groups if x.title == "evaluation during training")
+    g.add_argument("--validation-file", action="append", default=None, metavar="FILE",
+                   help="held-out text (as --train-file; repeatable): eval_loss, eval_accuracy and eval_perplexity "
+                        "over its masked tokens, masked once with --seed")
+    g.add_argument("--validation-split-percentage", type=float, default=0.0, metavar="P",
+                   help="hold out the first P %% of the training documents instead (the original run_mntp's rule)")
+    g.add_argument("--max-eval-blocks", type=int, default=None, metavar="N", help="use at most N held-out blocks")
     p.set_defaults(func=run_mntp)
 
     for mode, helptext, desc in (

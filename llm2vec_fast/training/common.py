@@ -281,7 +281,7 @@ def add_step_callbacks(trainer, max_train_seconds=None):
 
 
 class FiniteLossGuard(TrainerCallback):
-    """Stops a run whose loss is no longer finite, before it saves anything more.
+    """Stops a run whose loss is no longer finite, before it saves or evaluates anything more.
 
     Hugging Face's Trainer keeps training through a NaN or infinite loss: its log replaces such a step's loss with
     the running mean (``logging_nan_inf_filter``), and the optimizer carries the NaN into the adapter, which is then
@@ -294,7 +294,9 @@ class FiniteLossGuard(TrainerCallback):
     def __init__(self, trainer):
         self.trainer, self.checked_at = trainer, None
 
-    def _check(self, state, where):
+    def check(self, state, where):
+        """Raise ``FloatingPointError`` when a loss since the last check was not finite (``where`` names the
+        check in the message)."""
         if not self.trainer.take_nonfinite_loss():
             self.checked_at = state.global_step
             return
@@ -308,10 +310,10 @@ class FiniteLossGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_save or control.should_training_stop or \
                 state.global_step >= state.max_steps:
-            self._check(state, "before the step's log or save")
+            self.check(state, "before the step's log or save")
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._check(state, "at the end of training")
+        self.check(state, "at the end of training")
 
 
 class StepCounter(TrainerCallback):

@@ -43,6 +43,7 @@ from .common import (
 from .data import ListDataset, one_dataset_per_batch, read_sentences, read_triplets, with_instruction
 from .gradcache import grad_cache_step, token_chunk_sizes
 from .losses import hard_negative_nll_loss
+from .monitor import EvalArguments, EvalCallback, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ RECIPES = {
 
 
 @dataclass
-class ContrastiveArguments:
-    """Options of a SimCSE or supervised run; ``None`` fields take the mode's recipe default (``RECIPES``)."""
+class ContrastiveArguments(EvalArguments):
+    """Options of a SimCSE or supervised run; ``None`` fields take the mode's recipe default (``RECIPES``). The
+    evaluation options are :class:`~.monitor.EvalArguments`'."""
 
     mode: str  # "simcse" or "supervised"
     train_files: list[str]
@@ -113,6 +115,7 @@ class ContrastiveArguments:
             raise ValueError("give gradcache_chunk_size (texts per chunk) or gradcache_chunk_tokens (tokens per "
                              f"chunk), not both: got {self.gradcache_chunk_size} and {self.gradcache_chunk_tokens}")
         check_run_arguments(self)
+        self.check_eval_arguments()
 
 
 class ContrastiveModel(nn.Module):
@@ -312,18 +315,49 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
                   gradcache_chunk_tokens=args.gradcache_chunk_tokens)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
+    monitor = _monitor(trainer, encoder, args)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)
         out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
+    evals = monitor.summary() if monitor else {}
     if trainer.args.should_save:
-        save_contrastive_output(encoder, args, losses)
+        evals["loaded_best"] = bool(monitor and args.load_best_at_end and load_best(trainer, monitor))
+        save_contrastive_output(encoder, args, losses, evals)
     return {"output_dir": args.output_dir, "base_model": args.model, "losses": losses,
             "train_runtime": out.metrics.get("train_runtime"), "global_step": out.global_step,
             "train_loss": out.training_loss, "steps_run": counter.steps, "examples": len(dataset),
-            "stopped_at": limit and limit.stopped_at}
+            "stopped_at": limit and limit.stopped_at, **evals}
 
 
-def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict]) -> None:
+def _monitor(trainer, encoder, args: ContrastiveArguments):
+    """The evaluation callback of a run that asks for one (None otherwise): the encoder being trained, in eval mode
+    (no attention dropout) and with the output's ``max_length``, scores the evaluation data."""
+    if not args.evaluates():
+        return None
+
+    def scorer(fn):
+        def run():
+            kept, encoder.max_length = encoder.max_length, max(512, args.max_length)
+            try:
+                return fn(encoder)
+            finally:
+                encoder.max_length = kept
+        return run
+
+    scorers = [scorer(fn) for fn in encoder_evaluators(args)]
+
+    def save(folder, extra):
+        save_contrastive_output(encoder, dataclasses.replace(args, output_dir=str(folder)), loss_history(trainer),
+                                extra)
+
+    cb = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
+                      on_start=args.eval_on_start, patience=args.early_stopping_patience, model=encoder)
+    add_eval_callback(trainer, cb)
+    return cb
+
+
+def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict],
+                            evaluations: dict | None = None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.model.save_pretrained(out)
@@ -339,4 +373,4 @@ def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[di
     write_json(out / TRAINING_NAME, {
         "stage": args.mode, "load_with": {"base_model_name_or_path": base, "merged_adapter": args.peft},
         "note": f"load with LLM2Vec.from_pretrained(base, peft_model_name_or_path=this folder), base = {base_hint}",
-        "arguments": dataclasses.asdict(args), "losses": losses})
+        "arguments": dataclasses.asdict(args), "losses": losses, **(evaluations or {})})

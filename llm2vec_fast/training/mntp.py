@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import check_count
 from ..cpu_memory import cpu_work
 from .common import (
     CONFIG_NAME,
@@ -40,14 +42,18 @@ from .common import (
     write_json,
 )
 from .data import BlockDataset, MNTPCollator, read_documents, resolve_mask_token, stack_blocks
-from .losses import mntp_loss
+from .losses import linear_cross_entropy, shift_masked_rows
+from .monitor import EvalArguments, EvalCallback, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MNTPArguments:
-    """Options of an MNTP run; defaults are the original LLM2Vec recipe (Llama family)."""
+class MNTPArguments(EvalArguments):
+    """Options of an MNTP run; defaults are the original LLM2Vec recipe (Llama family). The evaluation options
+    (:class:`~.monitor.EvalArguments`) add held-out masked-token scores: ``validation_files`` or
+    ``validation_split_percentage`` (the original ``run_mntp``'s rule: the first P % of the training documents are
+    held out), ``max_eval_blocks``."""
 
     train_files: list[str]
     output_dir: str
@@ -81,9 +87,24 @@ class MNTPArguments:
     disable_tqdm: bool | None = None
     dataloader_num_workers: int = 0
     extra_training_args: dict = field(default_factory=dict)
+    validation_files: list[str] = field(default_factory=list)  # held-out text files (as train_files)
+    validation_split_percentage: float = 0.0  # else: hold out the first P % of the training documents
+    max_eval_blocks: int | None = None  # cap on held-out blocks
 
     def __post_init__(self):
         check_run_arguments(self)
+        if not (isinstance(self.validation_split_percentage, (int, float)) and
+                0.0 <= self.validation_split_percentage < 100.0):
+            raise ValueError("validation_split_percentage must be a number in [0, 100), got "
+                             f"{self.validation_split_percentage!r}")
+        if self.validation_files and self.validation_split_percentage:
+            raise ValueError("give validation_files or validation_split_percentage, not both: got "
+                             f"{self.validation_files} and {self.validation_split_percentage}")
+        check_count("max_eval_blocks", self.max_eval_blocks, optional=True)
+        self.check_eval_arguments()
+
+    def evaluates(self) -> bool:
+        return super().evaluates() or bool(self.validation_files or self.validation_split_percentage)
 
 
 class MNTPModel(nn.Module):
@@ -106,6 +127,12 @@ class MNTPModel(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        rows, targets = self.masked_rows(input_ids, labels, attention_mask)
+        return {"loss": linear_cross_entropy(rows, self.lm_head.weight, targets)}
+
+    def masked_rows(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The backbone's output rows that predict a masked token, and those tokens: ``(rows [N, H], targets
+        [N])`` (:func:`~.losses.shift_masked_rows`)."""
         if self.lm_head.bias is not None:
             raise ValueError("LM heads with a bias are not supported by the fused MNTP loss")
         if labels.shape != input_ids.shape:
@@ -114,9 +141,45 @@ class MNTPModel(nn.Module):
             feats, keep = pack_rows(input_ids, attention_mask)
             hidden = self.backbone(**feats, use_cache=False).last_hidden_state[0]  # (T, H)
             flat = labels.reshape(-1) if keep is None else labels[keep]
-            return {"loss": mntp_loss(hidden, self.lm_head.weight, flat, feats["cu_seq_lens_q"])}
+            return shift_masked_rows(hidden, flat, feats["cu_seq_lens_q"])
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return {"loss": mntp_loss(hidden, self.lm_head.weight, labels)}
+        return shift_masked_rows(hidden, labels)
+
+
+class MaskedValidation:
+    """Held-out MNTP blocks, masked once with a fixed seed (every evaluation scores the same masks, and none draws
+    from the training's random streams): ``fn(model) -> {"eval_loss", "eval_accuracy", "eval_perplexity"}``, the
+    mean cross-entropy, top-1 accuracy and perplexity over the masked tokens."""
+
+    def __init__(self, blocks: torch.Tensor, masker: MNTPCollator, seed: int, batch_size: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            masked = masker.mask(blocks)
+        self.input_ids, self.labels, self.batch_size = masked["input_ids"], masked["labels"], batch_size
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def __call__(self, model: MNTPModel) -> dict:
+        weight = model.lm_head.weight
+        dev = weight.device
+        # logits of at most ~32M entries at a time, for the top-1 count
+        chunk = max(1, 2 ** 25 // weight.shape[0])
+        loss_sum, correct, n = 0.0, 0, 0
+        for i in range(0, len(self), self.batch_size):
+            rows, targets = model.masked_rows(self.input_ids[i:i + self.batch_size].to(dev),
+                                              self.labels[i:i + self.batch_size].to(dev))
+            if targets.numel() == 0:
+                continue
+            loss_sum += float(linear_cross_entropy(rows, weight, targets)) * targets.numel()
+            for j in range(0, targets.numel(), chunk):
+                logits = torch.nn.functional.linear(rows[j:j + chunk].to(weight.dtype), weight)
+                correct += int((logits.argmax(-1) == targets[j:j + chunk]).sum())
+            n += targets.numel()
+        if n == 0:
+            raise ValueError(f"the {len(self)} validation blocks hold no masked token to score")
+        loss = loss_sum / n
+        return {"eval_loss": loss, "eval_accuracy": correct / n, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
 def _runs_packed(model) -> bool:
@@ -207,8 +270,21 @@ def build_mntp(args: MNTPArguments):
     docs = []
     for f in args.train_files:
         docs.extend(read_documents(f, args.doc_split))
+    held_out = []
+    for f in args.validation_files:
+        held_out.extend(read_documents(f, args.doc_split))
+    if args.validation_split_percentage:
+        k = math.ceil(len(docs) * args.validation_split_percentage / 100)
+        if k >= len(docs):
+            raise ValueError(f"validation_split_percentage {args.validation_split_percentage} holds out {k} of the "
+                             f"{len(docs)} training documents, leaving none to train on")
+        held_out, docs = docs[:k], docs[k:]
     dataset = BlockDataset(docs, tokenizer, args.max_seq_length, max_blocks=args.max_blocks)
     collator = MNTPCollator.recipe(args.recipe, tokenizer, mask_id, args.mlm_probability)
+    validation = None
+    if held_out:
+        blocks = BlockDataset(held_out, tokenizer, args.max_seq_length, max_blocks=args.max_eval_blocks).blocks
+        validation = MaskedValidation(blocks, collator, args.seed, args.batch_size)
     from transformers import set_seed
 
     set_seed(args.seed)  # LoRA's random init: the same on every rank and in every run
@@ -217,6 +293,7 @@ def build_mntp(args: MNTPArguments):
     if args.gradient_checkpointing:
         enable_checkpointing(backbone, args.gradient_checkpointing)
     model = MNTPModel(backbone, causal_lm.get_output_embeddings())
+    model.validation = validation
     return model, tokenizer, dataset, collator, base_path
 
 
@@ -235,18 +312,47 @@ def train_mntp(args: MNTPArguments) -> dict:
     trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
                           processing_class=tokenizer, masker=collator)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
+    monitor = _monitor(trainer, model, tokenizer, args, base_path)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)
         out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
+    evals = monitor.summary() if monitor else {}
     if trainer.args.should_save:
-        save_mntp_output(model.backbone, tokenizer, args, base_path, losses)
+        evals["loaded_best"] = bool(monitor and args.load_best_at_end and load_best(trainer, monitor))
+        save_mntp_output(model.backbone, tokenizer, args, base_path, losses, evals)
     return {"output_dir": args.output_dir, "base_model": base_path, "losses": losses,
             "train_runtime": out.metrics.get("train_runtime"), "global_step": out.global_step,
             "train_loss": out.training_loss, "steps_run": counter.steps, "blocks": len(dataset),
-            "stopped_at": limit and limit.stopped_at}
+            "stopped_at": limit and limit.stopped_at, **evals}
 
 
-def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, losses: list[dict]) -> None:
+def _monitor(trainer, model: MNTPModel, tokenizer, args: MNTPArguments, base_path: str):
+    """The evaluation callback of a run that asks for one (None otherwise): held-out masked tokens, and the
+    embedding scores through an encoder on the backbone being trained (mean pooling, as the output's config)."""
+    if not args.evaluates():
+        return None
+    scorers = []
+    if model.validation is not None:
+        scorers.append(lambda: model.validation(model))
+    embedders = encoder_evaluators(args)
+    if embedders:
+        from llm2vec_fast import LLM2Vec
+
+        encoder = LLM2Vec(model.backbone, tokenizer, pooling_mode="mean", max_length=max(512, args.max_seq_length))
+        scorers.extend(lambda fn=fn: fn(encoder) for fn in embedders)
+
+    def save(folder, extra):
+        save_mntp_output(model.backbone, tokenizer, dataclasses.replace(args, output_dir=str(folder)), base_path,
+                         loss_history(trainer), extra)
+
+    cb = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
+                      on_start=args.eval_on_start, patience=args.early_stopping_patience, model=model)
+    add_eval_callback(trainer, cb)
+    return cb
+
+
+def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, losses: list[dict],
+                     evaluations: dict | None = None) -> None:
     """Adapter + tokenizer + ``llm2vec_config.json``; with ``release_layout`` also the base model's files, so the
     folder is a base model carrying its adapter (the original MNTP release layout): ``LLM2Vec.from_pretrained(out)``
     (ours or the original) merges the adapter, and SimCSE can take the folder as its MNTP-merged base."""
@@ -269,7 +375,7 @@ def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, l
                                    "doc_max_length": 400,
                                    "skip_instruction": True, "bidirectional": True})
     write_json(out / TRAINING_NAME, {"stage": "mntp", "base_model": base_path, "arguments": dataclasses.asdict(args),
-                                     "losses": losses})
+                                     "losses": losses, **(evaluations or {})})
 
 
 def _base_vocab(base_path: str, default: int) -> int:

@@ -1,0 +1,346 @@
+"""Evaluation during training: scores every ``eval_steps`` optimizer steps, the best adapter kept on disk, optional
+early stopping and a final output that is the best model rather than the last.
+
+What is scored (any mix; each run needs at least one when an evaluation option is set):
+
+* ``eval_sts``: an STS-B TSV or SICK file; Spearman of cosine similarity (``eval_sts_spearman``) through the
+  encoder being trained (pooling, instructions and packing as in ``LLM2Vec.encode``);
+* ``eval_retrieval``: a BEIR folder; nDCG@10 (``eval_retrieval_ndcg_at_10``);
+* MNTP only: held-out blocks (``validation_files`` or ``validation_split_percentage``), masked once with a fixed seed
+  so that every evaluation scores the same masks: ``eval_loss``, ``eval_accuracy`` (top-1 over masked tokens) and
+  ``eval_perplexity``;
+* Python API: ``evaluators``, callables ``fn(encoder) -> {name: number}`` (names get an ``eval_`` prefix).
+
+The metric that picks the best step (``best_metric``) defaults to the first of ``eval_loss`` (lower is better),
+``eval_sts_spearman``, ``eval_retrieval_ndcg_at_10`` and the first custom metric. The best step's output is written
+to ``<output_dir>/best/``, a folder that loads as the final output does, and replaced when a later evaluation beats
+it. Scores go into the Trainer's log (the progress bar, ``trainer_state.json`` and any ``report_to`` integration), the
+result's ``evaluations`` and ``llm2vec_training.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .._io import check_count
+
+logger = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+# the standard metrics, in the order that picks the default best_metric
+STS_METRIC = "eval_sts_spearman"
+RETRIEVAL_METRIC = "eval_retrieval_ndcg_at_10"
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+@dataclass(kw_only=True)
+class EvalArguments:
+    """Evaluation-during-training options, shared by every training stage (see the module docstring)."""
+
+    eval_sts: str | None = None  # STS-B TSV / SICK file: Spearman of cosine similarity
+    eval_sts_limit: int | None = None  # first N pairs only
+    eval_retrieval: str | None = None  # BEIR folder: nDCG@10
+    eval_retrieval_instruction: str | None = None  # query instruction; None: evaluation's default web-search one
+    eval_retrieval_max_docs: int | None = None
+    eval_retrieval_max_queries: int | None = None
+    eval_steps: int | None = None  # None: save_steps (or a tenth of max_steps when save_steps is 0)
+    eval_on_start: bool = False  # also score the model before the first step
+    eval_batch_tokens: int | None = None  # token budget of the encoder's batches (None: its default)
+    best_metric: str | None = None  # None: see the module docstring
+    load_best_at_end: bool = False  # the final output is the best evaluation's model, not the last step's
+    early_stopping_patience: int | None = None  # stop after this many evaluations without a better best_metric
+    evaluators: list[Callable] = field(default_factory=list)  # Python API: fn(encoder) -> {name: number}
+
+    def check_eval_arguments(self) -> None:
+        for name in ("eval_sts_limit", "eval_retrieval_max_docs", "eval_retrieval_max_queries", "eval_steps",
+                     "eval_batch_tokens", "early_stopping_patience"):
+            check_count(name, getattr(self, name), optional=True)
+        if self.eval_sts is not None and not Path(self.eval_sts).is_file():
+            raise FileNotFoundError(f"eval_sts: STS data file {self.eval_sts!r} not found")
+        if self.eval_retrieval is not None and not Path(self.eval_retrieval).is_dir():
+            raise FileNotFoundError(f"eval_retrieval: BEIR folder {self.eval_retrieval!r} not found")
+        for fn in self.evaluators:
+            if not callable(fn):
+                raise TypeError(f"evaluators must be callables fn(encoder) -> dict, got {fn!r}")
+        wanted = [n for n in ("eval_steps", "eval_on_start", "best_metric", "load_best_at_end",
+                              "early_stopping_patience") if getattr(self, n)]
+        if wanted and not self.evaluates():
+            raise ValueError(f"{', '.join(wanted)} given, but nothing to evaluate: set eval_sts, eval_retrieval"
+                             f"{', validation data' if hasattr(self, 'validation_files') else ''} or evaluators")
+
+    def evaluates(self) -> bool:
+        return bool(self.eval_sts or self.eval_retrieval or self.evaluators)
+
+    def eval_every(self) -> int:
+        return self.eval_steps or getattr(self, "save_steps", 0) or max(1, getattr(self, "max_steps", 1000) // 10)
+
+
+def metric_prefers_lower(name: str) -> bool:
+    return name.endswith(LOWER_IS_BETTER)
+
+
+def encoder_evaluators(args: EvalArguments) -> list[Callable]:
+    """The scorers of ``args`` that embed texts: each ``fn(encoder) -> {metric: value}``."""
+    from llm2vec_fast.evaluation import (
+        DEFAULT_RETRIEVAL_INSTRUCTION,
+        evaluate_retrieval,
+        evaluate_sts,
+        load_beir,
+        load_sts,
+    )
+
+    # read once here, so that a malformed file fails before training, not at the first evaluation
+    if args.eval_sts:
+        load_sts(args.eval_sts)
+    if args.eval_retrieval:
+        load_beir(args.eval_retrieval)
+    out = []
+    if args.eval_sts:
+        def sts(encoder):
+            r = evaluate_sts(encoder, args.eval_sts, limit=args.eval_sts_limit,
+                             max_batch_tokens=args.eval_batch_tokens)
+            return {STS_METRIC: _main_score(r)}
+        out.append(sts)
+    if args.eval_retrieval:
+        instruction = args.eval_retrieval_instruction
+        if instruction is None:
+            instruction = DEFAULT_RETRIEVAL_INSTRUCTION
+
+        def retrieval(encoder):
+            r = evaluate_retrieval(encoder, args.eval_retrieval, instruction=instruction,
+                                   max_docs=args.eval_retrieval_max_docs, max_queries=args.eval_retrieval_max_queries,
+                                   max_batch_tokens=args.eval_batch_tokens)
+            return {RETRIEVAL_METRIC: _main_score(r)}
+        out.append(retrieval)
+    for fn in args.evaluators:
+        out.append(_prefixed(fn))
+    return out
+
+
+def _main_score(result: dict) -> float:
+    (split,) = result["scores"].values()
+    return float(split[0]["main_score"])
+
+
+def _prefixed(fn):
+    def run(encoder):
+        got = fn(encoder)
+        if not isinstance(got, dict) or not got:
+            raise TypeError(f"evaluator {getattr(fn, '__name__', fn)!r} returned {got!r}; expected a non-empty dict "
+                            "{metric name: number}")
+        out = {}
+        for k, v in got.items():
+            try:
+                out[k if str(k).startswith("eval_") else f"eval_{k}"] = float(v)
+            except (TypeError, ValueError):
+                raise TypeError(f"evaluator {getattr(fn, '__name__', fn)!r}: metric {k!r} is {v!r}, not a "
+                                "number") from None
+        return out
+    return run
+
+
+class EvalCallback(TrainerCallback):
+    """Scores the model every ``every`` optimizer steps, at the last step and (``on_start``) before the first; logs
+    the scores, keeps the best step's output in ``<output_dir>/best`` and stops early after ``patience`` evaluations
+    without a better ``metric``.
+
+    ``scorers``: callables ``fn() -> {metric: value}`` run in eval mode without gradients (the model's train mode is
+    restored after). ``save(folder, extra)`` writes a complete output into ``folder``; ``extra`` goes into its
+    training record. Under torchrun, process 0 scores and saves and sends the scores to the others, so every
+    process takes the same stop decision.
+    """
+
+    def __init__(self, trainer, scorers: list[Callable[[], dict]], save: Callable, *, every: int,
+                 metric: str | None = None, on_start: bool = False, patience: int | None = None,
+                 model: torch.nn.Module | None = None):
+        if not scorers:
+            raise ValueError("EvalCallback needs at least one scorer")
+        self.trainer, self.scorers, self.save = trainer, scorers, save
+        self.every, self.metric, self.on_start, self.patience = every, metric, on_start, patience
+        self.model = model if model is not None else trainer.model
+        self.evaluations: list[dict] = []
+        self.best: dict | None = None  # {"step", "metric", "value", "path"}
+        self.since_best = 0
+        self.stopped_early_at = None
+
+    # ------------------------------------------------------------------ folders
+    @property
+    def best_dir(self) -> Path:
+        return Path(self.trainer.args.output_dir) / BEST_DIR
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            self._restore(state)
+        elif args.should_save and self.best_dir.exists():
+            logger.info("removing %s, left by an earlier run into this output folder", self.best_dir)
+            shutil.rmtree(self.best_dir)
+        if self.on_start and state.global_step == 0:
+            self._evaluate(state, control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.global_step >= state.max_steps or control.should_training_stop
+        if state.global_step % self.every == 0 or last:
+            self._evaluate(state, control)
+
+    # ------------------------------------------------------------------ scoring
+    def _evaluate(self, state, control):
+        step = state.global_step
+        if self.evaluations and self.evaluations[-1]["step"] == step:
+            return
+        from .common import FiniteLossGuard
+
+        for guard in self.trainer.callback_handler.callbacks:
+            if isinstance(guard, FiniteLossGuard):  # NaN weights: its error, not the encoder's
+                guard.check(state, "before the step's evaluation")
+        args = self.trainer.args
+        metrics = self._score() if args.process_index == 0 else None
+        metrics = _broadcast(metrics)
+        self.evaluations.append({"step": step, **metrics})
+        # the Trainer's on_log clears should_log: the step's own loss log must still happen
+        keep = control.should_log
+        self.trainer.log(dict(metrics))
+        control.should_log = keep
+        if self.metric is None:
+            self.metric = default_metric(metrics)
+        if self.metric not in metrics:
+            raise KeyError(f"best_metric {self.metric!r} is not among the evaluation's metrics {sorted(metrics)}")
+        value = metrics[self.metric]
+        if self._better(value):
+            self.best = {"step": step, "metric": self.metric, "value": value, "path": str(self.best_dir)}
+            self.since_best = 0
+            if args.should_save:
+                self._save_best()
+            logger.info("step %d: %s = %.4f, the best so far", step, self.metric, value)
+        else:
+            self.since_best += 1
+            if self.patience and self.since_best >= self.patience and step < state.max_steps:
+                logger.warning("early stopping at step %d: %s has not improved on %.4f (step %d) in %d evaluations",
+                               step, self.metric, self.best["value"] if self.best else float("nan"),
+                               self.best["step"] if self.best else -1, self.since_best)
+                self.stopped_early_at = step
+                control.should_training_stop = True
+
+    def _better(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best["value"] if metric_prefers_lower(self.metric) else value > self.best["value"]
+
+    def _score(self) -> dict:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        dev = self.trainer.args.device
+        devices = [dev] if dev.type == "cuda" else []
+        try:
+            # scoring draws no random numbers, but a scorer's own code might: the run's streams stay as they were
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+                metrics = {}
+                for fn in self.scorers:
+                    metrics.update(fn())
+        finally:
+            model.train(was_training)
+        return metrics
+
+    def _autocast(self):
+        acc = getattr(self.trainer, "accelerator", None)
+        return acc.autocast() if acc is not None else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the best folder
+    def _save_best(self):
+        out = self.best_dir
+        tmp = out.with_name(f".{BEST_DIR}.tmp")
+        old = out.with_name(f".{BEST_DIR}.old")
+        for d in (tmp, old):
+            if d.exists():
+                shutil.rmtree(d)
+        self.save(tmp, {"best": self.best, "evaluations": self.evaluations})
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _restore(self, state):
+        """A resumed run: the evaluations the checkpoint's log holds, and the best folder when it is not from a step
+        after the checkpoint (a run that went on past it, then was resumed from it)."""
+        self.evaluations = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
+                            for r in state.log_history if any(k.startswith("eval_") for k in r)]
+        record = _read_best(self.best_dir)
+        if record is None:
+            return
+        if record["step"] > state.global_step:
+            logger.warning("%s holds step %d, after the checkpoint resumed from (step %d): it is set aside and the "
+                           "best is tracked afresh", self.best_dir, record["step"], state.global_step)
+            if self.trainer.args.should_save:
+                shutil.rmtree(self.best_dir)
+            return
+        self.best, self.metric = record, self.metric or record["metric"]
+        self.since_best = sum(1 for r in self.evaluations if r["step"] > record["step"])
+
+    def summary(self) -> dict:
+        return {"evaluations": self.evaluations, "best": self.best, "stopped_early_at": self.stopped_early_at}
+
+
+def default_metric(metrics: dict) -> str:
+    for name in ("eval_loss", STS_METRIC, RETRIEVAL_METRIC):
+        if name in metrics:
+            return name
+    return next(iter(metrics))
+
+
+def _read_best(folder: Path) -> dict | None:
+    from .common import TRAINING_NAME
+
+    try:
+        record = json.loads((folder / TRAINING_NAME).read_text())["best"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+def _broadcast(metrics):
+    """Process 0's metrics on every process (identity outside torchrun)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return metrics
+    box = [metrics]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_best(trainer, callback: EvalCallback) -> bool:
+    """Load the best evaluation's adapter into the trained model (for ``load_best_at_end``); False when the last
+    step is the best one (or nothing was evaluated)."""
+    best = callback.best
+    if best is None or best["step"] == trainer.state.global_step:
+        return False
+    trainer._load_from_checkpoint(str(callback.best_dir))
+    logger.info("loaded the best evaluation's adapter (step %d, %s = %.4f) for the final output", best["step"],
+                best["metric"], best["value"])
+    return True
+
+
+def add_eval_callback(trainer, callback: EvalCallback) -> None:
+    """Add ``callback`` before a :class:`~.common.FiniteLossGuard` (which must see every stop decision)."""
+    from .common import FiniteLossGuard
+
+    handler = trainer.callback_handler
+    guards = [c for c in handler.callbacks if isinstance(c, FiniteLossGuard)]
+    for g in guards:
+        handler.remove_callback(g)
+    trainer.add_callback(callback)
+    for g in guards:
+        trainer.add_callback(g)
