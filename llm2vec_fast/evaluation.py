@@ -50,8 +50,11 @@ def _items(texts, instruction):
     return list(texts)
 
 
-def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=None, show_progress_bar=False):
-    """Encode ``texts`` (optionally instructed) into a float32 numpy array ``[N, D]``."""
+def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=None, show_progress_bar=False,
+           truncate_dim=None):
+    """Encode ``texts`` (optionally instructed) into a float32 numpy array ``[N, D]``; with ``truncate_dim`` its
+    first ``truncate_dim`` columns (a Matryoshka embedding's prefix; scores renormalize it)."""
+    check_count("truncate_dim", truncate_dim, optional=True)
     if not texts:
         raise ValueError("nothing to encode: the data file gave no texts")
     kwargs = dict(show_progress_bar=show_progress_bar, convert_to_numpy=True)
@@ -63,6 +66,10 @@ def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=Non
     emb = np.asarray(emb.detach().cpu() if hasattr(emb, "detach") else emb, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(texts):
         raise ValueError(f"encoder returned shape {emb.shape} for {len(texts)} texts; expected [{len(texts)}, D]")
+    if truncate_dim is not None:
+        if truncate_dim > emb.shape[1]:
+            raise ValueError(f"truncate_dim {truncate_dim} is more than the embedding width {emb.shape[1]}")
+        emb = np.ascontiguousarray(emb[:, :truncate_dim])
     return emb
 
 
@@ -162,7 +169,7 @@ def sts_scores(emb1: np.ndarray, emb2: np.ndarray, gold) -> dict:
 
 
 def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, max_batch_tokens=None,
-                 task_name=None, split=None, show_progress_bar=False) -> dict:
+                 task_name=None, split=None, show_progress_bar=False, truncate_dim=None) -> dict:
     """STS on a local STS-B TSV or SICK file; main score: Spearman of cosine similarity.
 
     Each distinct sentence is encoded once. ``limit`` keeps the first N pairs. ``instruction`` (optional) is
@@ -178,11 +185,11 @@ def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, 
         s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
     unique = list(dict.fromkeys(s1 + s2))
     index = {s: i for i, s in enumerate(unique)}
-    emb = _embed(model, unique, instruction, batch_size, max_batch_tokens, show_progress_bar)
+    emb = _embed(model, unique, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
     scores = sts_scores(emb[[index[s] for s in s1]], emb[[index[s] for s in s2]], gold)
     name = task_name or ("SICK-R" if Path(data).name.startswith("SICK") else "STSBenchmark")
     extra = {"task": "sts", "data": str(data), "n_pairs": len(gold), "n_sentences": len(unique),
-             "instruction": instruction, **_model_info(model)}
+             "instruction": instruction, "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, split, extra)
 
 
@@ -307,7 +314,7 @@ def rank(query_emb: np.ndarray, doc_emb: np.ndarray, doc_ids: list, top_k: int =
 
 def evaluate_retrieval(model, data, *, instruction=DEFAULT_RETRIEVAL_INSTRUCTION, split="test", max_docs=None,
                        max_queries=None, relevance_threshold=1, batch_size=None, max_batch_tokens=None,
-                       task_name=None, show_progress_bar=False) -> dict:
+                       task_name=None, show_progress_bar=False, truncate_dim=None) -> dict:
     """Dense retrieval on a local BEIR folder; main score nDCG@10.
 
     ``instruction`` goes to queries only (``""`` or None: none); documents are ``title + " " + text``, encoded
@@ -317,13 +324,16 @@ def evaluate_retrieval(model, data, *, instruction=DEFAULT_RETRIEVAL_INSTRUCTION
     corpus, queries, qrels = load_beir(data, split)
     corpus, queries, qrels = subsample_beir(corpus, queries, qrels, max_docs, max_queries, relevance_threshold)
     doc_ids, qids = list(corpus), list(queries)
-    doc_emb = _embed(model, [corpus[d] for d in doc_ids], None, batch_size, max_batch_tokens, show_progress_bar)
-    q_emb = _embed(model, [queries[q] for q in qids], instruction, batch_size, max_batch_tokens, show_progress_bar)
+    doc_emb = _embed(model, [corpus[d] for d in doc_ids], None, batch_size, max_batch_tokens, show_progress_bar,
+                     truncate_dim)
+    q_emb = _embed(model, [queries[q] for q in qids], instruction, batch_size, max_batch_tokens, show_progress_bar,
+                   truncate_dim)
     rankings = dict(zip(qids, rank(q_emb, doc_emb, doc_ids, 100), strict=True))
     scores = retrieval_scores(rankings, qrels, relevance_threshold)
     name = task_name or f"{Path(data).resolve().name}-local"
     extra = {"task": "retrieval", "data": str(data), "n_docs": len(doc_ids), "n_queries": len(qids),
-             "relevance_threshold": relevance_threshold, "instruction": instruction or None, **_model_info(model)}
+             "relevance_threshold": relevance_threshold, "instruction": instruction or None,
+             "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, split, extra)
 
 
@@ -409,7 +419,7 @@ def classification_scores(train_emb, train_labels, test_emb, test_labels, seed=0
 
 def evaluate_classification(model, train, test=None, *, instruction=None, test_fraction=0.2, n_train=None,
                             n_test=None, seed=0, batch_size=None, max_batch_tokens=None, task_name=None,
-                            show_progress_bar=False) -> dict:
+                            show_progress_bar=False, truncate_dim=None) -> dict:
     """Linear-probe classification; main score accuracy (plus macro-F1 as ``f1``, MTEB's key).
 
     With ``test`` None, ``train`` is split with a fixed ``seed`` (see :func:`split_rows`); with both files given,
@@ -425,13 +435,13 @@ def evaluate_classification(model, train, test=None, *, instruction=None, test_f
         te_x, te_y = _take(tx, ty, n_test, seed)
     if len(set(tr_y)) < 2:
         raise ValueError(f"the training part has {len(set(tr_y))} distinct label(s); need at least 2")
-    tr_e = _embed(model, tr_x, instruction, batch_size, max_batch_tokens, show_progress_bar)
-    te_e = _embed(model, te_x, instruction, batch_size, max_batch_tokens, show_progress_bar)
+    tr_e = _embed(model, tr_x, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
+    te_e = _embed(model, te_x, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
     scores = classification_scores(tr_e, tr_y, te_e, te_y, seed)
     name = task_name or f"{Path(train).resolve().parent.name or Path(train).stem}-local"
     extra = {"task": "classification", "train": str(train), "test": str(test) if test else None,
              "n_train": len(tr_x), "n_test": len(te_x), "n_labels": len(set(tr_y)), "seed": seed,
-             "instruction": instruction, **_model_info(model)}
+             "instruction": instruction, "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, "test", extra)
 
 
@@ -486,6 +496,8 @@ def _common_options(p):
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--task-name", default=None, help="name recorded in the result (default: from the data path)")
     p.add_argument("--progress", action="store_true", help="show progress bars on stderr")
+    p.add_argument("--truncate-dim", type=int, default=None, metavar="D",
+                   help="score the first D dimensions of each embedding (a Matryoshka-trained model's prefix)")
 
 
 def add_subcommands(subparsers):
@@ -546,7 +558,7 @@ def run_eval(args, model=None) -> int:
     """Run one ``eval`` subcommand from parsed args (``model`` overrides ``--model``, for tests); returns 0."""
     model = model if model is not None else _load_model(args)
     common = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, task_name=args.task_name,
-                  show_progress_bar=args.progress)
+                  show_progress_bar=args.progress, truncate_dim=args.truncate_dim)
     if args.eval_task == "sts":
         result = evaluate_sts(model, args.data, instruction=args.instruction, limit=args.limit, split=args.split,
                               **common)

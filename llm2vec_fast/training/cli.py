@@ -55,6 +55,8 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
                    help="query instruction for --eval-retrieval (default: the web-search one; '' for none)")
     g.add_argument("--eval-retrieval-max-docs", type=int, default=None, metavar="N")
     g.add_argument("--eval-retrieval-max-queries", type=int, default=None, metavar="N")
+    g.add_argument("--eval-truncate-dim", type=int, default=None, metavar="D",
+                   help="score the first D dimensions of each embedding (e.g. the smallest --matryoshka-dims)")
     g.add_argument("--eval-steps", type=int, default=None,
                    help="evaluate every N optimizer steps (default: --save-steps)")
     g.add_argument("--eval-on-start", action="store_true", help="also evaluate before the first step")
@@ -72,6 +74,7 @@ def _eval_kwargs(a) -> dict:
                 eval_retrieval_instruction=a.eval_retrieval_instruction,
                 eval_retrieval_max_docs=a.eval_retrieval_max_docs,
                 eval_retrieval_max_queries=a.eval_retrieval_max_queries, eval_steps=a.eval_steps,
+                eval_truncate_dim=a.eval_truncate_dim,
                 eval_on_start=a.eval_on_start, best_metric=a.best_metric, load_best_at_end=a.load_best_at_end,
                 early_stopping_patience=a.early_stopping_patience)
 
@@ -96,6 +99,20 @@ def _ckpt(value):
         return float(value) if "." in value else int(value)
     except ValueError:
         raise SystemExit(f"--gradient-checkpointing takes a layer count or a fraction, got {value!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _report(result: dict) -> int:
@@ -143,7 +160,8 @@ def run_contrastive(a) -> int:
         warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
         num_negatives=getattr(a, "num_negatives", 1),
         gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
-        pooling_mode=a.pooling_mode, **_shared_kwargs(a))
+        pooling_mode=a.pooling_mode, matryoshka_dims=a.matryoshka_dims, matryoshka_weights=a.matryoshka_weights,
+        **_shared_kwargs(a))
     return _report(train_contrastive(args))
 
 
@@ -217,6 +235,11 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--attention-dropout", type=float, default=None)
         p.add_argument("--pooling-mode", default="mean",
                        choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+        p.add_argument("--matryoshka-dims", type=_int_list, default=None, metavar="D1,D2,...",
+                       help="Matryoshka loss: also train the first D dimensions of each embedding for every D (e.g. "
+                            "2048,1024,512,256,128,64), so that encode --truncate-dim D keeps its quality")
+        p.add_argument("--matryoshka-weights", type=_float_list, default=None, metavar="W1,W2,...",
+                       help="one loss weight per --matryoshka-dims entry (default 1 each)")
         p.add_argument("--gradcache-chunk-size", type=int, default=None,
                        help="GradCache: encode the batch in chunks of this many texts (memory of a small batch)")
         p.add_argument("--gradcache-chunk-tokens", type=int, default=None,

@@ -42,7 +42,7 @@ from .common import (
 )
 from .data import ListDataset, one_dataset_per_batch, read_sentences, read_triplets, with_instruction
 from .gradcache import grad_cache_step, token_chunk_sizes
-from .losses import hard_negative_nll_loss
+from .losses import check_matryoshka, hard_negative_nll_loss
 from .monitor import EvalArguments, EvalCallback, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class ContrastiveArguments(EvalArguments):
     gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
     gradcache_chunk_tokens: int | None = None  # GradCache chunks of at most this many tokens (instead of a size)
     pooling_mode: str = "mean"
+    # Matryoshka (sentence-transformers' MatryoshkaLoss): the loss summed over these embedding prefixes, so that
+    # encode(..., truncate_dim=d) keeps its quality; e.g. [2048, 1024, 512, 256, 128, 64]
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None  # one per dimension; default 1 each
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -115,6 +119,7 @@ class ContrastiveArguments(EvalArguments):
             raise ValueError("give gradcache_chunk_size (texts per chunk) or gradcache_chunk_tokens (tokens per "
                              f"chunk), not both: got {self.gradcache_chunk_size} and {self.gradcache_chunk_tokens}")
         check_run_arguments(self)
+        check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
         self.check_eval_arguments()
 
 
@@ -184,11 +189,13 @@ class ContrastiveTrainer(AdapterTrainer):
     """Trainer with the contrastive loss in ``compute_loss`` and GradCache in ``training_step``."""
 
     def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False,
-                 gradcache_chunk_size: int | None = None, gradcache_chunk_tokens: int | None = None, **kwargs):
+                 gradcache_chunk_size: int | None = None, gradcache_chunk_tokens: int | None = None,
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.peft_module = self.model.encoder.model
         self.scale = scale
         self.mask_false_negatives = mask_false_negatives
+        self.matryoshka_dims, self.matryoshka_weights = matryoshka_dims, matryoshka_weights
         self.gradcache_chunk_size = gradcache_chunk_size
         self.gradcache_chunk_tokens = gradcache_chunk_tokens
 
@@ -199,7 +206,9 @@ class ContrastiveTrainer(AdapterTrainer):
         nq, np_, nn_ = sizes
         q, p = reps[:nq], reps[nq:nq + np_]
         n = reps[nq + np_:nq + np_ + nn_] if nn_ else None
-        return hard_negative_nll_loss(q, p, n, scale=self.scale, mask_false_negatives=self.mask_false_negatives)
+        return hard_negative_nll_loss(q, p, n, scale=self.scale, mask_false_negatives=self.mask_false_negatives,
+                                      matryoshka_dims=self.matryoshka_dims,
+                                      matryoshka_weights=self.matryoshka_weights)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         reps = self._encode(model, inputs["texts"])
@@ -303,6 +312,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                          f"{per}: contrastive batches are always full (the batch is each example's negatives); "
                          "lower the batch size or give more data")
     encoder = load_encoder(args)
+    check_matryoshka(args.matryoshka_dims, args.matryoshka_weights, encoder.model.config.hidden_size)
     targs = training_arguments(
         args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
@@ -313,7 +323,8 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,
                   processing_class=encoder.tokenizer, scale=args.scale,
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
-                  gradcache_chunk_tokens=args.gradcache_chunk_tokens)
+                  gradcache_chunk_tokens=args.gradcache_chunk_tokens, matryoshka_dims=args.matryoshka_dims,
+                  matryoshka_weights=args.matryoshka_weights)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     monitor = _monitor(trainer, encoder, args)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)

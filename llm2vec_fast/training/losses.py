@@ -9,6 +9,7 @@ that of the global mean over all queries.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +130,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, scale: float = 50.0,
-                           mask_false_negatives: bool = False, gather: bool = True) -> torch.Tensor:
+                           mask_false_negatives: bool = False, gather: bool = True,
+                           matryoshka_dims: Sequence[int] | None = None,
+                           matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
     """InfoNCE with in-batch and hard negatives (LLM2Vec's ``HardNegativeNLLLoss``).
 
     Query i is scored (cosine × ``scale``) against every positive and every hard negative of the (global) batch;
@@ -138,11 +141,17 @@ def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | N
     ``q`` [B, H], ``p`` [B, H], ``n`` [B, H] or None. ``mask_false_negatives``: a positive of another query that scores
     above query i's own positive is taken for a false negative and left out of query i's softmax. Under
     torch.distributed (and ``gather``) positives and negatives of all processes are candidates.
+
+    ``matryoshka_dims`` (sentence-transformers' ``MatryoshkaLoss``): the loss is computed on the first d dimensions
+    of every embedding for each d (cosine renormalizes each prefix), and the results are summed with
+    ``matryoshka_weights`` (default 1 each), so that truncated embeddings (``encode(..., truncate_dim=d)``) keep
+    their quality. The embeddings are gathered across processes once for all d.
     """
     if q.dim() != 2 or p.shape != q.shape:
         raise ValueError(f"q and p must both be [B, H] of the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
     if n is not None and n.shape[1:] != q.shape[1:]:
         raise ValueError(f"hard negatives must be [*, {q.shape[1]}], got {tuple(n.shape)}")
+    dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, q.shape[1])
     if gather:
         p_all, off = gather_with_grad(p)
         n_all = gather_with_grad(n)[0] if n is not None else None
@@ -150,15 +159,41 @@ def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | N
         p_all, off = p, 0
         n_all = n
     cand = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)
-    scores = _cos(q, cand) * scale  # [B, Bp (+ Bn)]
     target = torch.arange(q.shape[0], device=q.device) + off
-    if mask_false_negatives:
-        n_pos = p_all.shape[0]
-        own = scores.gather(1, target[:, None])  # [B, 1]
-        col = torch.arange(scores.shape[1], device=q.device)[None, :]
-        false_neg = (col < n_pos) & (col != target[:, None]) & (scores > own)
-        scores = scores.masked_fill(false_neg, float("-inf"))
-    return F.cross_entropy(scores, target)
+    losses = []
+    for d, w in zip(dims, weights, strict=True):
+        scores = _cos(q[:, :d], cand[:, :d]) * scale  # [B, Bp (+ Bn)]
+        if mask_false_negatives:
+            n_pos = p_all.shape[0]
+            own = scores.gather(1, target[:, None])  # [B, 1]
+            col = torch.arange(scores.shape[1], device=q.device)[None, :]
+            false_neg = (col < n_pos) & (col != target[:, None]) & (scores > own)
+            scores = scores.masked_fill(false_neg, float("-inf"))
+        loss = F.cross_entropy(scores, target)
+        losses.append(loss if w == 1.0 else loss * w)
+    return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+
+def check_matryoshka(dims: Sequence[int] | None, weights: Sequence[float] | None = None,
+                     width: int | None = None) -> tuple[list[int], list[float]]:
+    """``(dims, weights)`` of a Matryoshka loss: ``[width]`` and ``[1.0]`` for None; else checked positive ints
+    (at most ``width``, no repeats) with one finite non-negative weight each."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError(f"matryoshka_weights {list(weights)} given without matryoshka_dims")
+        return [width], [1.0]
+    dims = list(dims)
+    if not dims or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
+        raise ValueError(f"matryoshka_dims must be a non-empty list of ints >= 1, got {dims}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"matryoshka_dims has repeats: {dims}")
+    if width is not None and max(dims) > width:
+        raise ValueError(f"matryoshka_dims {dims}: {max(dims)} is more than the embedding width {width}")
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(dims) or any(not (w >= 0 and w < float("inf")) for w in weights) or not any(weights):
+        raise ValueError(f"matryoshka_weights must be one finite weight >= 0 per dimension (not all 0), got "
+                         f"{weights} for dims {dims}")
+    return dims, weights
 
 
 def simcse_loss(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0, gather: bool = True) -> torch.Tensor:
@@ -168,8 +203,15 @@ def simcse_loss(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0, gather: b
 
 
 def hard_negative_nll_loss_ref(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, scale: float = 50.0,
-                               mask_false_negatives: bool = False) -> torch.Tensor:
-    """Twin of :func:`hard_negative_nll_loss` (single process): one query at a time, written out."""
+                               mask_false_negatives: bool = False, matryoshka_dims: Sequence[int] | None = None,
+                               matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Twin of :func:`hard_negative_nll_loss` (single process): one query at a time, written out; a Matryoshka loss
+    is the weighted sum of this over the truncated embeddings."""
+    if matryoshka_dims is not None:
+        weights = matryoshka_weights or [1.0] * len(matryoshka_dims)
+        return sum(w * hard_negative_nll_loss_ref(q[:, :d], p[:, :d], None if n is None else n[:, :d], scale,
+                                                  mask_false_negatives)
+                   for d, w in zip(matryoshka_dims, weights, strict=True))
     cands = list(p) + (list(n) if n is not None else [])
     losses = []
     for i in range(q.shape[0]):

@@ -56,6 +56,7 @@ class EvalArguments:
     eval_steps: int | None = None  # None: save_steps (or a tenth of max_steps when save_steps is 0)
     eval_on_start: bool = False  # also score the model before the first step
     eval_batch_tokens: int | None = None  # token budget of the encoder's batches (None: its default)
+    eval_truncate_dim: int | None = None  # score the embeddings' first D dimensions (Matryoshka training)
     best_metric: str | None = None  # None: see the module docstring
     load_best_at_end: bool = False  # the final output is the best evaluation's model, not the last step's
     early_stopping_patience: int | None = None  # stop after this many evaluations without a better best_metric
@@ -63,7 +64,7 @@ class EvalArguments:
 
     def check_eval_arguments(self) -> None:
         for name in ("eval_sts_limit", "eval_retrieval_max_docs", "eval_retrieval_max_queries", "eval_steps",
-                     "eval_batch_tokens", "early_stopping_patience"):
+                     "eval_batch_tokens", "eval_truncate_dim", "early_stopping_patience"):
             check_count(name, getattr(self, name), optional=True)
         if self.eval_sts is not None and not Path(self.eval_sts).is_file():
             raise FileNotFoundError(f"eval_sts: STS data file {self.eval_sts!r} not found")
@@ -108,7 +109,7 @@ def encoder_evaluators(args: EvalArguments) -> list[Callable]:
     if args.eval_sts:
         def sts(encoder):
             r = evaluate_sts(encoder, args.eval_sts, limit=args.eval_sts_limit,
-                             max_batch_tokens=args.eval_batch_tokens)
+                             max_batch_tokens=args.eval_batch_tokens, truncate_dim=args.eval_truncate_dim)
             return {STS_METRIC: _main_score(r)}
         out.append(sts)
     if args.eval_retrieval:
@@ -119,7 +120,7 @@ def encoder_evaluators(args: EvalArguments) -> list[Callable]:
         def retrieval(encoder):
             r = evaluate_retrieval(encoder, args.eval_retrieval, instruction=instruction,
                                    max_docs=args.eval_retrieval_max_docs, max_queries=args.eval_retrieval_max_queries,
-                                   max_batch_tokens=args.eval_batch_tokens)
+                                   max_batch_tokens=args.eval_batch_tokens, truncate_dim=args.eval_truncate_dim)
             return {RETRIEVAL_METRIC: _main_score(r)}
         out.append(retrieval)
     for fn in args.evaluators:

@@ -365,3 +365,39 @@ def test_sts_split_from_file_name_and_count_checks(tmp_path):
             ev.evaluate_sts(FakeEncoder(), data, limit=bad)
     with pytest.raises(ValueError, match="max_docs must be a positive int or None, got -1"):
         ev.subsample_beir({}, {}, {}, max_docs=-1)
+
+
+class PrefixEncoder(FakeEncoder):
+    """The fake encoder's first ``keep`` columns only: what scoring at truncate_dim must equal."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+
+    def encode(self, sentences, **kw):
+        return super().encode(sentences, **kw)[:, :self.keep]
+
+
+def test_truncate_dim_scores_the_prefix(data_dir, tmp_path, capsys):
+    """Every task at truncate_dim=d equals the same task on an encoder whose embeddings are only the first d
+    columns (and differs from the full width); d above the width or below 1 is refused; the CLI passes it."""
+    pytest.importorskip("sklearn")
+    data = data_dir / "sick" / "SICK_trial.txt"
+    full = ev.evaluate_sts(FakeEncoder(), data, limit=80)["scores"]["validation"][0]["main_score"]
+    cut = ev.evaluate_sts(FakeEncoder(), data, limit=80, truncate_dim=9)
+    want = ev.evaluate_sts(PrefixEncoder(9), data, limit=80)["scores"]["validation"][0]["main_score"]
+    assert cut["scores"]["validation"][0]["main_score"] == want != full
+    assert cut["llm2vec_fast"]["truncate_dim"] == 9
+    _write_beir(tmp_path / "toy")
+    assert ev.evaluate_retrieval(FakeEncoder(), tmp_path / "toy", truncate_dim=5)["scores"] == \
+        ev.evaluate_retrieval(PrefixEncoder(5), tmp_path / "toy")["scores"]
+    _write_cls(tmp_path / "train.csv", 60, 0)
+    assert ev.evaluate_classification(FakeEncoder(), tmp_path / "train.csv", truncate_dim=7)["scores"] == \
+        ev.evaluate_classification(PrefixEncoder(7), tmp_path / "train.csv")["scores"]
+    with pytest.raises(ValueError, match="truncate_dim 65 is more than the embedding width 64"):
+        ev.evaluate_sts(FakeEncoder(), data, limit=10, truncate_dim=65)
+    with pytest.raises(ValueError, match="truncate_dim"):
+        ev.evaluate_sts(FakeEncoder(), data, limit=10, truncate_dim=0)
+    args = _parser().parse_args(["eval", "sts", "--data", str(data), "--limit", "80", "--truncate-dim", "9"])
+    args.func(args, model=FakeEncoder())
+    assert capsys.readouterr().out.strip().split("\n")[-1] == f"{want:.6f}"

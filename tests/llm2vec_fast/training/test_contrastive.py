@@ -234,3 +234,40 @@ def test_fewer_examples_than_a_batch_is_an_error(tmp_path, lines):
     f.write_text("".join(f"sentence number {i}\n" for i in range(lines)))
     with pytest.raises(ValueError, match=rf"{lines} training examples in .*few.txt.*fewer than one batch of 6"):
         train_contrastive(_args("simcse", [str(f)], tmp_path / "out", model="no-model-is-loaded-first"))
+
+
+def test_matryoshka_training(tiny_model_dir, tmp_path, capsys):
+    """--matryoshka-dims reaches the loss (the trainer's loss is the twin's Matryoshka sum), trains with GradCache,
+    is recorded with the output, and dims wider than the model are refused before training."""
+    import argparse
+
+    from llm2vec_fast.training.cli import add_subcommands
+    from llm2vec_fast.training.contrastive import ContrastiveTrainer
+    from llm2vec_fast.training.losses import hard_negative_nll_loss_ref
+
+    trainer = ContrastiveTrainer.__new__(ContrastiveTrainer)
+    trainer.scale, trainer.mask_false_negatives = 20.0, False
+    trainer.matryoshka_dims, trainer.matryoshka_weights = [64, 16, 8], [1.0, 0.5, 0.25]
+    reps = torch.randn(12, 64, dtype=torch.float64)
+    torch.testing.assert_close(trainer._loss(reps, (4, 4, 4)), hard_negative_nll_loss_ref(
+        reps[:4], reps[4:8], reps[8:], 20.0, matryoshka_dims=[64, 16, 8], matryoshka_weights=[1.0, 0.5, 0.25]))
+
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    data = _triplet_csv(tmp_path / "t.csv", 3)
+    argv = ["train", "supervised", "--model", tiny_model_dir, "--train-file", data, "--output-dir",
+            str(tmp_path / "out"), "--batch-size", "4", "--max-steps", "2", "--save-steps", "0", "--no-progress",
+            "--max-length", "32", "--gradcache-chunk-size", "5", "--matryoshka-dims", "64,16,8",
+            "--matryoshka-weights", "1,0.5,0.25"]
+    a = parser.parse_args(argv)
+    assert a.func(a) == 0
+    rec = json.loads((tmp_path / "out" / "llm2vec_training.json").read_text())
+    assert rec["arguments"]["matryoshka_dims"] == [64, 16, 8]
+    assert rec["arguments"]["matryoshka_weights"] == [1.0, 0.5, 0.25]
+    capsys.readouterr()
+    a = parser.parse_args(argv[:-4] + ["--matryoshka-dims", "128,16"])
+    with pytest.raises(ValueError, match="128 is more than the embedding width 64"):
+        a.func(a)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv[:-4] + ["--matryoshka-dims", "64,half"])
+    assert "comma-separated integers" in capsys.readouterr().err

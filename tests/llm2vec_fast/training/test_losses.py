@@ -89,6 +89,37 @@ def test_hard_negative_loss_matches_twin(with_neg, mask_fn):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mask_fn", [False, True], ids=["plain", "mask-false-neg"])
+def test_matryoshka_loss_matches_twin(mask_fn):
+    """Prefix dims 2, 5 and the full 9 (odd widths), unequal weights, hard negatives: values and gradients; the
+    gradient reaches the dimensions past the smallest prefix only through the larger ones."""
+    q, p, n = _reps(5, 9, 10), _reps(5, 9, 11), _reps(5, 9, 12)
+    kw = dict(scale=20.0, mask_false_negatives=mask_fn, matryoshka_dims=[9, 5, 2], matryoshka_weights=[1.0, 0.5, 2.0])
+    ours = hard_negative_nll_loss(q, p, n, **kw)
+    ref = hard_negative_nll_loss_ref(q, p, n, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(ours, (q, p, n)), torch.autograd.grad(ref, (q, p, n)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    by_hand = sum(w * hard_negative_nll_loss(q[:, :d], p[:, :d], n[:, :d], scale=20.0, mask_false_negatives=mask_fn)
+                  for d, w in ((9, 1.0), (5, 0.5), (2, 2.0)))
+    torch.testing.assert_close(ours, by_hand)
+    only_two = hard_negative_nll_loss(q, p, n, scale=20.0, matryoshka_dims=[2])
+    assert torch.autograd.grad(only_two, q)[0][:, 2:].abs().max() == 0
+    # the full width alone is the plain loss, bit for bit
+    assert torch.equal(hard_negative_nll_loss(q, p, n, matryoshka_dims=[9]), hard_negative_nll_loss(q, p, n))
+
+
+@pytest.mark.parametrize("dims, weights, match", [
+    ([], None, "non-empty"), ([0, 4], None, ">= 1"), ([4, 4], None, "repeats"), ([4, 12], None, "more than the "
+                                                                                        "embedding width 9"),
+    ([4, 2], [1.0], "one finite weight"), ([4, 2], [0.0, 0.0], "not all 0"), ([4], [float("nan")], "finite"),
+    (None, [1.0], "without matryoshka_dims"), ([2.5], None, "ints")])
+def test_matryoshka_arguments_are_checked(dims, weights, match):
+    q = torch.randn(3, 9)
+    with pytest.raises(ValueError, match=match):
+        hard_negative_nll_loss(q, q, matryoshka_dims=dims, matryoshka_weights=weights)
+
+
 def test_false_negative_mask_changes_the_loss_only_when_triggered():
     q, p = _reps(4, 6, 3), _reps(4, 6, 4)
     with torch.no_grad():

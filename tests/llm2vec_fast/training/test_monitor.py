@@ -211,9 +211,10 @@ def test_resume_keeps_or_sets_aside_the_best_folder(tiny_model_dir, tiny_text_fi
     assert r["best"]["step"] == 4 and _same(_adapter(again / "best"), _adapter(again / "checkpoint-4"))
 
 
-def test_simcse_scores_match_the_saved_best_adapter(tiny_model_dir, tiny_sentence_file, sts_file, tmp_path):
-    """The Spearman logged during training equals evaluate_sts on the saved best adapter, loaded afresh; SimCSE's
-    attention dropout is off while scoring (two evaluations of one model agree)."""
+@pytest.mark.parametrize("truncate", [None, 8], ids=["full", "truncate-dim-8"])
+def test_simcse_scores_match_the_saved_best_adapter(tiny_model_dir, tiny_sentence_file, sts_file, tmp_path, truncate):
+    """The Spearman logged during training equals evaluate_sts on the saved best adapter, loaded afresh (also at
+    eval_truncate_dim); SimCSE's attention dropout is off while scoring (two evaluations of one model agree)."""
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.evaluation import evaluate_sts
 
@@ -221,13 +222,13 @@ def test_simcse_scores_match_the_saved_best_adapter(tiny_model_dir, tiny_sentenc
     r = train_contrastive(ContrastiveArguments(
         mode="simcse", train_files=[tiny_sentence_file], output_dir=str(out), model=tiny_model_dir, batch_size=6,
         max_steps=4, logging_steps=1, save_steps=0, learning_rate=1e-3, disable_tqdm=True, max_length=32,
-        eval_sts=sts_file, eval_steps=2, eval_on_start=True, attention_dropout=0.3))
+        eval_sts=sts_file, eval_steps=2, eval_on_start=True, attention_dropout=0.3, eval_truncate_dim=truncate))
     assert [e["step"] for e in r["evaluations"]] == [0, 2, 4]
     best = r["best"]
     assert best["metric"] == "eval_sts_spearman"
     assert best["value"] == max(e["eval_sts_spearman"] for e in r["evaluations"])
     loaded = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out / "best"), device="cpu")
-    assert evaluate_sts(loaded, sts_file)["scores"]["validation"][0]["main_score"] == \
+    assert evaluate_sts(loaded, sts_file, truncate_dim=truncate)["scores"]["validation"][0]["main_score"] == \
         pytest.approx(best["value"], abs=1e-6)
 
 
