@@ -184,31 +184,31 @@ def test_scripted_dict_evaluator_names():
         _prefixed(dicts([0.5]))(None)
 
 
-def test_resume_keeps_or_sets_aside_the_best_folder(tiny_model_dir, tiny_text_file, tmp_path, caplog):
-    full = tmp_path / "full"
-    train_mntp(_mntp(tiny_model_dir, tiny_text_file, full, evaluators=[scripted([0.9, 0.5, 0.4])], eval_steps=2))
-    # resumed after step 4, the best folder (step 2) is kept: a later, worse score does not replace it
-    resumed = tmp_path / "resumed"
+def _resume(ctx, values, scores, kept, resumed_scores):
+    """A full run scored with ``values``; then a run resumed from its ``kept`` folders (a checkpoint and best/),
+    scored with ``resumed_scores``. Returns (the full run's folder, the resumed folder, the resumed result)."""
+    model_dir, text_file, tmp = ctx
+    full, resumed = tmp / f"full-{values}", tmp / f"resumed-{values}"
+    train_mntp(_mntp(model_dir, text_file, full, evaluators=[scripted(scores)], eval_steps=2))
     resumed.mkdir()
-    for name in ("checkpoint-4", "best"):
+    for name in kept:
         shutil.copytree(full / name, resumed / name)
-    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, resumed, evaluators=[scripted([0.1])], eval_steps=2,
+    r = train_mntp(_mntp(model_dir, text_file, resumed, evaluators=[scripted(resumed_scores)], eval_steps=2,
                          resume_from_checkpoint=True))
+    return full, resumed, r
+
+
+def test_resume_keeps_or_sets_aside_the_best_folder(tiny_model_dir, tiny_text_file, tmp_path, caplog):
+    ctx = (tiny_model_dir, tiny_text_file, tmp_path)
+    # resumed after step 4, the best folder (step 2) is kept: a later, worse score does not replace it
+    full, resumed, r = _resume(ctx, "falling", [0.9, 0.5, 0.4], ("checkpoint-4", "best"), [0.1])
     assert [e["step"] for e in r["evaluations"]] == [2, 4, 6] and r["best"]["step"] == 2
     assert _same(_adapter(resumed / "best"), _adapter(full / "best"))
-
     # a best folder from after the checkpoint (step 6 here) belongs to a run that went on: set aside
-    rising = tmp_path / "rising"
-    train_mntp(_mntp(tiny_model_dir, tiny_text_file, rising, evaluators=[scripted([0.1, 0.2, 0.3])], eval_steps=2))
-    again = tmp_path / "again"
-    again.mkdir()
-    for name in ("checkpoint-2", "best"):
-        shutil.copytree(rising / name, again / name)
     with caplog.at_level("WARNING"):
-        r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, again, evaluators=[scripted([0.05, 0.01])], eval_steps=2,
-                             resume_from_checkpoint=True))
+        _, resumed, r = _resume(ctx, "rising", [0.1, 0.2, 0.3], ("checkpoint-2", "best"), [0.05, 0.01])
     assert "set aside" in caplog.text
-    assert r["best"]["step"] == 4 and _same(_adapter(again / "best"), _adapter(again / "checkpoint-4"))
+    assert r["best"]["step"] == 4 and _same(_adapter(resumed / "best"), _adapter(resumed / "checkpoint-4"))
 
 
 @pytest.mark.parametrize("truncate", [None, 8], ids=["full", "truncate-dim-8"])

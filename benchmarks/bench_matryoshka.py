@@ -1,0 +1,106 @@
+"""Matryoshka training evidence: the same supervised run (SNLI triplets, SmolLM2-135M-Instruct, bidirectional, mean
+pooling) with the plain loss and with ``matryoshka_dims``, scored on STS-B dev at each embedding prefix.
+
+    python benchmarks/bench_matryoshka.py [--steps 120] [--dims 576,256,128,64,32] [--sts-limit 500]
+
+Both runs share seed, data order, steps and learning rate; only the loss differs. Each model encodes the STS-B
+sentences once and is scored on prefixes of those embeddings (what ``encode(..., truncate_dim=d)`` returns). Writes
+``matryoshka_<card>.json`` / ``.md`` under ``--out``. Sized for a CPU; on a GPU raise steps and batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, markdown_table  # noqa: E402
+
+
+def _shared() -> Path:
+    from llm2vec_fast.training.evidence import _shared as shared
+
+    return shared()
+
+
+def prefix_scores(model, peft, dims, limit) -> dict:
+    """STS-B dev Spearman × 100 at each prefix width of one model's embeddings (encoded once)."""
+    import numpy as np
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.evaluation import load_sts, sts_scores
+
+    enc = LLM2Vec.from_pretrained(model, peft_model_name_or_path=peft)
+    s1, s2, gold = load_sts(_shared() / "data" / "stsb" / "sts-dev.csv")
+    s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
+    unique = list(dict.fromkeys(s1 + s2))
+    index = {s: i for i, s in enumerate(unique)}
+    emb = np.asarray(enc.encode(unique, show_progress_bar=False, convert_to_numpy=True), dtype=np.float32)
+    a, b = emb[[index[s] for s in s1]], emb[[index[s] for s in s2]]
+    return {d: round(100 * sts_scores(a[:, :d], b[:, :d], gold)["spearman"], 2) for d in dims}
+
+
+def main(argv=None) -> int:
+    from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
+    from llm2vec_fast.training.evidence import SNLI_INSTRUCTION
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--work", default="/tmp/llm2vec_fast_matryoshka", help="training outputs (not committed)")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--dims", default="576,256,128,64,32", help="Matryoshka prefixes (the first is the full width)")
+    p.add_argument("--sts-limit", type=int, default=500)
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap per training run")
+    a = p.parse_args(argv)
+    dims = [int(d) for d in a.dims.split(",")]
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows, runs = [], {}
+    rows.append({"model": "untrained (bidirectional)", **{f"d{d}": v for d, v in
+                                                          prefix_scores(a.model, None, dims, a.sts_limit).items()}})
+    print(rows[-1], flush=True)
+    for name, mdims in (("plain loss", None), ("matryoshka loss", dims)):
+        folder = work / name.split()[0]
+        r = train_contrastive(ContrastiveArguments(
+            mode="supervised", train_files=[str(_shared() / "data" / "snli" / "snli_devtest_triplets.csv")],
+            output_dir=str(folder), model=a.model, instructions=[SNLI_INSTRUCTION], batch_size=a.batch,
+            max_length=a.max_length, max_steps=a.steps, learning_rate=a.lr, warmup_steps=max(1, a.steps // 10),
+            logging_steps=max(1, a.steps // 20), save_steps=0, disable_tqdm=True, matryoshka_dims=mdims,
+            max_train_seconds=a.max_seconds))
+        runs[name] = {"steps": r["global_step"], "train_runtime_s": r["train_runtime"], "losses": r["losses"]}
+        rows.append({"model": f"supervised, {name}", **{f"d{d}": v for d, v in
+                                                        prefix_scores(a.model, str(folder), dims,
+                                                                      a.sts_limit).items()}})
+        print(rows[-1], flush=True)
+    env = environment()
+    stem = f"matryoshka_{'gpu' if env['card'].startswith('NVIDIA') else 'cpu'}"
+    payload = {"benchmark": "matryoshka", "environment": env, "dims": dims, "rows": rows, "runs": runs,
+               "settings": {"steps": a.steps, "batch": a.batch, "max_length": a.max_length, "lr": a.lr,
+                            "data": "SNLI dev+test triplets (1 hard negative)", "sts_pairs": a.sts_limit},
+               "total_s": round(time.time() - t0, 1)}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    md = [f"# Matryoshka loss: STS-B dev Spearman × 100 at each embedding prefix ({a.sts_limit} pairs)\n",
+          f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
+          "SmolLM2-135M-Instruct, bidirectional, mean pooling; supervised on SNLI triplets, "
+          f"{a.steps} steps of batch {a.batch} × {a.max_length} tokens, lr {a.lr}, the same seed and data order "
+          f"for both losses; `dN` = the first N of {dims[0]} dimensions.\n",
+          markdown_table(rows)]
+    for name, r in runs.items():
+        ls = r["losses"]
+        md.append(f"\n**{name}**: {r['steps']} steps in {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} "
+                  f"(step {ls[0]['step']}) → {ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
+    (out / f"{stem}.md").write_text("\n".join(md))
+    print(json.dumps({"rows": rows, "total_s": payload["total_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
