@@ -106,6 +106,10 @@ class MNTPArguments(EvalArguments):
     def evaluates(self) -> bool:
         return super().evaluates() or bool(self.validation_files or self.validation_split_percentage)
 
+    def known_metrics(self) -> set[str]:
+        held_out = self.validation_files or self.validation_split_percentage
+        return super().known_metrics() | ({"eval_loss", "eval_accuracy", "eval_perplexity"} if held_out else set())
+
 
 class MNTPModel(nn.Module):
     """What the Trainer trains: the LoRA-wrapped bidirectional base model plus the frozen LM head.

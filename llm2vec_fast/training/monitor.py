@@ -74,10 +74,21 @@ class EvalArguments:
             if not callable(fn):
                 raise TypeError(f"evaluators must be callables fn(encoder) -> dict, got {fn!r}")
         wanted = [n for n in ("eval_steps", "eval_on_start", "best_metric", "load_best_at_end",
-                              "early_stopping_patience") if getattr(self, n)]
+                              "early_stopping_patience", "eval_truncate_dim") if getattr(self, n)]
         if wanted and not self.evaluates():
             raise ValueError(f"{', '.join(wanted)} given, but nothing to evaluate: set eval_sts, eval_retrieval"
                              f"{', validation data' if hasattr(self, 'validation_files') else ''} or evaluators")
+        if self.best_metric is not None:
+            if not self.best_metric.startswith("eval_"):
+                self.best_metric = f"eval_{self.best_metric}"
+            known = self.known_metrics()
+            if not self.evaluators and self.best_metric not in known:
+                raise ValueError(f"best_metric {self.best_metric!r} is not among this run's metrics {sorted(known)}")
+
+    def known_metrics(self) -> set[str]:
+        """The metric names this run's evaluation options give (custom evaluators' names are known only once
+        they ran)."""
+        return ({STS_METRIC} if self.eval_sts else set()) | ({RETRIEVAL_METRIC} if self.eval_retrieval else set())
 
     def evaluates(self) -> bool:
         return bool(self.eval_sts or self.eval_retrieval or self.evaluators)

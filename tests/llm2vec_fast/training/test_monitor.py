@@ -247,11 +247,18 @@ def test_arguments_are_checked_before_training(tiny_model_dir, tiny_text_file, t
         _mntp(tiny_model_dir, tiny_text_file, tmp_path, validation_split_percentage=5, validation_files=["v.txt"])
     with pytest.raises(TypeError, match="callables"):
         _mntp(tiny_model_dir, tiny_text_file, tmp_path, evaluators=["sts"])
+    sts = tmp_path / "sts.csv"
+    sts.write_text("g\tf\t2012\t1\t1.0\tw1 w2\tw3\ng\tf\t2012\t2\t2.0\tw4\tw5 w6\n")
     bad = tmp_path / "bad-sts.csv"
     bad.write_text("a\tb\tc\n")
     with pytest.raises(ValueError, match="columns"):  # read before the model loads
         train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "o", eval_sts=str(bad)))
-    with pytest.raises(KeyError, match="best_metric 'eval_nope'"):
+    with pytest.raises(ValueError, match=r"best_metric 'eval_loss' is not among this run's metrics "
+                                         r"\['eval_sts_spearman'\]"):
+        _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts), best_metric="loss")
+    assert _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts),
+                 best_metric="sts_spearman").best_metric == "eval_sts_spearman"
+    with pytest.raises(KeyError, match="best_metric 'eval_nope'"):  # a custom evaluator's names: known when run
         train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "o2", evaluators=[scripted([1.0])],
                          best_metric="eval_nope", max_steps=2))
 
