@@ -58,11 +58,17 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--eval-truncate-dim", type=int, default=None, metavar="D",
                    help="score the first D dimensions of each embedding (e.g. the smallest --matryoshka-dims)")
     g.add_argument("--eval-steps", type=int, default=None,
-                   help="evaluate every N optimizer steps (default: --save-steps)")
+                   help="evaluate every N optimizer steps (default: --save-steps, or a tenth of --max-steps when "
+                        "--save-steps is 0)")
     g.add_argument("--eval-on-start", action="store_true", help="also evaluate before the first step")
     g.add_argument("--best-metric", default=None,
                    help="metric that picks the best step (default: eval_loss for MNTP with validation data, else "
                         "eval_sts_spearman, else eval_retrieval_ndcg_at_10); lower is better for *loss/*perplexity")
+    direction = g.add_mutually_exclusive_group()
+    direction.add_argument("--greater-is-better", dest="greater_is_better", action="store_const", const=True,
+                           default=None, help="a higher --best-metric is better (default: by name, see above)")
+    direction.add_argument("--lower-is-better", dest="greater_is_better", action="store_const", const=False,
+                           help="a lower --best-metric is better")
     g.add_argument("--load-best-at-end", action="store_true",
                    help="the final output is the best evaluation's model, not the last step's")
     g.add_argument("--early-stopping-patience", type=int, default=None, metavar="N",
@@ -75,7 +81,8 @@ def _eval_kwargs(a) -> dict:
                 eval_retrieval_max_docs=a.eval_retrieval_max_docs,
                 eval_retrieval_max_queries=a.eval_retrieval_max_queries, eval_steps=a.eval_steps,
                 eval_truncate_dim=a.eval_truncate_dim,
-                eval_on_start=a.eval_on_start, best_metric=a.best_metric, load_best_at_end=a.load_best_at_end,
+                eval_on_start=a.eval_on_start, best_metric=a.best_metric, greater_is_better=a.greater_is_better,
+                load_best_at_end=a.load_best_at_end,
                 early_stopping_patience=a.early_stopping_patience)
 
 

@@ -358,18 +358,20 @@ def _monitor(trainer, encoder, args: ContrastiveArguments):
     scorers = [scorer(fn) for fn in encoder_evaluators(args)]
 
     def save(folder, extra):
-        save_contrastive_output(encoder, dataclasses.replace(args, output_dir=str(folder)), loss_history(trainer),
-                                extra)
+        save_contrastive_output(encoder, args, loss_history(trainer), extra, folder=folder)
 
     cb = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
-                      on_start=args.eval_on_start, patience=args.early_stopping_patience, model=encoder)
+                      on_start=args.eval_on_start, patience=args.early_stopping_patience,
+                      greater_is_better=args.greater_is_better, model=encoder)
     add_eval_callback(trainer, cb)
     return cb
 
 
 def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict],
-                            evaluations: dict | None = None) -> None:
-    out = Path(args.output_dir)
+                            evaluations: dict | None = None, folder: str | os.PathLike | None = None) -> None:
+    """Adapter, tokenizer, ``llm2vec_config.json`` and the training record, into ``folder`` (default
+    ``args.output_dir``)."""
+    out = Path(folder or args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.model.save_pretrained(out)
     encoder.tokenizer.save_pretrained(out)

@@ -101,6 +101,9 @@ class MNTPArguments(EvalArguments):
             raise ValueError("give validation_files or validation_split_percentage, not both: got "
                              f"{self.validation_files} and {self.validation_split_percentage}")
         check_count("max_eval_blocks", self.max_eval_blocks, optional=True)
+        if self.max_eval_blocks is not None and not (self.validation_files or self.validation_split_percentage):
+            raise ValueError("max_eval_blocks given without validation_files or validation_split_percentage: it "
+                             "would have no effect")
         self.check_eval_arguments()
 
     def evaluates(self) -> bool:
@@ -277,6 +280,8 @@ def build_mntp(args: MNTPArguments):
     held_out = []
     for f in args.validation_files:
         held_out.extend(read_documents(f, args.doc_split))
+    if args.validation_files and not held_out:
+        raise ValueError(f"validation_files {args.validation_files} hold no text")
     if args.validation_split_percentage:
         k = math.ceil(len(docs) * args.validation_split_percentage / 100)
         if k >= len(docs):
@@ -287,7 +292,12 @@ def build_mntp(args: MNTPArguments):
     collator = MNTPCollator.recipe(args.recipe, tokenizer, mask_id, args.mlm_probability)
     validation = None
     if held_out:
-        blocks = BlockDataset(held_out, tokenizer, args.max_seq_length, max_blocks=args.max_eval_blocks).blocks
+        try:
+            blocks = BlockDataset(held_out, tokenizer, args.max_seq_length, max_blocks=args.max_eval_blocks).blocks
+        except ValueError as e:
+            where = (f"validation_files {args.validation_files}" if args.validation_files else
+                     f"the held-out {args.validation_split_percentage} % of the training documents")
+            raise ValueError(f"{where}: {e}; give more held-out text (or a shorter max_seq_length)") from None
         validation = MaskedValidation(blocks, collator, args.seed, args.batch_size)
     from transformers import set_seed
 
@@ -346,21 +356,22 @@ def _monitor(trainer, model: MNTPModel, tokenizer, args: MNTPArguments, base_pat
         scorers.extend(lambda fn=fn: fn(encoder) for fn in embedders)
 
     def save(folder, extra):
-        save_mntp_output(model.backbone, tokenizer, dataclasses.replace(args, output_dir=str(folder)), base_path,
-                         loss_history(trainer), extra)
+        save_mntp_output(model.backbone, tokenizer, args, base_path, loss_history(trainer), extra, folder=folder)
 
     cb = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
-                      on_start=args.eval_on_start, patience=args.early_stopping_patience, model=model)
+                      on_start=args.eval_on_start, patience=args.early_stopping_patience,
+                      greater_is_better=args.greater_is_better, model=model)
     add_eval_callback(trainer, cb)
     return cb
 
 
 def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, losses: list[dict],
-                     evaluations: dict | None = None) -> None:
+                     evaluations: dict | None = None, folder: str | os.PathLike | None = None) -> None:
     """Adapter + tokenizer + ``llm2vec_config.json``; with ``release_layout`` also the base model's files, so the
     folder is a base model carrying its adapter (the original MNTP release layout): ``LLM2Vec.from_pretrained(out)``
-    (ours or the original) merges the adapter, and SimCSE can take the folder as its MNTP-merged base."""
-    out = Path(args.output_dir)
+    (ours or the original) merges the adapter, and SimCSE can take the folder as its MNTP-merged base. ``folder``:
+    write there instead of ``args.output_dir`` (the best evaluation's copy)."""
+    out = Path(folder or args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.release_layout:
         link_base_files(base_path, out)

@@ -58,6 +58,7 @@ class EvalArguments:
     eval_batch_tokens: int | None = None  # token budget of the encoder's batches (None: its default)
     eval_truncate_dim: int | None = None  # score the embeddings' first D dimensions (Matryoshka training)
     best_metric: str | None = None  # None: see the module docstring
+    greater_is_better: bool | None = None  # None: lower is better for names ending in "loss" / "perplexity"
     load_best_at_end: bool = False  # the final output is the best evaluation's model, not the last step's
     early_stopping_patience: int | None = None  # stop after this many evaluations without a better best_metric
     evaluators: list[Callable] = field(default_factory=list)  # Python API: fn(encoder) -> {name: number}
@@ -66,6 +67,13 @@ class EvalArguments:
         for name in ("eval_sts_limit", "eval_retrieval_max_docs", "eval_retrieval_max_queries", "eval_steps",
                      "eval_batch_tokens", "eval_truncate_dim", "early_stopping_patience"):
             check_count(name, getattr(self, name), optional=True)
+        if self.eval_sts_limit is not None and self.eval_sts_limit < 2:
+            raise ValueError(f"eval_sts_limit must be >= 2 (a correlation needs two pairs), got {self.eval_sts_limit}")
+        for name, needs in (("eval_sts_limit", "eval_sts"), ("eval_retrieval_instruction", "eval_retrieval"),
+                            ("eval_retrieval_max_docs", "eval_retrieval"),
+                            ("eval_retrieval_max_queries", "eval_retrieval")):
+            if getattr(self, name) is not None and not getattr(self, needs):
+                raise ValueError(f"{name} given without {needs}: it would have no effect")
         if self.eval_sts is not None and not Path(self.eval_sts).is_file():
             raise FileNotFoundError(f"eval_sts: STS data file {self.eval_sts!r} not found")
         if self.eval_retrieval is not None and not Path(self.eval_retrieval).is_dir():
@@ -75,6 +83,8 @@ class EvalArguments:
                 raise TypeError(f"evaluators must be callables fn(encoder) -> dict, got {fn!r}")
         wanted = [n for n in ("eval_steps", "eval_on_start", "best_metric", "load_best_at_end",
                               "early_stopping_patience", "eval_truncate_dim") if getattr(self, n)]
+        if self.greater_is_better is not None:
+            wanted.append("greater_is_better")
         if wanted and not self.evaluates():
             raise ValueError(f"{', '.join(wanted)} given, but nothing to evaluate: set eval_sts, eval_retrieval"
                              f"{', validation data' if hasattr(self, 'validation_files') else ''} or evaluators")
@@ -113,7 +123,9 @@ def encoder_evaluators(args: EvalArguments) -> list[Callable]:
 
     # read once here, so that a malformed file fails before training, not at the first evaluation
     if args.eval_sts:
-        load_sts(args.eval_sts)
+        gold = load_sts(args.eval_sts)[2][:args.eval_sts_limit]
+        if len(gold) < 2:
+            raise ValueError(f"eval_sts: {args.eval_sts} has {len(gold)} sentence pair(s); a correlation needs two")
     if args.eval_retrieval:
         load_beir(args.eval_retrieval)
     out = []
@@ -174,11 +186,12 @@ class EvalCallback(TrainerCallback):
 
     def __init__(self, trainer, scorers: list[Callable[[], dict]], save: Callable, *, every: int,
                  metric: str | None = None, on_start: bool = False, patience: int | None = None,
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, greater_is_better: bool | None = None):
         if not scorers:
-            raise ValueError("EvalCallback needs at least one scorer")
+            raise ValueError("nothing to evaluate: no evaluation data or evaluator was given")
         self.trainer, self.scorers, self.save = trainer, scorers, save
         self.every, self.metric, self.on_start, self.patience = every, metric, on_start, patience
+        self.greater_is_better = greater_is_better
         self.model = model if model is not None else trainer.model
         self.evaluations: list[dict] = []
         self.best: dict | None = None  # {"step", "metric", "value", "path"}
@@ -188,14 +201,14 @@ class EvalCallback(TrainerCallback):
     # ------------------------------------------------------------------ folders
     @property
     def best_dir(self) -> Path:
-        return Path(self.trainer.args.output_dir) / BEST_DIR
+        return (Path(self.trainer.args.output_dir) / BEST_DIR).resolve()
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
             self._restore(state)
         elif args.should_save and self.best_dir.exists():
-            logger.info("removing %s, left by an earlier run into this output folder", self.best_dir)
+            logger.warning("removing %s, left by an earlier run into this output folder", self.best_dir)
             shutil.rmtree(self.best_dir)
         if self.on_start and state.global_step == 0:
             self._evaluate(state, control)
@@ -218,7 +231,12 @@ class EvalCallback(TrainerCallback):
         args = self.trainer.args
         metrics = self._score() if args.process_index == 0 else None
         metrics = _broadcast(metrics)
-        self.evaluations.append({"step": step, **metrics})
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if bad:
+            logger.warning("step %d: %s not finite (e.g. constant gold scores or embeddings); recorded as null",
+                           step, ", ".join(bad))
+        # the record holds null for a NaN (valid JSON); the Trainer's log gets the value as it is
+        self.evaluations.append({"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}})
         # the Trainer's on_log clears should_log: the step's own loss log must still happen
         keep = control.should_log
         self.trainer.log(dict(metrics))
@@ -226,11 +244,10 @@ class EvalCallback(TrainerCallback):
         if self.metric is None:
             self.metric = default_metric(metrics)
         if self.metric not in metrics:
-            raise KeyError(f"best_metric {self.metric!r} is not among the evaluation's metrics {sorted(metrics)}")
+            raise ValueError(f"best_metric {self.metric!r} is not among the evaluation's metrics {sorted(metrics)}")
         value = metrics[self.metric]
         if self._better(value):
-            self.best = {"step": step, "metric": self.metric, "value": value, "path": str(self.best_dir)}
-            self.since_best = 0
+            self._set_best(state, {"step": step, "metric": self.metric, "value": value})
             if args.should_save:
                 self._save_best()
             logger.info("step %d: %s = %.4f, the best so far", step, self.metric, value)
@@ -243,12 +260,26 @@ class EvalCallback(TrainerCallback):
                 self.stopped_early_at = step
                 control.should_training_stop = True
 
-    def _better(self, value) -> bool:
-        if not math.isfinite(value):
+    def _lower_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return not self.greater_is_better
+        return metric_prefers_lower(self.metric)
+
+    def _better(self, value, than: float | None = None) -> bool:
+        if value is None or not math.isfinite(value):
             return False
-        if self.best is None:
-            return True
-        return value < self.best["value"] if metric_prefers_lower(self.metric) else value > self.best["value"]
+        if than is None:
+            if self.best is None:
+                return True
+            than = self.best["value"]
+        return value < than if self._lower_is_better() else value > than
+
+    def _set_best(self, state, best: dict) -> None:
+        """Record ``best`` (kept in ``best/``), also in the Trainer's state (``trainer_state.json``)."""
+        self.best = {**best, "path": str(self.best_dir)}
+        self.since_best = sum(1 for r in self.evaluations if r["step"] > best["step"])
+        state.best_metric, state.best_global_step = best["value"], best["step"]
+        state.best_model_checkpoint = str(self.best_dir)
 
     def _score(self) -> dict:
         model = self.model
@@ -286,21 +317,69 @@ class EvalCallback(TrainerCallback):
             shutil.rmtree(old)
 
     def _restore(self, state):
-        """A resumed run: the evaluations the checkpoint's log holds, and the best folder when it is not from a step
-        after the checkpoint (a run that went on past it, then was resumed from it)."""
+        """A resumed run: the evaluations the checkpoint's log holds (steps up to the checkpoint's), and their best.
+
+        ``best/`` is kept when it holds that best. Otherwise (it comes from a step after the checkpoint, of a run that
+        went on past it; or it was picked by another metric) it is renamed aside, never deleted, and ``best/`` is
+        rebuilt from the checkpoint of the best scored step, when that checkpoint is still there."""
+        s = state.global_step
         self.evaluations = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
                             for r in state.log_history if any(k.startswith("eval_") for k in r)]
         record = _read_best(self.best_dir)
-        if record is None:
+        if self.metric is None:
+            self.metric = record["metric"] if record else (default_metric(self.evaluations[0]) if self.evaluations
+                                                           else None)
+        history = None
+        for r in self.evaluations:
+            if self.metric in r and self._better(r[self.metric], None if history is None else history["value"]):
+                history = {"step": r["step"], "metric": self.metric, "value": r[self.metric]}
+        if record is not None and record.get("metric") == self.metric and history is not None and \
+                record["step"] == history["step"]:
+            self._set_best(state, history)
             return
-        if record["step"] > state.global_step:
-            logger.warning("%s holds step %d, after the checkpoint resumed from (step %d): it is set aside and the "
-                           "best is tracked afresh", self.best_dir, record["step"], state.global_step)
-            if self.trainer.args.should_save:
-                shutil.rmtree(self.best_dir)
+        if self.best_dir.exists():
+            if record and record["step"] > s:
+                why = f"it holds step {record['step']}, after the checkpoint resumed from (step {s})"
+            elif record and record.get("metric") != self.metric:
+                why = f"it was picked by {record['metric']}, this run picks by {self.metric}"
+            else:
+                why = "it is not the best of the evaluations up to the checkpoint"
+            self._set_aside(why)
+        if history is None:
             return
-        self.best, self.metric = record, self.metric or record["metric"]
-        self.since_best = sum(1 for r in self.evaluations if r["step"] > record["step"])
+        ckpt = Path(self.trainer.args.output_dir) / f"checkpoint-{history['step']}"
+        if not (ckpt / "adapter_model.safetensors").is_file():
+            logger.warning("the best evaluation before the resumed checkpoint (step %d, %s = %.4f) has no checkpoint "
+                           "left to rebuild %s from: the best is tracked from the evaluations to come",
+                           history["step"], self.metric, history["value"], self.best_dir)
+            return
+        self._set_best(state, history)
+        if self.trainer.args.should_save:
+            self._rebuild_best(ckpt)
+
+    def _set_aside(self, why: str) -> None:
+        if not self.trainer.args.should_save:
+            return
+        n = 1
+        while self.best_dir.with_name(f"{BEST_DIR}.set-aside-{n}").exists():
+            n += 1
+        aside = self.best_dir.with_name(f"{BEST_DIR}.set-aside-{n}")
+        os.replace(self.best_dir, aside)
+        logger.warning("moved %s to %s: %s", self.best_dir, aside, why)
+
+    def _rebuild_best(self, checkpoint: Path) -> None:
+        """Write ``best/`` from ``checkpoint``'s adapter: loaded into the model for the save, then the resumed
+        weights are put back (the same tensors, so the optimizer's state still applies)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        module = self.trainer.peft_module
+        kept = {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+        self.trainer._load_from_checkpoint(str(checkpoint))
+        try:
+            self._save_best()
+        finally:
+            set_peft_model_state_dict(module, kept)
+        logger.warning("rebuilt %s from %s (%s = %.4f)", self.best_dir, checkpoint, self.metric, self.best["value"])
 
     def summary(self) -> dict:
         return {"evaluations": self.evaluations, "best": self.best, "stopped_early_at": self.stopped_early_at}

@@ -4,6 +4,7 @@ model and loads, load-best-at-end, early stopping, resume, argument checks and t
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,11 +205,19 @@ def test_resume_keeps_or_sets_aside_the_best_folder(tiny_model_dir, tiny_text_fi
     full, resumed, r = _resume(ctx, "falling", [0.9, 0.5, 0.4], ("checkpoint-4", "best"), [0.1])
     assert [e["step"] for e in r["evaluations"]] == [2, 4, 6] and r["best"]["step"] == 2
     assert _same(_adapter(resumed / "best"), _adapter(full / "best"))
-    # a best folder from after the checkpoint (step 6 here) belongs to a run that went on: set aside
+    # a best folder from after the checkpoint (step 6 here) belongs to a run that went on: it is moved aside (not
+    # deleted), and best/ is rebuilt from the best evaluation up to the checkpoint (step 2, from checkpoint-2),
+    # which the resumed run's worse scores do not replace
     with caplog.at_level("WARNING"):
-        _, resumed, r = _resume(ctx, "rising", [0.1, 0.2, 0.3], ("checkpoint-2", "best"), [0.05, 0.01])
-    assert "set aside" in caplog.text
-    assert r["best"]["step"] == 4 and _same(_adapter(resumed / "best"), _adapter(resumed / "checkpoint-4"))
+        full, resumed, r = _resume(ctx, "rising", [0.1, 0.2, 0.3], ("checkpoint-2", "best"), [0.05, 0.01])
+    assert "it holds step 6, after the checkpoint resumed from (step 2)" in caplog.text
+    aside = resumed / "best.set-aside-1"
+    assert _same(_adapter(aside), _adapter(full / "best"))
+    assert json.loads((aside / "llm2vec_training.json").read_text())["best"]["step"] == 6
+    assert r["best"]["step"] == 2 and r["best"]["value"] == 0.1
+    assert _same(_adapter(resumed / "best"), _adapter(full / "checkpoint-2"))
+    assert not _same(_adapter(resumed / "best"), _adapter(resumed))  # the resumed weights were put back
+    assert _same(_adapter(resumed), _adapter(full))  # and trained on as in the full run
 
 
 @pytest.mark.parametrize("truncate", [None, 8], ids=["full", "truncate-dim-8"])
@@ -247,18 +256,37 @@ def test_arguments_are_checked_before_training(tiny_model_dir, tiny_text_file, t
         _mntp(tiny_model_dir, tiny_text_file, tmp_path, validation_split_percentage=5, validation_files=["v.txt"])
     with pytest.raises(TypeError, match="callables"):
         _mntp(tiny_model_dir, tiny_text_file, tmp_path, evaluators=["sts"])
-    sts = tmp_path / "sts.csv"
+    sts, one_pair = tmp_path / "sts.csv", tmp_path / "one.csv"
     sts.write_text("g\tf\t2012\t1\t1.0\tw1 w2\tw3\ng\tf\t2012\t2\t2.0\tw4\tw5 w6\n")
+    one_pair.write_text("g\tf\t2012\t1\t1.0\tw1 w2\tw3\n")
     bad = tmp_path / "bad-sts.csv"
     bad.write_text("a\tb\tc\n")
     with pytest.raises(ValueError, match="columns"):  # read before the model loads
         train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "o", eval_sts=str(bad)))
+    with pytest.raises(ValueError, match="eval_sts_limit must be >= 2"):
+        _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts), eval_sts_limit=1)
+    with pytest.raises(ValueError, match="eval_sts_limit given without eval_sts"):
+        _mntp(tiny_model_dir, tiny_text_file, tmp_path, evaluators=[scripted([1])], eval_sts_limit=5)
+    with pytest.raises(ValueError, match="eval_retrieval_max_docs given without eval_retrieval"):
+        _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts), eval_retrieval_max_docs=5)
+    with pytest.raises(ValueError, match="max_eval_blocks given without validation"):
+        _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts), max_eval_blocks=5)
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("\n")
+    short.write_text("w1 w2 w3\n")
+    with pytest.raises(ValueError, match="hold no text"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "e", validation_files=[str(empty)]))
+    with pytest.raises(ValueError, match=r"validation_files .*short.txt.*fewer than one block of 32; give more "
+                                         r"held-out text"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "s", validation_files=[str(short)]))
+    with pytest.raises(ValueError, match="has 1 sentence pair"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "one", eval_sts=str(one_pair)))
     with pytest.raises(ValueError, match=r"best_metric 'eval_loss' is not among this run's metrics "
                                          r"\['eval_sts_spearman'\]"):
         _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts), best_metric="loss")
     assert _mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=str(sts),
                  best_metric="sts_spearman").best_metric == "eval_sts_spearman"
-    with pytest.raises(KeyError, match="best_metric 'eval_nope'"):  # a custom evaluator's names: known when run
+    with pytest.raises(ValueError, match="best_metric 'eval_nope'"):  # a custom evaluator's names: known when run
         train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "o2", evaluators=[scripted([1.0])],
                          best_metric="eval_nope", max_steps=2))
 
@@ -301,3 +329,72 @@ def test_a_nan_loss_stops_before_the_evaluation(tiny_model_dir, tiny_text_file, 
         train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=sts_file, eval_steps=2, save_steps=0,
                          logging_steps=100))
     assert not (tmp_path / "best").exists()
+
+
+def test_resume_with_another_best_metric(tiny_model_dir, tiny_text_file, held_out_file, tmp_path, caplog):
+    """The first run picks by eval_loss; resumed picking by eval_score, the best comes from the evaluations' own
+    eval_score values (never a loss compared with a score)."""
+    first = tmp_path / "run"
+    train_mntp(_mntp(tiny_model_dir, tiny_text_file, first, max_steps=4, validation_files=[held_out_file],
+                     evaluators=[scripted([0.1, 0.2])], eval_steps=2))
+    assert json.loads((first / "best" / "llm2vec_training.json").read_text())["best"]["metric"] == "eval_loss"
+    with caplog.at_level("WARNING"):
+        r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, first, max_steps=8, validation_files=[held_out_file],
+                             evaluators=[scripted([0.15, 0.7])], eval_steps=2, best_metric="score",
+                             resume_from_checkpoint=True))
+    assert "this run picks by eval_score" in caplog.text
+    assert [e["eval_score"] for e in r["evaluations"]] == [0.1, 0.2, 0.15, 0.7]
+    assert r["best"]["metric"] == "eval_score" and r["best"]["step"] == 8 and r["best"]["value"] == 0.7
+
+
+def test_best_without_a_checkpoint_and_the_direction_option(tiny_model_dir, tiny_text_file, tmp_path, caplog):
+    """greater_is_better=False minimises a metric whatever its name. Resumed from checkpoint-2 with best/ gone and
+    the best evaluation (step 1) never checkpointed: said, and the best is tracked from the new evaluations."""
+    first = tmp_path / "run"
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, first, max_steps=4, eval_steps=1, greater_is_better=False,
+                         evaluators=[scripted([0.1, 0.3, 0.9, 0.8])]))
+    assert r["best"]["step"] == 1
+    shutil.rmtree(first / "best")
+    shutil.rmtree(first / "checkpoint-4")
+    with caplog.at_level("WARNING"):
+        r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, first, max_steps=4, greater_is_better=False,
+                             evaluators=[scripted([0.35, 0.31])], eval_steps=1, resume_from_checkpoint=True))
+    assert "(step 1, eval_score = 0.1000) has no checkpoint left" in caplog.text
+    assert [e["step"] for e in r["evaluations"]] == [1, 2, 3, 4]
+    assert r["best"]["step"] == 4 and r["best"]["value"] == 0.31
+    assert _same(_adapter(first / "best"), _adapter(first))
+
+
+def test_nan_scores_are_recorded_as_null(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    import argparse
+
+    from llm2vec_fast.training.cli import add_subcommands
+
+    flat = tmp_path / "flat.csv"  # equal gold scores: Spearman is undefined
+    flat.write_text("".join(f"g\tf\t2012\t{i}\t3.0\tw{i} w2\tw{i + 1} w3\n" for i in range(6)))
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["train", "mntp", "--model", tiny_model_dir, "--train-file", tiny_text_file,
+                           "--output-dir", str(tmp_path / "o"), "--max-seq-length", "32", "--batch-size", "2",
+                           "--max-steps", "2", "--save-steps", "0", "--no-progress", "--eval-sts", str(flat)])
+    assert a.func(a) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the result line"))
+    assert report["last_eval"]["eval_sts_spearman"] is None and report["best"] is None
+    json.loads((tmp_path / "o" / "llm2vec_training.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in the training record"))
+
+
+def test_records_of_the_best_folder(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, "rel-out", max_steps=4, evaluators=[scripted([0.2, 0.9])],
+                         eval_steps=2))
+    best = tmp_path / "rel-out" / "best"
+    assert r["best"]["path"] == str(best)
+    record = json.loads((best / "llm2vec_training.json").read_text())
+    assert record["arguments"]["output_dir"] == "rel-out" and record["best"]["step"] == 4
+    state = json.loads((tmp_path / "rel-out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["best_global_step"], state["best_metric"]) == (4, 0.9)
+    # ours names best/; the Trainer (transformers 5) names the best step's checkpoint when it has one, and then
+    # keeps that checkpoint out of save_total_limit's rotation
+    assert state["best_model_checkpoint"] in (str(best), str(Path("rel-out") / "checkpoint-4"))
