@@ -26,11 +26,13 @@ step "pytest -m gpu tests/kernels" 130 30 \
 # the fused RMSNorm/gated-MLP wiring on CUDA tensors (real kernels, fp32, whole models with LoRA), the fused LoRA
 # (CUDA dropout masks regenerated or drawn in the dropout_project kernels, also under checkpointing; the norm
 # rebuild; bf16 autocast against peft) and the bf16 fast
-# encode path against the fp32 reference path (per-row cosine >= 0.999)
-step "pytest test_fused.py + bf16 encode parity" 70 20 \
+# encode path against the fp32 reference path (per-row cosine >= 0.999), evaluation during training under bf16
+# autocast
+step "pytest test_fused.py + bf16 encode parity" 90 20 \
   $PY -m pytest -q -p no:cacheprovider tests/llm2vec_fast/test_fused.py \
   tests/llm2vec_fast/test_encoder.py::test_gpu_bf16_encode_matches_fp32_reference \
   tests/llm2vec_fast/training/test_lora.py \
+  tests/llm2vec_fast/training/test_monitor.py::test_gpu_evaluation_during_training \
   --junitxml="$WORK/pytest_gpu_fused.xml"
 # the training step first among the benchmarks: the fused LoRA, its in-kernel dropout, the norm rebuild and partial
 # checkpointing are all unmeasured on a GPU (issue #5's speed and memory targets)

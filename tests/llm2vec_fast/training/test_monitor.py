@@ -398,3 +398,35 @@ def test_records_of_the_best_folder(tiny_model_dir, tiny_text_file, tmp_path, mo
     # ours names best/; the Trainer (transformers 5) names the best step's checkpoint when it has one, and then
     # keeps that checkpoint out of save_total_limit's rotation
     assert state["best_model_checkpoint"] in (str(best), str(Path("rel-out") / "checkpoint-4"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["mntp", "simcse"])
+def test_gpu_evaluation_during_training(tiny_model_dir, tiny_text_file, tiny_sentence_file, held_out_file, sts_file,
+                                        tmp_path, stage):
+    """On CUDA (bf16 weights, bf16 autocast, Triton attention, fused LoRA): scores are finite, the logged STS score
+    equals a fresh evaluation of best/ (bf16: to 0.02), and the loss curve stays that of a run without evaluation
+    (to bf16 run-to-run noise)."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.evaluation import evaluate_sts
+
+    def run(out, **kw):
+        if stage == "mntp":
+            return train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=4, **kw))
+        return train_contrastive(ContrastiveArguments(
+            mode="simcse", train_files=[tiny_sentence_file], output_dir=str(out), model=tiny_model_dir, batch_size=6,
+            max_steps=4, logging_steps=1, save_steps=0, learning_rate=1e-3, disable_tqdm=True, max_length=32, **kw))
+
+    plain = run(tmp_path / "plain")
+    extra = dict(validation_files=[held_out_file]) if stage == "mntp" else {}
+    r = run(tmp_path / "eval", eval_sts=sts_file, eval_steps=2, **extra)
+    assert [e["step"] for e in r["evaluations"]] == [2, 4]
+    assert all(v is not None for e in r["evaluations"] for v in e.values())
+    for a, b in zip(plain["losses"], r["losses"], strict=True):
+        assert a["step"] == b["step"] and b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+    best = r["best"]
+    if best["metric"] == "eval_sts_spearman":
+        kw = dict(peft_model_name_or_path=best["path"]) if stage == "simcse" else {}
+        loaded = LLM2Vec.from_pretrained(tiny_model_dir if stage == "simcse" else best["path"], **kw)
+        got = evaluate_sts(loaded, sts_file)["scores"]["validation"][0]["main_score"]
+        assert got == pytest.approx(best["value"], abs=0.02)
