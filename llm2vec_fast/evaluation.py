@@ -55,6 +55,9 @@ def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=Non
     """Encode ``texts`` (optionally instructed) into a float32 numpy array ``[N, D]``; with ``truncate_dim`` its
     first ``truncate_dim`` columns (a Matryoshka embedding's prefix; scores renormalize it)."""
     check_count("truncate_dim", truncate_dim, optional=True)
+    width = _width(model)
+    if truncate_dim is not None and width is not None and truncate_dim > width:
+        raise ValueError(f"truncate_dim {truncate_dim} is more than the embedding width {width}")
     if not texts:
         raise ValueError("nothing to encode: the data file gave no texts")
     kwargs = dict(show_progress_bar=show_progress_bar, convert_to_numpy=True)
@@ -71,6 +74,13 @@ def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=Non
             raise ValueError(f"truncate_dim {truncate_dim} is more than the embedding width {emb.shape[1]}")
         emb = np.ascontiguousarray(emb[:, :truncate_dim])
     return emb
+
+
+def _width(model) -> int | None:
+    """The embedding width an encoder announces (LLM2Vec: its config; sentence-transformers: its method), or None."""
+    get = getattr(model, "get_sentence_embedding_dimension", None)
+    width = get() if callable(get) else getattr(getattr(model, "config", None), "hidden_size", None)
+    return width if isinstance(width, int) else None
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -355,7 +355,7 @@ def _monitor(trainer, encoder, args: ContrastiveArguments):
                 encoder.max_length = kept
         return run
 
-    scorers = [scorer(fn) for fn in encoder_evaluators(args)]
+    scorers = [scorer(fn) for fn in encoder_evaluators(args, encoder.model.config.hidden_size)]
 
     def save(folder, extra):
         save_contrastive_output(encoder, args, loss_history(trainer), extra, folder=folder)

@@ -348,7 +348,7 @@ def _monitor(trainer, model: MNTPModel, tokenizer, args: MNTPArguments, base_pat
     scorers = []
     if model.validation is not None:
         scorers.append(lambda: model.validation(model))
-    embedders = encoder_evaluators(args)
+    embedders = encoder_evaluators(args, model.backbone.config.hidden_size)
     if embedders:
         from llm2vec_fast import LLM2Vec
 

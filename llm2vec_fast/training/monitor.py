@@ -111,8 +111,11 @@ def metric_prefers_lower(name: str) -> bool:
     return name.endswith(LOWER_IS_BETTER)
 
 
-def encoder_evaluators(args: EvalArguments) -> list[Callable]:
-    """The scorers of ``args`` that embed texts: each ``fn(encoder) -> {metric: value}``."""
+def encoder_evaluators(args: EvalArguments, width: int | None = None) -> list[Callable]:
+    """The scorers of ``args`` that embed texts: each ``fn(encoder) -> {metric: value}``. ``width``: the
+    embeddings' width, that ``eval_truncate_dim`` must not exceed (checked here, before training)."""
+    if width is not None and args.eval_truncate_dim is not None and args.eval_truncate_dim > width:
+        raise ValueError(f"eval_truncate_dim {args.eval_truncate_dim} is more than the embedding width {width}")
     from llm2vec_fast.evaluation import (
         DEFAULT_RETRIEVAL_INSTRUCTION,
         evaluate_retrieval,
@@ -207,9 +210,8 @@ class EvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
             self._restore(state)
-        elif args.should_save and self.best_dir.exists():
-            logger.warning("removing %s, left by an earlier run into this output folder", self.best_dir)
-            shutil.rmtree(self.best_dir)
+        elif self.best_dir.exists():
+            self._set_aside("it was left by an earlier run into this output folder")
         if self.on_start and state.global_step == 0:
             self._evaluate(state, control)
 
@@ -247,7 +249,7 @@ class EvalCallback(TrainerCallback):
             raise ValueError(f"best_metric {self.metric!r} is not among the evaluation's metrics {sorted(metrics)}")
         value = metrics[self.metric]
         if self._better(value):
-            self._set_best(state, {"step": step, "metric": self.metric, "value": value})
+            self._set_best({"step": step, "metric": self.metric, "value": value})
             if args.should_save:
                 self._save_best()
             logger.info("step %d: %s = %.4f, the best so far", step, self.metric, value)
@@ -274,12 +276,12 @@ class EvalCallback(TrainerCallback):
             than = self.best["value"]
         return value < than if self._lower_is_better() else value > than
 
-    def _set_best(self, state, best: dict) -> None:
-        """Record ``best`` (kept in ``best/``), also in the Trainer's state (``trainer_state.json``)."""
+    def _set_best(self, best: dict) -> None:
+        """Record ``best`` (kept in ``best/``). The Trainer's own best fields stay unset: transformers keeps the
+        checkpoint they name out of ``save_total_limit``'s rotation and, at a limit of 1, deletes every other one
+        at the end, the last step's included."""
         self.best = {**best, "path": str(self.best_dir)}
         self.since_best = sum(1 for r in self.evaluations if r["step"] > best["step"])
-        state.best_metric, state.best_global_step = best["value"], best["step"]
-        state.best_model_checkpoint = str(self.best_dir)
 
     def _score(self) -> dict:
         model = self.model
@@ -322,9 +324,15 @@ class EvalCallback(TrainerCallback):
         ``best/`` is kept when it holds that best. Otherwise (it comes from a step after the checkpoint, of a run that
         went on past it; or it was picked by another metric) it is renamed aside, never deleted, and ``best/`` is
         rebuilt from the checkpoint of the best scored step, when that checkpoint is still there."""
-        s = state.global_step
-        self.evaluations = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
+        self.evaluations = [{k: (v if k == "step" or _finite(v) else None) for k, v in r.items()
+                             if k == "step" or k.startswith("eval_")}
                             for r in state.log_history if any(k.startswith("eval_") for k in r)]
+        # process 0 decides (and moves folders); the others take its decision, so that all stop at the same step
+        if self.trainer.args.process_index == 0:
+            self._restore_best(state.global_step)
+        self.metric, self.best, self.since_best = _broadcast((self.metric, self.best, self.since_best))
+
+    def _restore_best(self, s: int) -> None:
         record = _read_best(self.best_dir)
         if self.metric is None:
             self.metric = record["metric"] if record else (default_metric(self.evaluations[0]) if self.evaluations
@@ -335,7 +343,7 @@ class EvalCallback(TrainerCallback):
                 history = {"step": r["step"], "metric": self.metric, "value": r[self.metric]}
         if record is not None and record.get("metric") == self.metric and history is not None and \
                 record["step"] == history["step"]:
-            self._set_best(state, history)
+            self._set_best(history)
             return
         if self.best_dir.exists():
             if record and record["step"] > s:
@@ -353,11 +361,12 @@ class EvalCallback(TrainerCallback):
                            "left to rebuild %s from: the best is tracked from the evaluations to come",
                            history["step"], self.metric, history["value"], self.best_dir)
             return
-        self._set_best(state, history)
+        self._set_best(history)
         if self.trainer.args.should_save:
             self._rebuild_best(ckpt)
 
     def _set_aside(self, why: str) -> None:
+        """Rename ``best/`` to the first free ``best.set-aside-N`` (process 0; never deleted)."""
         if not self.trainer.args.should_save:
             return
         n = 1
@@ -383,6 +392,10 @@ class EvalCallback(TrainerCallback):
 
     def summary(self) -> dict:
         return {"evaluations": self.evaluations, "best": self.best, "stopped_early_at": self.stopped_early_at}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def default_metric(metrics: dict) -> str:

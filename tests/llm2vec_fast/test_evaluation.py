@@ -401,3 +401,11 @@ def test_truncate_dim_scores_the_prefix(data_dir, tmp_path, capsys):
     args = _parser().parse_args(["eval", "sts", "--data", str(data), "--limit", "80", "--truncate-dim", "9"])
     args.func(args, model=FakeEncoder())
     assert capsys.readouterr().out.strip().split("\n")[-1] == f"{want:.6f}"
+
+
+def test_truncate_dim_wider_than_the_encoder_is_refused_before_encoding(data_dir):
+    enc = FakeEncoder()
+    enc.get_sentence_embedding_dimension = lambda: 64
+    with pytest.raises(ValueError, match="truncate_dim 65 is more than the embedding width 64"):
+        ev.evaluate_sts(enc, data_dir / "sick" / "SICK_trial.txt", limit=10, truncate_dim=65)
+    assert enc.calls == []

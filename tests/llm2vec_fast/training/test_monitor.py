@@ -4,7 +4,6 @@ model and loads, load-best-at-end, early stopping, resume, argument checks and t
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -393,11 +392,49 @@ def test_records_of_the_best_folder(tiny_model_dir, tiny_text_file, tmp_path, mo
     assert r["best"]["path"] == str(best)
     record = json.loads((best / "llm2vec_training.json").read_text())
     assert record["arguments"]["output_dir"] == "rel-out" and record["best"]["step"] == 4
+    # the Trainer's own best fields stay unset: with them, transformers would keep the best step's checkpoint out of
+    # save_total_limit's rotation and, at a limit of 1, delete the last step's at the end
     state = json.loads((tmp_path / "rel-out" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert (state["best_global_step"], state["best_metric"]) == (4, 0.9)
-    # ours names best/; the Trainer (transformers 5) names the best step's checkpoint when it has one, and then
-    # keeps that checkpoint out of save_total_limit's rotation
-    assert state["best_model_checkpoint"] in (str(best), str(Path("rel-out") / "checkpoint-4"))
+    assert state["best_global_step"] is None and state["best_model_checkpoint"] is None
+
+
+def test_checkpoints_rotate_as_without_evaluation(tiny_model_dir, tiny_text_file, tmp_path):
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path / "o", evaluators=[scripted([0.9, 0.1, 0.2])],
+                         eval_steps=2, save_total_limit=1))
+    assert r["best"]["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+def test_a_fresh_run_sets_an_earlier_best_aside(tiny_model_dir, tiny_text_file, tmp_path, caplog):
+    out = tmp_path / "o"
+    train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=2, evaluators=[scripted([0.5])], eval_steps=2))
+    earlier = _adapter(out / "best")
+    with caplog.at_level("WARNING"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=2, seed=9, evaluators=[scripted([0.1])],
+                         eval_steps=2))
+    assert "left by an earlier run" in caplog.text
+    assert _same(_adapter(out / "best.set-aside-1"), earlier) and not _same(_adapter(out / "best"), earlier)
+
+
+def test_scores_recorded_as_null_stay_null_after_a_resume(tiny_model_dir, tiny_text_file, tmp_path):
+    out = tmp_path / "o"
+    train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=4, evaluators=[scripted([float("nan"), 0.5])],
+                     eval_steps=2))
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=6, evaluators=[scripted([0.6])],
+                         eval_steps=2, resume_from_checkpoint=True))
+    assert [e["eval_score"] for e in r["evaluations"]] == [None, 0.5, 0.6]
+    for record in (out / "llm2vec_training.json", out / "best" / "llm2vec_training.json"):
+        json.loads(record.read_text(), parse_constant=lambda c, f=record: pytest.fail(f"{c} in {f}"))
+
+
+def test_eval_truncate_dim_wider_than_the_model_is_refused_before_training(tiny_model_dir, tiny_sentence_file,
+                                                                           sts_file, tmp_path):
+    with pytest.raises(ValueError, match="eval_truncate_dim 100 is more than the embedding width 64"):
+        train_contrastive(ContrastiveArguments(
+            mode="simcse", train_files=[tiny_sentence_file], output_dir=str(tmp_path), model=tiny_model_dir,
+            batch_size=6, max_steps=4, save_steps=1, disable_tqdm=True, max_length=32, eval_sts=sts_file,
+            eval_truncate_dim=100))
+    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 @pytest.mark.gpu
