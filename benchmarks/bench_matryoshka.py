@@ -1,7 +1,11 @@
 """Matryoshka training evidence: the same supervised run (SNLI triplets, SmolLM2-135M-Instruct, bidirectional, mean
 pooling) with the plain loss and with ``matryoshka_dims``, scored on STS-B dev at each embedding prefix.
 
-    python benchmarks/bench_matryoshka.py [--steps 120] [--dims 576,256,128,64,32] [--sts-limit 500]
+    python benchmarks/bench_matryoshka.py [--steps 120] [--dims 576,256,128,64,32] [--sts-limit 500] [--model M]
+
+The recorded CPU run took ``--steps 100 --model <the MNTP output of the recorded training evidence>`` (the
+supervised evidence's starting point: ``python -m llm2vec_fast.training.evidence`` writes it to
+``/tmp/llm2vec_fast_evidence/mntp``).
 
 Both runs share seed, data order, steps and learning rate; only the loss differs. Each model encodes the STS-B
 sentences once and is scored on prefixes of those embeddings (what ``encode(..., truncate_dim=d)`` returns). Writes
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="/tmp/llm2vec_fast_matryoshka", help="training outputs (not committed)")
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows, runs = [], {}
-    rows.append({"model": "untrained (bidirectional)", **{f"d{d}": v for d, v in
+    rows.append({"model": "before supervised training", **{f"d{d}": v for d, v in
                                                           prefix_scores(a.model, None, dims, a.sts_limit).items()}})
     print(rows[-1], flush=True)
     for name, mdims in (("plain loss", None), ("matryoshka loss", dims)):
@@ -89,7 +93,8 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# Matryoshka loss: STS-B dev Spearman × 100 at each embedding prefix ({a.sts_limit} pairs)\n",
           f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
-          "SmolLM2-135M-Instruct, bidirectional, mean pooling; supervised on SNLI triplets, "
+          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}, bidirectional, mean "
+          "pooling; supervised on SNLI triplets, "
           f"{a.steps} steps of batch {a.batch} × {a.max_length} tokens, lr {a.lr}, the same seed and data order "
           f"for both losses; `dN` = the first N of {dims[0]} dimensions.\n",
           markdown_table(rows)]
