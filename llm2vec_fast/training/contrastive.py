@@ -43,7 +43,7 @@ from .common import (
 from .data import ListDataset, one_dataset_per_batch, read_sentences, read_triplets, with_instruction
 from .gradcache import grad_cache_step, token_chunk_sizes
 from .losses import check_matryoshka, hard_negative_nll_loss
-from .monitor import EvalArguments, EvalCallback, add_eval_callback, encoder_evaluators, load_best
+from .monitor import EvalArguments, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
 
@@ -360,11 +360,7 @@ def _monitor(trainer, encoder, args: ContrastiveArguments):
     def save(folder, extra):
         save_contrastive_output(encoder, args, loss_history(trainer), extra, folder=folder)
 
-    cb = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
-                      on_start=args.eval_on_start, patience=args.early_stopping_patience,
-                      greater_is_better=args.greater_is_better, model=encoder)
-    add_eval_callback(trainer, cb)
-    return cb
+    return add_eval_callback(trainer, args, scorers, save, encoder)
 
 
 def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict],

@@ -43,7 +43,7 @@ from .common import (
 )
 from .data import BlockDataset, MNTPCollator, read_documents, resolve_mask_token, stack_blocks
 from .losses import linear_cross_entropy, shift_masked_rows
-from .monitor import EvalArguments, EvalCallback, add_eval_callback, encoder_evaluators, load_best
+from .monitor import EvalArguments, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
 
@@ -358,11 +358,7 @@ def _monitor(trainer, model: MNTPModel, tokenizer, args: MNTPArguments, base_pat
     def save(folder, extra):
         save_mntp_output(model.backbone, tokenizer, args, base_path, loss_history(trainer), extra, folder=folder)
 
-    cb = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
-                      on_start=args.eval_on_start, patience=args.early_stopping_patience,
-                      greater_is_better=args.greater_is_better, model=model)
-    add_eval_callback(trainer, cb)
-    return cb
+    return add_eval_callback(trainer, args, scorers, save, model)
 
 
 def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, losses: list[dict],

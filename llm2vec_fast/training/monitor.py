@@ -437,10 +437,15 @@ def load_best(trainer, callback: EvalCallback) -> bool:
     return True
 
 
-def add_eval_callback(trainer, callback: EvalCallback) -> None:
-    """Add ``callback`` before a :class:`~.common.FiniteLossGuard` (which must see every stop decision)."""
+def add_eval_callback(trainer, args: EvalArguments, scorers: list[Callable[[], dict]], save: Callable,
+                      model: torch.nn.Module) -> EvalCallback:
+    """An :class:`EvalCallback` with ``args``' settings, added to ``trainer`` before a
+    :class:`~.common.FiniteLossGuard` (which must see every stop decision)."""
     from .common import FiniteLossGuard
 
+    callback = EvalCallback(trainer, scorers, save, every=args.eval_every(), metric=args.best_metric,
+                            on_start=args.eval_on_start, patience=args.early_stopping_patience,
+                            greater_is_better=args.greater_is_better, model=model)
     handler = trainer.callback_handler
     guards = [c for c in handler.callbacks if isinstance(c, FiniteLossGuard)]
     for g in guards:
@@ -448,3 +453,4 @@ def add_eval_callback(trainer, callback: EvalCallback) -> None:
     trainer.add_callback(callback)
     for g in guards:
         trainer.add_callback(g)
+    return callback
