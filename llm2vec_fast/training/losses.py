@@ -230,3 +230,122 @@ def hard_negative_nll_loss_ref(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor
 def simcse_loss_ref(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
     """Twin of :func:`simcse_loss`."""
     return hard_negative_nll_loss_ref(a, b, None, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scored pairs (STS-style data: two texts and a similarity score)
+# ----------------------------------------------------------------------------------------------------------------
+
+PAIR_LOSSES = ("cosent", "angle", "cosine")
+
+
+def pair_similarity(a: torch.Tensor, b: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Row-wise similarity of ``a`` [B, H] and ``b`` [B, H] (at least fp32), [B].
+
+    ``cosine``; or ``angle``, AnglE's (arXiv 2309.12871) similarity as sentence-transformers computes it: each
+    embedding is L2-normalised and read as a complex vector whose real part is its first half and imaginary part its
+    second half (an odd width is padded with one zero); with ``z = Σ a · conj(b)`` the score is ``|Re z + Im z|``
+    (``Re z`` is the cosine), the value of sentence-transformers' ``pairwise_angle_sim``.
+    """
+    a, b = _acc(a), _acc(b)
+    if kind == "cosine":
+        return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+    if kind != "angle":
+        raise ValueError(f"similarity must be 'cosine' or 'angle', got {kind!r}")
+    if a.shape[-1] % 2:
+        a, b = F.pad(a, (0, 1)), F.pad(b, (0, 1))
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    h = a.shape[-1] // 2
+    re_a, im_a, re_b, im_b = a[:, :h], a[:, h:], b[:, :h], b[:, h:]
+    cos = (re_a * re_b + im_a * im_b).sum(-1)
+    sin = (im_a * re_b - re_a * im_b).sum(-1)
+    return (cos + sin).abs()
+
+
+def cosent_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, scale: float = 20.0,
+                similarity: str = "cosine") -> torch.Tensor:
+    """CoSENT (Su, 2022; sentence-transformers' ``CoSENTLoss``; with ``similarity="angle"`` its ``AnglELoss``).
+
+    With ``s_i = scale × sim(a_i, b_i)`` and gold ``scores`` y: ``log(1 + Σ_{(i, j): y_i > y_j} exp(s_j − s_i))``,
+    over every ordered pair of pairs in the batch: a pair scored higher by the gold must come out more similar. Only
+    the order of the gold scores matters. One number per batch (a log-sum, not a mean over pairs).
+    """
+    s = pair_similarity(a, b, similarity) * scale
+    y = scores.to(s.device, s.dtype).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"one score per pair expected: {s.shape[0]} pairs, scores of shape {tuple(scores.shape)}")
+    diff = (s[None, :] - s[:, None]).masked_fill(~(y[:, None] > y[None, :]), float("-inf"))  # [i, j] = s_j − s_i
+    return torch.logsumexp(torch.cat([s.new_zeros(1), diff.reshape(-1)]), dim=0)
+
+
+def cosine_mse_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' ``CosineSimilarityLoss``: mean of ``(cos(a_i, b_i) − y_i)²``; the scores should lie
+    where cosines can reach them (the trainer rescales gold scores to [0, 1])."""
+    c = pair_similarity(a, b, "cosine")
+    y = scores.to(c.device, c.dtype).reshape(-1)
+    if y.shape != c.shape:
+        raise ValueError(f"one score per pair expected: {c.shape[0]} pairs, scores of shape {tuple(scores.shape)}")
+    return F.mse_loss(c, y)
+
+
+def scored_pair_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, loss: str = "cosent",
+                     scale: float = 20.0, matryoshka_dims: Sequence[int] | None = None,
+                     matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """The loss of a batch of scored pairs: ``cosent``, ``angle`` (CoSENT on AnglE's similarity) or ``cosine``
+    (MSE of the cosine against the score; ``scale`` unused). With ``matryoshka_dims`` the weighted sum of the loss
+    on each embedding prefix.
+
+    Pairs are compared within the local batch: under torch.distributed each process scores its own pairs and DDP
+    averages the gradients, as sentence-transformers does (CoSENT compares pairs, not candidates, so there is nothing
+    to gather).
+    """
+    if loss not in PAIR_LOSSES:
+        raise ValueError(f"loss must be one of {PAIR_LOSSES}, got {loss!r}")
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must both be [B, H] of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, a.shape[1])
+    total = None
+    for d, w in zip(dims, weights, strict=True):
+        if loss == "cosine":
+            value = cosine_mse_loss(a[:, :d], b[:, :d], scores)
+        else:
+            value = cosent_loss(a[:, :d], b[:, :d], scores, scale, "angle" if loss == "angle" else "cosine")
+        value = value if w == 1.0 else value * w
+        total = value if total is None else total + value
+    return total
+
+
+def scored_pair_loss_ref(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, loss: str = "cosent",
+                         scale: float = 20.0, matryoshka_dims: Sequence[int] | None = None,
+                         matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Twin of :func:`scored_pair_loss`: one pair, and one pair of pairs, at a time, written out."""
+    if matryoshka_dims is not None:
+        weights = matryoshka_weights or [1.0] * len(matryoshka_dims)
+        return sum(w * scored_pair_loss_ref(a[:, :d], b[:, :d], scores, loss, scale)
+                   for d, w in zip(matryoshka_dims, weights, strict=True))
+
+    def cos(x, y):
+        return torch.dot(x, y) / (x.norm() * y.norm()).clamp_min(1e-12)
+
+    def angle(x, y):
+        if x.numel() % 2:
+            x, y = torch.cat([x, x.new_zeros(1)]), torch.cat([y, y.new_zeros(1)])
+        x, y = x / x.norm().clamp_min(1e-12), y / y.norm().clamp_min(1e-12)
+        h = x.numel() // 2
+        zx, zy = torch.complex(x[:h], x[h:]), torch.complex(y[:h], y[h:])
+        prod = (zx * zy.conj()).sum()  # real part: the cosine; imaginary part: the sine term
+        return (prod.real + prod.imag).abs()
+
+    sims = []
+    for i in range(a.shape[0]):
+        x, y = _acc(a[i]), _acc(b[i])
+        sims.append(angle(x, y) if loss == "angle" else cos(x, y))
+    gold = [float(v) for v in scores.reshape(-1)]
+    if loss == "cosine":
+        return torch.stack([(s - g) ** 2 for s, g in zip(sims, gold, strict=True)]).mean()
+    terms = [sims[0].new_zeros(())]
+    for i in range(len(sims)):
+        for j in range(len(sims)):
+            if gold[i] > gold[j]:
+                terms.append(scale * (sims[j] - sims[i]))
+    return torch.logsumexp(torch.stack(terms), dim=0)

@@ -200,3 +200,77 @@ def test_gather_across_processes_equals_global_batch(tmp_path):
     torch.testing.assert_close((r0[0] + r1[0]) / 2, full.detach())
     for i, ref in enumerate((qg.grad, pg.grad, ng.grad)):
         torch.testing.assert_close(torch.cat([r0[1][i], r1[1][i]]) / 2, ref)
+
+
+# ---------------------------------------------------------------------------------------------- scored pairs
+_GOLD = torch.tensor([0.1, 0.5, 0.5, 0.9, 0.0, 0.3, 0.3, 0.7, 1.0], dtype=torch.float64)  # ties included
+
+
+@pytest.mark.parametrize("width", [9, 8], ids=["odd-width", "even-width"])
+@pytest.mark.parametrize("loss", ["cosent", "angle", "cosine"])
+def test_scored_pair_losses_match_twin(loss, width):
+    """CoSENT, AnglE and cosine MSE against the written-out twin (pairs of pairs one at a time; AnglE through
+    complex arithmetic): values and gradients, plain and Matryoshka with unequal weights."""
+    from llm2vec_fast.training.losses import scored_pair_loss, scored_pair_loss_ref
+
+    a, b = _reps(9, width, 20), _reps(9, width, 21)
+    for kw in ({}, dict(matryoshka_dims=[width, 5, 2], matryoshka_weights=[1.0, 0.5, 2.0])):
+        ours = scored_pair_loss(a, b, _GOLD, loss, scale=20.0, **kw)
+        ref = scored_pair_loss_ref(a, b, _GOLD, loss, scale=20.0, **kw)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+        for x, y in zip(torch.autograd.grad(ours, (a, b)), torch.autograd.grad(ref, (a, b)), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cosent", "angle", "cosine"])
+def test_scored_pair_losses_equal_sentence_transformers(loss):
+    """The same numbers as sentence-transformers' CoSENTLoss, AnglELoss and CosineSimilarityLoss on the same
+    embeddings (values and gradients), odd width included."""
+    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    from llm2vec_fast.training.losses import scored_pair_loss
+
+    cls = {"cosent": "CoSENTLoss", "angle": "AnglELoss", "cosine": "CosineSimilarityLoss"}[loss]
+    st = getattr(st_losses, cls)(model=torch.nn.Module())
+    if not hasattr(st, "compute_loss_from_embeddings"):
+        pytest.skip(f"this sentence-transformers' {cls} has no compute_loss_from_embeddings")
+    gold = _GOLD.float().double()  # CosineSimilarityLoss reads its labels as float32
+    for width in (9, 8):
+        a, b = _reps(9, width, 30), _reps(9, width, 31)
+        ours = scored_pair_loss(a, b, gold, loss)
+        theirs = st.compute_loss_from_embeddings([a, b], gold)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        for x, y in zip(torch.autograd.grad(ours, (a, b)), torch.autograd.grad(theirs, (a, b)), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_cosent_reads_only_the_order_of_the_scores():
+    """CoSENT is unchanged by any increasing map of the gold scores, is log 2 for two pairs of equal similarity, and
+    goes to 0 as the similarities follow the gold order by a wide margin; pairs of equal gold are never compared."""
+    from llm2vec_fast.training.losses import cosent_loss
+
+    a, b = _reps(9, 6, 40), _reps(9, 6, 41)
+    base = cosent_loss(a, b, _GOLD)
+    torch.testing.assert_close(cosent_loss(a, b, 5 * _GOLD ** 3 - 1), base, rtol=0, atol=0)
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert torch.isclose(cosent_loss(x, x, torch.tensor([0.0, 1.0])), torch.log(torch.tensor(2.0, dtype=x.dtype)))
+    assert cosent_loss(x, x, torch.tensor([0.5, 0.5])) == 0  # a tie: no ordered pair, log(1)
+    e = torch.eye(2, dtype=torch.float64)
+    far = torch.stack([e[0], e[0]]), torch.stack([e[1], e[0]])  # pair 0: cosine 0; pair 1: cosine 1
+    assert cosent_loss(*far, torch.tensor([0.0, 1.0]), scale=50.0) < 1e-20
+    assert cosent_loss(*far, torch.tensor([1.0, 0.0]), scale=50.0) > 49
+
+
+def test_scored_pair_loss_arguments_are_checked():
+    from llm2vec_fast.training.losses import pair_similarity, scored_pair_loss
+
+    a = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="one of"):
+        scored_pair_loss(a, a, torch.zeros(4), "mse")
+    with pytest.raises(ValueError, match="one score per pair expected: 4 pairs, scores of shape \\(3,\\)"):
+        scored_pair_loss(a, a, torch.zeros(3))
+    with pytest.raises(ValueError, match="same shape"):
+        scored_pair_loss(a, a[:, :4], torch.zeros(4))
+    with pytest.raises(ValueError, match="more than the embedding width 6"):
+        scored_pair_loss(a, a, torch.zeros(4), matryoshka_dims=[8])
+    with pytest.raises(ValueError, match="'cosine' or 'angle'"):
+        pair_similarity(a, a, "dot")
