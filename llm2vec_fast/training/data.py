@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,6 +292,99 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     if not out:
         raise ValueError(f"{path}: no examples read (split={split!r})")
     return out
+
+
+_TEXT1_KEYS = ("sentence1", "sentence_A", "sentence_a", "text1", "s1", "anchor", "query")
+_TEXT2_KEYS = ("sentence2", "sentence_B", "sentence_b", "text2", "s2", "positive", "document")
+_SCORE_KEYS = ("score", "similarity", "relatedness_score", "label", "gold_score")
+# the gold-score scales of the STS files that evaluation.load_sts reads
+STS_RANGES = {"stsb": (0.0, 5.0), "sick": (1.0, 5.0)}
+
+
+def _sts_layout(first_line: str) -> str | None:
+    """``"sick"`` or ``"stsb"`` when a file's first line is a SICK header or an STS-B row, else None."""
+    cols = first_line.rstrip("\r").split("\t")
+    if cols[0].strip() == "pair_ID":
+        return "sick"
+    if len(cols) >= 7:
+        try:
+            float(cols[4])
+        except ValueError:
+            return None
+        return "stsb"
+    return None
+
+
+def read_scored_pairs(path: str | Path, limit: int | None = None) -> tuple[list[dict], tuple[float, float] | None]:
+    """Read two texts and a similarity score per row: ``(rows, scale)``.
+
+    Files: an STS-B TSV (genre, file, year, id, score, s1, s2; whatever the file's suffix) or a SICK file, whose
+    score scales are known (0–5 and 1–5: returned as ``scale``); or JSONL / CSV / TSV with a header, the texts in
+    ``sentence1`` / ``sentence2`` (or ``sentence_A``/``sentence_B``, ``text1``/``text2``, ``s1``/``s2``,
+    ``anchor``/``positive``) and the score in ``score`` (or ``similarity``, ``relatedness_score``, ``label``); their
+    ``scale`` is None. Rows are dicts ``{"text1", "text2", "score"}``; a score that is not a finite number is a
+    ValueError naming the line.
+    """
+    check_count("limit", limit, optional=True)
+    path = Path(path)
+    text = _read_text(path)
+    layout = _sts_layout(text.split("\n", 1)[0]) if path.suffix not in (".jsonl", ".json") else None
+    if layout:
+        from ..evaluation import load_sts
+
+        s1, s2, gold = load_sts(path)
+        rows = [{"text1": a, "text2": b, "score": float(g)} for a, b, g in zip(s1, s2, gold, strict=True)]
+        rows = rows[:limit] if limit else rows
+        bad = [i for i, r in enumerate(rows) if not math.isfinite(r["score"])]
+        if bad:
+            raise ValueError(f"{path}: pair {bad[0] + 1} has a score that is not a finite number: {rows[bad[0]]}")
+        return rows, STS_RANGES[layout]
+    if path.suffix in (".jsonl", ".json"):
+        records = list(iter_jsonl(text.split("\n"), path))
+    elif path.suffix in (".csv", ".tsv", ".txt"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if path.suffix == ".csv" else "\t")
+        records = [(reader.line_num, r) for r in reader]
+    else:
+        raise ValueError(f"{path}: expected an STS-B or SICK file, or a .jsonl, .json, .csv or .tsv file with two "
+                         "text columns and a score column")
+    rows = []
+    for n, r in records:
+        where = f":{n}"
+        t1 = _pick(r, _TEXT1_KEYS, "first text", path, where=where)
+        t2 = _pick(r, _TEXT2_KEYS, "second text", path, where=where)
+        raw = _pick(r, _SCORE_KEYS, "score", path, where=where)
+        try:
+            score = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}{where}: the score {raw!r} is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{path}{where}: the score {raw!r} is not a finite number")
+        if not isinstance(t1, str) or not isinstance(t2, str):
+            raise ValueError(f"{path}{where}: the texts must be strings, got {json.dumps([t1, t2])[:120]}")
+        rows.append({"text1": t1, "text2": t2, "score": score})
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no scored pairs read")
+    return rows, None
+
+
+def rescale_scores(rows: list[dict], scale: tuple[float, float] | None, path="") -> tuple[list[dict], tuple]:
+    """Rows with their scores mapped linearly from ``scale`` (lo, hi) to [0, 1]; ``scale`` None = the rows' own
+    minimum and maximum. Returns ``(rows, (lo, hi))``. Scores outside ``scale``, or a file whose pairs all have one
+    score (nothing to learn an order from), are ValueErrors."""
+    scores = [r["score"] for r in rows]
+    lo, hi = (min(scores), max(scores)) if scale is None else (float(scale[0]), float(scale[1]))
+    if scale is not None and not hi > lo:
+        raise ValueError(f"{path}: the score range {list(scale)} is empty: give (low, high) with low < high")
+    out = [r for r in scores if not lo <= r <= hi]
+    if out:
+        raise ValueError(f"{path}: score {out[0]} lies outside the score range [{lo}, {hi}]; give the range that "
+                         "the data's scores come from")
+    if len(set(scores)) < 2:
+        raise ValueError(f"{path}: every pair has the score {scores[0]}; scored-pair training needs pairs of "
+                         "different scores")
+    return [{**r, "score": (r["score"] - lo) / (hi - lo)} for r in rows], (lo, hi)
 
 
 def one_dataset_per_batch(datasets: dict[str, list], global_batch_size: int, seed: int = 42) -> list:

@@ -9,7 +9,9 @@ from llm2vec_fast.training.data import (
     MNTPCollator,
     one_dataset_per_batch,
     read_documents,
+    read_scored_pairs,
     read_triplets,
+    rescale_scores,
     resolve_mask_token,
     with_instruction,
 )
@@ -181,3 +183,53 @@ def test_read_triplets_limit_and_negative_types(tmp_path):
             read_triplets(f, limit=bad)
         with pytest.raises(ValueError, match=f"limit must be a positive int or None, got {bad}"):
             read_sentences(f, limit=bad)
+
+
+def test_read_scored_pairs_sts_sick_and_tables(data_dir, tmp_path):
+    """STS-B (a tab-separated .csv) and SICK are recognised with their score scales; header tables and JSONL read
+    their named columns; rescaling maps the scale to [0, 1]."""
+    rows, scale = read_scored_pairs(data_dir / "stsb" / "sts-train.csv", limit=4)
+    assert scale == (0.0, 5.0) and len(rows) == 4
+    assert rows[0] == {"text1": "A plane is taking off.", "text2": "An air plane is taking off.", "score": 5.0}
+    rows, scale = read_scored_pairs(data_dir / "sick" / "SICK_trial.txt")
+    assert scale == (1.0, 5.0) and len(rows) == 500 and all(1 <= r["score"] <= 5 for r in rows)
+    scaled, used = rescale_scores(rows, scale)
+    assert used == (1.0, 5.0) and all(r["score"] == (o["score"] - 1) / 4 for r, o in zip(scaled, rows, strict=True))
+    c = tmp_path / "pairs.csv"
+    c.write_text('sentence1,sentence2,score\na b,"c, d",2\ne,f,4.5\n')
+    rows, scale = read_scored_pairs(c)
+    assert scale is None and rows == [{"text1": "a b", "text2": "c, d", "score": 2.0},
+                                      {"text1": "e", "text2": "f", "score": 4.5}]
+    assert [r["score"] for r in rescale_scores(rows, None)[0]] == [0.0, 1.0]  # the file's own range
+    assert [r["score"] for r in rescale_scores(rows, (0, 5))[0]] == [0.4, 0.9]
+    j = tmp_path / "pairs.jsonl"
+    j.write_text(json.dumps({"sentence_A": "x", "sentence_B": "y", "label": 1}) + "\n\n"
+                 + json.dumps({"sentence_A": "z", "sentence_B": "w", "label": 0}) + "\n")
+    assert read_scored_pairs(j)[0] == [{"text1": "x", "text2": "y", "score": 1.0},
+                                       {"text1": "z", "text2": "w", "score": 0.0}]
+
+
+def test_scored_pair_errors_name_the_file_and_line(tmp_path):
+    c = tmp_path / "p.csv"
+    c.write_text("sentence1,sentence2,score\na,b,1\nc,d,high\n")
+    with pytest.raises(ValueError, match=r"p.csv:3: the score 'high' is not a number"):
+        read_scored_pairs(c)
+    c.write_text("sentence1,sentence2,score\na,b,1\nc,d,nan\n")
+    with pytest.raises(ValueError, match=r"p.csv:3: the score 'nan' is not a finite number"):
+        read_scored_pairs(c)
+    c.write_text("sentence1,text,score\na,b,1\n")
+    with pytest.raises(ValueError, match="no second text column"):
+        read_scored_pairs(c)
+    c.write_text("sentence1,sentence2,score\n")
+    with pytest.raises(ValueError, match="no scored pairs"):
+        read_scored_pairs(c)
+    (tmp_path / "p.parquet").write_text("x")
+    with pytest.raises(ValueError, match="expected an STS-B or SICK file"):
+        read_scored_pairs(tmp_path / "p.parquet")
+    rows = [{"text1": "a", "text2": "b", "score": 3.0}, {"text1": "c", "text2": "d", "score": 3.0}]
+    with pytest.raises(ValueError, match="every pair has the score 3.0"):
+        rescale_scores(rows, None, "f.csv")
+    with pytest.raises(ValueError, match=r"score 3.0 lies outside the score range \[0.0, 1.0\]"):
+        rescale_scores(rows, (0, 1), "f.csv")
+    with pytest.raises(ValueError, match="the score range \\[5, 0\\] is empty"):
+        rescale_scores(rows, (5, 0), "f.csv")
