@@ -87,7 +87,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 FAMILIES = {
     "eval": ("evaluate on local STS / retrieval / classification files",
              [("llm2vec_fast.evaluation", "add_subcommands")]),
-    "train": ("train: mntp, simcse, supervised", [("llm2vec_fast.training.cli", "add_subcommands")]),
+    "train": ("train: mntp, simcse, supervised, scored", [("llm2vec_fast.training.cli", "add_subcommands")]),
     "mine": ("mine hard negatives for supervised training data", [("llm2vec_fast.mining", "add_subcommands")]),
     "export-st": ("save a model as a sentence-transformers folder", [("llm2vec_fast.st_export", "add_subcommands")]),
     "serve": ("serve embeddings over HTTP (TEI and OpenAI routes)", [("llm2vec_fast.server", "add_subcommands")]),

@@ -1,10 +1,10 @@
-"""Training: masked next-token prediction (MNTP), unsupervised SimCSE and supervised contrastive training, on
-transformers' Trainer with LoRA (peft).
+"""Training: masked next-token prediction (MNTP), unsupervised SimCSE, supervised contrastive training and training on
+scored pairs (CoSENT, AnglE, cosine MSE), on transformers' Trainer with LoRA (peft).
 
-Modules: :mod:`.data` (text → blocks, masking collator, contrastive readers), :mod:`.losses` (MNTP and contrastive
-losses with PyTorch twins), :mod:`.gradcache`, :mod:`.monitor` (evaluation during training), :mod:`.mntp` and
-:mod:`.contrastive` (drivers), :mod:`.cli` (the ``llm2vec-fast train`` subcommands). Importing this package does
-not import the drivers' heavy dependencies.
+Modules: :mod:`.data` (text → blocks, masking collator, contrastive and scored-pair readers), :mod:`.losses` (MNTP,
+contrastive and scored-pair losses with PyTorch twins), :mod:`.gradcache`, :mod:`.monitor` (evaluation during
+training), :mod:`.mntp` and :mod:`.contrastive` (drivers), :mod:`.cli` (the ``llm2vec-fast train`` subcommands).
+Importing this package does not import the drivers' heavy dependencies.
 """
 import importlib
 

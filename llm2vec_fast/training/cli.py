@@ -1,4 +1,4 @@
-"""``llm2vec-fast train {mntp,simcse,supervised}``: argparse subcommands (the main CLI calls
+"""``llm2vec-fast train {mntp,simcse,supervised,scored}``: argparse subcommands (the main CLI calls
 :func:`add_subcommands`). Multi-GPU: launch the same command through ``torchrun --nproc-per-node N -m
 llm2vec_fast.training.cli train ...`` or ``accelerate launch``; the Trainer picks the distributed set-up up."""
 from __future__ import annotations
@@ -156,8 +156,15 @@ def run_mntp(a) -> int:
     return _report(train_mntp(args))
 
 
+def _score_range(text: str) -> tuple[float, float]:
+    values = _float_list(text)
+    if len(values) != 2 or not values[0] < values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW < HIGH, got {text!r}")
+    return values[0], values[1]
+
+
 def run_contrastive(a) -> int:
-    """``train simcse`` and ``train supervised``."""
+    """``train simcse``, ``train supervised`` and ``train scored``."""
     from .contrastive import ContrastiveArguments, train_contrastive
 
     args = ContrastiveArguments(
@@ -165,7 +172,8 @@ def run_contrastive(a) -> int:
         split=getattr(a, "split", None), max_examples=a.max_examples, batch_size=a.batch_size,
         max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale, attention_dropout=a.attention_dropout,
         warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
-        num_negatives=getattr(a, "num_negatives", 1),
+        num_negatives=getattr(a, "num_negatives", 1), loss=getattr(a, "loss", None),
+        score_range=getattr(a, "score_range", None),
         gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
         pooling_mode=a.pooling_mode, matryoshka_dims=a.matryoshka_dims, matryoshka_weights=a.matryoshka_weights,
         **_shared_kwargs(a))
@@ -173,14 +181,14 @@ def run_contrastive(a) -> int:
 
 
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
-    """Add ``train`` with ``mntp``, ``simcse`` and ``supervised`` to an argparse subparsers object."""
+    """Add ``train`` with ``mntp``, ``simcse``, ``supervised`` and ``scored`` to an argparse subparsers object."""
     train = subparsers.add_parser(
-        "train", help="train an encoder: MNTP, unsupervised SimCSE, supervised contrastive",
+        "train", help="train an encoder: MNTP, unsupervised SimCSE, supervised contrastive, scored pairs",
         description="LLM2Vec training stages on transformers' Trainer with LoRA. Typical chain: "
                     "`train mntp --output-dir out/mntp` → `train simcse --model out/mntp --output-dir out/simcse` → "
                     "encode with LLM2Vec.from_pretrained('out/mntp', peft_model_name_or_path='out/simcse'). "
                     "Multi-GPU: torchrun --nproc-per-node N -m llm2vec_fast.training.cli train ...")
-    stages = train.add_subparsers(dest="stage", metavar="{mntp,simcse,supervised}", required=True)
+    stages = train.add_subparsers(dest="stage", metavar="{mntp,simcse,supervised,scored}", required=True)
 
     p = stages.add_parser(
         "mntp", help="masked next-token prediction (LLM2Vec step 2)",
@@ -226,11 +234,17 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
          "(e.g. sent0, sent1, hard_neg); in-batch plus hard negatives, cosine × 50; batches from one file at a "
          "time when several are given; negatives gathered across GPUs; GradCache for large batches. Defaults: "
          "batch 64 per device, 512 tokens, lr 2e-4, warm-up 300, 1000 steps."),
+        ("scored", "training on scored pairs (STS-style: two texts and a similarity score)",
+         "Pairs of texts with a gold similarity score (an STS-B TSV, a SICK file, or JSONL / CSV / TSV with "
+         "sentence1, sentence2 and score columns): CoSENT (default; sentence-transformers' CoSENTLoss: every pair "
+         "the gold scores higher must come out more similar, cosine × 20), AnglE (CoSENT on AnglE's angle "
+         "similarity) or cosine (MSE of cosine against the score scaled to 0-1). Batches from one file at a time "
+         "when several are given. Defaults: batch 16, 128 tokens, lr 2e-4, warm-up 100, 1000 steps."),
     ):
         p = stages.add_parser(mode, help=helptext, description=desc)
         p.add_argument("--train-file", action="append", required=True,
-                       help="training file (repeatable)" if mode == "supervised" else
-                       "sentences, one per line (repeatable)")
+                       help="sentences, one per line (repeatable)" if mode == "simcse" else
+                       "training file (repeatable)")
         p.add_argument("--peft", default=None,
                        help="adapter to merge into --model first (e.g. an --adapter-only MNTP output)")
         p.add_argument("--max-examples", type=int, default=None, help="read at most this many examples per file")
@@ -238,7 +252,8 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--max-length", type=int, default=None, help="tokens per text")
         p.add_argument("--learning-rate", type=float, default=None)
         p.add_argument("--warmup-steps", type=int, default=None)
-        p.add_argument("--scale", type=float, default=None, help="cosine similarity scale (1 / temperature)")
+        p.add_argument("--scale", type=float, default=None,
+                       help="similarity scale (1 / temperature)" + (": cosent and angle" if mode == "scored" else ""))
         p.add_argument("--attention-dropout", type=float, default=None)
         p.add_argument("--pooling-mode", default="mean",
                        choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
@@ -260,6 +275,16 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                            help="drop another query's positive that scores above a query's own positive")
             p.add_argument("--num-negatives", type=int, default=1,
                            help="hard negatives per query (a list value or negative_1, negative_2, ... columns)")
+        if mode == "scored":
+            p.add_argument("--loss", default="cosent", choices=["cosent", "angle", "cosine"],
+                           help="cosent: CoSENT on cosine; angle: CoSENT on AnglE's similarity; cosine: MSE of cosine "
+                                "against the score scaled to 0-1")
+            p.add_argument("--score-range", type=_score_range, default=None, metavar="LOW,HIGH",
+                           help="the scale of the gold scores, mapped to 0-1 (default: 0,5 for STS-B and 1,5 for "
+                                "SICK files, else each file's own minimum and maximum)")
+            p.add_argument("--instruction", action="append", default=None,
+                           help="instruction for both texts of a pair (a symmetric task): once for all files, or "
+                                "once per --train-file")
         _common(p)
         p.set_defaults(func=run_contrastive, mode=mode)
     return train

@@ -1,5 +1,5 @@
-"""Contrastive training on transformers' Trainer: unsupervised SimCSE (LLM2Vec step 3) and supervised
-query / positive / hard-negative training.
+"""Contrastive training on transformers' Trainer: unsupervised SimCSE (LLM2Vec step 3), supervised
+query / positive / hard-negative training, and training on scored pairs (STS-style data: CoSENT, AnglE or cosine MSE).
 
 The encoder is :class:`llm2vec_fast.LLM2Vec`: texts are tokenized into packed features and pooled through the
 masked-pooling op (Triton on CUDA), so the gradient flows through the pooling kernel's backward. A fresh LoRA adapter
@@ -40,9 +40,17 @@ from .common import (
     training_arguments,
     write_json,
 )
-from .data import ListDataset, one_dataset_per_batch, read_sentences, read_triplets, with_instruction
+from .data import (
+    ListDataset,
+    one_dataset_per_batch,
+    read_scored_pairs,
+    read_sentences,
+    read_triplets,
+    rescale_scores,
+    with_instruction,
+)
 from .gradcache import grad_cache_step, token_chunk_sizes
-from .losses import check_matryoshka, hard_negative_nll_loss
+from .losses import PAIR_LOSSES, check_matryoshka, hard_negative_nll_loss, scored_pair_loss
 from .monitor import EvalArguments, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
@@ -53,7 +61,13 @@ RECIPES = {
                    warmup_steps=0),
     "supervised": dict(batch_size=64, max_length=512, learning_rate=2e-4, scale=50.0, attention_dropout=0.0,
                        warmup_steps=300),
+    # sentence-transformers' CoSENT / AnglE defaults (scale 20, batch 16 in its STS-B example) with the
+    # supervised stage's LoRA learning rate; STS sentences are short
+    "scored": dict(batch_size=16, max_length=128, learning_rate=2e-4, scale=20.0, attention_dropout=0.0,
+                   warmup_steps=100),
 }
+# the loss of each mode: the first is its default
+LOSSES = {"simcse": ("infonce",), "supervised": ("infonce",), "scored": PAIR_LOSSES}
 
 
 @dataclass
@@ -61,12 +75,13 @@ class ContrastiveArguments(EvalArguments):
     """Options of a SimCSE or supervised run; ``None`` fields take the mode's recipe default (``RECIPES``). The
     evaluation options are :class:`~.monitor.EvalArguments`'."""
 
-    mode: str  # "simcse" or "supervised"
+    mode: str  # "simcse", "supervised" or "scored"
     train_files: list[str]
     output_dir: str
     model: str | None = None  # base model, or an MNTP output folder (its adapter is merged)
     peft: str | None = None  # an adapter to merge into the base before training (e.g. the MNTP output)
-    instructions: list[str] = field(default_factory=list)  # supervised: one per train file, or one for all
+    # supervised: on queries; scored: on both texts (a symmetric task); one per train file, or one for all
+    instructions: list[str] = field(default_factory=list)
     split: str | None = None  # supervised CSV: keep rows whose `split` column equals this
     max_examples: int | None = None  # per file
     batch_size: int | None = None  # per device
@@ -75,6 +90,12 @@ class ContrastiveArguments(EvalArguments):
     scale: float | None = None  # cosine similarity multiplier (1 / temperature)
     attention_dropout: float | None = None
     warmup_steps: int | None = None
+    # scored: "cosent" (default), "angle" (CoSENT on AnglE's similarity) or "cosine" (MSE of cosine and score);
+    # simcse / supervised: "infonce" (the only one)
+    loss: str | None = None
+    # scored: the (low, high) scale of the gold scores, mapped to [0, 1]; default: known for STS-B (0, 5) and SICK
+    # (1, 5), else each file's own minimum and maximum (only the cosine loss depends on it)
+    score_range: tuple[float, float] | None = None
     mask_false_negatives: bool = False
     num_negatives: int = 1  # supervised: hard negatives per query (the original: 1); fewer if the data has fewer
     gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
@@ -106,9 +127,28 @@ class ContrastiveArguments(EvalArguments):
     def __post_init__(self):
         if self.mode not in RECIPES:
             raise ValueError(f"mode must be one of {sorted(RECIPES)}, got {self.mode!r}")
+        if self.loss == "cosine" and self.scale is not None:
+            raise ValueError(f"scale {self.scale} has no effect with the cosine loss (the MSE of cosine and score); "
+                             "it scales cosent and angle")
         for k, v in RECIPES[self.mode].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        self.loss = self.loss or LOSSES[self.mode][0]
+        if self.loss not in LOSSES[self.mode]:
+            raise ValueError(f"loss {self.loss!r} is not one of {self.mode}'s: {list(LOSSES[self.mode])}")
+        if self.mode != "scored" and self.score_range is not None:
+            raise ValueError(f"score_range {self.score_range} applies to scored pairs (mode 'scored'), not to "
+                             f"{self.mode}")
+        if self.score_range is not None:
+            r = tuple(self.score_range)
+            if len(r) != 2 or not all(isinstance(x, (int, float)) for x in r) or not r[0] < r[1]:
+                raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range!r}")
+            self.score_range = (float(r[0]), float(r[1]))
+        if self.mode != "supervised" and self.split is not None:
+            raise ValueError(f"split {self.split!r} filters supervised CSV rows; it does not apply to {self.mode}")
+        if self.mode == "scored" and self.mask_false_negatives:
+            raise ValueError("mask_false_negatives applies to in-batch negatives (simcse, supervised), not to scored "
+                             "pairs")
         if not isinstance(self.num_negatives, int) or self.num_negatives < 0:
             raise ValueError(f"num_negatives must be an int >= 0, got {self.num_negatives!r}")
         for name in ("gradcache_chunk_size", "gradcache_chunk_tokens"):
@@ -140,7 +180,9 @@ class TextCollator:
     """Batches of raw texts: ``{"texts": [...], "sizes": (n_query, n_positive, n_negative)}``; the trainer
     tokenizes (per GradCache chunk when chunking). SimCSE examples are sentences (query = positive = the sentence);
     supervised examples are dicts or ``(dataset, dict)`` pairs; instructions go on queries only. ``negatives`` hard
-    negatives per query are taken (a number, or one per dataset name; see :func:`negatives_per_query`)."""
+    negatives per query are taken (a number, or one per dataset name; see :func:`negatives_per_query`). Scored
+    examples (``{"text1", "text2", "score"}``) give the first texts, then the second ones, the instruction on both,
+    and ``"scores"``, a float32 tensor."""
 
     def __init__(self, mode: str, instructions: dict | None = None, negatives: int | dict = 1):
         self.mode = mode
@@ -151,6 +193,15 @@ class TextCollator:
         if self.mode == "simcse":
             texts = list(examples)
             return {"texts": texts + texts, "sizes": (len(texts), len(texts), 0)}
+        if self.mode == "scored":
+            a, b, y = [], [], []
+            for ex in examples:
+                name, ex = ex if isinstance(ex, tuple) else (None, ex)
+                instruction = self.instructions.get(name, self.instructions.get(None))
+                a.append(with_instruction(ex["text1"], instruction))
+                b.append(with_instruction(ex["text2"], instruction))
+                y.append(ex["score"])
+            return {"texts": a + b, "sizes": (len(a), len(b), 0), "scores": torch.tensor(y, dtype=torch.float32)}
         q, p, n = [], [], []
         for ex in examples:
             name, ex = ex if isinstance(ex, tuple) else (None, ex)
@@ -188,12 +239,13 @@ def negatives_per_query(examples: list[dict], wanted: int, name: str = "") -> in
 class ContrastiveTrainer(AdapterTrainer):
     """Trainer with the contrastive loss in ``compute_loss`` and GradCache in ``training_step``."""
 
-    def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False,
+    def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False, loss: str = "infonce",
                  gradcache_chunk_size: int | None = None, gradcache_chunk_tokens: int | None = None,
                  matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.peft_module = self.model.encoder.model
         self.scale = scale
+        self.loss_name = loss
         self.mask_false_negatives = mask_false_negatives
         self.matryoshka_dims, self.matryoshka_weights = matryoshka_dims, matryoshka_weights
         self.gradcache_chunk_size = gradcache_chunk_size
@@ -202,9 +254,12 @@ class ContrastiveTrainer(AdapterTrainer):
     def _encode(self, model, texts):
         return model(self.model.encoder.tokenize(texts))
 
-    def _loss(self, reps, sizes):
+    def _loss(self, reps, sizes, scores=None):
         nq, np_, nn_ = sizes
         q, p = reps[:nq], reps[nq:nq + np_]
+        if self.loss_name != "infonce":
+            return scored_pair_loss(q, p, scores, self.loss_name, scale=self.scale,
+                                    matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights)
         n = reps[nq + np_:nq + np_ + nn_] if nn_ else None
         return hard_negative_nll_loss(q, p, n, scale=self.scale, mask_false_negatives=self.mask_false_negatives,
                                       matryoshka_dims=self.matryoshka_dims,
@@ -212,7 +267,7 @@ class ContrastiveTrainer(AdapterTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         reps = self._encode(model, inputs["texts"])
-        loss = self._loss(reps, inputs["sizes"])
+        loss = self._loss(reps, inputs["sizes"], inputs.get("scores"))
         return (loss, {"embeddings": reps}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -237,7 +292,7 @@ class ContrastiveTrainer(AdapterTrainer):
                 return model(pack([ids[i] for i in rows], [starts[i] for i in rows]))
         return grad_cache_step(
             encode=encode,
-            loss_fn=lambda reps: self._loss(reps, inputs["sizes"]),
+            loss_fn=lambda reps: self._loss(reps, inputs["sizes"], inputs.get("scores")),
             items=texts, chunk_size=chunks,
             backward=lambda t: self.accelerator.backward(t / ga),
             no_sync=lambda: self.accelerator.no_sync(model),
@@ -276,18 +331,34 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
     names = [Path(f).stem for f in args.train_files]
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
-    data = {n: read_triplets(f, split=args.split, limit=args.max_examples)
-            for n, f in zip(names, args.train_files, strict=True)}
+    if args.mode == "scored":
+        data = {n: read_scored_training_file(f, args) for n, f in zip(names, args.train_files, strict=True)}
+    else:
+        data = {n: read_triplets(f, split=args.split, limit=args.max_examples)
+                for n, f in zip(names, args.train_files, strict=True)}
     if len(args.instructions) == 1:
         instr = {None: args.instructions[0]}
     else:
         instr = dict(zip(names, args.instructions, strict=False))
-    k = {n: negatives_per_query(ex, args.num_negatives, f) for (n, ex), f in zip(data.items(), args.train_files,
-                                                                                  strict=True)}
+    if args.mode == "scored":
+        k = {n: 0 for n in names}
+    else:
+        k = {n: negatives_per_query(ex, args.num_negatives, f) for (n, ex), f in zip(data.items(), args.train_files,
+                                                                                      strict=True)}
     if len(data) == 1:
-        return ListDataset(data[names[0]]), TextCollator("supervised", instr, k[names[0]]), False
+        return ListDataset(data[names[0]]), TextCollator(args.mode, instr, k[names[0]]), False
     ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
-    return ListDataset(ordered), TextCollator("supervised", instr, k), True
+    return ListDataset(ordered), TextCollator(args.mode, instr, k), True
+
+
+def read_scored_training_file(path, args: ContrastiveArguments) -> list[dict]:
+    """A scored-pair file's rows with their scores rescaled to [0, 1] (``args.score_range``, else the file's known
+    STS-B / SICK scale, else its own minimum and maximum); the scale used is logged."""
+    rows, known = read_scored_pairs(path, limit=args.max_examples)
+    rows, used = rescale_scores(rows, args.score_range or known, path)
+    logger.info("%s: %d scored pairs, scores %s–%s mapped to 0–1 (%s)", path, len(rows), used[0], used[1],
+                "given" if args.score_range else "the file's known scale" if known else "the file's own range")
+    return rows
 
 
 class _SequentialTrainer(ContrastiveTrainer):
@@ -321,7 +392,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
         drop_last=True, extra=args.extra_training_args)
     cls = _SequentialTrainer if grouped else ContrastiveTrainer
     trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,
-                  processing_class=encoder.tokenizer, scale=args.scale,
+                  processing_class=encoder.tokenizer, scale=args.scale, loss=args.loss,
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
                   gradcache_chunk_tokens=args.gradcache_chunk_tokens, matryoshka_dims=args.matryoshka_dims,
                   matryoshka_weights=args.matryoshka_weights)

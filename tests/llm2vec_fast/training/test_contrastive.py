@@ -246,7 +246,7 @@ def test_matryoshka_training(tiny_model_dir, tmp_path, capsys):
     from llm2vec_fast.training.losses import hard_negative_nll_loss_ref
 
     trainer = ContrastiveTrainer.__new__(ContrastiveTrainer)
-    trainer.scale, trainer.mask_false_negatives = 20.0, False
+    trainer.scale, trainer.loss_name, trainer.mask_false_negatives = 20.0, "infonce", False
     trainer.matryoshka_dims, trainer.matryoshka_weights = [64, 16, 8], [1.0, 0.5, 0.25]
     reps = torch.randn(12, 64, dtype=torch.float64)
     torch.testing.assert_close(trainer._loss(reps, (4, 4, 4)), hard_negative_nll_loss_ref(
@@ -271,3 +271,105 @@ def test_matryoshka_training(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(argv[:-4] + ["--matryoshka-dims", "64,half"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def _scored_csv(path, seed, n=30):
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence1", "sentence2", "score"])
+        for a, b in zip(sentences(n, seed), sentences(n, seed + 1), strict=True):
+            w.writerow([a, b, round(rng.uniform(0, 5), 1)])
+    return str(path)
+
+
+@pytest.mark.parametrize("loss", ["cosent", "angle", "cosine"])
+def test_scored_pairs_loss_reaches_the_trainer(tiny_model_dir, tmp_path, loss):
+    """Scored pairs: the collator puts the instruction on both texts and the rescaled scores beside them, and the
+    trainer's loss is the twin's (Matryoshka included)."""
+    from llm2vec_fast.training.contrastive import ContrastiveTrainer
+    from llm2vec_fast.training.losses import scored_pair_loss_ref
+
+    data = _scored_csv(tmp_path / "p.csv", 3)
+    args = _args("scored", [data], tmp_path / "out", model=tiny_model_dir, instructions=["w7 w8"], loss=loss,
+                 score_range=(0, 5))
+    dataset, collator, grouped = build_dataset(args)
+    assert not grouped and len(dataset) == 30
+    b = collator([dataset[i] for i in range(4)])
+    assert b["sizes"] == (4, 4, 0) and len(b["texts"]) == 8
+    assert b["texts"][0] == ["w7 w8; ", dataset[0]["text1"]] and b["texts"][4] == ["w7 w8; ", dataset[0]["text2"]]
+    with open(data) as f:
+        raw = [float(r["score"]) for r in csv.DictReader(f)][:4]
+    torch.testing.assert_close(b["scores"], torch.tensor(raw) / 5)
+
+    trainer = ContrastiveTrainer.__new__(ContrastiveTrainer)
+    trainer.scale, trainer.loss_name, trainer.mask_false_negatives = 20.0, loss, False
+    trainer.matryoshka_dims, trainer.matryoshka_weights = [64, 16], [1.0, 0.5]
+    reps, y = torch.randn(8, 64, dtype=torch.float64), b["scores"].double()
+    torch.testing.assert_close(trainer._loss(reps, b["sizes"], y), scored_pair_loss_ref(
+        reps[:4], reps[4:], y, loss, 20.0, matryoshka_dims=[64, 16], matryoshka_weights=[1.0, 0.5]))
+
+
+def test_scored_pairs_train_with_gradcache_and_evaluation(tiny_model_dir, tmp_path, capsys):
+    """``train scored`` end to end: GradCache gives the in-batch loss curve, two files train one file per batch,
+    STS evaluation runs during training, the output records the score scale and loads with LLM2Vec."""
+    import argparse
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.cli import add_subcommands
+
+    f1, f2 = _scored_csv(tmp_path / "one.csv", 1), _scored_csv(tmp_path / "two.csv", 5)
+    # LoRA dropout off: GradCache draws each chunk's masks, the plain step the whole batch's
+    plain = train_contrastive(_args("scored", [f1], tmp_path / "plain", model=tiny_model_dir, lora_dropout=0.0))
+    cached = train_contrastive(_args("scored", [f1], tmp_path / "cached", model=tiny_model_dir, lora_dropout=0.0,
+                                     gradcache_chunk_size=5))
+    curve = [x["loss"] for x in plain["losses"]]
+    assert len(curve) == 3 and len(set(curve)) > 1
+    assert curve == pytest.approx([x["loss"] for x in cached["losses"]], rel=1e-5)
+
+    sts = tmp_path / "sts-dev.csv"  # STS-B layout: genre, file, year, id, score, s1, s2
+    sts.write_text("".join(f"g\tf\t2012\t{i:04d}\t{i % 6}.0\t{a}\t{b}\n" for i, (a, b) in
+                           enumerate(zip(sentences(12, 40), sentences(12, 41), strict=True))))
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "cli"
+    a = parser.parse_args(["train", "scored", "--model", tiny_model_dir, "--train-file", f1, "--train-file", f2,
+                           "--output-dir", str(out), "--batch-size", "6", "--max-steps", "2", "--save-steps", "0",
+                           "--no-progress", "--loss", "angle", "--score-range", "0,5", "--instruction", "w9",
+                           "--eval-sts", str(sts), "--eval-steps", "1"])
+    assert a.func(a) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["steps"] == 2 and -1 <= line["last_eval"]["eval_sts_spearman"] <= 1
+    rec = json.loads((out / "llm2vec_training.json").read_text())
+    assert rec["stage"] == "scored" and rec["arguments"]["loss"] == "angle"
+    assert rec["arguments"]["score_range"] == [0.0, 5.0] and len(rec["evaluations"]) == 2
+    e = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out), device="cpu")
+    assert torch.isfinite(e.encode(["w1 w2", "w3"], show_progress_bar=False)).all()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "scored", "--model", tiny_model_dir, "--train-file", f1, "--output-dir",
+                           str(out), "--score-range", "5,0"])
+    assert "LOW < HIGH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, kw, match", [
+    ("scored", dict(loss="infonce"), "not one of scored's"),
+    ("supervised", dict(loss="cosent"), "not one of supervised's"),
+    ("supervised", dict(score_range=(0, 5)), "applies to scored pairs"),
+    ("scored", dict(score_range=(5, 0)), "low < high"),
+    ("scored", dict(score_range=(0, 1, 2)), "low < high"),
+    ("scored", dict(split="train"), "does not apply to scored"),
+    ("scored", dict(mask_false_negatives=True), "not to scored pairs"),
+    ("scored", dict(loss="cosine", scale=20.0), "no effect with the cosine loss"),
+])
+def test_scored_arguments_are_checked(mode, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ContrastiveArguments(mode=mode, train_files=["x"], output_dir="o", **kw)
+
+
+def test_scored_data_with_one_score_is_refused_before_loading(tmp_path):
+    c = tmp_path / "same.csv"
+    c.write_text("sentence1,sentence2,score\n" + "".join(f"w{i},w{i + 1},2\n" for i in range(20)))
+    with pytest.raises(ValueError, match="every pair has the score 2.0"):
+        train_contrastive(_args("scored", [str(c)], tmp_path / "out", model="/nonexistent"))

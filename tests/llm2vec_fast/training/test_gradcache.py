@@ -28,11 +28,13 @@ def _grads(enc):
     return {n: p.grad.clone() for n, p in enc.model.named_parameters() if p.requires_grad}
 
 
-def _run(enc, items, sizes, chunk):
-    def loss_fn(reps):
+def _run(enc, items, sizes, chunk, loss_fn=None):
+    def contrastive(reps):
         nq, np_ = sizes
         return hard_negative_nll_loss(reps[:nq], reps[nq:nq + np_], reps[nq + np_:], scale=50.0,
                                       mask_false_negatives=True)
+
+    loss_fn = loss_fn or contrastive
 
     enc.zero_grad(set_to_none=True)
     torch.manual_seed(123)
@@ -54,6 +56,27 @@ def test_gradcache_equals_plain_in_batch(tiny_model_dir, attn_dropout, lora_drop
     items = q + p + n
     loss_plain, g_plain = _run(enc, items, (4, 4), None)
     loss_gc, g_gc = _run(enc, items, (4, 4), chunk)
+    torch.testing.assert_close(loss_gc, loss_plain, rtol=1e-10, atol=1e-10)
+    assert g_plain.keys() == g_gc.keys() and len(g_plain) > 0
+    for k in g_plain:
+        assert g_plain[k].abs().max() > 0, k
+        torch.testing.assert_close(g_gc[k], g_plain[k], rtol=1e-7, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("loss", ["cosent", "angle", "cosine"])
+def test_gradcache_equals_plain_for_scored_pairs(tiny_model_dir, loss):
+    """The pair losses (CoSENT, AnglE, cosine MSE; Matryoshka on) under GradCache: the in-batch gradients."""
+    from llm2vec_fast.training.losses import scored_pair_loss
+
+    enc = _encoder(tiny_model_dir, 0.0, 0.0)
+    items = sentences(6, seed=4) + sentences(6, seed=5)
+    gold = torch.tensor([0.2, 0.9, 0.5, 0.5, 0.0, 0.7], dtype=torch.float64)
+
+    def loss_fn(reps):
+        return scored_pair_loss(reps[:6], reps[6:], gold, loss, matryoshka_dims=[64, 8])
+
+    loss_plain, g_plain = _run(enc, items, None, None, loss_fn)
+    loss_gc, g_gc = _run(enc, items, None, 5, loss_fn)
     torch.testing.assert_close(loss_gc, loss_plain, rtol=1e-10, atol=1e-10)
     assert g_plain.keys() == g_gc.keys() and len(g_plain) > 0
     for k in g_plain:
