@@ -74,3 +74,16 @@ def tiny_pattern_file(tmp_path_factory):
         docs.append(" ".join(f"w{(k + j) % 16}" for j in range(rng.randint(8, 20))))
     path.write_text("\n".join(docs) + "\n")
     return str(path)
+
+
+def poison_call(monkeypatch, cls, name, at=None, factor=float("nan")):
+    """Make the ``at``-th call (1-based; None: every call) of method ``cls.name`` return its result times ``factor``
+    (NaN by default): a non-finite loss injected into a training run."""
+    real, calls = getattr(cls, name), []
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        out = real(self, *a, **k)
+        return out * factor if at is None or len(calls) == at else out
+
+    monkeypatch.setattr(cls, name, poisoned)

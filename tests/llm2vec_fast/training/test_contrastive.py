@@ -13,7 +13,7 @@ from llm2vec_fast.training.contrastive import (
     train_contrastive,
 )
 
-from .conftest import sentences
+from .conftest import poison_call, sentences
 
 
 def _triplet_csv(path, seed):
@@ -213,14 +213,7 @@ def test_mntp_refuses_a_model_that_carries_an_adapter(tiny_model_dir, tiny_text_
 def test_a_nan_loss_stops_contrastive_training(tiny_model_dir, tmp_path, monkeypatch, chunk):
     from llm2vec_fast.training.contrastive import ContrastiveTrainer
 
-    real, calls = ContrastiveTrainer._loss, []
-
-    def loss(self, *a, **k):
-        calls.append(1)
-        out = real(self, *a, **k)
-        return out * float("nan") if len(calls) == 2 else out
-
-    monkeypatch.setattr(ContrastiveTrainer, "_loss", loss)
+    poison_call(monkeypatch, ContrastiveTrainer, "_loss", at=2)
     f = _triplet_csv(tmp_path / "one.csv", 1)
     args = _args("supervised", [f], tmp_path / "out", model=tiny_model_dir, split="train", gradcache_chunk_size=chunk)
     with pytest.raises(FloatingPointError, match=r"after step 1 .*optimizer step 2 of 3"):

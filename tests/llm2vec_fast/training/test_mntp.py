@@ -7,7 +7,7 @@ import torch
 
 from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
 
-from .conftest import sentences
+from .conftest import poison_call, sentences
 
 
 def _args(model_dir, text_file, out, **kw):
@@ -176,14 +176,7 @@ def test_a_nan_loss_stops_the_run_before_it_is_saved(tiny_model_dir, tiny_text_f
 
     from llm2vec_fast.training.mntp import MNTPTrainer
 
-    real, calls = MNTPTrainer.compute_loss, []
-
-    def compute_loss(self, *a, **k):
-        calls.append(1)
-        loss = real(self, *a, **k)
-        return loss * float("nan") if len(calls) == 4 else loss
-
-    monkeypatch.setattr(MNTPTrainer, "compute_loss", compute_loss)
+    poison_call(monkeypatch, MNTPTrainer, "compute_loss", at=4)
     with pytest.raises(FloatingPointError, match=r"NaN or infinite in a step after step 3 .*optimizer step 6 of 6"):
         train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path, logging_steps=100))
     weights = load_file(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"))
@@ -194,7 +187,6 @@ def test_a_nan_loss_stops_the_run_before_it_is_saved(tiny_model_dir, tiny_text_f
 def test_a_nan_loss_is_caught_at_the_next_log(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
     from llm2vec_fast.training.mntp import MNTPTrainer
 
-    real = MNTPTrainer.compute_loss
-    monkeypatch.setattr(MNTPTrainer, "compute_loss", lambda self, *a, **k: real(self, *a, **k) * float("inf"))
+    poison_call(monkeypatch, MNTPTrainer, "compute_loss", factor=float("inf"))
     with pytest.raises(FloatingPointError, match=r"after the start .*optimizer step 1 of 6"):
         train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path, save_steps=0))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
 from llm2vec_fast.training.mntp import MaskedValidation, MNTPArguments, train_mntp
 
-from .conftest import make_model, make_tokenizer, sentences
+from .conftest import make_model, make_tokenizer, poison_call, sentences
 
 
 @pytest.fixture(scope="module")
@@ -315,14 +315,7 @@ def test_a_nan_loss_stops_before_the_evaluation(tiny_model_dir, tiny_text_file, 
     there), not as the encoder's non-finite embeddings; nothing is kept as best."""
     from llm2vec_fast.training.mntp import MNTPTrainer
 
-    real, calls = MNTPTrainer.compute_loss, []
-
-    def compute_loss(self, *a, **k):
-        calls.append(1)
-        loss = real(self, *a, **k)
-        return loss * float("nan") if len(calls) == 2 else loss
-
-    monkeypatch.setattr(MNTPTrainer, "compute_loss", compute_loss)
+    poison_call(monkeypatch, MNTPTrainer, "compute_loss", at=2)
     with pytest.raises(FloatingPointError, match=r"NaN or infinite .*checked before the step's evaluation, "
                                                  r"optimizer step 2 of 6"):
         train_mntp(_mntp(tiny_model_dir, tiny_text_file, tmp_path, eval_sts=sts_file, eval_steps=2, save_steps=0,
