@@ -1,4 +1,5 @@
-"""Built-in evaluation on local files (no downloads): STS, BEIR-style retrieval, classification.
+"""Built-in evaluation on local files (no downloads): STS, BEIR-style retrieval, classification, pair
+classification.
 
 Every ``evaluate_*`` function takes any encoder with the ``LLM2Vec.encode`` signature (``encode(sentences,
 batch_size=..., show_progress_bar=..., convert_to_numpy=..., max_batch_tokens=...)``, items are strings or
@@ -10,8 +11,8 @@ batch_size=..., show_progress_bar=..., convert_to_numpy=..., max_batch_tokens=..
      "llm2vec_fast": {<what was run: data file, sizes, instruction, model settings>}}
 
 so ``mteb.results.TaskResult.from_dict`` reads it. Scores are fractions (0.8123), as MTEB stores them; the summary
-table shows them ×100. The CLI (``llm2vec-fast eval sts|retrieval|classification``) calls the same functions, so the
-numbers match the Python API exactly.
+table shows them ×100. The CLI (``llm2vec-fast eval sts|retrieval|classification|pair-classification``) calls the
+same functions, so the numbers match the Python API exactly.
 
 Formats:
 
@@ -24,6 +25,13 @@ Formats:
   Recall@100 (relevant = score ≥ ``relevance_threshold``). Queries without any relevant document are skipped.
 - Classification: CSV with a header, a text column (``text`` or ``sentence``) and a label column (``label`` or
   ``category``); logistic regression (scikit-learn) on standardized embeddings; accuracy and macro-F1.
+- Pair classification (MTEB's PairClassification): a SentEval folder (``s1.<split>``, ``s2.<split>``,
+  ``labels.<split>``, as SNLI's) or JSONL / CSV / TSV with two text columns and a ``label``; positive labels are
+  ``1``, ``true``, ``entailment``, ``duplicate``, ``paraphrase``; negative ``0``, ``false``, ``contradiction``,
+  ``not_duplicate``, ``not_paraphrase``; ``neutral`` pairs are left out (MTEB's NLI pair tasks keep entailment
+  against contradiction). Metrics as MTEB's: for cosine, dot product, Euclidean and Manhattan distance, average
+  precision and the best accuracy and F1 over thresholds (a threshold never splits tied scores); main score
+  ``max_ap``.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from ._io import check_count, iter_jsonl
 
 LANGUAGES = ["eng-Latn"]
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-TASKS = ("sts", "retrieval", "classification")
+TASKS = ("sts", "retrieval", "classification", "pair-classification")
 
 
 # ---------------------------------------------------------------------- encoding helper
@@ -455,8 +463,158 @@ def evaluate_classification(model, train, test=None, *, instruction=None, test_f
     return task_result(name, scores, time.perf_counter() - t0, "test", extra)
 
 
+# ---------------------------------------------------------------------- pair classification
+PAIR_POSITIVE = ("1", "true", "entailment", "duplicate", "paraphrase")
+PAIR_NEGATIVE = ("0", "false", "contradiction", "not_duplicate", "not_paraphrase")
+PAIR_LEFT_OUT = ("neutral",)
+_PAIR_TEXT1 = ("sentence1", "premise", "text1", "sentence_A", "sentence_a", "s1")
+_PAIR_TEXT2 = ("sentence2", "hypothesis", "text2", "sentence_B", "sentence_b", "s2")
+
+
+def _pair_label(value, where: str) -> int | None:
+    """1, 0, or None for a left-out (neutral) pair."""
+    key = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
+    if key in PAIR_POSITIVE:
+        return 1
+    if key in PAIR_NEGATIVE:
+        return 0
+    if key in PAIR_LEFT_OUT:
+        return None
+    raise ValueError(f"{where}: label {value!r} is neither positive ({', '.join(PAIR_POSITIVE)}) nor negative "
+                     f"({', '.join(PAIR_NEGATIVE)}) nor left out ({', '.join(PAIR_LEFT_OUT)})")
+
+
+def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndarray, int]:
+    """Read labelled pairs: ``(texts 1, texts 2, labels 0/1, pairs left out)``. ``path``: a SentEval folder
+    (``s1.<split>``, ``s2.<split>``, ``labels.<split>``) or a JSONL / CSV / TSV file (``split`` unused)."""
+    path = Path(path)
+    if path.is_dir():
+        files = [path / f"{k}.{split}" for k in ("s1", "s2", "labels")]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            have = sorted({f.suffix[1:] for f in path.glob("labels.*")})
+            raise FileNotFoundError(f"{path}: no {', '.join(missing)} for split {split!r} (SentEval layout "
+                                    f"s1.<split>, s2.<split>, labels.<split>; splits here: {have or 'none'})")
+        cols = [f.read_text(encoding="utf-8").rstrip("\n").split("\n") for f in files]
+        if len({len(c) for c in cols}) != 1:
+            raise ValueError(f"{path}: s1, s2 and labels of split {split!r} have different line counts "
+                             f"{[len(c) for c in cols]}")
+        rows = [(f"{files[2]}:{n}", a.strip(), b.strip(), y) for n, (a, b, y) in
+                enumerate(zip(*cols, strict=True), start=1)]
+    elif path.is_file():
+        if path.suffix in (".jsonl", ".json"):
+            records = list(iter_jsonl(path.read_text(encoding="utf-8").split("\n"), path))
+        elif path.suffix in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+                records = [(reader.line_num, r) for r in reader]
+        else:
+            raise ValueError(f"{path}: expected a SentEval folder or a .jsonl, .csv or .tsv file")
+        rows = []
+        for n, r in records:
+            where = f"{path}:{n}"
+            t1 = next((r[k] for k in _PAIR_TEXT1 if r.get(k) not in (None, "")), None)
+            t2 = next((r[k] for k in _PAIR_TEXT2 if r.get(k) not in (None, "")), None)
+            if t1 is None or t2 is None or "label" not in r:
+                raise ValueError(f"{where}: a row needs two texts ({'/'.join(_PAIR_TEXT1)} and "
+                                 f"{'/'.join(_PAIR_TEXT2)}) and a label; got {sorted(r)}")
+            rows.append((where, t1, t2, r["label"]))
+    else:
+        raise FileNotFoundError(f"pair classification data {str(path)!r} not found")
+    s1, s2, labels, left_out = [], [], [], 0
+    for where, a, b, y in rows:
+        label = _pair_label(y, where)
+        if label is None:
+            left_out += 1
+            continue
+        s1.append(a)
+        s2.append(b)
+        labels.append(label)
+    if len(set(labels)) < 2:
+        raise ValueError(f"{path}: pair classification needs positive and negative pairs, got "
+                         f"{sum(labels)} positive and {len(labels) - sum(labels)} negative")
+    return s1, s2, np.asarray(labels, dtype=np.int64), left_out
+
+
+def threshold_metrics(scores, labels, higher_is_similar: bool = True) -> dict:
+    """Average precision and the best accuracy and F1 (with its precision and recall) over thresholds placed between
+    distinct consecutive scores, as MTEB's pair classification computes them."""
+    from sklearn.metrics import average_precision_score
+
+    s = np.asarray(scores, dtype=np.float64) * (1.0 if higher_is_similar else -1.0)
+    y = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    n, n_pos = len(y), int(y.sum())
+    tp = np.cumsum(y)[:-1]  # positives among the first k = 1 .. n-1 rows (those above the threshold)
+    k = np.arange(1, n)
+    valid = s[:-1] != s[1:]  # a threshold between rows k-1 and k splits no tie
+    acc = (tp + (n - n_pos) - (k - tp)) / n
+    best_acc = float(acc[valid].max()) if valid.any() else 0.0
+    precision, recall = tp / k, tp / max(n_pos, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(tp > 0, 2 * precision * recall / (precision + recall), 0.0)
+    f1 = np.where(valid, f1, 0.0)
+    i = int(np.argmax(f1)) if len(f1) else 0
+    best = len(f1) > 0 and f1[i] > 0
+    return {"accuracy": best_acc, "f1": float(f1[i]) if best else 0.0,
+            "precision": float(precision[i]) if best else 0.0, "recall": float(recall[i]) if best else 0.0,
+            "ap": float(average_precision_score(y, s))}
+
+
+def pair_classification_scores(emb1: np.ndarray, emb2: np.ndarray, labels) -> dict:
+    """MTEB's PairClassification metrics of paired embeddings: ``<fn>_<metric>`` for fn in similarity (cosine),
+    cosine, manhattan, euclidean, dot and metric in accuracy, f1, precision, recall, ap; ``max_<metric>`` over them;
+    main score ``max_ap``."""
+    e1, e2 = np.asarray(emb1, dtype=np.float64), np.asarray(emb2, dtype=np.float64)
+    cos = np.sum(_unit(e1) * _unit(e2), axis=1)
+    functions = {"similarity": (cos, True), "cosine": (cos, True),
+                 "manhattan": (np.abs(e1 - e2).sum(axis=1), False),
+                 "euclidean": (np.sqrt(((e1 - e2) ** 2).sum(axis=1)), False),
+                 "dot": ((e1 * e2).sum(axis=1), True)}
+    out = {}
+    for name, (values, higher) in functions.items():
+        for metric, v in threshold_metrics(values, labels, higher).items():
+            out[f"{name}_{metric}"] = v
+    for metric in ("accuracy", "f1", "precision", "recall", "ap"):
+        out[f"max_{metric}"] = max(out[f"{name}_{metric}"] for name in functions)
+    out["main_score"] = out["max_ap"]
+    return out
+
+
+def evaluate_pair_classification(model, data, *, split="test", instruction=None, limit=None, batch_size=None,
+                                 max_batch_tokens=None, task_name=None, show_progress_bar=False,
+                                 truncate_dim=None) -> dict:
+    """Pair classification (MTEB's metrics; main score: the best average precision over the similarity functions).
+
+    ``data``: a SentEval folder with ``split`` (SNLI's ``dev`` / ``test``) or a labelled pair file; ``limit`` keeps the
+    first N pairs (after neutral pairs are left out). Each distinct text is encoded once; ``instruction`` (optional)
+    goes on both texts.
+    """
+    t0 = time.perf_counter()
+    check_count("limit", limit, optional=True)
+    s1, s2, labels, left_out = load_pairs(data, split)
+    if limit is not None:
+        s1, s2, labels = s1[:limit], s2[:limit], labels[:limit]
+        if len(set(labels.tolist())) < 2:
+            raise ValueError(f"the first {limit} pairs of {data} hold one label only; raise the limit")
+    unique = list(dict.fromkeys(s1 + s2))
+    index = {s: i for i, s in enumerate(unique)}
+    emb = _embed(model, unique, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
+    scores = pair_classification_scores(emb[[index[s] for s in s1]], emb[[index[s] for s in s2]], labels)
+    path = Path(data)
+    name = task_name or f"{path.name if path.is_dir() else path.stem}-pairs"
+    extra = {"task": "pair-classification", "data": str(data), "split": split if path.is_dir() else None,
+             "n_pairs": len(labels), "n_positive": int(labels.sum()), "left_out_neutral": left_out,
+             "n_sentences": len(unique), "instruction": instruction, "truncate_dim": truncate_dim,
+             **_model_info(model)}
+    result_split = {"dev": "validation", "valid": "validation"}.get(split, split) if path.is_dir() else "test"
+    return task_result(name, scores, time.perf_counter() - t0, result_split, extra)
+
+
 # ---------------------------------------------------------------------- reporting
-_MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10", "classification": "accuracy"}
+_MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10", "classification": "accuracy",
+                "pair-classification": "max_ap"}
 
 
 def main_metric_name(result: dict) -> str:
@@ -519,7 +677,7 @@ def add_subcommands(subparsers):
     ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / classification files",
                                description="Evaluate on local files; prints a summary table and, as the very last "
                                            "line, the main score (a fraction, e.g. 0.7712).")
-    sub = ev.add_subparsers(dest="eval_task", metavar="{sts,retrieval,classification}")
+    sub = ev.add_subparsers(dest="eval_task", metavar="{sts,retrieval,classification,pair-classification}")
     sub.required = True
 
     p = sub.add_parser("sts", help="STS-B TSV or SICK file: Spearman of cosine similarity")
@@ -555,6 +713,16 @@ def add_subcommands(subparsers):
     p.add_argument("--instruction", default=None, help="instruction applied to every text (default: none)")
     _common_options(p)
     p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("pair-classification", help="labelled pairs (e.g. SNLI): average precision, best accuracy "
+                       "and F1 over thresholds (MTEB's PairClassification)")
+    p.add_argument("--data", required=True, help="SentEval folder (s1.<split>, s2.<split>, labels.<split>) or a "
+                   "JSONL / CSV / TSV file with sentence1, sentence2 and label")
+    p.add_argument("--split", default="test", help="the SentEval folder's split (default: test)")
+    p.add_argument("--instruction", default=None, help="instruction applied to both texts (default: none)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    _common_options(p)
+    p.set_defaults(func=run_eval)
     return ev
 
 
@@ -580,6 +748,9 @@ def run_eval(args, model=None) -> int:
         result = evaluate_classification(model, args.data, args.test, instruction=args.instruction,
                                          test_fraction=args.test_fraction, n_train=args.n_train,
                                          n_test=args.n_test, seed=args.seed, **common)
+    elif args.eval_task == "pair-classification":
+        result = evaluate_pair_classification(model, args.data, split=args.split, instruction=args.instruction,
+                                              limit=args.limit, **common)
     else:
         raise ValueError(f"unknown eval task {args.eval_task!r}; expected one of {TASKS}")
     if args.output:

@@ -409,3 +409,103 @@ def test_truncate_dim_wider_than_the_encoder_is_refused_before_encoding(data_dir
     with pytest.raises(ValueError, match="truncate_dim 65 is more than the embedding width 64"):
         ev.evaluate_sts(enc, data_dir / "sick" / "SICK_trial.txt", limit=10, truncate_dim=65)
     assert enc.calls == []
+
+
+# ---------------------------------------------------------------------- pair classification
+def test_threshold_metrics_hand_computed():
+    pytest.importorskip("sklearn")
+    # scores 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.1 (neg): the best cut is above 0.9 or between 0.7 and 0.1 (3 of 4)
+    m = ev.threshold_metrics([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0])
+    assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(0.8) and m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == 1.0 and m["ap"] == pytest.approx((1 + 2 / 3) / 2)
+    # distances: lower is more similar, the same order
+    assert ev.threshold_metrics([0.1, 0.2, 0.3, 0.9], [1, 0, 1, 0], higher_is_similar=False) == m
+    # a tie is never split: with all scores equal no threshold exists
+    assert ev.threshold_metrics([0.5, 0.5, 0.5], [1, 0, 1])["accuracy"] == 0.0
+
+
+def test_pair_classification_scores_equal_mteb():
+    """All 30 metrics (5 similarity functions × accuracy, F1, precision, recall, AP, and the max_ of each) equal
+    mteb's own PairClassification computation on the same embeddings, ties included."""
+    pytest.importorskip("sklearn")
+    mteb = pytest.importorskip("mteb")
+    from sklearn.metrics.pairwise import (
+        paired_cosine_distances,
+        paired_euclidean_distances,
+        paired_manhattan_distances,
+    )
+
+    rng = np.random.default_rng(0)
+    e1, e2 = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    y = (rng.random(300) < 0.4).astype(np.int64)
+    e2[y == 1] = e1[y == 1] + 0.8 * rng.normal(size=(int(y.sum()), 16))
+    e1[:5], e2[:5] = e1[0], e2[0]  # tied scores
+    try:
+        task = mteb.get_task("TwitterSemEval2015")
+        compute = task._compute_metrics
+    except (AttributeError, KeyError, ValueError) as e:
+        pytest.skip(f"this mteb has no PairClassification metrics entry point: {e}")
+    cos = 1 - paired_cosine_distances(e1, e2)
+    theirs = compute({"similarity_scores": cos, "cosine_scores": cos,
+                      "manhattan_distances": paired_manhattan_distances(e1, e2),
+                      "euclidean_distances": paired_euclidean_distances(e1, e2), "dot_scores": (e1 * e2).sum(1)},
+                     y.tolist())
+    ours = ev.pair_classification_scores(e1, e2, y)
+    assert len(theirs) == 30 and ours["main_score"] == ours["max_ap"]
+    for k, v in theirs.items():
+        assert ours[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_load_pairs_senteval_and_files(data_dir, tmp_path):
+    s1, s2, y, left_out = ev.load_pairs(data_dir / "snli", "dev")
+    assert (len(s1), int(y.sum()), left_out) == (6607, 3329, 3235)  # entailment vs contradiction, neutral left out
+    assert s1[0] == "Two women are embracing while holding to go packages ."
+    assert s2[0] == "Two woman are holding packages ."
+    assert y[0] == 1 and y[1] == 0
+    c = tmp_path / "p.csv"
+    c.write_text("premise,hypothesis,label\na b,c,entailment\nd,e,NEUTRAL\nf,g,0\nh,i,True\n")
+    a, b, y, left_out = ev.load_pairs(c)
+    assert (a, b, y.tolist(), left_out) == (["a b", "f", "h"], ["c", "g", "i"], [1, 0, 1], 1)
+    j = tmp_path / "p.jsonl"
+    j.write_text(json.dumps({"sentence1": "x", "sentence2": "y", "label": True}) + "\n"
+                 + json.dumps({"sentence1": "z", "sentence2": "w", "label": 0}) + "\n")
+    a, b, y, _ = ev.load_pairs(j)
+    assert (a, b, y.tolist()) == (["x", "z"], ["y", "w"], [1, 0])
+
+
+def test_load_pairs_errors(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"split 'train'.*splits here: \['dev', 'test'\]"):
+        ev.load_pairs(data_dir / "snli", "train")
+    c = tmp_path / "p.csv"
+    c.write_text("sentence1,sentence2,label\na,b,maybe\n")
+    with pytest.raises(ValueError, match=r"p.csv:2: label 'maybe' is neither positive"):
+        ev.load_pairs(c)
+    c.write_text("sentence1,sentence2,label\na,b,1\nc,d,1\n")
+    with pytest.raises(ValueError, match="needs positive and negative pairs, got 2 positive and 0 negative"):
+        ev.load_pairs(c)
+    c.write_text("sentence1,other,label\na,b,1\n")
+    with pytest.raises(ValueError, match="p.csv:2: a row needs two texts"):
+        ev.load_pairs(c)
+    d = tmp_path / "senteval"
+    d.mkdir()
+    (d / "s1.dev").write_text("a\nb\n")
+    (d / "s2.dev").write_text("c\n")
+    (d / "labels.dev").write_text("entailment\ncontradiction\n")
+    with pytest.raises(ValueError, match=r"different line counts \[2, 1, 2\]"):
+        ev.load_pairs(d, "dev")
+
+
+def test_cli_pair_classification_matches_api(data_dir, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "snli.json"
+    args = _parser().parse_args(["eval", "pair-classification", "--data", str(data_dir / "snli"), "--split", "dev",
+                                 "--limit", "300", "--output", str(out)])
+    assert args.func(args, model=FakeEncoder()) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    api = ev.evaluate_pair_classification(FakeEncoder(), data_dir / "snli", split="dev", limit=300)
+    saved = json.loads(out.read_text())
+    e = api["scores"]["validation"][0]
+    assert saved["scores"] == api["scores"] and saved["task_name"] == "snli-pairs"
+    assert printed[-1] == f"{e['main_score']:.6f}" and "| snli-pairs | validation | max_ap |" in "\n".join(printed)
+    # word overlap separates entailed from contradicting hypotheses better than chance (AP of a random scorer ~0.5)
+    assert api["llm2vec_fast"]["n_pairs"] == 300 and 0.55 < e["max_ap"] <= 1
