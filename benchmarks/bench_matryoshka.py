@@ -2,6 +2,10 @@
 pooling) with the plain loss and with ``matryoshka_dims``, scored on STS-B dev at each embedding prefix.
 
     python benchmarks/bench_matryoshka.py [--steps 250] [--dims 576,256,128,64,32] [--sts-limit 500] [--model M]
+    python benchmarks/bench_matryoshka.py --data stsb [--steps 200]    # CoSENT on STS-B train (train scored)
+
+``--data stsb`` trains on scored pairs (STS-B train, CoSENT) instead of SNLI triplets: a loss that reaches a high
+STS-B dev score within a CPU-sized run, so the two losses can be compared at every width.
 
 Start from an MNTP output (``--model``; ``python -m llm2vec_fast.training.evidence`` writes one to
 ``/tmp/llm2vec_fast_evidence/mntp``), as the supervised evidence did: 250 steps from there reached STS-B dev 70.0.
@@ -49,14 +53,29 @@ def prefix_scores(model, peft, dims, limit) -> dict:
     return {d: round(100 * sts_scores(a[:, :d], b[:, :d], gold)["spearman"], 2) for d in dims}
 
 
+DATA_NAMES = {"snli": "supervised on SNLI dev+test triplets (1 hard negative)",
+              "stsb": "train scored (CoSENT) on STS-B train"}
+
+
+def _stage(data: str) -> dict:
+    """The training stage and data of ``--data``."""
+    from llm2vec_fast.training.evidence import SNLI_INSTRUCTION
+
+    if data == "stsb":
+        return dict(mode="scored", loss="cosent", train_files=[str(_shared() / "data" / "stsb" / "sts-train.csv")])
+    return dict(mode="supervised", train_files=[str(_shared() / "data" / "snli" / "snli_devtest_triplets.csv")],
+                instructions=[SNLI_INSTRUCTION])
+
+
 def main(argv=None) -> int:
     from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
-    from llm2vec_fast.training.evidence import SNLI_INSTRUCTION
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="/tmp/llm2vec_fast_matryoshka", help="training outputs (not committed)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
+    p.add_argument("--data", default="snli", choices=["snli", "stsb"],
+                   help="snli: supervised on SNLI triplets; stsb: scored pairs of STS-B train with CoSENT")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
@@ -70,33 +89,33 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows, runs = [], {}
-    rows.append({"model": "before supervised training", **{f"d{d}": v for d, v in
+    rows.append({"model": "before training", **{f"d{d}": v for d, v in
                                                           prefix_scores(a.model, None, dims, a.sts_limit).items()}})
     print(rows[-1], flush=True)
     for name, mdims in (("plain loss", None), ("matryoshka loss", dims)):
         folder = work / name.split()[0]
         r = train_contrastive(ContrastiveArguments(
-            mode="supervised", train_files=[str(_shared() / "data" / "snli" / "snli_devtest_triplets.csv")],
-            output_dir=str(folder), model=a.model, instructions=[SNLI_INSTRUCTION], batch_size=a.batch,
+            **_stage(a.data), output_dir=str(folder), model=a.model, batch_size=a.batch,
             max_length=a.max_length, max_steps=a.steps, learning_rate=a.lr, warmup_steps=max(1, a.steps // 10),
             logging_steps=max(1, a.steps // 20), save_steps=0, disable_tqdm=True, matryoshka_dims=mdims,
             max_train_seconds=a.max_seconds))
         runs[name] = {"steps": r["global_step"], "train_runtime_s": r["train_runtime"], "losses": r["losses"]}
-        rows.append({"model": f"supervised, {name}", **{f"d{d}": v for d, v in
-                                                        prefix_scores(a.model, str(folder), dims,
-                                                                      a.sts_limit).items()}})
+        stage = "supervised" if a.data == "snli" else "CoSENT"
+        widths = prefix_scores(a.model, str(folder), dims, a.sts_limit)
+        rows.append({"model": f"{stage}, {name}", **{f"d{d}": v for d, v in widths.items()}})
         print(rows[-1], flush=True)
     env = environment()
-    stem = f"matryoshka_{'gpu' if env['card'].startswith('NVIDIA') else 'cpu'}"
+    card = "gpu" if env["card"].startswith("NVIDIA") else "cpu"
+    stem = f"matryoshka_{card}" if a.data == "snli" else f"matryoshka_{a.data}_{card}"
     payload = {"benchmark": "matryoshka", "environment": env, "dims": dims, "rows": rows, "runs": runs,
                "settings": {"steps": a.steps, "batch": a.batch, "max_length": a.max_length, "lr": a.lr,
-                            "data": "SNLI dev+test triplets (1 hard negative)", "sts_pairs": a.sts_limit},
+                            "data": DATA_NAMES[a.data], "sts_pairs": a.sts_limit},
                "total_s": round(time.time() - t0, 1)}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# Matryoshka loss: STS-B dev Spearman × 100 at each embedding prefix ({a.sts_limit} pairs)\n",
           f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
           f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}, bidirectional, mean "
-          "pooling; supervised on SNLI triplets, "
+          f"pooling; {DATA_NAMES[a.data]}, "
           f"{a.steps} steps of batch {a.batch} × {a.max_length} tokens, lr {a.lr}, the same seed and data order "
           f"for both losses; `dN` = the first N of {dims[0]} dimensions.\n",
           markdown_table(rows)]
