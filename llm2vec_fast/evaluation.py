@@ -1,5 +1,5 @@
 """Built-in evaluation on local files (no downloads): STS, BEIR-style retrieval, classification, pair
-classification.
+classification, clustering.
 
 Every ``evaluate_*`` function takes any encoder with the ``LLM2Vec.encode`` signature (``encode(sentences,
 batch_size=..., show_progress_bar=..., convert_to_numpy=..., max_batch_tokens=...)``, items are strings or
@@ -11,8 +11,8 @@ batch_size=..., show_progress_bar=..., convert_to_numpy=..., max_batch_tokens=..
      "llm2vec_fast": {<what was run: data file, sizes, instruction, model settings>}}
 
 so ``mteb.results.TaskResult.from_dict`` reads it. Scores are fractions (0.8123), as MTEB stores them; the summary
-table shows them ×100. The CLI (``llm2vec-fast eval sts|retrieval|classification|pair-classification``) calls the
-same functions, so the numbers match the Python API exactly.
+table shows them ×100. The CLI (``llm2vec-fast eval sts|retrieval|classification|pair-classification|clustering``)
+calls the same functions, so the numbers match the Python API exactly.
 
 Formats:
 
@@ -32,6 +32,10 @@ Formats:
   against contradiction). Metrics as MTEB's: for cosine, dot product, Euclidean and Manhattan distance, average
   precision and the best accuracy and F1 over thresholds (a threshold never splits tied scores); main score
   ``max_ap``.
+- Clustering: the classification CSV layout (text and label columns); MTEB's bootstrapped clustering: in each of
+  ``n_experiments`` rounds, ``cluster_size`` texts drawn with replacement are clustered by mini-batch k-means (k =
+  the number of labels, k-means++, batch 512) and scored by V-measure and adjusted mutual information against their
+  labels; main score: the mean V-measure.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from ._io import check_count, iter_jsonl
 
 LANGUAGES = ["eng-Latn"]
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-TASKS = ("sts", "retrieval", "classification", "pair-classification")
+TASKS = ("sts", "retrieval", "classification", "pair-classification", "clustering")
 
 
 # ---------------------------------------------------------------------- encoding helper
@@ -612,9 +616,62 @@ def evaluate_pair_classification(model, data, *, split="test", instruction=None,
     return task_result(name, scores, time.perf_counter() - t0, result_split, extra)
 
 
+# ---------------------------------------------------------------------- clustering
+def clustering_scores(emb: np.ndarray, labels, *, n_experiments: int = 10, cluster_size: int | None = None,
+                      kmeans_batch_size: int = 512, seed: int = 42) -> dict:
+    """MTEB's bootstrapped clustering scores: per experiment, ``cluster_size`` rows (default: all of them) drawn
+    with replacement by ``random.Random(seed)`` are clustered by ``MiniBatchKMeans`` (k = the number of distinct
+    labels, k-means++, one init, ``random_state=seed``); V-measure and AMI against the labels, mean and standard
+    deviation over experiments (``v_measures``: each experiment's V-measure)."""
+    import random
+
+    try:
+        from sklearn.cluster import MiniBatchKMeans
+        from sklearn.metrics.cluster import adjusted_mutual_info_score, v_measure_score
+    except ImportError as e:
+        raise ImportError("clustering needs scikit-learn: pip install scikit-learn") from e
+    check_count("n_experiments", n_experiments)
+    check_count("cluster_size", cluster_size, optional=True)
+    emb, labels = np.asarray(emb), np.asarray(labels)
+    if len(emb) != len(labels):
+        raise ValueError(f"{len(emb)} embeddings for {len(labels)} labels")
+    k = np.unique(labels).size
+    if k < 2:
+        raise ValueError(f"clustering needs at least 2 distinct labels, got {k}")
+    rng, size = random.Random(seed), cluster_size or len(labels)
+    v, ami = [], []
+    for _ in range(n_experiments):
+        idx = rng.choices(range(len(labels)), k=size)
+        kmeans = MiniBatchKMeans(n_clusters=k, batch_size=kmeans_batch_size, init="k-means++", n_init=1,
+                                 random_state=seed)
+        assigned = kmeans.fit_predict(emb[idx])
+        v.append(float(v_measure_score(labels[idx], assigned)))
+        ami.append(float(adjusted_mutual_info_score(labels[idx], assigned)))
+    return {"v_measure": float(np.mean(v)), "v_measure_std": float(np.std(v)), "ami": float(np.mean(ami)),
+            "ami_std": float(np.std(ami)), "v_measures": {"Level 0": v}, "main_score": float(np.mean(v))}
+
+
+def evaluate_clustering(model, data, *, instruction=None, limit=None, n_experiments=10, cluster_size=None,
+                        seed=42, batch_size=None, max_batch_tokens=None, task_name=None, show_progress_bar=False,
+                        truncate_dim=None) -> dict:
+    """Clustering of a labelled CSV (the classification layout); main score: mean V-measure (see
+    :func:`clustering_scores`). ``limit``: the first N rows after a seeded shuffle (``seed``)."""
+    t0 = time.perf_counter()
+    check_count("limit", limit, optional=True)
+    texts, labels = load_classification(data)
+    texts, labels = _take(texts, labels, limit, seed)
+    emb = _embed(model, texts, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
+    scores = clustering_scores(emb, labels, n_experiments=n_experiments, cluster_size=cluster_size, seed=seed)
+    name = task_name or f"{Path(data).resolve().parent.name or Path(data).stem}-clustering"
+    extra = {"task": "clustering", "data": str(data), "n_texts": len(texts), "n_labels": len(set(labels)),
+             "n_experiments": n_experiments, "cluster_size": cluster_size or len(texts), "seed": seed,
+             "instruction": instruction, "truncate_dim": truncate_dim, **_model_info(model)}
+    return task_result(name, scores, time.perf_counter() - t0, "test", extra)
+
+
 # ---------------------------------------------------------------------- reporting
 _MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10", "classification": "accuracy",
-                "pair-classification": "max_ap"}
+                "pair-classification": "max_ap", "clustering": "v_measure"}
 
 
 def main_metric_name(result: dict) -> str:
@@ -677,7 +734,8 @@ def add_subcommands(subparsers):
     ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / classification files",
                                description="Evaluate on local files; prints a summary table and, as the very last "
                                            "line, the main score (a fraction, e.g. 0.7712).")
-    sub = ev.add_subparsers(dest="eval_task", metavar="{sts,retrieval,classification,pair-classification}")
+    sub = ev.add_subparsers(dest="eval_task",
+                            metavar="{sts,retrieval,classification,pair-classification,clustering}")
     sub.required = True
 
     p = sub.add_parser("sts", help="STS-B TSV or SICK file: Spearman of cosine similarity")
@@ -723,6 +781,18 @@ def add_subcommands(subparsers):
     p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
     _common_options(p)
     p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("clustering", help="labelled CSV: mini-batch k-means V-measure (MTEB's bootstrapped "
+                       "clustering)")
+    p.add_argument("--data", required=True, help="CSV with a header (text,label or text,category)")
+    p.add_argument("--limit", type=int, default=None, help="use N rows (a seeded shuffle)")
+    p.add_argument("--n-experiments", type=int, default=10, help="bootstrap rounds (default 10)")
+    p.add_argument("--cluster-size", type=int, default=None,
+                   help="texts drawn (with replacement) per round (default: as many as there are)")
+    p.add_argument("--seed", type=int, default=42, help="sampling and k-means seed (default 42)")
+    p.add_argument("--instruction", default=None, help="instruction applied to every text (default: none)")
+    _common_options(p)
+    p.set_defaults(func=run_eval)
     return ev
 
 
@@ -748,6 +818,10 @@ def run_eval(args, model=None) -> int:
         result = evaluate_classification(model, args.data, args.test, instruction=args.instruction,
                                          test_fraction=args.test_fraction, n_train=args.n_train,
                                          n_test=args.n_test, seed=args.seed, **common)
+    elif args.eval_task == "clustering":
+        result = evaluate_clustering(model, args.data, instruction=args.instruction, limit=args.limit,
+                                     n_experiments=args.n_experiments, cluster_size=args.cluster_size,
+                                     seed=args.seed, **common)
     elif args.eval_task == "pair-classification":
         result = evaluate_pair_classification(model, args.data, split=args.split, instruction=args.instruction,
                                               limit=args.limit, **common)

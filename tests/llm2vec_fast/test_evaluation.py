@@ -509,3 +509,48 @@ def test_cli_pair_classification_matches_api(data_dir, tmp_path, capsys):
     assert printed[-1] == f"{e['main_score']:.6f}" and "| snli-pairs | validation | max_ap |" in "\n".join(printed)
     # word overlap separates entailed from contradicting hypotheses better than chance (AP of a random scorer ~0.5)
     assert api["llm2vec_fast"]["n_pairs"] == 300 and 0.55 < e["max_ap"] <= 1
+
+
+# ---------------------------------------------------------------------- clustering
+def test_clustering_scores_equal_mteb():
+    """The same V-measure and AMI, experiment by experiment, as mteb's bootstrapped clustering with the same seed."""
+    pytest.importorskip("sklearn")
+    try:
+        from mteb.abstasks.clustering import _evaluate_clustering_bootstrapped
+    except ImportError as e:
+        pytest.skip(f"this mteb has no bootstrapped clustering function: {e}")
+    import random
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, size=400)
+    emb = rng.normal(size=(400, 8)) + 3.0 * np.eye(8)[labels]
+    ours = ev.clustering_scores(emb, labels, n_experiments=4, cluster_size=300, seed=7)
+    theirs, _ = _evaluate_clustering_bootstrapped(emb, [[x] for x in labels], n_clusters=4, cluster_size=300,
+                                                  kmean_batch_size=512, max_depth=None,
+                                                  rng_state=random.Random(7), seed=7)
+    assert ours["v_measures"]["Level 0"] == pytest.approx(theirs["v_measure"]["Level 0"], abs=1e-12)
+    assert ours["ami"] == pytest.approx(np.mean(theirs["ami"]["Level 0"]), abs=1e-12)
+    assert 0.3 < ours["main_score"] == ours["v_measure"] < 1
+
+
+def test_evaluate_clustering_and_cli(tmp_path, capsys):
+    """Texts whose words name their cluster cluster perfectly; the CLI prints the API's score; bad input is refused."""
+    pytest.importorskip("sklearn")
+    path = tmp_path / "c.csv"
+    rng = np.random.default_rng(0)
+    rows = [f"topic{k}a topic{k}b,{k}" for k in rng.integers(0, 4, size=80)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    api = ev.evaluate_clustering(FakeEncoder(256), path, n_experiments=3)
+    e = api["scores"]["test"][0]
+    assert e["v_measure"] == pytest.approx(1.0) and e["v_measure_std"] == pytest.approx(0.0)
+    assert api["llm2vec_fast"]["n_labels"] == 4 and api["llm2vec_fast"]["cluster_size"] == 80
+    args = _parser().parse_args(["eval", "clustering", "--data", str(path), "--n-experiments", "3"])
+    assert args.func(args, model=FakeEncoder(256)) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    name = f"{tmp_path.name}-clustering"  # the data's folder, as for classification
+    assert printed[-1] == f"{e['main_score']:.6f}" and f"| {name} | test | v_measure |" in "\n".join(printed)
+    path.write_text("text,label\na,1\nb,1\n")
+    with pytest.raises(ValueError, match="at least 2 distinct labels, got 1"):
+        ev.evaluate_clustering(FakeEncoder(), path)
+    with pytest.raises(ValueError, match="n_experiments"):
+        ev.clustering_scores(np.zeros((4, 2)), [0, 1, 0, 1], n_experiments=0)
