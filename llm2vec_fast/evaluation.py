@@ -144,7 +144,7 @@ def load_sts(path) -> tuple[list[str], list[str], np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"STS data file {str(path)!r} not found")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
     s1, s2, gold = [], [], []
     header = lines[0].split("\t") if lines else []
     if header and header[0].strip() == "pair_ID":  # SICK
@@ -230,7 +230,7 @@ def _read_jsonl(path) -> list[dict]:
         raise FileNotFoundError(f"{str(path)!r} not found")
     rows = []
     # split on "\n" only: str.splitlines would also break on U+2028 inside MS MARCO passages
-    for n, row in iter_jsonl(path.read_text(encoding="utf-8").split("\n"), path):
+    for n, row in iter_jsonl(path.read_text(encoding="utf-8-sig").split("\n"), path):
         if "_id" not in row:
             raise ValueError(f"{path}:{n}: expected an object with an '_id' field")
         rows.append(row)
@@ -251,7 +251,7 @@ def load_beir(folder, split="test"):
     if not qrels_path.is_file():
         raise FileNotFoundError(f"qrels file {str(qrels_path)!r} not found")
     qrels: dict[str, dict[str, int]] = {}
-    lines = qrels_path.read_text(encoding="utf-8").split("\n")
+    lines = qrels_path.read_text(encoding="utf-8-sig").split("\n")
     for n, line in enumerate(lines, start=1):
         cols = line.rstrip("\r").split("\t")
         if not line.strip() or (n == 1 and not cols[-1].strip().lstrip("-").isdigit()):
@@ -366,7 +366,7 @@ def load_classification(path) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classification data file {str(path)!r} not found")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -499,7 +499,7 @@ def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndar
             have = sorted({f.suffix[1:] for f in path.glob("labels.*")})
             raise FileNotFoundError(f"{path}: no {', '.join(missing)} for split {split!r} (SentEval layout "
                                     f"s1.<split>, s2.<split>, labels.<split>; splits here: {have or 'none'})")
-        cols = [f.read_text(encoding="utf-8").rstrip("\n").split("\n") for f in files]
+        cols = [f.read_text(encoding="utf-8-sig").rstrip("\n").split("\n") for f in files]
         if len({len(c) for c in cols}) != 1:
             raise ValueError(f"{path}: s1, s2 and labels of split {split!r} have different line counts "
                              f"{[len(c) for c in cols]}")
@@ -507,9 +507,9 @@ def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndar
                 enumerate(zip(*cols, strict=True), start=1)]
     elif path.is_file():
         if path.suffix in (".jsonl", ".json"):
-            records = list(iter_jsonl(path.read_text(encoding="utf-8").split("\n"), path))
+            records = list(iter_jsonl(path.read_text(encoding="utf-8-sig").split("\n"), path))
         elif path.suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
                 records = [(reader.line_num, r) for r in reader]
         else:

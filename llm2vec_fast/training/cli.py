@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -49,6 +50,8 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--eval-sts", default=None, metavar="FILE",
                    help="STS-B TSV or SICK file: Spearman of cosine similarity (eval_sts_spearman)")
     g.add_argument("--eval-sts-limit", type=int, default=None, metavar="N", help="score the first N pairs only")
+    g.add_argument("--eval-sts-instruction", default=None,
+                   help="instruction on both texts of --eval-sts (train scored with one --instruction: that one)")
     g.add_argument("--eval-retrieval", default=None, metavar="DIR", help="BEIR folder: nDCG@10 "
                    "(eval_retrieval_ndcg_at_10)")
     g.add_argument("--eval-retrieval-instruction", default=None,
@@ -76,7 +79,8 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
 
 
 def _eval_kwargs(a) -> dict:
-    return dict(eval_sts=a.eval_sts, eval_sts_limit=a.eval_sts_limit, eval_retrieval=a.eval_retrieval,
+    return dict(eval_sts=a.eval_sts, eval_sts_limit=a.eval_sts_limit, eval_sts_instruction=a.eval_sts_instruction,
+                eval_retrieval=a.eval_retrieval,
                 eval_retrieval_instruction=a.eval_retrieval_instruction,
                 eval_retrieval_max_docs=a.eval_retrieval_max_docs,
                 eval_retrieval_max_queries=a.eval_retrieval_max_queries, eval_steps=a.eval_steps,
@@ -158,8 +162,8 @@ def run_mntp(a) -> int:
 
 def _score_range(text: str) -> tuple[float, float]:
     values = _float_list(text)
-    if len(values) != 2 or not values[0] < values[1]:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW < HIGH, got {text!r}")
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or not values[0] < values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, finite numbers with LOW < HIGH, got {text!r}")
     return values[0], values[1]
 
 
@@ -280,8 +284,13 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                            help="cosent: CoSENT on cosine; angle: CoSENT on AnglE's similarity; cosine: MSE of cosine "
                                 "against the score scaled to 0-1")
             p.add_argument("--score-range", type=_score_range, default=None, metavar="LOW,HIGH",
-                           help="the scale of the gold scores, mapped to 0-1 (default: 0,5 for STS-B and 1,5 for "
-                                "SICK files, else each file's own minimum and maximum)")
+                           help="the scale of the gold scores, mapped to 0-1; matters for --loss cosine only "
+                                "(cosent and angle read the order of the scores). Default: 0,5 for STS-B and 1,5 "
+                                "for SICK files; other files' scores as they are when within [-1, 1]. Write "
+                                "--score-range=-1,1 when LOW is negative")
+            p.add_argument("--split", default=None,
+                           help="keep the rows whose split column (SICK's SemEval_set: TRAIN, TRIAL, TEST) equals "
+                                "this")
             p.add_argument("--instruction", action="append", default=None,
                            help="instruction for both texts of a pair (a symmetric task): once for all files, or "
                                 "once per --train-file")

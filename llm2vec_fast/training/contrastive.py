@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ class ContrastiveArguments(EvalArguments):
     peft: str | None = None  # an adapter to merge into the base before training (e.g. the MNTP output)
     # supervised: on queries; scored: on both texts (a symmetric task); one per train file, or one for all
     instructions: list[str] = field(default_factory=list)
-    split: str | None = None  # supervised CSV: keep rows whose `split` column equals this
+    split: str | None = None  # supervised / scored: keep rows whose `split` (SICK: SemEval_set) column equals this
     max_examples: int | None = None  # per file
     batch_size: int | None = None  # per device
     max_length: int | None = None
@@ -94,7 +95,7 @@ class ContrastiveArguments(EvalArguments):
     # simcse / supervised: "infonce" (the only one)
     loss: str | None = None
     # scored: the (low, high) scale of the gold scores, mapped to [0, 1]; default: known for STS-B (0, 5) and SICK
-    # (1, 5), else each file's own minimum and maximum (only the cosine loss depends on it)
+    # (1, 5), else as they are within [-1, 1] (see read_scored_training_file; only the cosine loss depends on it)
     score_range: tuple[float, float] | None = None
     mask_false_negatives: bool = False
     num_negatives: int = 1  # supervised: hard negatives per query (the original: 1); fewer if the data has fewer
@@ -127,25 +128,32 @@ class ContrastiveArguments(EvalArguments):
     def __post_init__(self):
         if self.mode not in RECIPES:
             raise ValueError(f"mode must be one of {sorted(RECIPES)}, got {self.mode!r}")
+        self.loss = self.loss or LOSSES[self.mode][0]
+        if self.loss not in LOSSES[self.mode]:
+            raise ValueError(f"loss {self.loss!r} is not one of {self.mode}'s: {list(LOSSES[self.mode])}")
         if self.loss == "cosine" and self.scale is not None:
             raise ValueError(f"scale {self.scale} has no effect with the cosine loss (the MSE of cosine and score); "
                              "it scales cosent and angle")
         for k, v in RECIPES[self.mode].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
-        self.loss = self.loss or LOSSES[self.mode][0]
-        if self.loss not in LOSSES[self.mode]:
-            raise ValueError(f"loss {self.loss!r} is not one of {self.mode}'s: {list(LOSSES[self.mode])}")
+        if self.loss == "cosine":
+            self.scale = None  # unused: recorded as such
+        if self.loss in ("cosent", "angle") and self.batch_size < 2:
+            raise ValueError(f"batch_size {self.batch_size}: {self.loss} compares the pairs of a batch, so a batch "
+                             "of one pair has no loss; use 2 or more")
         if self.mode != "scored" and self.score_range is not None:
             raise ValueError(f"score_range {self.score_range} applies to scored pairs (mode 'scored'), not to "
                              f"{self.mode}")
         if self.score_range is not None:
             r = tuple(self.score_range)
-            if len(r) != 2 or not all(isinstance(x, (int, float)) for x in r) or not r[0] < r[1]:
-                raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range!r}")
+            if len(r) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                      for x in r) or not r[0] < r[1]:
+                raise ValueError(f"score_range must be (low, high), finite numbers with low < high, got "
+                                 f"{self.score_range!r}")
             self.score_range = (float(r[0]), float(r[1]))
-        if self.mode != "supervised" and self.split is not None:
-            raise ValueError(f"split {self.split!r} filters supervised CSV rows; it does not apply to {self.mode}")
+        if self.mode == "simcse" and self.split is not None:
+            raise ValueError(f"split {self.split!r} filters rows by a split column; it does not apply to simcse")
         if self.mode == "scored" and self.mask_false_negatives:
             raise ValueError("mask_false_negatives applies to in-batch negatives (simcse, supervised), not to scored "
                              "pairs")
@@ -158,6 +166,10 @@ class ContrastiveArguments(EvalArguments):
         if self.gradcache_chunk_size and self.gradcache_chunk_tokens:
             raise ValueError("give gradcache_chunk_size (texts per chunk) or gradcache_chunk_tokens (tokens per "
                              f"chunk), not both: got {self.gradcache_chunk_size} and {self.gradcache_chunk_tokens}")
+        if self.mode == "scored" and self.eval_sts and self.eval_sts_instruction is None \
+                and len(self.instructions) == 1:
+            # score STS as the pairs are trained: the training instruction, in the form training gives it
+            self.eval_sts_instruction = with_instruction("", self.instructions[0])[0]
         check_run_arguments(self)
         check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
         self.check_eval_arguments()
@@ -188,6 +200,7 @@ class TextCollator:
         self.mode = mode
         self.instructions = instructions or {}
         self.negatives = negatives
+        self.score_scales = None  # scored: each file's (low, high) mapped to 0-1, or None (as they are)
 
     def __call__(self, examples: list) -> dict:
         if self.mode == "simcse":
@@ -331,8 +344,11 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
     names = [Path(f).stem for f in args.train_files]
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
+    scales = {}
     if args.mode == "scored":
-        data = {n: read_scored_training_file(f, args) for n, f in zip(names, args.train_files, strict=True)}
+        data = {}
+        for n, f in zip(names, args.train_files, strict=True):
+            data[n], scales[str(f)] = read_scored_training_file(f, args)
     else:
         data = {n: read_triplets(f, split=args.split, limit=args.max_examples)
                 for n, f in zip(names, args.train_files, strict=True)}
@@ -346,19 +362,39 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
         k = {n: negatives_per_query(ex, args.num_negatives, f) for (n, ex), f in zip(data.items(), args.train_files,
                                                                                       strict=True)}
     if len(data) == 1:
-        return ListDataset(data[names[0]]), TextCollator(args.mode, instr, k[names[0]]), False
-    ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
-    return ListDataset(ordered), TextCollator(args.mode, instr, k), True
+        dataset, collator, grouped = ListDataset(data[names[0]]), TextCollator(args.mode, instr, k[names[0]]), False
+    else:
+        ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
+        dataset, collator, grouped = ListDataset(ordered), TextCollator(args.mode, instr, k), True
+    collator.score_scales = scales or None
+    return dataset, collator, grouped
 
 
-def read_scored_training_file(path, args: ContrastiveArguments) -> list[dict]:
-    """A scored-pair file's rows with their scores rescaled to [0, 1] (``args.score_range``, else the file's known
-    STS-B / SICK scale, else its own minimum and maximum); the scale used is logged."""
-    rows, known = read_scored_pairs(path, limit=args.max_examples)
-    rows, used = rescale_scores(rows, args.score_range or known, path)
-    logger.info("%s: %d scored pairs, scores %s–%s mapped to 0–1 (%s)", path, len(rows), used[0], used[1],
-                "given" if args.score_range else "the file's known scale" if known else "the file's own range")
-    return rows
+def read_scored_training_file(path, args: ContrastiveArguments) -> tuple[list[dict], list[float] | None]:
+    """A scored-pair file's rows and the (low, high) scale their scores were mapped from to [0, 1] (None: used as
+    they are).
+
+    The scale: ``args.score_range``, else the file's known STS-B (0–5) / SICK (1–5) scale. Other files' scores are
+    used as they are when they lie in [-1, 1] (where cosines lie, as sentence-transformers takes them). Beyond that,
+    the cosine loss needs ``score_range``; CoSENT and AnglE read only the order of the scores, so their scores are
+    mapped from the file's own minimum and maximum (which changes no order).
+    """
+    rows, known = read_scored_pairs(path, limit=args.max_examples, split=args.split)
+    scale, scores = args.score_range or known, [r["score"] for r in rows]
+    how = "given" if args.score_range else "the file's known scale"
+    if scale is None and not all(-1 <= x <= 1 for x in scores):
+        if args.loss == "cosine":
+            raise ValueError(f"{path}: scores span [{min(scores)}, {max(scores)}], beyond the [-1, 1] of cosines: "
+                             "give score_range (--score-range=LOW,HIGH), the scale to map to 0-1, for the cosine "
+                             "loss")
+        scale, how = (min(scores), max(scores)), "the file's own range; the loss reads only their order"
+    rows = rescale_scores(rows, scale, path)
+    if scale is None:
+        logger.info("%s: %d scored pairs, scores used as they are (all in [-1, 1])", path, len(rows))
+    else:
+        logger.info("%s: %d scored pairs, scores %s-%s mapped to 0-1 (%s)", path, len(rows), scale[0], scale[1],
+                    how)
+    return rows, None if scale is None else [float(scale[0]), float(scale[1])]
 
 
 class _SequentialTrainer(ContrastiveTrainer):
@@ -379,9 +415,11 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     dataset, collator, grouped = build_dataset(args, world)
     if len(dataset) < args.batch_size * world:
         per = f"{args.batch_size} per process x {world} processes" if world > 1 else f"{args.batch_size}"
+        why = ("the loss compares the pairs of a batch" if args.mode == "scored" else
+               "the batch is each example's negatives")
         raise ValueError(f"{len(dataset)} training examples in {list(args.train_files)}, fewer than one batch of "
-                         f"{per}: contrastive batches are always full (the batch is each example's negatives); "
-                         "lower the batch size or give more data")
+                         f"{per}: contrastive batches are always full ({why}); lower the batch size or give more "
+                         "data")
     encoder = load_encoder(args)
     check_matryoshka(args.matryoshka_dims, args.matryoshka_weights, encoder.model.config.hidden_size)
     targs = training_arguments(
@@ -404,7 +442,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     evals = monitor.summary() if monitor else {}
     if trainer.args.should_save:
         evals["loaded_best"] = bool(monitor and args.load_best_at_end and load_best(trainer, monitor))
-        save_contrastive_output(encoder, args, losses, evals)
+        save_contrastive_output(encoder, args, losses, evals, score_scales=collator.score_scales)
     return {"output_dir": args.output_dir, "base_model": args.model, "losses": losses,
             "train_runtime": out.metrics.get("train_runtime"), "global_step": out.global_step,
             "train_loss": out.training_loss, "steps_run": counter.steps, "examples": len(dataset),
@@ -429,15 +467,18 @@ def _monitor(trainer, encoder, args: ContrastiveArguments):
     scorers = [scorer(fn) for fn in encoder_evaluators(args, encoder.model.config.hidden_size)]
 
     def save(folder, extra):
-        save_contrastive_output(encoder, args, loss_history(trainer), extra, folder=folder)
+        save_contrastive_output(encoder, args, loss_history(trainer), extra, folder=folder,
+                                score_scales=getattr(trainer.data_collator, "score_scales", None))
 
     return add_eval_callback(trainer, args, scorers, save, encoder)
 
 
 def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[dict],
-                            evaluations: dict | None = None, folder: str | os.PathLike | None = None) -> None:
+                            evaluations: dict | None = None, folder: str | os.PathLike | None = None,
+                            score_scales: dict | None = None) -> None:
     """Adapter, tokenizer, ``llm2vec_config.json`` and the training record, into ``folder`` (default
-    ``args.output_dir``)."""
+    ``args.output_dir``). ``score_scales`` (scored pairs): each training file's (low, high) mapped to [0, 1], or
+    None where its scores were used as they are."""
     out = Path(folder or args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.model.save_pretrained(out)
@@ -453,4 +494,5 @@ def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[di
     write_json(out / TRAINING_NAME, {
         "stage": args.mode, "load_with": {"base_model_name_or_path": base, "merged_adapter": args.peft},
         "note": f"load with LLM2Vec.from_pretrained(base, peft_model_name_or_path=this folder), base = {base_hint}",
-        "arguments": dataclasses.asdict(args), "losses": losses, **(evaluations or {})})
+        "arguments": dataclasses.asdict(args), "losses": losses,
+        **({"score_scales": score_scales} if score_scales else {}), **(evaluations or {})})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -24,10 +25,11 @@ from .._io import check_count, iter_jsonl
 
 
 def _read_text(path) -> str:
-    """A UTF-8 text file's contents; a file that is not UTF-8 is a ValueError naming the file and the place."""
+    """A UTF-8 text file's contents (without a byte-order mark, which spreadsheet exports write); a file that is not
+    UTF-8 is a ValueError naming the file and the place."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
@@ -297,94 +299,141 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
 _TEXT1_KEYS = ("sentence1", "sentence_A", "sentence_a", "text1", "s1", "anchor", "query")
 _TEXT2_KEYS = ("sentence2", "sentence_B", "sentence_b", "text2", "s2", "positive", "document")
 _SCORE_KEYS = ("score", "similarity", "relatedness_score", "label", "gold_score")
+_SPLIT_KEYS = ("split", "SemEval_set")
 # the gold-score scales of the STS files that evaluation.load_sts reads
 STS_RANGES = {"stsb": (0.0, 5.0), "sick": (1.0, 5.0)}
+logger = logging.getLogger(__name__)
 
 
-def _sts_layout(first_line: str) -> str | None:
-    """``"sick"`` or ``"stsb"`` when a file's first line is a SICK header or an STS-B row, else None."""
+def _is_stsb_row(first_line: str) -> bool:
+    """Whether a file's first line is an STS-B row (genre, file, year, id, score, s1, s2: no header)."""
     cols = first_line.rstrip("\r").split("\t")
-    if cols[0].strip() == "pair_ID":
-        return "sick"
-    if len(cols) >= 7:
+    if len(cols) < 7:
+        return False
+    try:
+        float(cols[4])
+    except ValueError:
+        return False
+    return True
+
+
+def _table_records(path: Path, text: str) -> list[tuple[str, dict]]:
+    """``(place, row)`` of a JSONL / JSON-array / CSV / TSV file; CSV and TSV rows must fit their header."""
+    if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            float(cols[4])
-        except ValueError:
-            return None
-        return "stsb"
-    return None
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        bad = [i for i, x in enumerate(items) if not isinstance(x, dict)]
+        if bad:
+            raise ValueError(f"{path}: item {bad[0]} of the JSON array is not an object")
+        return [(f"{path}: item {i}", x) for i, x in enumerate(items)]
+    if path.suffix in (".jsonl", ".json"):
+        return [(f"{path}:{n}", r) for n, r in iter_jsonl(text.split("\n"), path)]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if path.suffix == ".csv" else "\t")
+    header = reader.fieldnames or []
+    for keys, what in ((_TEXT1_KEYS, "first text"), (_TEXT2_KEYS, "second text"), (_SCORE_KEYS, "score")):
+        if not any(k in header for k in keys):
+            raise ValueError(f"{path}: the header (line 1: {header}) has no {what} column (looked for "
+                             f"{', '.join(keys)}); a file without a header line needs one, or the STS-B layout "
+                             "(genre, file, year, id, score, s1, s2)")
+    out = []
+    for r in reader:
+        if None in r:
+            raise ValueError(f"{path}:{reader.line_num}: {len(header) + len(r[None])} fields for a header of "
+                             f"{len(header)}; quote fields that hold the delimiter")
+        out.append((f"{path}:{reader.line_num}", r))
+    return out
 
 
-def read_scored_pairs(path: str | Path, limit: int | None = None) -> tuple[list[dict], tuple[float, float] | None]:
+def read_scored_pairs(path: str | Path, limit: int | None = None,
+                      split: str | None = None) -> tuple[list[dict], tuple[float, float] | None]:
     """Read two texts and a similarity score per row: ``(rows, scale)``.
 
-    Files: an STS-B TSV (genre, file, year, id, score, s1, s2; whatever the file's suffix) or a SICK file, whose
-    score scales are known (0–5 and 1–5: returned as ``scale``); or JSONL / CSV / TSV with a header, the texts in
-    ``sentence1`` / ``sentence2`` (or ``sentence_A``/``sentence_B``, ``text1``/``text2``, ``s1``/``s2``,
-    ``anchor``/``positive``) and the score in ``score`` (or ``similarity``, ``relatedness_score``, ``label``); their
-    ``scale`` is None. Rows are dicts ``{"text1", "text2", "score"}``; a score that is not a finite number is a
-    ValueError naming the line.
+    Files: an STS-B TSV (genre, file, year, id, score, s1, s2, no header; whatever the file's suffix), scale 0–5; a
+    SICK file (tab-separated, header ``pair_ID sentence_A sentence_B relatedness_score ...``), scale 1–5; or JSONL,
+    a JSON array, CSV or TSV (``.tsv`` / ``.txt``) with a header, the texts in ``sentence1`` / ``sentence2`` (or
+    ``sentence_A``/``sentence_B``, ``text1``/``text2``, ``s1``/``s2``, ``anchor``/``positive``,
+    ``query``/``document``) and the score in ``score`` (or ``similarity``, ``relatedness_score``, ``label``,
+    ``gold_score``), scale None (unknown). ``split`` keeps the rows whose ``split`` or ``SemEval_set`` column
+    (SICK's full file: TRAIN / TRIAL / TEST) equals it, case-insensitively. Rows are dicts ``{"text1", "text2",
+    "score"}``; an empty text or a score that is not a finite number is a ValueError naming the line.
     """
     check_count("limit", limit, optional=True)
     path = Path(path)
     text = _read_text(path)
-    layout = _sts_layout(text.split("\n", 1)[0]) if path.suffix not in (".jsonl", ".json") else None
-    if layout:
+    if path.suffix not in (".jsonl", ".json") and _is_stsb_row(text.split("\n", 1)[0]):
+        if split is not None:
+            raise ValueError(f"{path}: an STS-B file holds one split and has no split column; split {split!r} "
+                             "cannot filter it")
         from ..evaluation import load_sts
 
         s1, s2, gold = load_sts(path)
-        rows = [{"text1": a, "text2": b, "score": float(g)} for a, b, g in zip(s1, s2, gold, strict=True)]
-        rows = rows[:limit] if limit else rows
-        bad = [i for i, r in enumerate(rows) if not math.isfinite(r["score"])]
-        if bad:
-            raise ValueError(f"{path}: pair {bad[0] + 1} has a score that is not a finite number: {rows[bad[0]]}")
-        return rows, STS_RANGES[layout]
-    if path.suffix in (".jsonl", ".json"):
-        records = list(iter_jsonl(text.split("\n"), path))
-    elif path.suffix in (".csv", ".tsv", ".txt"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if path.suffix == ".csv" else "\t")
-        records = [(reader.line_num, r) for r in reader]
+        records = [(f"{path}: pair {i + 1}", {"sentence1": a, "sentence2": b, "score": g})
+                   for i, (a, b, g) in enumerate(zip(s1, s2, gold, strict=True))]
+        scale = STS_RANGES["stsb"]
+    elif path.suffix in (".jsonl", ".json", ".csv", ".tsv", ".txt"):
+        records = _table_records(path, text)
+        scale = STS_RANGES["sick"] if text.split("\n", 1)[0].split("\t")[0].strip() == "pair_ID" else None
     else:
-        raise ValueError(f"{path}: expected an STS-B or SICK file, or a .jsonl, .json, .csv or .tsv file with two "
-                         "text columns and a score column")
-    rows = []
-    for n, r in records:
-        where = f":{n}"
-        t1 = _pick(r, _TEXT1_KEYS, "first text", path, where=where)
-        t2 = _pick(r, _TEXT2_KEYS, "second text", path, where=where)
-        raw = _pick(r, _SCORE_KEYS, "score", path, where=where)
+        raise ValueError(f"{path}: expected an STS-B or SICK file, or a .jsonl, .json, .csv, .tsv or .txt file with "
+                         "two text columns and a score column")
+    split_key = next((k for k in _SPLIT_KEYS if records and k in records[0][1]), None)
+    if split is not None and split_key is None:
+        raise ValueError(f"{path}: split {split!r} given, but the file has no split column ({', '.join(_SPLIT_KEYS)})")
+    rows, held_out = [], 0
+    for where, r in records:
+        if split_key is not None:
+            value = str(r.get(split_key, "")).strip().lower()
+            if split is None:
+                held_out += value == "test"
+            elif value != split.lower():
+                continue
+        t1 = _pick(r, _TEXT1_KEYS, "first text", path, where=where[len(str(path)):])
+        t2 = _pick(r, _TEXT2_KEYS, "second text", path, where=where[len(str(path)):])
+        raw = _pick(r, _SCORE_KEYS, "score", path, where=where[len(str(path)):])
+        if isinstance(raw, bool):
+            raise ValueError(f"{where}: the score {raw!r} is a boolean; give a number")
         try:
             score = float(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{path}{where}: the score {raw!r} is not a number") from None
+            raise ValueError(f"{where}: the score {raw!r} is not a number") from None
         if not math.isfinite(score):
-            raise ValueError(f"{path}{where}: the score {raw!r} is not a finite number")
+            raise ValueError(f"{where}: the score {raw!r} is not a finite number")
         if not isinstance(t1, str) or not isinstance(t2, str):
-            raise ValueError(f"{path}{where}: the texts must be strings, got {json.dumps([t1, t2])[:120]}")
+            raise ValueError(f"{where}: the texts must be strings, got {json.dumps([t1, t2])[:120]}")
+        if not t1.strip() or not t2.strip():
+            raise ValueError(f"{where}: a text of the pair is empty: {[t1, t2]}")
         rows.append({"text1": t1, "text2": t2, "score": score})
         if limit and len(rows) >= limit:
             break
+    if held_out:
+        logger.warning("%s: %d pairs of its %s column are TEST pairs, and no split was given: they are trained on "
+                       "(give a split, e.g. TRAIN, to keep them out)", path, held_out, split_key)
     if not rows:
-        raise ValueError(f"{path}: no scored pairs read")
-    return rows, None
+        raise ValueError(f"{path}: no scored pairs read" + (f" for split {split!r}" if split else ""))
+    return rows, scale
 
 
-def rescale_scores(rows: list[dict], scale: tuple[float, float] | None, path="") -> tuple[list[dict], tuple]:
-    """Rows with their scores mapped linearly from ``scale`` (lo, hi) to [0, 1]; ``scale`` None = the rows' own
-    minimum and maximum. Returns ``(rows, (lo, hi))``. Scores outside ``scale``, or a file whose pairs all have one
-    score (nothing to learn an order from), are ValueErrors."""
+def rescale_scores(rows: list[dict], scale: tuple[float, float] | None, path="") -> list[dict]:
+    """Rows with their scores mapped linearly from ``scale`` (low, high) to [0, 1]; ``scale`` None leaves them as
+    they are. Scores outside ``scale``, or pairs that all have one score (nothing to learn an order from), are
+    ValueErrors."""
     scores = [r["score"] for r in rows]
-    lo, hi = (min(scores), max(scores)) if scale is None else (float(scale[0]), float(scale[1]))
-    if scale is not None and not hi > lo:
-        raise ValueError(f"{path}: the score range {list(scale)} is empty: give (low, high) with low < high")
-    out = [r for r in scores if not lo <= r <= hi]
-    if out:
-        raise ValueError(f"{path}: score {out[0]} lies outside the score range [{lo}, {hi}]; give the range that "
-                         "the data's scores come from")
     if len(set(scores)) < 2:
         raise ValueError(f"{path}: every pair has the score {scores[0]}; scored-pair training needs pairs of "
                          "different scores")
-    return [{**r, "score": (r["score"] - lo) / (hi - lo)} for r in rows], (lo, hi)
+    if scale is None:
+        return list(rows)
+    lo, hi = float(scale[0]), float(scale[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{path}: the score range {list(scale)} is empty or not finite: give (low, high) with "
+                         "low < high")
+    out = [x for x in scores if not lo <= x <= hi]
+    if out:
+        raise ValueError(f"{path}: score {out[0]} lies outside the score range [{lo}, {hi}]; give the range that "
+                         "the data's scores come from")
+    return [{**r, "score": (r["score"] - lo) / (hi - lo)} for r in rows]
 
 
 def one_dataset_per_batch(datasets: dict[str, list], global_batch_size: int, seed: int = 42) -> list:

@@ -269,13 +269,20 @@ def cosent_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, scale: f
     With ``s_i = scale × sim(a_i, b_i)`` and gold ``scores`` y: ``log(1 + Σ_{(i, j): y_i > y_j} exp(s_j − s_i))``,
     over every ordered pair of pairs in the batch: a pair scored higher by the gold must come out more similar. Only
     the order of the gold scores matters. One number per batch (a log-sum, not a mean over pairs).
+
+    In O(B log B) time and O(B) memory: with the pairs sorted by gold score, ``Σ_{j: y_j < y_i} exp(s_j)`` is a
+    running log-sum-exp up to the first pair of y_i's tie group, so no B × B matrix is formed.
     """
     s = pair_similarity(a, b, similarity) * scale
     y = scores.to(s.device, s.dtype).reshape(-1)
     if y.shape != s.shape:
         raise ValueError(f"one score per pair expected: {s.shape[0]} pairs, scores of shape {tuple(scores.shape)}")
-    diff = (s[None, :] - s[:, None]).masked_fill(~(y[:, None] > y[None, :]), float("-inf"))  # [i, j] = s_j − s_i
-    return torch.logsumexp(torch.cat([s.new_zeros(1), diff.reshape(-1)]), dim=0)
+    order = torch.argsort(y)
+    y_sorted, s_sorted = y[order].contiguous(), s[order]
+    running = torch.logcumsumexp(s_sorted, dim=0)  # [k] = log Σ_{m <= k} exp(s_sorted[m])
+    lower = torch.searchsorted(y_sorted, y_sorted)  # how many pairs have a strictly lower gold score
+    below = torch.where(lower > 0, running[(lower - 1).clamp(min=0)], torch.full_like(s_sorted, float("-inf")))
+    return torch.logsumexp(torch.cat([s.new_zeros(1), below - s_sorted]), dim=0)
 
 
 def cosine_mse_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

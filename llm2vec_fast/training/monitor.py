@@ -49,6 +49,7 @@ class EvalArguments:
 
     eval_sts: str | None = None  # STS-B TSV / SICK file: Spearman of cosine similarity
     eval_sts_limit: int | None = None  # first N pairs only
+    eval_sts_instruction: str | None = None  # on both texts (scored-pair training with one instruction: its own)
     eval_retrieval: str | None = None  # BEIR folder: nDCG@10
     eval_retrieval_instruction: str | None = None  # query instruction; None: evaluation's default web-search one
     eval_retrieval_max_docs: int | None = None
@@ -69,7 +70,8 @@ class EvalArguments:
             check_count(name, getattr(self, name), optional=True)
         if self.eval_sts_limit is not None and self.eval_sts_limit < 2:
             raise ValueError(f"eval_sts_limit must be >= 2 (a correlation needs two pairs), got {self.eval_sts_limit}")
-        for name, needs in (("eval_sts_limit", "eval_sts"), ("eval_retrieval_instruction", "eval_retrieval"),
+        for name, needs in (("eval_sts_limit", "eval_sts"), ("eval_sts_instruction", "eval_sts"),
+                            ("eval_retrieval_instruction", "eval_retrieval"),
                             ("eval_retrieval_max_docs", "eval_retrieval"),
                             ("eval_retrieval_max_queries", "eval_retrieval")):
             if getattr(self, name) is not None and not getattr(self, needs):
@@ -134,7 +136,7 @@ def encoder_evaluators(args: EvalArguments, width: int | None = None) -> list[Ca
     out = []
     if args.eval_sts:
         def sts(encoder):
-            r = evaluate_sts(encoder, args.eval_sts, limit=args.eval_sts_limit,
+            r = evaluate_sts(encoder, args.eval_sts, limit=args.eval_sts_limit, instruction=args.eval_sts_instruction,
                              max_batch_tokens=args.eval_batch_tokens, truncate_dim=args.eval_truncate_dim)
             return {STS_METRIC: _main_score(r)}
         out.append(sts)

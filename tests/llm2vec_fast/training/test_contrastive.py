@@ -334,12 +334,17 @@ def test_scored_pairs_train_with_gradcache_and_evaluation(tiny_model_dir, tmp_pa
                            "--eval-sts", str(sts), "--eval-steps", "1"])
     assert a.func(a) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["steps"] == 2 and -1 <= line["last_eval"]["eval_sts_spearman"] <= 1
     rec = json.loads((out / "llm2vec_training.json").read_text())
     assert rec["stage"] == "scored" and rec["arguments"]["loss"] == "angle"
     assert rec["arguments"]["score_range"] == [0.0, 5.0] and len(rec["evaluations"]) == 2
+    assert rec["score_scales"] == {f1: [0.0, 5.0], f2: [0.0, 5.0]}
+    # STS is scored as the pairs were trained: with the training instruction on both texts
+    assert rec["arguments"]["eval_sts_instruction"] == "w9; "
+    from llm2vec_fast.evaluation import evaluate_sts
+
     e = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out), device="cpu")
-    assert torch.isfinite(e.encode(["w1 w2", "w3"], show_progress_bar=False)).all()
+    final = evaluate_sts(e, str(sts), instruction="w9; ")["scores"]["validation"][0]["main_score"]
+    assert line["steps"] == 2 and line["last_eval"]["eval_sts_spearman"] == pytest.approx(final, abs=1e-6)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "scored", "--model", tiny_model_dir, "--train-file", f1, "--output-dir",
                            str(out), "--score-range", "5,0"])
@@ -352,13 +357,40 @@ def test_scored_pairs_train_with_gradcache_and_evaluation(tiny_model_dir, tmp_pa
     ("supervised", dict(score_range=(0, 5)), "applies to scored pairs"),
     ("scored", dict(score_range=(5, 0)), "low < high"),
     ("scored", dict(score_range=(0, 1, 2)), "low < high"),
-    ("scored", dict(split="train"), "does not apply to scored"),
+    ("simcse", dict(split="train"), "does not apply to simcse"),
+    ("scored", dict(score_range=(0, float("inf"))), "finite numbers"),
+    ("scored", dict(score_range=(False, True)), "finite numbers"),
+    ("scored", dict(batch_size=1), "a batch of one pair has no loss"),
+    ("supervised", dict(loss="cosine", scale=50.0), "not one of supervised's"),
+    ("scored", dict(eval_sts_instruction="w1"), "eval_sts_instruction given without eval_sts"),
     ("scored", dict(mask_false_negatives=True), "not to scored pairs"),
     ("scored", dict(loss="cosine", scale=20.0), "no effect with the cosine loss"),
 ])
 def test_scored_arguments_are_checked(mode, kw, match):
     with pytest.raises(ValueError, match=match):
         ContrastiveArguments(mode=mode, train_files=["x"], output_dir="o", **kw)
+
+
+def test_scored_file_scales(tmp_path, caplog):
+    """Scores of an unknown scale: used as they are within [-1, 1] (sentence-transformers' convention); beyond it
+    the cosine loss asks for a range, CoSENT maps the file's own range (the order is all it reads); the scale used
+    is what the collator carries into the record."""
+    signed = tmp_path / "signed.csv"
+    signed.write_text("sentence1,sentence2,score\n" + "".join(f"w{i},w{i + 1},{(i % 5 - 2) / 2}\n" for i in range(12)))
+    wide = tmp_path / "wide.csv"
+    wide.write_text("sentence1,sentence2,score\n" + "".join(f"w{i},w{i + 1},{i % 7}\n" for i in range(12)))
+    ds, collator, _ = build_dataset(_args("scored", [str(signed)], tmp_path / "o", loss="cosine"))
+    assert collator.score_scales == {str(signed): None}
+    assert [ds[i]["score"] for i in range(5)] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"scores span \[0.0, 6.0\], beyond the \[-1, 1\] of cosines: give "
+                                         "score_range"):
+        build_dataset(_args("scored", [str(wide)], tmp_path / "o", loss="cosine"))
+    ds, collator, _ = build_dataset(_args("scored", [str(wide)], tmp_path / "o", loss="cosine", score_range=(0, 10)))
+    assert collator.score_scales == {str(wide): [0.0, 10.0]} and ds[1]["score"] == 0.1
+    with caplog.at_level("INFO"):
+        ds, collator, _ = build_dataset(_args("scored", [str(wide)], tmp_path / "o"))
+    assert collator.score_scales == {str(wide): [0.0, 6.0]} and ds[3]["score"] == 0.5
+    assert "the loss reads only their order" in caplog.text
 
 
 def test_scored_data_with_one_score_is_refused_before_loading(tmp_path):

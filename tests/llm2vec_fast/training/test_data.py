@@ -186,50 +186,87 @@ def test_read_triplets_limit_and_negative_types(tmp_path):
 
 
 def test_read_scored_pairs_sts_sick_and_tables(data_dir, tmp_path):
-    """STS-B (a tab-separated .csv) and SICK are recognised with their score scales; header tables and JSONL read
-    their named columns; rescaling maps the scale to [0, 1]."""
+    """STS-B (a tab-separated .csv) and SICK are recognised with their score scales; header tables, JSONL and JSON
+    arrays read their named columns; a byte-order mark changes nothing; rescaling maps the scale to [0, 1]."""
     rows, scale = read_scored_pairs(data_dir / "stsb" / "sts-train.csv", limit=4)
     assert scale == (0.0, 5.0) and len(rows) == 4
     assert rows[0] == {"text1": "A plane is taking off.", "text2": "An air plane is taking off.", "score": 5.0}
     rows, scale = read_scored_pairs(data_dir / "sick" / "SICK_trial.txt")
     assert scale == (1.0, 5.0) and len(rows) == 500 and all(1 <= r["score"] <= 5 for r in rows)
-    scaled, used = rescale_scores(rows, scale)
-    assert used == (1.0, 5.0) and all(r["score"] == (o["score"] - 1) / 4 for r, o in zip(scaled, rows, strict=True))
+    scaled = rescale_scores(rows, scale)
+    assert all(r["score"] == (o["score"] - 1) / 4 for r, o in zip(scaled, rows, strict=True))
+    # the same layouts written here, with a byte-order mark as spreadsheet exports write it
+    sts = tmp_path / "mine.csv"
+    sts.write_text("\ufeffg\tf\t2012\t0001\t4.0\tA b.\tC d.\ng\tf\t2012\t0002\t1.5\tE f.\tG h.\textra\n")
+    assert read_scored_pairs(sts) == ([{"text1": "A b.", "text2": "C d.", "score": 4.0},
+                                       {"text1": "E f.", "text2": "G h.", "score": 1.5}], (0.0, 5.0))
+    sick = tmp_path / "SICK.txt"
+    sick.write_text("\ufeffpair_ID\tsentence_A\tsentence_B\trelatedness_score\tSemEval_set\n"
+                    "1\ta\tb\t4.5\tTRAIN\n2\tc\td\t2\tTEST\n3\te\tf\t3\ttrain\n")
+    rows, scale = read_scored_pairs(sick, split="TRAIN")
+    assert scale == (1.0, 5.0) and [r["text1"] for r in rows] == ["a", "e"]
     c = tmp_path / "pairs.csv"
-    c.write_text('sentence1,sentence2,score\na b,"c, d",2\ne,f,4.5\n')
+    c.write_text('\ufeffsentence1,sentence2,score\na b,"c, d",2\ne,f,4.5\n')
     rows, scale = read_scored_pairs(c)
     assert scale is None and rows == [{"text1": "a b", "text2": "c, d", "score": 2.0},
                                       {"text1": "e", "text2": "f", "score": 4.5}]
-    assert [r["score"] for r in rescale_scores(rows, None)[0]] == [0.0, 1.0]  # the file's own range
-    assert [r["score"] for r in rescale_scores(rows, (0, 5))[0]] == [0.4, 0.9]
+    assert rescale_scores(rows, None) == rows  # None: as they are
+    assert [r["score"] for r in rescale_scores(rows, (0, 5))] == [0.4, 0.9]
     j = tmp_path / "pairs.jsonl"
     j.write_text(json.dumps({"sentence_A": "x", "sentence_B": "y", "label": 1}) + "\n\n"
-                 + json.dumps({"sentence_A": "z", "sentence_B": "w", "label": 0}) + "\n")
+                 + json.dumps({"sentence_A": "z", "sentence_B": "w", "label": "0"}) + "\n")
     assert read_scored_pairs(j)[0] == [{"text1": "x", "text2": "y", "score": 1.0},
                                        {"text1": "z", "text2": "w", "score": 0.0}]
+    a = tmp_path / "pairs.json"
+    a.write_text(json.dumps([{"query": "q", "document": "d", "gold_score": 0.5}]))
+    assert read_scored_pairs(a)[0] == [{"text1": "q", "text2": "d", "score": 0.5}]
+
+
+def test_sick_test_pairs_read_without_a_split_are_announced(tmp_path, caplog):
+    sick = tmp_path / "SICK.txt"
+    sick.write_text("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tSemEval_set\n"
+                    "1\ta\tb\t4.5\tTRAIN\n2\tc\td\t2\tTEST\n")
+    with caplog.at_level("WARNING"):
+        assert len(read_scored_pairs(sick)[0]) == 2
+    assert "1 pairs of its SemEval_set column are TEST pairs" in caplog.text
 
 
 def test_scored_pair_errors_name_the_file_and_line(tmp_path):
     c = tmp_path / "p.csv"
-    c.write_text("sentence1,sentence2,score\na,b,1\nc,d,high\n")
-    with pytest.raises(ValueError, match=r"p.csv:3: the score 'high' is not a number"):
-        read_scored_pairs(c)
-    c.write_text("sentence1,sentence2,score\na,b,1\nc,d,nan\n")
-    with pytest.raises(ValueError, match=r"p.csv:3: the score 'nan' is not a finite number"):
-        read_scored_pairs(c)
-    c.write_text("sentence1,text,score\na,b,1\n")
-    with pytest.raises(ValueError, match="no second text column"):
-        read_scored_pairs(c)
-    c.write_text("sentence1,sentence2,score\n")
-    with pytest.raises(ValueError, match="no scored pairs"):
-        read_scored_pairs(c)
+    for body, match in [
+        ("sentence1,sentence2,score\na,b,1\nc,d,high\n", r"p.csv:3: the score 'high' is not a number"),
+        ("sentence1,sentence2,score\na,b,1\nc,d,nan\n", r"p.csv:3: the score 'nan' is not a finite number"),
+        ("sentence1,text,score\na,b,1\n", r"the header \(line 1: \['sentence1', 'text', 'score'\]\) has no second "
+                                          "text column"),
+        ("a,b,1\nc,d,2\n", r"has no first text column .*a file without a header line needs one"),
+        ("sentence1,sentence2,score\na,b,1,2\n", r"p.csv:2: 4 fields for a header of 3; quote fields"),
+        ("sentence1,sentence2,score\n", "no scored pairs"),
+        ("sentence1,sentence2,score\na, ,1\n", r"p.csv:2: a text of the pair is empty"),
+    ]:
+        c.write_text(body)
+        with pytest.raises(ValueError, match=match):
+            read_scored_pairs(c)
+    c.write_text("sentence1,sentence2,score\na,b,1\n")
+    with pytest.raises(ValueError, match="split 'TRAIN' given, but the file has no split column"):
+        read_scored_pairs(c, split="TRAIN")
+    j = tmp_path / "p.jsonl"
+    j.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "score": True}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: the score True is a boolean"):
+        read_scored_pairs(j)
+    sts = tmp_path / "sts.csv"
+    sts.write_text("g\tf\t2012\t0001\t4.0\tA b.\t\n")
+    with pytest.raises(ValueError, match=r"pair 1: the second text \(.sentence2.\) is empty"):
+        read_scored_pairs(sts)
+    with pytest.raises(ValueError, match="an STS-B file holds one split"):
+        read_scored_pairs(sts, split="train")
     (tmp_path / "p.parquet").write_text("x")
-    with pytest.raises(ValueError, match="expected an STS-B or SICK file"):
+    with pytest.raises(ValueError, match=r"expected an STS-B or SICK file, or a .jsonl, .json, .csv, .tsv or .txt"):
         read_scored_pairs(tmp_path / "p.parquet")
     rows = [{"text1": "a", "text2": "b", "score": 3.0}, {"text1": "c", "text2": "d", "score": 3.0}]
     with pytest.raises(ValueError, match="every pair has the score 3.0"):
         rescale_scores(rows, None, "f.csv")
+    rows[1]["score"] = 0.5
     with pytest.raises(ValueError, match=r"score 3.0 lies outside the score range \[0.0, 1.0\]"):
         rescale_scores(rows, (0, 1), "f.csv")
-    with pytest.raises(ValueError, match="the score range \\[5, 0\\] is empty"):
+    with pytest.raises(ValueError, match="the score range \\[5, 0\\] is empty or not finite"):
         rescale_scores(rows, (5, 0), "f.csv")
