@@ -177,6 +177,7 @@ def run_contrastive(a) -> int:
         max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale, attention_dropout=a.attention_dropout,
         warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
         num_negatives=getattr(a, "num_negatives", 1), loss=getattr(a, "loss", None),
+        symmetric=getattr(a, "symmetric", False),
         score_range=getattr(a, "score_range", None),
         gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
         pooling_mode=a.pooling_mode, matryoshka_dims=a.matryoshka_dims, matryoshka_weights=a.matryoshka_weights,
@@ -271,6 +272,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--gradcache-chunk-tokens", type=int, default=None,
                        help="GradCache: encode the batch in chunks of at most this many tokens (a bound on activation "
                             "memory, whatever the texts' lengths); instead of --gradcache-chunk-size")
+        if mode != "scored":
+            p.add_argument("--symmetric", action="store_true",
+                           help="also score each positive against the batch's queries (the loss is the mean of both "
+                                "directions; sentence-transformers' MultipleNegativesSymmetricRankingLoss)")
         if mode == "supervised":
             p.add_argument("--instruction", action="append", default=None,
                            help="instruction for queries: once for all files, or once per --train-file")

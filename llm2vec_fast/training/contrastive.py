@@ -98,6 +98,9 @@ class ContrastiveArguments(EvalArguments):
     # (1, 5), else as they are within [-1, 1] (see read_scored_training_file; only the cosine loss depends on it)
     score_range: tuple[float, float] | None = None
     mask_false_negatives: bool = False
+    # simcse / supervised: also the positive → query direction (sentence-transformers'
+    # MultipleNegativesSymmetricRankingLoss); the loss is the mean of both directions
+    symmetric: bool = False
     num_negatives: int = 1  # supervised: hard negatives per query (the original: 1); fewer if the data has fewer
     gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
     gradcache_chunk_tokens: int | None = None  # GradCache chunks of at most this many tokens (instead of a size)
@@ -154,6 +157,9 @@ class ContrastiveArguments(EvalArguments):
             self.score_range = (float(r[0]), float(r[1]))
         if self.mode == "simcse" and self.split is not None:
             raise ValueError(f"split {self.split!r} filters rows by a split column; it does not apply to simcse")
+        if self.mode == "scored" and self.symmetric:
+            raise ValueError("symmetric adds the positive -> query direction of in-batch negatives (simcse, "
+                             "supervised); scored pairs have no such direction")
         if self.mode == "scored" and self.mask_false_negatives:
             raise ValueError("mask_false_negatives applies to in-batch negatives (simcse, supervised), not to scored "
                              "pairs")
@@ -253,12 +259,14 @@ class ContrastiveTrainer(AdapterTrainer):
     """Trainer with the contrastive loss in ``compute_loss`` and GradCache in ``training_step``."""
 
     def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False, loss: str = "infonce",
+                 symmetric: bool = False,
                  gradcache_chunk_size: int | None = None, gradcache_chunk_tokens: int | None = None,
                  matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.peft_module = self.model.encoder.model
         self.scale = scale
         self.loss_name = loss
+        self.symmetric = symmetric
         self.mask_false_negatives = mask_false_negatives
         self.matryoshka_dims, self.matryoshka_weights = matryoshka_dims, matryoshka_weights
         self.gradcache_chunk_size = gradcache_chunk_size
@@ -276,7 +284,7 @@ class ContrastiveTrainer(AdapterTrainer):
         n = reps[nq + np_:nq + np_ + nn_] if nn_ else None
         return hard_negative_nll_loss(q, p, n, scale=self.scale, mask_false_negatives=self.mask_false_negatives,
                                       matryoshka_dims=self.matryoshka_dims,
-                                      matryoshka_weights=self.matryoshka_weights)
+                                      matryoshka_weights=self.matryoshka_weights, symmetric=self.symmetric)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         reps = self._encode(model, inputs["texts"])
@@ -430,7 +438,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
         drop_last=True, extra=args.extra_training_args)
     cls = _SequentialTrainer if grouped else ContrastiveTrainer
     trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,
-                  processing_class=encoder.tokenizer, scale=args.scale, loss=args.loss,
+                  processing_class=encoder.tokenizer, scale=args.scale, loss=args.loss, symmetric=args.symmetric,
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
                   gradcache_chunk_tokens=args.gradcache_chunk_tokens, matryoshka_dims=args.matryoshka_dims,
                   matryoshka_weights=args.matryoshka_weights)

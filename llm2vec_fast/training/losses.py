@@ -132,7 +132,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, scale: float = 50.0,
                            mask_false_negatives: bool = False, gather: bool = True,
                            matryoshka_dims: Sequence[int] | None = None,
-                           matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
+                           matryoshka_weights: Sequence[float] | None = None, symmetric: bool = False) -> torch.Tensor:
     """InfoNCE with in-batch and hard negatives (LLM2Vec's ``HardNegativeNLLLoss``).
 
     Query i is scored (cosine × ``scale``) against every positive and every hard negative of the (global) batch;
@@ -146,6 +146,11 @@ def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | N
     of every embedding for each d (cosine renormalizes each prefix), and the results are summed with
     ``matryoshka_weights`` (default 1 each), so that truncated embeddings (``encode(..., truncate_dim=d)``) keep
     their quality. The embeddings are gathered across processes once for all d.
+
+    ``symmetric`` (sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``): the mean of the loss above
+    and of the reverse direction, where positive i is scored against every query of the (global) batch, cross-entropy
+    towards its own query (hard negatives and ``mask_false_negatives`` take part in the query → positive direction
+    only).
     """
     if q.dim() != 2 or p.shape != q.shape:
         raise ValueError(f"q and p must both be [B, H] of the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
@@ -155,9 +160,11 @@ def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | N
     if gather:
         p_all, off = gather_with_grad(p)
         n_all = gather_with_grad(n)[0] if n is not None else None
+        q_all = gather_with_grad(q)[0] if symmetric else None
     else:
         p_all, off = p, 0
         n_all = n
+        q_all = q
     cand = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)
     target = torch.arange(q.shape[0], device=q.device) + off
     losses = []
@@ -170,6 +177,8 @@ def hard_negative_nll_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | N
             false_neg = (col < n_pos) & (col != target[:, None]) & (scores > own)
             scores = scores.masked_fill(false_neg, float("-inf"))
         loss = F.cross_entropy(scores, target)
+        if symmetric:
+            loss = (loss + F.cross_entropy(_cos(p[:, :d], q_all[:, :d]) * scale, target)) / 2
         losses.append(loss if w == 1.0 else loss * w)
     return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
@@ -204,14 +213,19 @@ def simcse_loss(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0, gather: b
 
 def hard_negative_nll_loss_ref(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, scale: float = 50.0,
                                mask_false_negatives: bool = False, matryoshka_dims: Sequence[int] | None = None,
-                               matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
+                               matryoshka_weights: Sequence[float] | None = None,
+                               symmetric: bool = False) -> torch.Tensor:
     """Twin of :func:`hard_negative_nll_loss` (single process): one query at a time, written out; a Matryoshka loss
-    is the weighted sum of this over the truncated embeddings."""
+    is the weighted sum of this over the truncated embeddings; the symmetric loss the mean of this and of the same
+    with the positives as queries and the queries as their only candidates."""
     if matryoshka_dims is not None:
         weights = matryoshka_weights or [1.0] * len(matryoshka_dims)
         return sum(w * hard_negative_nll_loss_ref(q[:, :d], p[:, :d], None if n is None else n[:, :d], scale,
-                                                  mask_false_negatives)
+                                                  mask_false_negatives, symmetric=symmetric)
                    for d, w in zip(matryoshka_dims, weights, strict=True))
+    if symmetric:
+        return (hard_negative_nll_loss_ref(q, p, n, scale, mask_false_negatives)
+                + hard_negative_nll_loss_ref(p, q, None, scale)) / 2
     cands = list(p) + (list(n) if n is not None else [])
     losses = []
     for i in range(q.shape[0]):

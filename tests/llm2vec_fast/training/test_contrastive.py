@@ -242,19 +242,23 @@ def test_matryoshka_training(tiny_model_dir, tmp_path, capsys):
     trainer.scale, trainer.loss_name, trainer.mask_false_negatives = 20.0, "infonce", False
     trainer.matryoshka_dims, trainer.matryoshka_weights = [64, 16, 8], [1.0, 0.5, 0.25]
     reps = torch.randn(12, 64, dtype=torch.float64)
-    torch.testing.assert_close(trainer._loss(reps, (4, 4, 4)), hard_negative_nll_loss_ref(
-        reps[:4], reps[4:8], reps[8:], 20.0, matryoshka_dims=[64, 16, 8], matryoshka_weights=[1.0, 0.5, 0.25]))
+    for symmetric in (False, True):
+        trainer.symmetric = symmetric
+        torch.testing.assert_close(trainer._loss(reps, (4, 4, 4)), hard_negative_nll_loss_ref(
+            reps[:4], reps[4:8], reps[8:], 20.0, matryoshka_dims=[64, 16, 8], matryoshka_weights=[1.0, 0.5, 0.25],
+            symmetric=symmetric))
 
     parser = argparse.ArgumentParser(prog="llm2vec-fast")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     data = _triplet_csv(tmp_path / "t.csv", 3)
     argv = ["train", "supervised", "--model", tiny_model_dir, "--train-file", data, "--output-dir",
             str(tmp_path / "out"), "--batch-size", "4", "--max-steps", "2", "--save-steps", "0", "--no-progress",
-            "--max-length", "32", "--gradcache-chunk-size", "5", "--matryoshka-dims", "64,16,8",
+            "--max-length", "32", "--gradcache-chunk-size", "5", "--symmetric", "--matryoshka-dims", "64,16,8",
             "--matryoshka-weights", "1,0.5,0.25"]
     a = parser.parse_args(argv)
     assert a.func(a) == 0
     rec = json.loads((tmp_path / "out" / "llm2vec_training.json").read_text())
+    assert rec["arguments"]["symmetric"] is True
     assert rec["arguments"]["matryoshka_dims"] == [64, 16, 8]
     assert rec["arguments"]["matryoshka_weights"] == [1.0, 0.5, 0.25]
     capsys.readouterr()
@@ -363,6 +367,7 @@ def test_scored_pairs_train_with_gradcache_and_evaluation(tiny_model_dir, tmp_pa
     ("scored", dict(batch_size=1), "a batch of one pair has no loss"),
     ("supervised", dict(loss="cosine", scale=50.0), "not one of supervised's"),
     ("scored", dict(eval_sts_instruction="w1"), "eval_sts_instruction given without eval_sts"),
+    ("scored", dict(symmetric=True), "scored pairs have no such direction"),
     ("scored", dict(mask_false_negatives=True), "not to scored pairs"),
     ("scored", dict(loss="cosine", scale=20.0), "no effect with the cosine loss"),
 ])

@@ -152,7 +152,7 @@ def test_loss_rejects_mismatched_shapes():
         hard_negative_nll_loss(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5))
 
 
-def _dist_worker(rank, world, port, path, q, p, n):
+def _dist_worker(rank, world, port, path, q, p, n, symmetric=False):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -161,7 +161,7 @@ def _dist_worker(rank, world, port, path, q, p, n):
         b = q.shape[0] // world
         sl = slice(rank * b, (rank + 1) * b)
         ql, pl, nl = (x[sl].clone().requires_grad_(True) for x in (q, p, n))
-        loss = hard_negative_nll_loss(ql, pl, nl, scale=50.0, mask_false_negatives=True)
+        loss = hard_negative_nll_loss(ql, pl, nl, scale=50.0, mask_false_negatives=True, symmetric=symmetric)
         loss.backward()
         torch.save((loss.detach(), [g.clone() for g in (ql.grad, pl.grad, nl.grad)]), f"{path}/{rank}.pt")
         # both ranks finished every collective before either tears gloo down: a rank that destroys its group while
@@ -171,10 +171,11 @@ def _dist_worker(rank, world, port, path, q, p, n):
         dist.destroy_process_group()
 
 
-def test_gather_across_processes_equals_global_batch(tmp_path):
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_gather_across_processes_equals_global_batch(tmp_path, symmetric):
     """Two gloo processes, half the batch each: the mean of their losses equals the single-process loss on the
     whole batch, and their representation gradients, divided by the world size as DDP's averaging of parameter
-    gradients does, equal the whole-batch gradients."""
+    gradients does, equal the whole-batch gradients (symmetric: the queries are gathered too)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -185,7 +186,7 @@ def test_gather_across_processes_equals_global_batch(tmp_path):
         port = s.getsockname()[1]
     # spawn, not fork: a child forked after the parent's OpenMP pool started hangs in its first parallel region
     # (it did in the full suite); a deadline turns any other hang into a failure
-    ctx = mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n), nprocs=2, join=False,
+    ctx = mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n, symmetric), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=2):
@@ -195,7 +196,8 @@ def test_gather_across_processes_equals_global_batch(tmp_path):
             pytest.fail("the two gloo workers did not finish within 180 s")
     r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     qg, pg, ng = (x.clone().requires_grad_(True) for x in (q, p, n))
-    full = hard_negative_nll_loss(qg, pg, ng, scale=50.0, mask_false_negatives=True, gather=False)
+    full = hard_negative_nll_loss(qg, pg, ng, scale=50.0, mask_false_negatives=True, gather=False,
+                                  symmetric=symmetric)
     full.backward()
     torch.testing.assert_close((r0[0] + r1[0]) / 2, full.detach())
     for i, ref in enumerate((qg.grad, pg.grad, ng.grad)):
@@ -290,3 +292,33 @@ def test_cosent_on_a_large_batch_equals_the_pairwise_form():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     for x, y in zip(torch.autograd.grad(ours, (a, b)), torch.autograd.grad(ref, (a, b)), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_neg", [False, True], ids=["in-batch", "hard-neg"])
+def test_symmetric_loss_matches_twin_and_sentence_transformers(with_neg):
+    """The symmetric InfoNCE (query → candidates and positive → queries, averaged): values and gradients against the
+    twin (false-negative masking and Matryoshka included), and the value of sentence-transformers' symmetric loss."""
+    q, p = _reps(6, 9, 60), _reps(6, 9, 61)
+    n = _reps(6, 9, 62) if with_neg else None
+    for kw in ({}, dict(mask_false_negatives=True), dict(matryoshka_dims=[9, 4], matryoshka_weights=[1.0, 0.5])):
+        ours = hard_negative_nll_loss(q, p, n, scale=20.0, symmetric=True, **kw)
+        ref = hard_negative_nll_loss_ref(q, p, n, scale=20.0, symmetric=True, **kw)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+        inputs = (q, p) if n is None else (q, p, n)
+        for x, y in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(ref, inputs), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    # the reverse direction counts: swapping queries and positives changes the one-way loss, not the symmetric one
+    assert not torch.isclose(hard_negative_nll_loss(q, p, scale=20.0), hard_negative_nll_loss(p, q, scale=20.0))
+    torch.testing.assert_close(hard_negative_nll_loss(q, p, scale=20.0, symmetric=True),
+                               hard_negative_nll_loss(p, q, scale=20.0, symmetric=True))
+    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        st = st_losses.MultipleNegativesSymmetricRankingLoss(model=torch.nn.Module(), scale=20.0)
+    if not hasattr(st, "compute_loss_from_embeddings"):
+        pytest.skip("this sentence-transformers' symmetric loss has no compute_loss_from_embeddings")
+    emb = [q, p] if n is None else [q, p, n]
+    torch.testing.assert_close(hard_negative_nll_loss(*emb, scale=20.0, symmetric=True),
+                               st.compute_loss_from_embeddings(emb, None), rtol=1e-10, atol=1e-12)
