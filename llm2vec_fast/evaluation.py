@@ -33,9 +33,9 @@ Formats:
   precision and the best accuracy and F1 over thresholds (a threshold never splits tied scores); main score
   ``max_ap``.
 - Clustering: the classification CSV layout (text and label columns); MTEB's bootstrapped clustering: in each of
-  ``n_experiments`` rounds, ``cluster_size`` texts drawn with replacement are clustered by mini-batch k-means (k =
-  the number of labels, k-means++, batch 512) and scored by V-measure and adjusted mutual information against their
-  labels; main score: the mean V-measure.
+  ``n_experiments`` rounds, ``cluster_size`` texts (MTEB's 16,384, whatever the data's size) drawn with replacement
+  are clustered by mini-batch k-means (k = the number of labels, k-means++, batch 512) and scored by V-measure and
+  adjusted mutual information against their labels; main score: the mean V-measure.
 """
 from __future__ import annotations
 
@@ -81,6 +81,10 @@ def _embed(model, texts, instruction=None, batch_size=None, max_batch_tokens=Non
     emb = np.asarray(emb.detach().cpu() if hasattr(emb, "detach") else emb, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(texts):
         raise ValueError(f"encoder returned shape {emb.shape} for {len(texts)} texts; expected [{len(texts)}, D]")
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if bad.size:
+        raise ValueError(f"the encoder returned NaN or infinite embeddings for {bad.size} of {len(texts)} texts, "
+                         f"first row {bad[0]}: {str(texts[bad[0]])[:80]!r}")
     if truncate_dim is not None:
         if truncate_dim > emb.shape[1]:
             raise ValueError(f"truncate_dim {truncate_dim} is more than the embedding width {emb.shape[1]}")
@@ -469,15 +473,21 @@ def evaluate_classification(model, train, test=None, *, instruction=None, test_f
 
 # ---------------------------------------------------------------------- pair classification
 PAIR_POSITIVE = ("1", "true", "entailment", "duplicate", "paraphrase")
-PAIR_NEGATIVE = ("0", "false", "contradiction", "not_duplicate", "not_paraphrase")
+PAIR_NEGATIVE = ("0", "false", "contradiction", "not_duplicate", "not_paraphrase", "not_entailment")
 PAIR_LEFT_OUT = ("neutral",)
-_PAIR_TEXT1 = ("sentence1", "premise", "text1", "sentence_A", "sentence_a", "s1")
-_PAIR_TEXT2 = ("sentence2", "hypothesis", "text2", "sentence_B", "sentence_b", "s2")
+_PAIR_TEXT1 = ("sentence1", "premise", "text1", "sentence_a", "s1")
+_PAIR_TEXT2 = ("sentence2", "hypothesis", "text2", "sentence_b", "s2")
 
 
 def _pair_label(value, where: str) -> int | None:
-    """1, 0, or None for a left-out (neutral) pair."""
-    key = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
+    """1, 0, or None for a left-out (neutral) pair; whole-number floats (``1.0``) read as integers."""
+    key = str(value).strip().lower()
+    try:
+        number = float(key)
+        if number in (0.0, 1.0):
+            key = str(int(number))
+    except ValueError:
+        pass
     if key in PAIR_POSITIVE:
         return 1
     if key in PAIR_NEGATIVE:
@@ -490,7 +500,10 @@ def _pair_label(value, where: str) -> int | None:
 
 def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndarray, int]:
     """Read labelled pairs: ``(texts 1, texts 2, labels 0/1, pairs left out)``. ``path``: a SentEval folder
-    (``s1.<split>``, ``s2.<split>``, ``labels.<split>``) or a JSONL / CSV / TSV file (``split`` unused)."""
+    (``s1.<split>``, ``s2.<split>``, ``labels.<split>``) or a JSONL / CSV / TSV file (``split`` then only names
+    the result's split). File columns: two texts (``sentence1``/``sentence2``, ``premise``/``hypothesis``,
+    ``text1``/``text2``, ``sentence_A``/``sentence_B``) and ``label`` or ``labels``, in any letter case. TSV is read
+    without quoting (quotes are text)."""
     path = Path(path)
     if path.is_dir():
         files = [path / f"{k}.{split}" for k in ("s1", "s2", "labels")]
@@ -510,23 +523,28 @@ def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndar
             records = list(iter_jsonl(path.read_text(encoding="utf-8-sig").split("\n"), path))
         elif path.suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+                reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv"
+                          else csv.DictReader(f))
                 records = [(reader.line_num, r) for r in reader]
         else:
             raise ValueError(f"{path}: expected a SentEval folder or a .jsonl, .csv or .tsv file")
         rows = []
         for n, r in records:
             where = f"{path}:{n}"
-            t1 = next((r[k] for k in _PAIR_TEXT1 if r.get(k) not in (None, "")), None)
-            t2 = next((r[k] for k in _PAIR_TEXT2 if r.get(k) not in (None, "")), None)
-            if t1 is None or t2 is None or "label" not in r:
+            r = {str(k).lower(): v for k, v in r.items()}
+            k1 = next((k for k in _PAIR_TEXT1 if k in r), None)
+            k2 = next((k for k in _PAIR_TEXT2 if k in r), None)
+            kl = next((k for k in ("label", "labels") if k in r), None)
+            if k1 is None or k2 is None or kl is None:
                 raise ValueError(f"{where}: a row needs two texts ({'/'.join(_PAIR_TEXT1)} and "
-                                 f"{'/'.join(_PAIR_TEXT2)}) and a label; got {sorted(r)}")
-            rows.append((where, t1, t2, r["label"]))
+                                 f"{'/'.join(_PAIR_TEXT2)}) and a label (label/labels); got {sorted(r)}")
+            rows.append((where, r[k1], r[k2], r[kl]))
     else:
         raise FileNotFoundError(f"pair classification data {str(path)!r} not found")
     s1, s2, labels, left_out = [], [], [], 0
     for where, a, b, y in rows:
+        if not isinstance(a, str) or not isinstance(b, str) or not a.strip() or not b.strip():
+            raise ValueError(f"{where}: both texts must be non-empty strings, got {[a, b]}")
         label = _pair_label(y, where)
         if label is None:
             left_out += 1
@@ -545,7 +563,7 @@ def threshold_metrics(scores, labels, higher_is_similar: bool = True) -> dict:
     distinct consecutive scores, as MTEB's pair classification computes them."""
     from sklearn.metrics import average_precision_score
 
-    s = np.asarray(scores, dtype=np.float64) * (1.0 if higher_is_similar else -1.0)
+    s = np.asarray(scores) * (1 if higher_is_similar else -1)
     y = np.asarray(labels, dtype=np.int64)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
@@ -569,13 +587,20 @@ def threshold_metrics(scores, labels, higher_is_similar: bool = True) -> dict:
 def pair_classification_scores(emb1: np.ndarray, emb2: np.ndarray, labels) -> dict:
     """MTEB's PairClassification metrics of paired embeddings: ``<fn>_<metric>`` for fn in similarity (cosine),
     cosine, manhattan, euclidean, dot and metric in accuracy, f1, precision, recall, ap; ``max_<metric>`` over them;
-    main score ``max_ap``."""
-    e1, e2 = np.asarray(emb1, dtype=np.float64), np.asarray(emb2, dtype=np.float64)
-    cos = np.sum(_unit(e1) * _unit(e2), axis=1)
+    main score ``max_ap``. The scores are computed as MTEB computes them, in the embeddings' own precision, so that
+    the same ties (e.g. a text paired with itself) fall the same way."""
+    from sklearn.metrics.pairwise import (
+        paired_cosine_distances,
+        paired_euclidean_distances,
+        paired_manhattan_distances,
+    )
+
+    e1, e2 = np.asarray(emb1), np.asarray(emb2)
+    cos = 1 - paired_cosine_distances(e1, e2)
     functions = {"similarity": (cos, True), "cosine": (cos, True),
-                 "manhattan": (np.abs(e1 - e2).sum(axis=1), False),
-                 "euclidean": (np.sqrt(((e1 - e2) ** 2).sum(axis=1)), False),
-                 "dot": ((e1 * e2).sum(axis=1), True)}
+                 "manhattan": (paired_manhattan_distances(e1, e2), False),
+                 "euclidean": (paired_euclidean_distances(e1, e2), False),
+                 "dot": (np.asarray([np.dot(x, y) for x, y in zip(e1, e2, strict=True)]), True)}
     out = {}
     for name, (values, higher) in functions.items():
         for metric, v in threshold_metrics(values, labels, higher).items():
@@ -591,9 +616,9 @@ def evaluate_pair_classification(model, data, *, split="test", instruction=None,
                                  truncate_dim=None) -> dict:
     """Pair classification (MTEB's metrics; main score: the best average precision over the similarity functions).
 
-    ``data``: a SentEval folder with ``split`` (SNLI's ``dev`` / ``test``) or a labelled pair file; ``limit`` keeps the
-    first N pairs (after neutral pairs are left out). Each distinct text is encoded once; ``instruction`` (optional)
-    goes on both texts.
+    ``data``: a SentEval folder with ``split`` (SNLI's ``dev`` / ``test``) or a labelled pair file (``split`` names
+    the result's split); ``limit`` keeps the first N pairs (after neutral pairs are left out). Each distinct text is
+    encoded once; ``instruction`` (optional) goes on both texts.
     """
     t0 = time.perf_counter()
     check_count("limit", limit, optional=True)
@@ -608,21 +633,25 @@ def evaluate_pair_classification(model, data, *, split="test", instruction=None,
     scores = pair_classification_scores(emb[[index[s] for s in s1]], emb[[index[s] for s in s2]], labels)
     path = Path(data)
     name = task_name or f"{path.name if path.is_dir() else path.stem}-pairs"
-    extra = {"task": "pair-classification", "data": str(data), "split": split if path.is_dir() else None,
+    extra = {"task": "pair-classification", "data": str(data), "split": split,
              "n_pairs": len(labels), "n_positive": int(labels.sum()), "left_out_neutral": left_out,
              "n_sentences": len(unique), "instruction": instruction, "truncate_dim": truncate_dim,
              **_model_info(model)}
-    result_split = {"dev": "validation", "valid": "validation"}.get(split, split) if path.is_dir() else "test"
+    result_split = {"dev": "validation", "valid": "validation"}.get(split, split)
     return task_result(name, scores, time.perf_counter() - t0, result_split, extra)
 
 
 # ---------------------------------------------------------------------- clustering
-def clustering_scores(emb: np.ndarray, labels, *, n_experiments: int = 10, cluster_size: int | None = None,
-                      kmeans_batch_size: int = 512, seed: int = 42) -> dict:
-    """MTEB's bootstrapped clustering scores: per experiment, ``cluster_size`` rows (default: all of them) drawn
-    with replacement by ``random.Random(seed)`` are clustered by ``MiniBatchKMeans`` (k = the number of distinct
-    labels, k-means++, one init, ``random_state=seed``); V-measure and AMI against the labels, mean and standard
-    deviation over experiments (``v_measures``: each experiment's V-measure)."""
+CLUSTER_SIZE = 16_384  # MTEB's max_documents_per_cluster: texts drawn per experiment, with replacement
+
+
+def clustering_scores(emb: np.ndarray, labels, *, n_experiments: int = 10, cluster_size: int = CLUSTER_SIZE,
+                      kmeans_batch_size: int = 512, seed: int = 42, rng=None) -> dict:
+    """MTEB's bootstrapped clustering scores: per experiment, ``cluster_size`` rows (MTEB's 16,384, whatever the
+    data's size) drawn with replacement by ``rng`` (default ``random.Random(seed)``) are clustered by
+    ``MiniBatchKMeans`` (k = the number of distinct labels, k-means++, one init, ``random_state=seed``); V-measure
+    and AMI against the labels, mean and standard deviation over experiments, and each experiment's
+    (``v_measures``, ``ami_scores``)."""
     import random
 
     try:
@@ -631,14 +660,16 @@ def clustering_scores(emb: np.ndarray, labels, *, n_experiments: int = 10, clust
     except ImportError as e:
         raise ImportError("clustering needs scikit-learn: pip install scikit-learn") from e
     check_count("n_experiments", n_experiments)
-    check_count("cluster_size", cluster_size, optional=True)
+    check_count("cluster_size", cluster_size)
     emb, labels = np.asarray(emb), np.asarray(labels)
     if len(emb) != len(labels):
         raise ValueError(f"{len(emb)} embeddings for {len(labels)} labels")
     k = np.unique(labels).size
     if k < 2:
         raise ValueError(f"clustering needs at least 2 distinct labels, got {k}")
-    rng, size = random.Random(seed), cluster_size or len(labels)
+    if cluster_size < k:
+        raise ValueError(f"cluster_size {cluster_size} is smaller than the {k} clusters to find; raise it")
+    rng, size = rng or random.Random(seed), cluster_size
     v, ami = [], []
     for _ in range(n_experiments):
         idx = rng.choices(range(len(labels)), k=size)
@@ -648,23 +679,31 @@ def clustering_scores(emb: np.ndarray, labels, *, n_experiments: int = 10, clust
         v.append(float(v_measure_score(labels[idx], assigned)))
         ami.append(float(adjusted_mutual_info_score(labels[idx], assigned)))
     return {"v_measure": float(np.mean(v)), "v_measure_std": float(np.std(v)), "ami": float(np.mean(ami)),
-            "ami_std": float(np.std(ami)), "v_measures": {"Level 0": v}, "main_score": float(np.mean(v))}
+            "ami_std": float(np.std(ami)), "v_measures": {"Level 0": v}, "ami_scores": {"Level 0": ami},
+            "main_score": float(np.mean(v))}
 
 
-def evaluate_clustering(model, data, *, instruction=None, limit=None, n_experiments=10, cluster_size=None,
+def evaluate_clustering(model, data, *, instruction=None, limit=None, n_experiments=10, cluster_size=CLUSTER_SIZE,
                         seed=42, batch_size=None, max_batch_tokens=None, task_name=None, show_progress_bar=False,
                         truncate_dim=None) -> dict:
     """Clustering of a labelled CSV (the classification layout); main score: mean V-measure (see
-    :func:`clustering_scores`). ``limit``: the first N rows after a seeded shuffle (``seed``)."""
+    :func:`clustering_scores`). ``limit``: N texts drawn by ``random.Random(seed).sample``, the generator that then
+    draws the experiments (MTEB's ``max_document_to_embed``)."""
+    import random
+
     t0 = time.perf_counter()
     check_count("limit", limit, optional=True)
     texts, labels = load_classification(data)
-    texts, labels = _take(texts, labels, limit, seed)
+    rng = random.Random(seed)
+    if limit is not None and limit < len(texts):
+        keep = rng.sample(range(len(texts)), k=limit)
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     emb = _embed(model, texts, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
-    scores = clustering_scores(emb, labels, n_experiments=n_experiments, cluster_size=cluster_size, seed=seed)
+    scores = clustering_scores(emb, labels, n_experiments=n_experiments, cluster_size=cluster_size, seed=seed,
+                               rng=rng)
     name = task_name or f"{Path(data).resolve().parent.name or Path(data).stem}-clustering"
     extra = {"task": "clustering", "data": str(data), "n_texts": len(texts), "n_labels": len(set(labels)),
-             "n_experiments": n_experiments, "cluster_size": cluster_size or len(texts), "seed": seed,
+             "n_experiments": n_experiments, "cluster_size": cluster_size, "seed": seed,
              "instruction": instruction, "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, "test", extra)
 
@@ -726,12 +765,14 @@ def _common_options(p):
 
 
 def add_subcommands(subparsers):
-    """Add ``eval`` (with ``sts``, ``retrieval``, ``classification``) to an argparse subparsers object.
+    """Add ``eval`` (with ``sts``, ``retrieval``, ``classification``, ``pair-classification``, ``clustering``) to an
+    argparse subparsers object.
 
     Each leaf parser sets ``func`` to :func:`run_eval`; the caller runs ``args.func(args)`` and exits with its
     return value.
     """
-    ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / classification files",
+    ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / classification / "
+                               "pair-classification / clustering files",
                                description="Evaluate on local files; prints a summary table and, as the very last "
                                            "line, the main score (a fraction, e.g. 0.7712).")
     sub = ev.add_subparsers(dest="eval_task",
@@ -776,19 +817,22 @@ def add_subcommands(subparsers):
                        "and F1 over thresholds (MTEB's PairClassification)")
     p.add_argument("--data", required=True, help="SentEval folder (s1.<split>, s2.<split>, labels.<split>) or a "
                    "JSONL / CSV / TSV file with sentence1, sentence2 and label")
-    p.add_argument("--split", default="test", help="the SentEval folder's split (default: test)")
+    p.add_argument("--split", default="test", help="the SentEval folder's split, read from its files; for a file, "
+                   "the split recorded in the result (default: test; dev is recorded as validation)")
     p.add_argument("--instruction", default=None, help="instruction applied to both texts (default: none)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N pairs (counted after neutral pairs are left out)")
     _common_options(p)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("clustering", help="labelled CSV: mini-batch k-means V-measure (MTEB's bootstrapped "
                        "clustering)")
     p.add_argument("--data", required=True, help="CSV with a header (text,label or text,category)")
-    p.add_argument("--limit", type=int, default=None, help="use N rows (a seeded shuffle)")
+    p.add_argument("--limit", type=int, default=None, help="embed N texts drawn with --seed")
     p.add_argument("--n-experiments", type=int, default=10, help="bootstrap rounds (default 10)")
-    p.add_argument("--cluster-size", type=int, default=None,
-                   help="texts drawn (with replacement) per round (default: as many as there are)")
+    p.add_argument("--cluster-size", type=int, default=CLUSTER_SIZE,
+                   help="texts drawn with replacement per round (default: MTEB's %(default)s, whatever the data's "
+                        "size)")
     p.add_argument("--seed", type=int, default=42, help="sampling and k-means seed (default 42)")
     p.add_argument("--instruction", default=None, help="instruction applied to every text (default: none)")
     _common_options(p)

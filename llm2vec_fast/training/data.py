@@ -273,7 +273,9 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
     if path.suffix in (".jsonl", ".json"):
         rows = list(iter_jsonl(text.split("\n"), path))
     elif path.suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+        stream = io.StringIO(text, newline="")
+        reader = csv.DictReader(stream, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" \
+            else csv.DictReader(stream)
         rows = [(reader.line_num, r) for r in reader]
     else:
         raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
@@ -330,7 +332,10 @@ def _table_records(path: Path, text: str) -> list[tuple[str, dict]]:
         return [(f"{path}: item {i}", x) for i, x in enumerate(items)]
     if path.suffix in (".jsonl", ".json"):
         return [(f"{path}:{n}", r) for n, r in iter_jsonl(text.split("\n"), path)]
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if path.suffix == ".csv" else "\t")
+    stream = io.StringIO(text, newline="")
+    # TSV without quoting, as STS-B's and GLUE's files are written: a quote there is text
+    reader = csv.DictReader(stream) if path.suffix == ".csv" else csv.DictReader(stream, delimiter="\t",
+                                                                                 quoting=csv.QUOTE_NONE)
     header = reader.fieldnames or []
     for keys, what in ((_TEXT1_KEYS, "first text"), (_TEXT2_KEYS, "second text"), (_SCORE_KEYS, "score")):
         if not any(k in header for k in keys):

@@ -440,6 +440,8 @@ def test_pair_classification_scores_equal_mteb():
     y = (rng.random(300) < 0.4).astype(np.int64)
     e2[y == 1] = e1[y == 1] + 0.8 * rng.normal(size=(int(y.sum()), 16))
     e1[:5], e2[:5] = e1[0], e2[0]  # tied scores
+    e2[5:11] = e1[5:11]  # texts paired with themselves: cosine 1 exactly, a tie only if computed as MTEB does
+    e1, e2 = e1.astype(np.float32), e2.astype(np.float32)  # what _embed returns
     try:
         task = mteb.get_task("TwitterSemEval2015")
         compute = task._compute_metrics
@@ -453,7 +455,7 @@ def test_pair_classification_scores_equal_mteb():
     ours = ev.pair_classification_scores(e1, e2, y)
     assert len(theirs) == 30 and ours["main_score"] == ours["max_ap"]
     for k, v in theirs.items():
-        assert ours[k] == pytest.approx(v, abs=1e-12), k
+        assert ours[k] == v, k
 
 
 def test_load_pairs_senteval_and_files(data_dir, tmp_path):
@@ -463,9 +465,13 @@ def test_load_pairs_senteval_and_files(data_dir, tmp_path):
     assert s2[0] == "Two woman are holding packages ."
     assert y[0] == 1 and y[1] == 0
     c = tmp_path / "p.csv"
-    c.write_text("premise,hypothesis,label\na b,c,entailment\nd,e,NEUTRAL\nf,g,0\nh,i,True\n")
+    c.write_text("Premise,Hypothesis,Labels\na b,c,entailment\nd,e,NEUTRAL\nf,g,0.0\nh,i,True\nj,k,not_entailment\n")
     a, b, y, left_out = ev.load_pairs(c)
-    assert (a, b, y.tolist(), left_out) == (["a b", "f", "h"], ["c", "g", "i"], [1, 0, 1], 1)
+    assert (a, b, y.tolist(), left_out) == (["a b", "f", "h", "j"], ["c", "g", "i", "k"], [1, 0, 1, 0], 1)
+    t = tmp_path / "p.tsv"  # GLUE-style TSV: quotes are text
+    t.write_text('sentence1\tsentence2\tlabel\n"A man\tHello\t1\nx\ty\t0\nSo" he said\tHe said "stop"\t1\n')
+    a, b, y, _ = ev.load_pairs(t)
+    assert a == ['"A man', "x", 'So" he said'] and b[2] == 'He said "stop"' and y.tolist() == [1, 0, 1]
     j = tmp_path / "p.jsonl"
     j.write_text(json.dumps({"sentence1": "x", "sentence2": "y", "label": True}) + "\n"
                  + json.dumps({"sentence1": "z", "sentence2": "w", "label": 0}) + "\n")
@@ -485,6 +491,9 @@ def test_load_pairs_errors(data_dir, tmp_path):
         ev.load_pairs(c)
     c.write_text("sentence1,other,label\na,b,1\n")
     with pytest.raises(ValueError, match="p.csv:2: a row needs two texts"):
+        ev.load_pairs(c)
+    c.write_text("sentence1,sentence2,label\n,b,1\n")
+    with pytest.raises(ValueError, match=r"p.csv:2: both texts must be non-empty strings, got \['', 'b'\]"):
         ev.load_pairs(c)
     d = tmp_path / "senteval"
     d.mkdir()
@@ -509,6 +518,24 @@ def test_cli_pair_classification_matches_api(data_dir, tmp_path, capsys):
     assert printed[-1] == f"{e['main_score']:.6f}" and "| snli-pairs | validation | max_ap |" in "\n".join(printed)
     # word overlap separates entailed from contradicting hypotheses better than chance (AP of a random scorer ~0.5)
     assert api["llm2vec_fast"]["n_pairs"] == 300 and 0.55 < e["max_ap"] <= 1
+    mteb = pytest.importorskip("mteb")
+    assert mteb.TaskResult.from_dict(saved).task_name == "snli-pairs"
+    # a pair file: --split names the recorded split
+    c = tmp_path / "p.csv"
+    c.write_text("sentence1,sentence2,label\n" + "".join(f"a{i} b,a{i} c,{i % 2}\n" for i in range(10)))
+    assert list(ev.evaluate_pair_classification(FakeEncoder(), c, split="dev")["scores"]) == ["validation"]
+    assert list(ev.evaluate_pair_classification(FakeEncoder(), c)["scores"]) == ["test"]
+
+
+def test_non_finite_embeddings_are_named():
+    class NaNEncoder(FakeEncoder):
+        def encode(self, sentences, **kw):
+            out = super().encode(sentences, **kw)
+            out[1, 0] = np.nan
+            return out
+
+    with pytest.raises(ValueError, match=r"NaN or infinite embeddings for 1 of 3 texts, first row 1: 'b'"):
+        ev._embed(NaNEncoder(), ["a", "b", "c"])
 
 
 # ---------------------------------------------------------------------- clustering
@@ -529,8 +556,11 @@ def test_clustering_scores_equal_mteb():
                                                   kmean_batch_size=512, max_depth=None,
                                                   rng_state=random.Random(7), seed=7)
     assert ours["v_measures"]["Level 0"] == pytest.approx(theirs["v_measure"]["Level 0"], abs=1e-12)
-    assert ours["ami"] == pytest.approx(np.mean(theirs["ami"]["Level 0"]), abs=1e-12)
+    assert ours["ami_scores"]["Level 0"] == pytest.approx(theirs["ami"]["Level 0"], abs=1e-12)
     assert 0.3 < ours["main_score"] == ours["v_measure"] < 1
+    from mteb.abstasks.clustering import AbsTaskClustering
+
+    assert getattr(AbsTaskClustering, "max_documents_per_cluster", ev.CLUSTER_SIZE) == ev.CLUSTER_SIZE
 
 
 def test_evaluate_clustering_and_cli(tmp_path, capsys):
@@ -543,7 +573,9 @@ def test_evaluate_clustering_and_cli(tmp_path, capsys):
     api = ev.evaluate_clustering(FakeEncoder(256), path, n_experiments=3)
     e = api["scores"]["test"][0]
     assert e["v_measure"] == pytest.approx(1.0) and e["v_measure_std"] == pytest.approx(0.0)
-    assert api["llm2vec_fast"]["n_labels"] == 4 and api["llm2vec_fast"]["cluster_size"] == 80
+    assert api["llm2vec_fast"]["n_labels"] == 4 and api["llm2vec_fast"]["cluster_size"] == 16_384
+    mteb = pytest.importorskip("mteb")
+    assert mteb.TaskResult.from_dict(api).task_name.endswith("-clustering")
     args = _parser().parse_args(["eval", "clustering", "--data", str(path), "--n-experiments", "3"])
     assert args.func(args, model=FakeEncoder(256)) == 0
     printed = capsys.readouterr().out.strip().split("\n")
@@ -554,3 +586,5 @@ def test_evaluate_clustering_and_cli(tmp_path, capsys):
         ev.evaluate_clustering(FakeEncoder(), path)
     with pytest.raises(ValueError, match="n_experiments"):
         ev.clustering_scores(np.zeros((4, 2)), [0, 1, 0, 1], n_experiments=0)
+    with pytest.raises(ValueError, match="cluster_size 1 is smaller than the 2 clusters"):
+        ev.clustering_scores(np.zeros((4, 2)), [0, 1, 0, 1], cluster_size=1)

@@ -217,6 +217,13 @@ def test_read_scored_pairs_sts_sick_and_tables(data_dir, tmp_path):
                  + json.dumps({"sentence_A": "z", "sentence_B": "w", "label": "0"}) + "\n")
     assert read_scored_pairs(j)[0] == [{"text1": "x", "text2": "y", "score": 1.0},
                                        {"text1": "z", "text2": "w", "score": 0.0}]
+    t = tmp_path / "pairs.tsv"  # TSV: quotes are text (GLUE's and STS-B's files are written so)
+    t.write_text('sentence1\tsentence2\tscore\n"A man\tsays "hi"\t1\nb\tc\t0\n')
+    assert read_scored_pairs(t)[0] == [{"text1": '"A man', "text2": 'says "hi"', "score": 1.0},
+                                       {"text1": "b", "text2": "c", "score": 0.0}]
+    tt = tmp_path / "triplets.tsv"
+    tt.write_text('query\tpositive\tnegative\n"q\tp "x"\tn\n')
+    assert read_triplets(tt)[0]["query"] == '"q' and read_triplets(tt)[0]["positive"] == 'p "x"'
     a = tmp_path / "pairs.json"
     a.write_text(json.dumps([{"query": "q", "document": "d", "gold_score": 0.5}]))
     assert read_scored_pairs(a)[0] == [{"text1": "q", "text2": "d", "score": 0.5}]
