@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table  # noqa: E402
+from benchmarks.common import environment, markdown_table, training_run_lines  # noqa: E402
 
 
 def _shared() -> Path:
@@ -119,10 +119,7 @@ def main(argv=None) -> int:
           f"{a.steps} steps of batch {a.batch} × {a.max_length} tokens, lr {a.lr}, the same seed and data order "
           f"for both losses; `dN` = the first N of {dims[0]} dimensions.\n",
           markdown_table(rows)]
-    for name, r in runs.items():
-        ls = r["losses"]
-        md.append(f"\n**{name}**: {r['steps']} steps in {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} "
-                  f"(step {ls[0]['step']}) → {ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
+    md += training_run_lines(runs)
     (out / f"{stem}.md").write_text("\n".join(md))
     print(json.dumps({"rows": rows, "total_s": payload["total_s"]}))
     return 0

@@ -120,3 +120,14 @@ def profile_breakdown(prof, wall: float, top: int = 12, **extra) -> tuple[list[d
                    "share_of_wall": sec / wall if wall else None}
                   for cls, (n, sec) in sorted(classes.items(), key=lambda kv: -kv[1][1])]
     return rows, class_rows, busy
+
+
+def training_run_lines(runs: dict) -> list[str]:
+    """Markdown lines, one per training run ``{name: {"steps", "train_runtime_s", "losses"}}``: steps, time and the
+    first and last logged loss."""
+    out = []
+    for name, r in runs.items():
+        ls = r["losses"]
+        out.append(f"\n**{name}**: {r['steps']} steps in {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} "
+                   f"(step {ls[0]['step']}) → {ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
+    return out

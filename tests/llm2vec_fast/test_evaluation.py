@@ -483,18 +483,16 @@ def test_load_pairs_errors(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"split 'train'.*splits here: \['dev', 'test'\]"):
         ev.load_pairs(data_dir / "snli", "train")
     c = tmp_path / "p.csv"
-    c.write_text("sentence1,sentence2,label\na,b,maybe\n")
-    with pytest.raises(ValueError, match=r"p.csv:2: label 'maybe' is neither positive"):
-        ev.load_pairs(c)
-    c.write_text("sentence1,sentence2,label\na,b,1\nc,d,1\n")
-    with pytest.raises(ValueError, match="needs positive and negative pairs, got 2 positive and 0 negative"):
-        ev.load_pairs(c)
-    c.write_text("sentence1,other,label\na,b,1\n")
-    with pytest.raises(ValueError, match="p.csv:2: a row needs two texts"):
-        ev.load_pairs(c)
-    c.write_text("sentence1,sentence2,label\n,b,1\n")
-    with pytest.raises(ValueError, match=r"p.csv:2: both texts must be non-empty strings, got \['', 'b'\]"):
-        ev.load_pairs(c)
+    for body, match in [
+        ("sentence1,sentence2,label\na,b,maybe\n", r"p.csv:2: label 'maybe' is neither positive"),
+        ("sentence1,sentence2,label\na,b,1\nc,d,1\n", "needs positive and negative pairs, got 2 positive and 0 "
+                                                     "negative"),
+        ("sentence1,other,label\na,b,1\n", "p.csv:2: a row needs two texts"),
+        ("sentence1,sentence2,label\n,b,1\n", r"p.csv:2: both texts must be non-empty strings, got \['', 'b'\]"),
+    ]:
+        c.write_text(body)
+        with pytest.raises(ValueError, match=match):
+            ev.load_pairs(c)
     d = tmp_path / "senteval"
     d.mkdir()
     (d / "s1.dev").write_text("a\nb\n")
