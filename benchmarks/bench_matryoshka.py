@@ -2,7 +2,7 @@
 pooling) with the plain loss and with ``matryoshka_dims``, scored on STS-B dev at each embedding prefix.
 
     python benchmarks/bench_matryoshka.py [--steps 250] [--dims 576,256,128,64,32] [--sts-limit 500] [--model M]
-    python benchmarks/bench_matryoshka.py --data stsb [--steps 200]    # CoSENT on STS-B train (train scored)
+    python benchmarks/bench_matryoshka.py --data stsb [--steps 200] [--peft SIMCSE_OUT]  # CoSENT on STS-B train
 
 ``--data stsb`` trains on scored pairs (STS-B train, CoSENT) instead of SNLI triplets: a loss that reaches a high
 STS-B dev score within a CPU-sized run, so the two losses can be compared at every width.
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="/tmp/llm2vec_fast_matryoshka", help="training outputs (not committed)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
+    p.add_argument("--peft", default=None, help="an adapter merged into --model before training (e.g. SimCSE's)")
+    p.add_argument("--name", default=None, help="suffix of the result files")
     p.add_argument("--data", default="snli", choices=["snli", "stsb"],
                    help="snli: supervised on SNLI triplets; stsb: scored pairs of STS-B train with CoSENT")
     p.add_argument("--steps", type=int, default=250)
@@ -90,23 +92,24 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows, runs = [], {}
     rows.append({"model": "before training", **{f"d{d}": v for d, v in
-                                                          prefix_scores(a.model, None, dims, a.sts_limit).items()}})
+                                                          prefix_scores(a.model, a.peft, dims, a.sts_limit).items()}})
     print(rows[-1], flush=True)
     for name, mdims in (("plain loss", None), ("matryoshka loss", dims)):
         folder = work / name.split()[0]
         r = train_contrastive(ContrastiveArguments(
-            **_stage(a.data), output_dir=str(folder), model=a.model, batch_size=a.batch,
+            **_stage(a.data), output_dir=str(folder), model=a.model, peft=a.peft, batch_size=a.batch,
             max_length=a.max_length, max_steps=a.steps, learning_rate=a.lr, warmup_steps=max(1, a.steps // 10),
             logging_steps=max(1, a.steps // 20), save_steps=0, disable_tqdm=True, matryoshka_dims=mdims,
             max_train_seconds=a.max_seconds))
         runs[name] = {"steps": r["global_step"], "train_runtime_s": r["train_runtime"], "losses": r["losses"]}
         stage = "supervised" if a.data == "snli" else "CoSENT"
-        widths = prefix_scores(a.model, str(folder), dims, a.sts_limit)
+        widths = prefix_scores(str(folder), None, dims, a.sts_limit)  # the output loads alone
         rows.append({"model": f"{stage}, {name}", **{f"d{d}": v for d, v in widths.items()}})
         print(rows[-1], flush=True)
     env = environment()
     card = "gpu" if env["card"].startswith("NVIDIA") else "cpu"
     stem = f"matryoshka_{card}" if a.data == "snli" else f"matryoshka_{a.data}_{card}"
+    stem += f"_{a.name}" if a.name else ""
     payload = {"benchmark": "matryoshka", "environment": env, "dims": dims, "rows": rows, "runs": runs,
                "settings": {"steps": a.steps, "batch": a.batch, "max_length": a.max_length, "lr": a.lr,
                             "data": DATA_NAMES[a.data], "sts_pairs": a.sts_limit},
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# Matryoshka loss: STS-B dev Spearman × 100 at each embedding prefix ({a.sts_limit} pairs)\n",
           f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
-          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}, bidirectional, mean "
+          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}"
+          f"{'' if a.peft is None else ' with ' + repr(a.peft) + ' merged'}, bidirectional, mean "
           f"pooling; {DATA_NAMES[a.data]}, "
           f"{a.steps} steps of batch {a.batch} × {a.max_length} tokens, lr {a.lr}, the same seed and data order "
           f"for both losses; `dN` = the first N of {dims[0]} dimensions.\n",

@@ -1,13 +1,14 @@
 """Scored-pair training evidence: ``train scored`` on the STS-B train split with each loss (CoSENT, AnglE, cosine
 MSE), scored on STS-B dev (in domain) and SICK trial (another STS set, never trained on).
 
-    python benchmarks/bench_scored_pairs.py [--steps 300] [--losses cosent,angle,cosine] [--model M]
+    python benchmarks/bench_scored_pairs.py [--steps 200] [--losses cosent,angle,cosine] [--model M] [--peft A]
 
 Every run starts from the same model (default: the embedded SmolLM2-135M-Instruct, made bidirectional, no MNTP;
-``--model`` takes an MNTP output) with the same seed, data order, steps and learning rate; only the loss differs.
-Baselines in the same table: the starting model bidirectional, and the base model causal with mean and weighted-mean
-pooling (the pooling LLM2Vec compares against). Writes ``scored_pairs_<card>.json`` / ``.md`` under ``--out``.
-Sized for a CPU (SmolLM2, batch 16, 300 steps ≈ 0.8 epoch of STS-B train); on a GPU raise steps and batch.
+``--model`` takes an MNTP output, ``--peft`` an adapter merged first, e.g. a SimCSE output: the LLM2Vec chain) with
+the same seed, data order, steps and learning rate; only the loss differs. Baselines in the same table: the
+starting model, and (without ``--peft``) the base model causal with mean and weighted-mean pooling (the pooling
+LLM2Vec compares against). Writes ``scored_pairs_<card>[_<name>].json`` / ``.md`` under ``--out``. Sized for a CPU
+(SmolLM2, batch 16, 200 steps ≈ 0.56 epoch of STS-B train); on a GPU raise steps and batch.
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="/tmp/llm2vec_fast_scored", help="training outputs (not committed)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
+    p.add_argument("--peft", default=None, help="an adapter to merge into --model before training (e.g. SimCSE's)")
+    p.add_argument("--name", default=None, help="suffix of the result files (e.g. after-simcse)")
     p.add_argument("--losses", default="cosent,angle,cosine")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--sts-limit", type=int, default=None, help="score the first N pairs of each set (default: all)")
@@ -63,34 +66,37 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows, runs = [], {}
     if not a.no_baselines:
-        for label, kw in (("untrained, bidirectional, mean", {}),
-                          ("untrained, causal, mean", dict(enable_bidirectional=False)),
-                          ("untrained, causal, weighted mean", dict(enable_bidirectional=False,
-                                                                    pooling_mode="weighted_mean"))):
+        start = [("untrained, bidirectional, mean", {})] if a.peft is None else \
+            [(f"start: {Path(a.peft).name} merged, bidirectional, mean", dict(peft_model_name_or_path=a.peft))]
+        causal = [] if a.peft else [("untrained, causal, mean", dict(enable_bidirectional=False)),
+                                    ("untrained, causal, weighted mean", dict(enable_bidirectional=False,
+                                                                              pooling_mode="weighted_mean"))]
+        for label, kw in start + causal:
             rows.append({"model": label, **sts_columns(LLM2Vec.from_pretrained(a.model, **kw), a.sts_limit)})
             print(rows[-1], flush=True)
     train = _shared() / "data" / "stsb" / "sts-train.csv"
     for loss in losses:
         folder = work / loss
         r = train_contrastive(ContrastiveArguments(
-            mode="scored", loss=loss, train_files=[str(train)], output_dir=str(folder), model=a.model,
+            mode="scored", loss=loss, train_files=[str(train)], output_dir=str(folder), model=a.model, peft=a.peft,
             batch_size=a.batch, max_steps=a.steps, learning_rate=a.lr, warmup_steps=max(1, a.steps // 10),
             logging_steps=max(1, a.steps // 20), save_steps=0, disable_tqdm=True, max_train_seconds=a.max_seconds))
         runs[loss] = {"steps": r["global_step"], "train_runtime_s": r["train_runtime"], "losses": r["losses"]}
-        enc = LLM2Vec.from_pretrained(a.model, peft_model_name_or_path=str(folder))
+        enc = LLM2Vec.from_pretrained(str(folder))  # the output loads alone (its base and merged adapter recorded)
         rows.append({"model": f"train scored --loss {loss}", **sts_columns(enc, a.sts_limit)})
         print(rows[-1], flush=True)
     env = environment()
-    stem = f"scored_pairs_{'gpu' if env['card'].startswith('NVIDIA') else 'cpu'}"
+    stem = f"scored_pairs_{'gpu' if env['card'].startswith('NVIDIA') else 'cpu'}" + (f"_{a.name}" if a.name else "")
     pairs = "all pairs" if a.sts_limit is None else f"first {a.sts_limit} pairs of each"
     payload = {"benchmark": "scored_pairs", "environment": env, "rows": rows, "runs": runs,
                "settings": {"steps": a.steps, "batch": a.batch, "lr": a.lr, "data": "STS-B train (5,749 pairs)",
-                            "model": a.model or "SmolLM2-135M-Instruct", "sts_pairs": a.sts_limit},
+                            "model": a.model or "SmolLM2-135M-Instruct", "peft": a.peft, "sts_pairs": a.sts_limit},
                "total_s": round(time.time() - t0, 1)}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# Training on scored pairs: Spearman × 100 of cosine similarity ({pairs})\n",
           f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
-          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}, mean pooling unless named; "
+          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}"
+          f"{'' if a.peft is None else ' with ' + repr(a.peft) + ' merged'}, mean pooling unless named; "
           f"`train scored` on STS-B train: {a.steps} steps of batch {a.batch}, lr {a.lr}, LoRA r 16, the same seed "
           "and data order for every loss. SICK trial is another STS set, not trained on.\n",
           markdown_table(rows)]
