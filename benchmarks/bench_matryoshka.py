@@ -19,7 +19,6 @@ sentences once and is scored on prefixes of those embeddings (what ``encode(...,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,7 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, training_run_lines  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    markdown_table,
+    training_evidence_parser,
+    training_run_lines,
+)
 
 
 def _shared() -> Path:
@@ -70,21 +74,11 @@ def _stage(data: str) -> dict:
 def main(argv=None) -> int:
     from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--work", default="/tmp/llm2vec_fast_matryoshka", help="training outputs (not committed)")
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
-    p.add_argument("--peft", default=None, help="an adapter merged into --model before training (e.g. SimCSE's)")
-    p.add_argument("--name", default=None, help="suffix of the result files")
+    p = training_evidence_parser(__doc__, "/tmp/llm2vec_fast_matryoshka", steps=250, sts_limit=500)
     p.add_argument("--data", default="snli", choices=["snli", "stsb"],
                    help="snli: supervised on SNLI triplets; stsb: scored pairs of STS-B train with CoSENT")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--dims", default="576,256,128,64,32", help="Matryoshka prefixes (the first is the full width)")
-    p.add_argument("--sts-limit", type=int, default=500)
-    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap per training run")
     a = p.parse_args(argv)
     dims = [int(d) for d in a.dims.split(",")]
     out, work = Path(a.out), Path(a.work)

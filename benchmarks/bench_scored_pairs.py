@@ -12,7 +12,6 @@ LLM2Vec compares against). Writes ``scored_pairs_<card>[_<name>].json`` / ``.md`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -20,7 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, training_run_lines  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    markdown_table,
+    training_evidence_parser,
+    training_run_lines,
+)
 
 
 def _shared() -> Path:
@@ -46,18 +50,8 @@ def main(argv=None) -> int:
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--work", default="/tmp/llm2vec_fast_scored", help="training outputs (not committed)")
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
-    p.add_argument("--peft", default=None, help="an adapter to merge into --model before training (e.g. SimCSE's)")
-    p.add_argument("--name", default=None, help="suffix of the result files (e.g. after-simcse)")
+    p = training_evidence_parser(__doc__, "/tmp/llm2vec_fast_scored", steps=200, sts_limit=None)
     p.add_argument("--losses", default="cosent,angle,cosine")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--sts-limit", type=int, default=None, help="score the first N pairs of each set (default: all)")
-    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap per training run")
     p.add_argument("--no-baselines", action="store_true", help="skip the untrained rows")
     a = p.parse_args(argv)
     losses = [x.strip() for x in a.losses.split(",") if x.strip()]

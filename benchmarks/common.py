@@ -131,3 +131,23 @@ def training_run_lines(runs: dict) -> list[str]:
         out.append(f"\n**{name}**: {r['steps']} steps in {r['train_runtime_s']:.0f} s; loss {ls[0]['loss']:.3f} "
                    f"(step {ls[0]['step']}) → {ls[-1]['loss']:.3f} (step {ls[-1]['step']})\n")
     return out
+
+
+def training_evidence_parser(doc: str, work: str, steps: int, sts_limit: int | None):
+    """The argument parser the training-evidence scripts share: output and work folders, the starting model and
+    adapter, the result files' name suffix, steps, batch, learning rate, STS pairs scored, a time cap per run."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--work", default=work, help="training outputs (not committed)")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; e.g. an MNTP output")
+    p.add_argument("--peft", default=None, help="an adapter merged into --model before training (e.g. SimCSE's)")
+    p.add_argument("--name", default=None, help="suffix of the result files (e.g. after-simcse)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--sts-limit", type=int, default=sts_limit,
+                   help=f"score the first N pairs (default: {'all' if sts_limit is None else sts_limit})")
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap per training run")
+    return p

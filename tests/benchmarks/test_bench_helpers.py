@@ -190,3 +190,17 @@ def test_host_overhead_worker_counts_the_gpu_paths_launches(mode, launches):
     got = {k.removeprefix("_").removesuffix("_kernel"): v for k, v in res["launches"].items()}
     assert launches <= set(got) and all(got[k] >= 24 for k in launches), got
     assert res["ms_per_step"] > 0
+
+
+def test_training_evidence_helpers():
+    """The evidence scripts' shared parser (their own options on top) and run summary lines."""
+    from benchmarks.common import training_evidence_parser, training_run_lines
+
+    p = training_evidence_parser("doc", "/tmp/w", steps=200, sts_limit=None)
+    p.add_argument("--losses", default="cosent")
+    a = p.parse_args(["--peft", "ad", "--name", "x", "--losses", "cosine"])
+    assert (a.work, a.steps, a.sts_limit, a.peft, a.name, a.losses, a.lr) == ("/tmp/w", 200, None, "ad", "x",
+                                                                               "cosine", 2e-4)
+    lines = training_run_lines({"cosent": {"steps": 3, "train_runtime_s": 12.4,
+                                           "losses": [{"loss": 18.11, "step": 1}, {"loss": 4.9, "step": 3}]}})
+    assert lines == ["\n**cosent**: 3 steps in 12 s; loss 18.110 (step 1) → 4.900 (step 3)\n"]
