@@ -27,17 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    DATA,
     environment,
     markdown_table,
     training_evidence_parser,
     training_run_lines,
 )
-
-
-def _shared() -> Path:
-    from llm2vec_fast.training.evidence import _shared as shared
-
-    return shared()
 
 
 def prefix_scores(model, peft, dims, limit) -> dict:
@@ -48,7 +43,7 @@ def prefix_scores(model, peft, dims, limit) -> dict:
     from llm2vec_fast.evaluation import load_sts, sts_scores
 
     enc = LLM2Vec.from_pretrained(model, peft_model_name_or_path=peft)
-    s1, s2, gold = load_sts(_shared() / "data" / "stsb" / "sts-dev.csv")
+    s1, s2, gold = load_sts(DATA / "stsb" / "sts-dev.csv")
     s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
     unique = list(dict.fromkeys(s1 + s2))
     index = {s: i for i, s in enumerate(unique)}
@@ -66,8 +61,8 @@ def _stage(data: str) -> dict:
     from llm2vec_fast.training.evidence import SNLI_INSTRUCTION
 
     if data == "stsb":
-        return dict(mode="scored", loss="cosent", train_files=[str(_shared() / "data" / "stsb" / "sts-train.csv")])
-    return dict(mode="supervised", train_files=[str(_shared() / "data" / "snli" / "snli_devtest_triplets.csv")],
+        return dict(mode="scored", loss="cosent", train_files=[str(DATA / "stsb" / "sts-train.csv")])
+    return dict(mode="supervised", train_files=[str(DATA / "snli" / "snli_devtest_triplets.csv")],
                 instructions=[SNLI_INSTRUCTION])
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    DATA,
     environment,
     markdown_table,
     training_evidence_parser,
@@ -27,19 +28,12 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
-def _shared() -> Path:
-    from llm2vec_fast.training.evidence import _shared as shared
-
-    return shared()
-
-
 def sts_columns(enc, limit) -> dict:
     """Spearman × 100 on STS-B dev and SICK trial (first ``limit`` pairs of each; None = all)."""
     from llm2vec_fast.evaluation import evaluate_sts
 
-    data = _shared() / "data"
     out = {}
-    for name, path in (("STS-B dev", data / "stsb" / "sts-dev.csv"), ("SICK trial", data / "sick" / "SICK_trial.txt")):
+    for name, path in (("STS-B dev", DATA / "stsb" / "sts-dev.csv"), ("SICK trial", DATA / "sick" / "SICK_trial.txt")):
         r = evaluate_sts(enc, str(path), limit=limit)
         (entry,) = next(iter(r["scores"].values()))
         out[name] = round(100 * entry["main_score"], 2)
@@ -68,7 +62,7 @@ def main(argv=None) -> int:
         for label, kw in start + causal:
             rows.append({"model": label, **sts_columns(LLM2Vec.from_pretrained(a.model, **kw), a.sts_limit)})
             print(rows[-1], flush=True)
-    train = _shared() / "data" / "stsb" / "sts-train.csv"
+    train = DATA / "stsb" / "sts-train.csv"
     for loss in losses:
         folder = work / loss
         r = train_contrastive(ContrastiveArguments(
