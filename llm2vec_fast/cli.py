@@ -85,7 +85,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 FAMILIES = {
-    "eval": ("evaluate on local STS / retrieval / classification / pair-classification / clustering files",
+    "eval": ("evaluate on local STS / retrieval / reranking / classification / pair-classification / clustering "
+             "files",
              [("llm2vec_fast.evaluation", "add_subcommands")]),
     "train": ("train: mntp, simcse, supervised, scored", [("llm2vec_fast.training.cli", "add_subcommands")]),
     "mine": ("mine hard negatives for supervised training data", [("llm2vec_fast.mining", "add_subcommands")]),

@@ -1,4 +1,4 @@
-"""Built-in evaluation on local files (no downloads): STS, BEIR-style retrieval, classification, pair
+"""Built-in evaluation on local files (no downloads): STS, BEIR-style retrieval, reranking, classification, pair
 classification, clustering.
 
 Every ``evaluate_*`` function takes any encoder with the ``LLM2Vec.encode`` signature (``encode(sentences,
@@ -11,8 +11,8 @@ batch_size=..., show_progress_bar=..., convert_to_numpy=..., max_batch_tokens=..
      "llm2vec_fast": {<what was run: data file, sizes, instruction, model settings>}}
 
 so ``mteb.results.TaskResult.from_dict`` reads it. Scores are fractions (0.8123), as MTEB stores them; the summary
-table shows them ×100. The CLI (``llm2vec-fast eval sts|retrieval|classification|pair-classification|clustering``)
-calls the same functions, so the numbers match the Python API exactly.
+table shows them ×100. The CLI (``llm2vec-fast eval <task>``, one subcommand per task above) calls the same
+functions, so the numbers match the Python API exactly.
 
 Formats:
 
@@ -23,6 +23,10 @@ Formats:
   ``qrels/<split>.tsv`` (header, then query-id, corpus-id, score). Documents are ``title + " " + text``; the query
   instruction goes to queries only. Metrics: nDCG@10 (linear gain = the graded score, as trec_eval), MRR@10 and
   Recall@100 (relevant = score ≥ ``relevance_threshold``). Queries without any relevant document are skipped.
+- Reranking (MTEB's Reranking, sentence-transformers' ``RerankingEvaluator``): a query with relevant and
+  irrelevant candidate texts, one row per query (lists) or per triplet (``query``/``anchor``/``sent0``,
+  ``positive``/``sent1``, ``negative``/``hard_neg``; rows of one query merged). Each query's candidates are ranked
+  by cosine similarity; metrics: MAP over the whole list (main score), MRR@10 and nDCG@10.
 - Classification: CSV with a header, a text column (``text`` or ``sentence``) and a label column (``label`` or
   ``category``); logistic regression (scikit-learn) on standardized embeddings; accuracy and macro-F1.
 - Pair classification (MTEB's PairClassification): a SentEval folder (``s1.<split>``, ``s2.<split>``,
@@ -51,7 +55,7 @@ from ._io import check_count, iter_jsonl
 
 LANGUAGES = ["eng-Latn"]
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-TASKS = ("sts", "retrieval", "classification", "pair-classification", "clustering")
+TASKS = ("sts", "retrieval", "reranking", "classification", "pair-classification", "clustering")
 
 
 # ---------------------------------------------------------------------- encoding helper
@@ -708,9 +712,172 @@ def evaluate_clustering(model, data, *, instruction=None, limit=None, n_experime
     return task_result(name, scores, time.perf_counter() - t0, "test", extra)
 
 
+# ---------------------------------------------------------------------- reranking
+_RERANK_QUERY = ("query", "anchor", "sent0", "question")
+_RERANK_POS = ("positive", "positives", "pos", "sent1")
+_RERANK_NEG = ("negative", "negatives", "neg", "hard_neg", "hard_negative")
+
+
+def _texts_of(row: dict, keys, where: str) -> list[str]:
+    """The texts under the first of ``keys`` that a row has (a string or a list of strings), plus numbered columns
+    ``<key>_1``, ``<key>_2``, … of any of them; empty strings are skipped."""
+    out = []
+    value = next((row[k] for k in keys if k in row and row[k] is not None), None)
+    numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in row
+                      if "_" in k and k.rsplit("_", 1)[0] in keys and k.rsplit("_", 1)[1].isdigit())
+    for v in ([value] if value is not None else []) + [row[k] for _, k in numbered]:
+        for x in (v if isinstance(v, list) else [v]):
+            if x is None or x == "":
+                continue
+            if not isinstance(x, str):
+                raise ValueError(f"{where}: expected texts (strings) under {keys[0]!r}, got {json.dumps(x)}")
+            out.append(x)
+    return out
+
+
+def load_reranking(path, split: str | None = None) -> list[dict]:
+    """Read reranking data: a list of ``{"query", "positive": [...], "negative": [...]}``, one per distinct query
+    in first-appearance order.
+
+    ``path``: JSONL / JSON (an object per line) or CSV / TSV with a header. Columns: the query (``query``,
+    ``anchor``, ``sent0``, ``question``), relevant texts (``positive``/``positives``/``pos``/``sent1``) and
+    irrelevant ones (``negative``/``negatives``/``neg``/``hard_neg``), each a string, a JSON list, or numbered
+    columns (``negative_1``, ``negative_2``, …). Both layouts work: MTEB's and sentence-transformers' reranking
+    samples (one row per query with lists) and triplet files such as SNLI's (one row per triplet: rows of the same
+    query are merged, repeated texts kept once). A ``split`` column filters rows when ``split`` is given. A text
+    listed both as relevant and irrelevant for one query counts as relevant."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reranking data {str(path)!r} not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix in (".jsonl", ".json"):
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                records = list(enumerate(json.loads(stripped), start=1))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a valid JSON array: {e}") from e
+        else:
+            records = list(iter_jsonl(text.split("\n"), path))
+    elif path.suffix in (".csv", ".tsv"):
+        import io
+
+        stream = io.StringIO(text, newline="")
+        reader = (csv.DictReader(stream, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv"
+                  else csv.DictReader(stream))
+        records = []
+        for r in reader:
+            if None in r:
+                raise ValueError(f"{path}:{reader.line_num}: the row has more fields than the header "
+                                 f"{reader.fieldnames}")
+            records.append((reader.line_num, {k: _json_list(v) for k, v in r.items()}))
+    else:
+        raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
+    groups: dict[str, dict] = {}
+    for n, r in records:
+        where = f"{path}:{n}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected an object with a query and its texts, got {json.dumps(r)[:80]}")
+        if split is not None and "split" in r and r["split"] != split:
+            continue
+        query = next((r[k] for k in _RERANK_QUERY if k in r), None)
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"{where}: a row needs a non-empty query ({', '.join(_RERANK_QUERY)}); got "
+                             f"{json.dumps(query) if query is not None else 'columns ' + str(sorted(r))}")
+        g = groups.setdefault(query, {"query": query, "positive": {}, "negative": {}})
+        g["positive"].update(dict.fromkeys(_texts_of(r, _RERANK_POS, where)))
+        g["negative"].update(dict.fromkeys(_texts_of(r, _RERANK_NEG, where)))
+    if not groups:
+        raise ValueError(f"{path}: no rows read (split={split!r})")
+    return [{"query": g["query"], "positive": list(g["positive"]),
+             "negative": [t for t in g["negative"] if t not in g["positive"]]} for g in groups.values()]
+
+
+def _json_list(value: str):
+    """A CSV cell holding a JSON list of texts (``["a", "b"]``) as a list; any other cell as it is."""
+    v = value.strip() if isinstance(value, str) else value
+    if isinstance(v, str) and v.startswith("[") and v.endswith("]"):
+        try:
+            parsed = json.loads(v)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
+            return parsed
+    return value
+
+
+def reranking_scores(query_emb: np.ndarray, doc_emb: np.ndarray, n_pos, n_neg, at_k: int = 10) -> dict:
+    """Reranking metrics of cosine similarity, averaged over queries (as sentence-transformers'
+    ``RerankingEvaluator`` and MTEB's reranking tasks compute them): ``map`` (average precision over each query's
+    whole candidate list, scikit-learn's: tied scores share their rank), ``mrr_at_{at_k}`` (first relevant text
+    within the top ``at_k``; ties are broken against the relevant texts, so a model that scores everything alike
+    gets no credit) and ``ndcg_at_{at_k}`` (scikit-learn's, ties averaged). ``doc_emb`` holds each query's
+    positives then negatives, query after query; ``n_pos`` / ``n_neg`` their counts. Main score: ``map``."""
+    from sklearn.metrics import average_precision_score, ndcg_score
+
+    check_count("at_k", at_k)
+    q, d = _unit(np.asarray(query_emb, dtype=np.float64)), _unit(np.asarray(doc_emb, dtype=np.float64))
+    n_pos, n_neg = list(n_pos), list(n_neg)
+    if not (len(q) == len(n_pos) == len(n_neg)) or len(d) != sum(n_pos) + sum(n_neg):
+        raise ValueError(f"{len(q)} queries, {len(n_pos)}/{len(n_neg)} counts and {len(d)} documents do not "
+                         f"match (expected {sum(n_pos) + sum(n_neg)} documents)")
+    aps, rrs, ndcgs = [], [], []
+    start = 0
+    for i, (p, m) in enumerate(zip(n_pos, n_neg, strict=True)):
+        if p == 0 or m == 0:
+            raise ValueError(f"query {i} has {p} relevant and {m} irrelevant texts; expected at least one of each")
+        s = d[start:start + p + m] @ q[i]
+        start += p + m
+        rel = np.r_[np.ones(p, dtype=np.int64), np.zeros(m, dtype=np.int64)]
+        order = np.lexsort((rel, -s))  # by score, best first; among equal scores the irrelevant first
+        first = np.flatnonzero(rel[order][:at_k])
+        rrs.append(1.0 / (first[0] + 1) if first.size else 0.0)
+        aps.append(float(average_precision_score(rel, s)))
+        ndcgs.append(float(ndcg_score([rel], [s], k=at_k)))
+    out = {"map": float(np.mean(aps)), f"mrr_at_{at_k}": float(np.mean(rrs)), f"ndcg_at_{at_k}": float(np.mean(ndcgs))}
+    out["main_score"] = out["map"]
+    return out
+
+
+def evaluate_reranking(model, data, *, split=None, instruction=None, limit=None, at_k=10, batch_size=None,
+                       max_batch_tokens=None, task_name=None, show_progress_bar=False, truncate_dim=None) -> dict:
+    """Reranking (MTEB's Reranking task kind): each query's candidates ranked by cosine similarity; main score MAP.
+
+    ``data``: see :func:`load_reranking` (``split`` filters by a ``split`` column and names the result's split,
+    default ``test``). Queries without a relevant or without an irrelevant text are left out (as MTEB and
+    sentence-transformers do) and counted; ``limit`` keeps the first N scored queries. ``instruction`` goes to
+    queries only; each distinct text is encoded once."""
+    t0 = time.perf_counter()
+    check_count("limit", limit, optional=True)
+    samples = load_reranking(data, split)
+    kept = [s for s in samples if s["positive"] and s["negative"]]
+    if limit is not None:
+        kept = kept[:limit]
+    if not kept:
+        raise ValueError(f"{data}: no query has both a relevant and an irrelevant text: nothing to rank")
+    docs = [t for s in kept for t in s["positive"] + s["negative"]]
+    unique = list(dict.fromkeys(docs))
+    index = {t: i for i, t in enumerate(unique)}
+    q_emb = _embed(model, [s["query"] for s in kept], instruction, batch_size, max_batch_tokens, show_progress_bar,
+                   truncate_dim)
+    d_emb = _embed(model, unique, None, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
+    scores = reranking_scores(q_emb, d_emb[[index[t] for t in docs]], [len(s["positive"]) for s in kept],
+                              [len(s["negative"]) for s in kept], at_k)
+    path = Path(data)
+    n_pos = [len(s["positive"]) for s in kept]
+    n_neg = [len(s["negative"]) for s in kept]
+    extra = {"task": "reranking", "data": str(data), "split": split, "n_queries": len(kept),
+             "left_out_queries": sum(1 for s in samples if not (s["positive"] and s["negative"])),
+             "n_documents": len(unique), "positives_per_query": [min(n_pos), float(np.mean(n_pos)), max(n_pos)],
+             "negatives_per_query": [min(n_neg), float(np.mean(n_neg)), max(n_neg)], "at_k": at_k,
+             "instruction": instruction or None, "truncate_dim": truncate_dim, **_model_info(model)}
+    result_split = {"dev": "validation", "valid": "validation", None: "test"}.get(split, split)
+    return task_result(task_name or f"{path.stem}-reranking", scores, time.perf_counter() - t0, result_split, extra)
+
+
 # ---------------------------------------------------------------------- reporting
 _MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10", "classification": "accuracy",
-                "pair-classification": "max_ap", "clustering": "v_measure"}
+                "pair-classification": "max_ap", "clustering": "v_measure", "reranking": "map"}
 
 
 def main_metric_name(result: dict) -> str:
@@ -765,18 +932,18 @@ def _common_options(p):
 
 
 def add_subcommands(subparsers):
-    """Add ``eval`` (with ``sts``, ``retrieval``, ``classification``, ``pair-classification``, ``clustering``) to an
-    argparse subparsers object.
+    """Add ``eval`` (with ``sts``, ``retrieval``, ``reranking``, ``classification``, ``pair-classification``,
+    ``clustering``) to an argparse subparsers object.
 
     Each leaf parser sets ``func`` to :func:`run_eval`; the caller runs ``args.func(args)`` and exits with its
     return value.
     """
-    ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / classification / "
-                               "pair-classification / clustering files",
+    ev = subparsers.add_parser("eval", help="evaluate an encoder on local STS / retrieval / reranking / "
+                               "classification / pair-classification / clustering files",
                                description="Evaluate on local files; prints a summary table and, as the very last "
                                            "line, the main score (a fraction, e.g. 0.7712).")
     sub = ev.add_subparsers(dest="eval_task",
-                            metavar="{sts,retrieval,classification,pair-classification,clustering}")
+                            metavar="{" + ",".join(TASKS) + "}")
     sub.required = True
 
     p = sub.add_parser("sts", help="STS-B TSV or SICK file: Spearman of cosine similarity")
@@ -799,6 +966,18 @@ def add_subcommands(subparsers):
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
     p.add_argument("--relevance-threshold", type=int, default=1,
                    help="qrels score counted as relevant for MRR and recall (default 1; 2 for TREC-DL style)")
+    _common_options(p)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("reranking", help="queries with relevant and irrelevant candidates (e.g. SNLI triplets): "
+                       "MAP, MRR@10, nDCG@10 (MTEB's Reranking)")
+    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / TSV: query with positive(s) and negative(s), "
+                   "a row per query (lists) or per triplet (rows of one query are merged)")
+    p.add_argument("--split", default=None, help="keep rows whose split column equals this (e.g. dev for SNLI's "
+                   "triplet file) and record it as the result's split (default: all rows, recorded as test)")
+    p.add_argument("--instruction", default=None, help="instruction for queries only (default: none)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N scored queries")
+    p.add_argument("--at-k", type=int, default=10, help="cut-off of MRR and nDCG (default 10)")
     _common_options(p)
     p.set_defaults(func=run_eval)
 
@@ -858,6 +1037,9 @@ def run_eval(args, model=None) -> int:
         result = evaluate_retrieval(model, args.data, instruction=args.instruction, split=args.split,
                                     max_docs=args.max_docs, max_queries=args.max_queries,
                                     relevance_threshold=args.relevance_threshold, **common)
+    elif args.eval_task == "reranking":
+        result = evaluate_reranking(model, args.data, split=args.split, instruction=args.instruction,
+                                    limit=args.limit, at_k=args.at_k, **common)
     elif args.eval_task == "classification":
         result = evaluate_classification(model, args.data, args.test, instruction=args.instruction,
                                          test_fraction=args.test_fraction, n_train=args.n_train,

@@ -586,3 +586,145 @@ def test_evaluate_clustering_and_cli(tmp_path, capsys):
         ev.clustering_scores(np.zeros((4, 2)), [0, 1, 0, 1], n_experiments=0)
     with pytest.raises(ValueError, match="cluster_size 1 is smaller than the 2 clusters"):
         ev.clustering_scores(np.zeros((4, 2)), [0, 1, 0, 1], cluster_size=1)
+
+
+# ---------------------------------------------------------------------- reranking
+def _rerank_case(seed=0, n_queries=12, dim=8):
+    rng = np.random.default_rng(seed)
+    n_pos = rng.integers(1, 4, size=n_queries)
+    n_neg = rng.integers(1, 15, size=n_queries)
+    q = rng.normal(size=(n_queries, dim))
+    docs = np.concatenate([np.concatenate([q[i] + rng.normal(scale=1.5, size=(p, dim)), rng.normal(size=(m, dim))])
+                           for i, (p, m) in enumerate(zip(n_pos, n_neg, strict=True))])
+    return q, docs, n_pos, n_neg
+
+
+def test_reranking_scores_equal_sentence_transformers():
+    """MAP, MRR@k and nDCG@k equal sentence-transformers' RerankingEvaluator on the same embeddings."""
+    pytest.importorskip("sklearn")
+    torch = pytest.importorskip("torch")
+    try:
+        from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
+    except ImportError:
+        from sentence_transformers.evaluation import RerankingEvaluator
+    q, docs, n_pos, n_neg = _rerank_case()
+    names, start, samples = {}, 0, []
+    for i, (p, m) in enumerate(zip(n_pos, n_neg, strict=True)):
+        ids = [f"d{j}" for j in range(start, start + p + m)]
+        names.update({f"q{i}": q[i], **dict(zip(ids, docs[start:start + p + m], strict=True))})
+        samples.append({"query": f"q{i}", "positive": ids[:p], "negative": ids[p:]})
+        start += p + m
+
+    class Lookup:
+        def _enc(self, texts, **kw):
+            return torch.tensor(np.stack([names[t] for t in texts]), dtype=torch.float64)
+
+        encode_query = encode_document = encode = _enc
+
+    for k in (10, 3):
+        theirs = RerankingEvaluator(samples, at_k=k).compute_metrics(Lookup())
+        ours = ev.reranking_scores(q, docs, n_pos, n_neg, at_k=k)
+        assert ours["map"] == pytest.approx(theirs["map"], abs=1e-12)
+        assert ours[f"mrr_at_{k}"] == pytest.approx(theirs["mrr"], abs=1e-12)
+        assert ours[f"ndcg_at_{k}"] == pytest.approx(theirs["ndcg"], abs=1e-12)
+        assert ours["main_score"] == ours["map"] and 0.3 < ours["map"] < 1
+
+
+def test_reranking_scores_hand_computed_and_ties():
+    pytest.importorskip("sklearn")
+    q = np.array([[1.0, 0.0]])
+    # cosines 0.6 (relevant), 1.0, 0.0 (irrelevant): the relevant text ranks 2nd: AP 1/2, RR 1/2
+    docs = np.array([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])
+    s = ev.reranking_scores(q, docs, [1], [2])
+    assert s["map"] == pytest.approx(0.5) and s["mrr_at_10"] == pytest.approx(0.5)
+    assert s["ndcg_at_10"] == pytest.approx(1 / math.log2(3))
+    assert ev.reranking_scores(q, docs, [1], [2], at_k=1)["mrr_at_1"] == 0.0
+    # every candidate scored alike (e.g. zero embeddings): the relevant ones rank last for MRR
+    flat = ev.reranking_scores(q, np.zeros((4, 2)), [1], [3])
+    assert flat["mrr_at_10"] == pytest.approx(1 / 4) and flat["map"] == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="query 0 has 1 relevant and 0 irrelevant texts"):
+        ev.reranking_scores(q, docs[:1], [1], [0])
+    with pytest.raises(ValueError, match=r"expected 3 documents"):
+        ev.reranking_scores(q, docs[:2], [1], [2])
+
+
+def test_load_reranking_layouts(data_dir, tmp_path):
+    snli = ev.load_reranking(data_dir / "snli" / "snli_devtest_triplets.csv", split="dev")
+    assert len(snli) == 2943 and all(len(s["positive"]) == len(s["negative"]) == 1 for s in snli)
+    assert snli[0]["query"].startswith("Two women are embracing")
+    # a row per query with lists (MTEB / sentence-transformers samples), JSONL and JSON array alike
+    rows = [{"query": "q1", "positive": ["a", "b"], "negative": ["c", "d", "a"]},
+            {"query": "q2", "positive": "e", "negative": []},
+            {"query": "q1", "positive": "b", "negative": "f"}]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "r.json").write_text(json.dumps(rows))
+    for name in ("r.jsonl", "r.json"):
+        got = ev.load_reranking(tmp_path / name)
+        # q1's rows merged in order, repeats kept once, "a" (listed both ways) counted as relevant
+        assert got == [{"query": "q1", "positive": ["a", "b"], "negative": ["c", "d", "f"]},
+                       {"query": "q2", "positive": ["e"], "negative": []}]
+    # CSV with numbered negative columns and a JSON list in a cell; TSV read without quoting
+    (tmp_path / "r.csv").write_text('anchor,positive,negative_1,negative_2\nq,"[""a"", ""b""]",c,\nq2,x,y,z\n')
+    assert ev.load_reranking(tmp_path / "r.csv") == [{"query": "q", "positive": ["a", "b"], "negative": ["c"]},
+                                                     {"query": "q2", "positive": ["x"], "negative": ["y", "z"]}]
+    (tmp_path / "r.tsv").write_text('query\tpos\tneg\n"q"\t"a\tb\n')
+    assert ev.load_reranking(tmp_path / "r.tsv") == [{"query": '"q"', "positive": ['"a'], "negative": ["b"]}]
+
+
+def test_load_reranking_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="reranking data"):
+        ev.load_reranking(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "q", "positive": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: a row needs a non-empty query .*\['positive', 'text'\]"):
+        ev.load_reranking(bad)
+    bad.write_text('{"query": "q", "positive": ["a", 3]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected texts \(strings\) under 'positive', got 3"):
+        ev.load_reranking(bad)
+    (tmp_path / "bad.csv").write_text("query,positive\nq,a,extra\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: the row has more fields than the header"):
+        ev.load_reranking(tmp_path / "bad.csv")
+    (tmp_path / "s.csv").write_text("split,query,positive,negative\ntest,q,a,b\n")
+    with pytest.raises(ValueError, match=r"no rows read \(split='dev'\)"):
+        ev.load_reranking(tmp_path / "s.csv", split="dev")
+    (tmp_path / "x.txt").write_text("q\n")
+    with pytest.raises(ValueError, match="expected a .jsonl, .json, .csv or .tsv"):
+        ev.load_reranking(tmp_path / "x.txt")
+    only_pos = tmp_path / "p.jsonl"
+    only_pos.write_text('{"query": "q", "positive": "a"}\n')
+    with pytest.raises(ValueError, match="no query has both a relevant and an irrelevant text"):
+        ev.evaluate_reranking(FakeEncoder(), only_pos)
+
+
+def test_evaluate_reranking_encodes_once_and_cli_matches_api(data_dir, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    path = tmp_path / "r.jsonl"
+    rows = [{"query": "red apple pie", "positive": ["apple pie red", "shared"], "negative": ["blue car", "shared x"]},
+            {"query": "fast blue car", "positive": ["blue car fast"], "negative": ["apple pie red", "shared"]},
+            {"query": "no negatives", "positive": ["x"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    enc = FakeEncoder()
+    api = ev.evaluate_reranking(enc, path, instruction="Find it")
+    queries, docs = enc.calls
+    assert queries == [["Find it", "red apple pie"], ["Find it", "fast blue car"]]  # instruction on queries only
+    assert sorted(docs) == sorted({"apple pie red", "shared", "blue car", "shared x", "blue car fast"})
+    e, info = api["scores"]["test"][0], api["llm2vec_fast"]
+    assert e["map"] == e["main_score"] == pytest.approx(1.0) and e["mrr_at_10"] == pytest.approx(1.0)
+    assert info["n_queries"] == 2 and info["left_out_queries"] == 1 and info["n_documents"] == 5
+    assert info["positives_per_query"] == [1, 1.5, 2] and info["negatives_per_query"] == [2, 2.0, 2]
+    # the SNLI triplet file, dev rows: the CLI prints the API's main score last and writes MTEB's layout
+    out = tmp_path / "snli_rr.json"
+    data = data_dir / "snli" / "snli_devtest_triplets.csv"
+    args = _parser().parse_args(["eval", "reranking", "--data", str(data), "--split", "dev", "--limit", "200",
+                                 "--output", str(out)])
+    assert args.func(args, model=FakeEncoder()) == 0
+    printed = capsys.readouterr().out.strip().split("\n")
+    api = ev.evaluate_reranking(FakeEncoder(), data, split="dev", limit=200)
+    saved = json.loads(out.read_text())
+    e = api["scores"]["validation"][0]
+    assert saved["scores"] == api["scores"] and saved["task_name"] == "snli_devtest_triplets-reranking"
+    assert printed[-1] == f"{e['main_score']:.6f}" and "| validation | map |" in "\n".join(printed)
+    # word overlap ranks the entailed hypothesis above the contradiction more often than chance (MAP 0.75)
+    assert api["llm2vec_fast"]["n_queries"] == 200 and 0.78 < e["map"] <= 1
+    mteb = pytest.importorskip("mteb")
+    assert mteb.TaskResult.from_dict(saved).task_name == "snli_devtest_triplets-reranking"
