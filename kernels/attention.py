@@ -211,7 +211,11 @@ def _tune_bench(fn, quantiles):
 #   re-patches triton.language on every device-function call, which makes CPU tests slower per helper.
 # - Causal (CAUSAL): key j of a sequence is visible to its query i when j <= i. The forward and dQ stop at the query
 #   block's last row and mask only the blocks crossing the diagonal; dK/dV start at the key block's first row.
-_KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "CAUSAL", "SEQ_BUCKET"]
+# - Local window (HAS_WINDOW): key j of a sequence is visible to query i when i - j <= WIN_L and j - i <= WIN_R
+#   (FlashAttention's window_size; the launcher passes the sequence-independent bound T for an unlimited side). Each
+#   kernel visits only the blocks that meet the band, every one of them masked; a query row can then meet a block
+#   where it sees no key, so the forward guards its online softmax against an all -inf row.
+_KEY = ["BD", "G", "HAS_SOFTCAP", "HAS_DROPOUT", "CAUSAL", "HAS_WINDOW", "SEQ_BUCKET"]
 
 
 def _autotune_kwargs():
@@ -230,17 +234,23 @@ def _autotune(kind, pack=False):
 
 
 @triton.jit
-def _key_blocks(t0, t_end, L, BN: tl.constexpr, CAUSAL: tl.constexpr):
-    # key range of a query block holding tokens [t0, t_end): keys [0, n_full) come in whole blocks that need no mask,
-    # [n_full, hi) in blocks that do. Bidirectional: every key, only the partial last block masked. Causal: keys up to
-    # the block's last token; a block is mask-free when every key in it is at or before the block's first token.
+def _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    # key range of a query block holding tokens [t0, t_end): keys [lo, n_full) come in whole blocks that need no
+    # mask, [n_full, hi) in blocks that do. Bidirectional: every key, only the partial last block masked. Causal: keys
+    # up to the block's last token; a block is mask-free when every key in it is at or before the block's first
+    # token. Window: the blocks meeting [t0 - WIN_L, t_end - 1 + WIN_R], all masked.
     if CAUSAL:
         hi = tl.minimum(L, t_end)
         n_full = (tl.minimum(t0 + 1, L) // BN) * BN
     else:
         hi = L
         n_full = (L // BN) * BN
-    return n_full, hi
+    lo = n_full * 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(t0 - WIN_L, 0) // BN) * BN
+        hi = tl.minimum(hi, t_end + WIN_R)
+        n_full = lo
+    return lo, n_full, hi
 
 
 @triton.jit
@@ -266,8 +276,8 @@ def _query_block(ORDER, CU, G, BM: tl.constexpr, CAUSAL: tl.constexpr, PACK: tl.
 
 @triton.jit
 def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul, cap_mul, dropout_p, seed,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PREC: tl.constexpr):
+               WIN_L, WIN_R, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
     # one key block of the forward: scores (log2 units, softcapped), then the online-softmax update that rescales
     # the running sum and accumulator to the new row maximum. Returns (row max, row sum, accumulator).
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
@@ -282,11 +292,20 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
         m_s = (start_n + o_n < L)[None, :]
         if CAUSAL:
             m_s = m_s & (o_m[:, None] >= (start_n + o_n)[None, :])
-        # no row is all -inf here: key 0 (in the first block visited) is visible to every query row
+        if HAS_WINDOW:
+            m_s = m_s & (o_m[:, None] - (start_n + o_n)[None, :] <= WIN_L) \
+                & ((start_n + o_n)[None, :] - o_m[:, None] <= WIN_R)
+        # without a window no row is all -inf here: key 0 (in the first block visited) is visible to every query row
         b_s = tl.where(m_s, b_s, float("-inf"))
     b_mn = tl.maximum(b_mi, tl.max(b_s, 1) * s_mul)
-    b_p = tl.exp2(b_s * s_mul - b_mn[:, None])
-    b_alpha = tl.exp2(b_mi - b_mn)
+    if HAS_WINDOW:
+        # a row that has seen no key yet keeps max -inf: subtract 0 instead, so its p and alpha are 0, not NaN
+        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s * s_mul - b_mz[:, None])
+        b_alpha = tl.exp2(b_mi - b_mz)
+    else:
+        b_p = tl.exp2(b_s * s_mul - b_mn[:, None])
+        b_alpha = tl.exp2(b_mi - b_mn)
     b_li = b_li * b_alpha + tl.sum(b_p, 1)
     if HAS_DROPOUT:
         # the normaliser counts every key; only the value mixing is dropped (as torch's SDPA does)
@@ -300,10 +319,10 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    PACK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr, PACK: tl.constexpr,
 ):
     # Row layouts. Per-head (PACK False): program (i_m, query head, sequence) holds BM tokens of one query head.
     # GQA-packed (PACK True): program (i_m, kv head, sequence) holds BM rows of the L·G rows (token t, head g) of the
@@ -341,17 +360,19 @@ def _attn_fwd_kernel(
 
     # full key blocks load without masks; only the last, partial block (and, when causal, the blocks crossing the
     # diagonal) pay for them
-    n_full, hi = _key_blocks(t0, t_end, L, BN, CAUSAL)
-    for start_n in range(0, n_full, BN):
+    lo, n_full, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, n_full, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, False, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+                                       cap_mul, dropout_p, seed, WIN_L, WIN_R, False, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, HAS_DROPOUT, PREC)
     for start_n in range(n_full, hi, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, True, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+                                       cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_acc = (b_acc * (drop_scale / b_li)[:, None]).to(O.dtype.element_ty)
     # natural-log lse of the *undropped* softmax: what the backward needs to rebuild P
@@ -369,9 +390,10 @@ def _attn_fwd_kernel(
 def _attn_fwd_tma_kernel(
     Q, K, V, O, LSE, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # The forward with Hopper TMA loads: one [L, D] tensor descriptor per (sequence, head), so tiles stream through
     # the copy engine (pipelined, no per-element pointers in registers) and rows past the sequence end arrive as
@@ -393,17 +415,19 @@ def _attn_fwd_tma_kernel(
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
 
-    n_full, hi = _key_blocks(i_m * BM, (i_m + 1) * BM, L, BN, CAUSAL)
-    for start_n in range(0, n_full, BN):
+    lo, n_full, hi = _key_blocks(i_m * BM, (i_m + 1) * BM, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, n_full, BN):
         b_k = d_k.load([start_n, 0])  # [BN, BD]
         b_v = d_v.load([start_n, 0])
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, False, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+                                       cap_mul, dropout_p, seed, WIN_L, WIN_R, False, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, HAS_DROPOUT, PREC)
     for start_n in range(n_full, hi, BN):
         b_k = d_k.load([start_n, 0])  # zero rows past L: their scores are masked below, their values never mix
         b_v = d_v.load([start_n, 0])
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, True, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+                                       cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
     b_acc = b_acc * (drop_scale / b_li)[:, None]
     # a masked pointer store: a descriptor store would clip at L too, but stores are once per program anyway
@@ -431,8 +455,8 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o_n, o_drop, qk_mul, cap_mul, dropout_p,
-                drop_scale, seed, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                PREC: tl.constexpr):
+                drop_scale, seed, WIN_L, WIN_R, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
     # one query block's contribution to a key block's dK/dV: o_stat indexes the rows' lse and delta ([Hq, T] flat),
     # o_m holds each row's token (causal mask), o_drop the dropout counters [BN, BM]
     # padded query rows get lse = +inf so their P is exactly 0
@@ -448,6 +472,8 @@ def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o
         b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
     if CAUSAL:
         b_pT = tl.where(o_m[None, :] >= o_n[:, None], b_pT, 0.0)
+    if HAS_WINDOW:
+        b_pT = tl.where((o_m[None, :] - o_n[:, None] <= WIN_L) & (o_n[:, None] - o_m[None, :] <= WIN_R), b_pT, 0.0)
     b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
     if HAS_DROPOUT:
         b_keep = tl.rand(seed, o_drop) >= dropout_p
@@ -469,10 +495,10 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    PACK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr, PACK: tl.constexpr,
 ):
     # one program owns BN keys of one kv head and streams the queries of the G query heads of its group: dK/dV are
     # summed in registers, no atomics, deterministic. Per head (PACK False): G passes over the L query tokens.
@@ -496,12 +522,18 @@ def _attn_bwd_dkdv_kernel(
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     o_col = (bos64 + o_n)[:, None]
+    # the query tokens that can see this key block: [t_lo, t_hi)
+    t_lo = i_n * BN * 0
+    t_hi = L
+    if CAUSAL:  # tokens before this key block never see it
+        t_lo = i_n * BN
+    if HAS_WINDOW:
+        t_lo = tl.maximum(t_lo, i_n * BN - WIN_R)
+        t_hi = tl.minimum(L, i_n * BN + BN + WIN_L)
 
     if PACK:
-        lo = 0
-        if CAUSAL:  # rows of tokens before this key block never see it
-            lo = (i_n * BN * G // BM) * BM
-        for start_m in range(lo, L * G, BM):
+        lo = (t_lo * G // BM) * BM
+        for start_m in range(lo, t_hi * G, BM):
             o_r = start_m + o_m0
             m_m = o_r < L * G
             o_m = o_r // G  # each row's token
@@ -510,23 +542,23 @@ def _attn_bwd_dkdv_kernel(
             b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)  # [BM, BD]
             b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m, o_m,
                                      o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                     dropout_p, drop_scale, seed, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+                                     dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                     HAS_DROPOUT, PREC)
     else:
-        lo = 0
-        if CAUSAL:  # queries before this key block never see it
-            lo = (i_n * BN // BM) * BM
+        lo = (t_lo // BM) * BM
         for g in range(G):
             i_hq = i_h * G + g
             p_q = Q + bos64 * stride_qt + i_hq * stride_qh
             p_do = DO + bos64 * stride_dot + i_hq * stride_doh
-            for start_m in range(lo, L, BM):
+            for start_m in range(lo, t_hi, BM):
                 o_m = start_m + o_m0
                 m_m = o_m < L
                 b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
                 b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
                 b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, m_m,
                                          o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                         dropout_p, drop_scale, seed, CAUSAL, HAS_SOFTCAP, HAS_DROPOUT, PREC)
+                                         dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                         HAS_DROPOUT, PREC)
 
     b_dk = b_dk * scale
     _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L, D,
@@ -540,10 +572,10 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET,
+    T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    PACK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr, PACK: tl.constexpr,
 ):
     # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic. Rows
     # per head or GQA-packed, as in the forward (PACK).
@@ -561,12 +593,14 @@ def _attn_bwd_dq_kernel(
         o_hq = i_h * G + o_r % G  # and query head
         b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)
         b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_r, o_d, D, EVEN_D)
+        t0 = i_m * BM // G
         t_end = ((i_m + 1) * BM - 1) // G + 1
     else:
         o_m = o_r
         o_hq = i_x
         b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
         b_do = _load_rows(DO + bos64 * stride_dot + i_x * stride_doh, o_m, o_d, stride_dot, L, D, True, EVEN_D)
+        t0 = i_m * BM
         t_end = (i_m + 1) * BM
     b_lse2 = tl.load(LSE + o_hq * T + bos64 + o_m, mask=m_r, other=float("inf")) * 1.4426950408889634
     b_delta = tl.load(DELTA + o_hq * T + bos64 + o_m, mask=m_r, other=0.0)
@@ -575,10 +609,8 @@ def _attn_bwd_dq_kernel(
     p_v = V + bos64 * stride_vt + i_h * stride_vh
     o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]
 
-    hi = L
-    if CAUSAL:  # keys after this query block's last token are never seen
-        hi = tl.minimum(L, t_end)
-    for start_n in range(0, hi, BN):
+    lo, _, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BN):
         o_n = start_n + o_n0
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, True, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v, o_n, o_d, stride_vt, L, D, True, EVEN_D)
@@ -591,6 +623,8 @@ def _attn_bwd_dq_kernel(
         m_p = (o_n < L)[None, :]
         if CAUSAL:
             m_p = m_p & (o_m[:, None] >= o_n[None, :])
+        if HAS_WINDOW:
+            m_p = m_p & (o_m[:, None] - o_n[None, :] <= WIN_L) & (o_n[None, :] - o_m[:, None] <= WIN_R)
         b_p = tl.where(m_p, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         if HAS_DROPOUT:
@@ -683,9 +717,18 @@ def _set_tma_allocator():
         triton.set_allocator(_tma_alloc)
 
 
-def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False, tune_len=None):
+def _window_args(window_size, T):
+    # (HAS_WINDOW, WIN_L, WIN_R): an unlimited side (-1) becomes T, which no in-sequence distance reaches
+    left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
+    has = left >= 0 or right >= 0
+    return has, (left if left >= 0 else T), (right if right >= 0 else T)
+
+
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False, tune_len=None,
+                  window_size=None):
     """Launch the forward kernel. Returns (o [T, Hq, D], lse [Hq, T] fp32). Inputs are assumed validated;
-    ``tune_len`` (default ``max_seqlen``) picks the autotuner's length bucket."""
+    ``tune_len`` (default ``max_seqlen``) picks the autotuner's length bucket; ``window_size`` ``(left, right)``
+    (-1: unlimited) restricts each query to a band of keys."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_layout(name, x)
     T, HQ, D = q.shape
@@ -696,17 +739,18 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
     if T == 0 or B == 0:
         return o, lse
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
+    has_window, win_l, win_r = _window_args(window_size, T)
 
     kernel, extra = _attn_fwd_kernel, _pack_arg()
-    if _use_tma(q, k, v):
+    if not has_window and _use_tma(q, k, v):
         _set_tma_allocator()
         kernel, extra = _attn_fwd_tma_kernel, {}
     kernel[_row_grid(max_seqlen, HQ, HKV, B)](
         q, k, v, o, lse, cu_seqlens, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         T, qk_mul, cap_mul, float(dropout_p), drop_scale, kernel_seed(seed), _seq_bucket(tune_len or max_seqlen, T),
-        G=HQ // HKV, D=D, BD=next_power_of_2(D),
-        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
+        win_l, win_r, G=HQ // HKV, D=D, BD=next_power_of_2(D),
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal), HAS_WINDOW=has_window,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", **extra,
     )
     return o, lse
@@ -729,7 +773,7 @@ def _pack_arg():
 
 
 def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False,
-                  tune_len=None):
+                  tune_len=None, window_size=None):
     """Launch the backward kernels. Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group)."""
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -746,10 +790,11 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BD=BD, BT=BT,
     )
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
+    has_window, win_l, win_r = _window_args(window_size, T)
     common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
-                  PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                  HAS_WINDOW=has_window, PREC="ieee" if q.dtype == torch.float32 else "tf32")
     runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, kernel_seed(seed),
-               _seq_bucket(tune_len or max_seqlen, T))
+               _seq_bucket(tune_len or max_seqlen, T), win_l, win_r)
 
     _attn_bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen, meta["BN"]), HKV, B)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, order,
@@ -840,28 +885,29 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o, lse (plus cu_seqlens and the launch order); backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal, tune_len=None):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal, tune_len=None,
+                window_size=None):
         o, lse = attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal,
-                               tune_len)
+                               tune_len, window_size)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, order)
-        ctx.args = (max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len)
+        ctx.args = (max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len, window_size)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_seqlens, order = ctx.saved_tensors
-        max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len = ctx.args
+        max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len, window_size = ctx.args
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p,
-                                   seed, causal, tune_len)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                   seed, causal, tune_len, window_size)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Public function
 # ----------------------------------------------------------------------------------------------------------------------
 def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
-                    return_lse=False, causal=False):
+                    return_lse=False, causal=False, window_size=(-1, -1)):
     """Bidirectional (non-causal) exact softmax attention over packed variable-length sequences.
 
     Sequences are packed back to back along the token axis; ``cu_seqlens`` marks where each one starts. Every query
@@ -893,6 +939,11 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             ``dropout_p == 0``. :func:`dropout_keep_mask` materialises the mask for inspection.
         return_lse: also return the log-sum-exp of the (scaled, capped, undropped) scores, ``[Hq, T]`` fp32.
         causal: mask keys after the query within each sequence (default False: bidirectional).
+        window_size: ``(left, right)`` local attention, FlashAttention's convention: query ``i`` sees key ``j`` of
+            its sequence only when ``i - left <= j <= i + right``; ``-1`` leaves a side unlimited (the default
+            ``(-1, -1)`` is full attention). A sliding window ``W`` as Hugging Face configs give it is
+            ``(W - 1, W - 1)`` bidirectionally (``|i - j| < W``) and ``(W - 1, 0)`` with ``causal``. Only the key
+            blocks that meet the band are visited, so work grows with ``L · window`` instead of ``L²``.
 
     Grouped-query attention: ``Hq`` must be a multiple of ``Hkv``; query head ``i`` reads kv head ``i // (Hq // Hkv)``
     (contiguous groups, as ``repeat_interleave`` in Hugging Face's ``repeat_kv``). ``Hkv == 1`` is multi-query
@@ -914,9 +965,10 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             int.
         ValueError: wrong ranks or shapes, device mismatch, non-contiguous last dimension, ``Hq % Hkv != 0``,
             unsupported head dim, ``cu_seqlens`` not starting at 0, decreasing, not ending at ``T``, or longer than
-            ``max_seqlen``, ``dropout_p`` outside ``[0, 1)``, ``softcap < 0``, ``scale <= 0`` or not finite.
+            ``max_seqlen``, ``dropout_p`` outside ``[0, 1)``, ``softcap < 0``, ``scale <= 0`` or not finite,
+            ``window_size`` not two ints >= -1.
     """
-    _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p)
+    _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p, window_size)
     T, HQ, D = q.shape
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read it as a dense array (a strided view is copied)
     order, tune_len = _seq_info(cu_seqlens, T, int(max_seqlen))
@@ -927,14 +979,16 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
     if dropout_p > 0 and seed is None:
         seed = new_seed()
     seed = 0 if seed is None else int(seed)
+    window = tuple(int(w) for w in window_size)
     o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), order, scale, float(softcap),
-                                          dropout_p, seed, bool(causal), tune_len)
+                                          dropout_p, seed, bool(causal), tune_len,
+                                          None if window == (-1, -1) else window)
     return (o, lse) if return_lse else o
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p):
+def _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p, window_size=(-1, -1)):
     check_attention_args(q, k, v, cu_seqlens, max_seqlen, softcap=softcap, dropout_p=dropout_p,
-                         dtypes=SUPPORTED_DTYPES)
+                         dtypes=SUPPORTED_DTYPES, window_size=window_size)
     if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); use "
                          "llm2vec_fast.kernels.reference.flash_attention_ref on CPU")

@@ -12,7 +12,8 @@ from ._launch import new_seed, version_of
 
 
 # ==== ATTENTION (flash_attention_ref) ====
-def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, dtypes=None):
+def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, dtypes=None,
+                         window_size=(-1, -1)):
     """The argument checks ``flash_attention`` and its twin share (types, shapes, devices, GQA, dropout, softcap,
     scale); the kernel adds its own (dtypes, head dims, layout, CUDA). Values of ``cu_seqlens`` are checked on the
     host by :func:`validate_cu_seqlens`."""
@@ -55,6 +56,10 @@ def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be (left, right), two ints >= 0 or -1 for an unlimited side, got "
+                         f"{window_size!r}")
 
 
 def validate_cu_seqlens(cu, total_tokens, max_seqlen):
@@ -76,11 +81,12 @@ def validate_cu_seqlens(cu, total_tokens, max_seqlen):
 
 
 def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
-                        return_lse=False, causal=False, _dropout_mask=None, _upcast=True):
+                        return_lse=False, causal=False, window_size=(-1, -1), _dropout_mask=None, _upcast=True):
     """Plain PyTorch twin of :func:`llm2vec_fast.kernels.flash_attention` (same signature and semantics).
 
     q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` packed; ``cu_seqlens`` int32 ``[B + 1]``. Each sequence attends to itself
-    only, bidirectionally (``causal=True``: token i of a sequence sees its tokens 0..i). Scores and softmax in fp32,
+    only, bidirectionally (``causal=True``: token i of a sequence sees its tokens 0..i; ``window_size`` ``(left,
+    right)``: only keys ``i - left .. i + right``, -1 unlimited). Scores and softmax in fp32,
     output in the input dtype; lse ``[Hq, T]`` fp32. Dropout is drawn from a torch generator seeded with ``seed`` (same
     distribution as the kernel, not the same bits); the private ``_dropout_mask`` (bool ``[Hq, T, T]``, True = kept,
     e.g. from ``attention.dropout_keep_mask``) replaces the draw so that a test can compare against the kernel's exact
@@ -88,7 +94,9 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
     before P·V, like a flash kernel): tests use it as the low-precision reference whose error sets the tolerance.
     Differentiable through autograd.
     """
-    check_attention_args(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap, dropout_p=dropout_p)
+    check_attention_args(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                         window_size=window_size)
+    left, right = window_size
     T, HQ, D = q.shape
     HKV = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -112,6 +120,12 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
             s = softcap * torch.tanh(s / softcap)
         if causal:
             s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        if left >= 0 or right >= 0:
+            i = torch.arange(b - a, device=s.device)
+            dist = i[:, None] - i[None, :]  # query - key
+            outside = ((dist > left) if left >= 0 else torch.zeros_like(dist, dtype=torch.bool)) \
+                | ((-dist > right) if right >= 0 else torch.zeros_like(dist, dtype=torch.bool))
+            s = s.masked_fill(outside, float("-inf"))
         lses.append(torch.logsumexp(s, dim=-1))  # (H, L)
         p = torch.softmax(s, dim=-1)
         if dropout_p > 0:

@@ -232,8 +232,6 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
     window = sliding_window if sliding_window and (max_len or seq) > sliding_window else None
     resolved = _resolve_backend(backend, query)
-    if window is not None:
-        resolved = "torch"  # the kernels have no window: only inputs longer than a window take this path
 
     if cu is None:
         # dense or padded batch
@@ -253,7 +251,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         idx = keep.reshape(-1).nonzero().flatten()
         cu_p = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         q, k, v = (t.transpose(1, 2).reshape(bsz * seq, t.shape[1], dim)[idx] for t in (query, key, value))
-        out = _packed_kernel(resolved, q, k, v, cu_p, int(lengths.max()), scale, softcap, dropout, _causal)
+        out = _packed_kernel(resolved, q, k, v, cu_p, int(lengths.max()), scale, softcap, dropout, _causal, window)
         full = out.new_zeros(bsz * seq, out.shape[1], dim)
         full[idx] = out
         return full.view(bsz, seq, -1, dim), None
@@ -262,7 +260,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if resolved == "torch":
         out = packed_torch_attention(q, k, v, cu, int(max_len), scale, softcap, dropout, window, _causal)
     else:
-        out = _packed_kernel(resolved, q, k, v, cu, int(max_len), scale, softcap, dropout, _causal)
+        out = _packed_kernel(resolved, q, k, v, cu, int(max_len), scale, softcap, dropout, _causal, window)
     return out.unsqueeze(0), None
 
 
@@ -278,15 +276,25 @@ def _resolve_backend(backend, tensor):
     return backend
 
 
-def _packed_kernel(backend, q, k, v, cu, max_len, scale, softcap, dropout, causal=False):
+def _window_size(window, causal):
+    # a Hugging Face sliding window W as (left, right): |i - j| < W bidirectionally, i - W < j <= i causally
+    if window is None:
+        return (-1, -1)
+    return (window - 1, 0 if causal else window - 1)
+
+
+def _packed_kernel(backend, q, k, v, cu, max_len, scale, softcap, dropout, causal=False, window=None):
     if backend == "flash_attn":
         fa = _import_flash_attn()
         kw = {"softcap": softcap} if softcap else {}
+        if window is not None:
+            kw["window_size"] = _window_size(window, causal)
         return fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
                                          causal=causal, **kw)
     from llm2vec_fast.kernels import flash_attention
 
-    return flash_attention(q, k, v, cu, max_len, scale=scale, softcap=softcap, dropout_p=dropout, causal=causal)
+    return flash_attention(q, k, v, cu, max_len, scale=scale, softcap=softcap, dropout_p=dropout, causal=causal,
+                           window_size=_window_size(window, causal))
 
 
 def _import_flash_attn():

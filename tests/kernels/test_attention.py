@@ -276,6 +276,82 @@ def test_gqa_packed_rows_dropout_matches_reference_with_the_kernels_mask(poison,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# local window (window_size, FlashAttention's convention): query i sees keys i - left .. i + right of its sequence
+# ---------------------------------------------------------------------------------------------------------------------
+CASES_WINDOW = [
+    # symmetric (a Gemma sliding window bidirectionally), lopsided, one side unlimited, causal with a window, a window
+    # wider than every sequence (= full attention); per-head and GQA-packed rows, fp32 and fp16
+    pytest.param((5, 5), False, 2, 2, False, torch.float32, id="sym5-mha-fp32"),
+    pytest.param((40, 3), False, 6, 2, True, torch.float32, id="left40-right3-gqa3-packed-fp32"),
+    pytest.param((0, -1), False, 4, 1, False, torch.float32, id="keys-at-or-after-mqa-fp32"),
+    pytest.param((16, 0), True, 6, 2, True, torch.float32, id="causal16-gqa3-packed-fp32"),
+    pytest.param((3, -1), True, 2, 2, False, torch.float32, id="causal3-right-unlimited-fp32"),
+    pytest.param((200, 200), False, 4, 2, False, torch.float32, id="wider-than-any-sequence-fp32"),
+    pytest.param((9, 9), False, 8, 2, True, torch.float16, id="sym9-gqa4-packed-fp16"),
+    pytest.param((31, 31), False, 8, 2, True, torch.bfloat16, id="sym31-gqa4-packed-bf16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("window, causal, hq, hkv, pack, dtype", CASES_WINDOW)
+def test_window_matches_reference(poison, monkeypatch, window, causal, hq, hkv, pack, dtype):
+    monkeypatch.setattr(attn, "_FORCE_PACK", pack)
+    for kernel in (attn._attn_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+    cu = _cu(LENS)
+    q, k, v, do = _inputs(LENS, hq, hkv, 32, dtype, seed=hq + window[0])
+    ours = _check_against_reference(q, k, v, do, cu, max(LENS), causal=causal, window_size=window)
+    full = flash_attention(q, k, v, cu, max(LENS), causal=causal)
+    if window == (200, 200):
+        torch.testing.assert_close(ours[0], full, atol=0, rtol=0)  # the same blocks, the same order
+    else:
+        assert (full.float() - ours[0].float()).abs().max() > 0.05  # the window changes the output
+
+
+def test_window_visits_only_the_blocks_of_the_band():
+    """Keys and queries far outside every window of a tile are never read: NaN at both ends of a sequence leaves the
+    middle tiles' outputs and gradients equal to a clean run's (a kernel that loaded those blocks would mix 0 · NaN
+    into them). Interpreter tiles: forward and dQ 64 query rows × 32 keys, dK/dV 64 keys × 32 query rows. With window
+    (4, 6), query tiles [128, 256) read keys [124, 262) only, and key tiles [128, 256) query rows [96, 288), whose
+    outputs (the backward's row statistics) come from keys [92, 294): all clean."""
+    L = 400
+    cu = _cu((L,))
+    clean = _inputs((L,), 2, 1, 32, torch.float32, seed=2)
+    dirty = [t.clone() for t in clean]
+    for t in dirty:
+        t[:10] = float("nan")
+        t[360:] = float("nan")
+    outs = []
+    for q, k, v, do in (clean, dirty):
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        o = flash_attention(q, k, v, cu, L, window_size=(4, 6))
+        outs.append((o, *torch.autograd.grad(o, (q, k, v), do)))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *outs, strict=True):
+        assert b[:10].isnan().any(), name  # the NaN did reach the tiles that read it
+        torch.testing.assert_close(b[128:256], a[128:256], atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_window_dropout_matches_reference_with_the_kernels_mask(poison):
+    cu = _cu(DROP_LENS)
+    q, k, v, do = _inputs(DROP_LENS, 4, 2, 32, torch.float32, seed=9)
+    mask = dropout_keep_mask(17, 0.3, 4, sum(DROP_LENS), DEV)
+    kw = dict(dropout_p=0.3, window_size=(7, 7))
+    ours = _run(flash_attention, q, k, v, do, cu, 70, seed=17, **kw)
+    ref = _run(flash_attention_ref, q, k, v, do, cu, 70, _dropout_mask=mask, **kw)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) entries"
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("window", [(3,), (1, -2), (1.0, 2), [True, 1], "4", None], ids=str)
+@pytest.mark.parametrize("fn", [flash_attention, flash_attention_ref], ids=["kernel", "twin"])
+def test_bad_window_size_raises(fn, window):
+    cu = _cu((5,))
+    q, k, v, _ = _inputs((5,), 2, 1, 32, torch.float32)
+    with pytest.raises(ValueError, match=r"window_size must be \(left, right\), two ints >= 0 or -1"):
+        fn(q, k, v, cu, 5, window_size=window)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # dropout
 # ---------------------------------------------------------------------------------------------------------------------
 DROP_LENS = (1, 40, 70)
@@ -550,12 +626,20 @@ todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_fwd_kernel
         ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, True, True),
         ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True),
         # sentence-only tiles
-        ("_attn_fwd_kernel", 64, 32, 4, 2, 80, False, True), ("_attn_bwd_dq_kernel", 64, 32, 4, 2, 80, True, True)]
+        ("_attn_fwd_kernel", 64, 32, 4, 2, 80, False, True), ("_attn_bwd_dq_kernel", 64, 32, 4, 2, 80, True, True),
+        # a local window (HAS_WINDOW) on the pointer kernels, per-head and packed rows
+        ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, "window"),
+        ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, False, "window"),
+        ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, "window")]
 if hasattr(tl, "make_tensor_descriptor"):
     todo.append(("_attn_fwd_tma_kernel", 128, 64, 8, 2, 128, False, None))
 for name, BM, BN, w, s, D, causal, pack in todo:
     fn = getattr(A, name).fn
-    consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, CAUSAL=causal, PREC="tf32")
+    window = pack == "window"
+    if window:
+        pack = name != "_attn_fwd_kernel"
+    consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, CAUSAL=causal, HAS_WINDOW=window,
+                  PREC="tf32")
     if pack is not None:
         consts["PACK"] = pack
     sig = {}
@@ -566,13 +650,13 @@ for name, BM, BN, w, s, D, causal, pack in todo:
     attrs = aligned(fn, sig)
     k = sm90(fn, sig, consts, attrs, num_warps=w, num_stages=s)
     assert "wgmma" in k.asm["ptx"], f"{name}: no Hopper tensor-core MMA in the PTX"
-    print("OK", name, "causal" if causal else "", "packed" if pack else "")
+    print("OK", name, "causal" if causal else "", "packed" if pack else "", "window" if window else "")
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=9)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=12)
 
 
 def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):

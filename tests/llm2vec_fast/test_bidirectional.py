@@ -200,6 +200,30 @@ def test_triton_backend_matches_torch(model_type):
     assert _rel(got, expected) <= 1e-4  # fp32 kernel (tf32-free on CPU); GPU tf32 dots stay well inside this
 
 
+@pytest.mark.parametrize("convert", [to_bidirectional, to_packed_causal], ids=["bidirectional", "causal"])
+def test_triton_backend_runs_gemma2_sliding_windows(convert):
+    """Past Gemma-2's sliding window the Triton kernel takes the window itself (|i - j| < W, causal i - j < W) and
+    matches the torch path, packed and padded."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("gemma2", head_dim=32, sliding_window=4).to(device)
+    twin = copy.deepcopy(model)
+    convert(model, backend="triton")
+    convert(twin, backend="torch")
+    seqs = [torch.randint(0, 256, (n,)) for n in (9, 1, 6)]
+    with torch.no_grad():
+        got, expected = (m(**_packed_kwargs(seqs, device)).last_hidden_state for m in (model, twin))
+        assert _rel(got, expected) <= 1e-4
+        ids, mask = _padded(seqs, "right")
+        padded = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        assert _rel(padded[mask.bool().to(device)], expected[0]) <= 1e-4
+        full = copy.deepcopy(twin)
+        full.config.sliding_window = 64
+        for layer in full.layers:
+            layer.self_attn.sliding_window = 64 if getattr(layer.self_attn, "sliding_window", None) else None
+        unwindowed = full(**_packed_kwargs(seqs, device)).last_hidden_state
+    assert _rel(unwindowed, expected) > 1e-3  # the window matters for these inputs
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # to_packed_causal: the decoder's own causal attention, per sequence on packed batches
 # ---------------------------------------------------------------------------------------------------------------------
