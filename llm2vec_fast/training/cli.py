@@ -58,6 +58,13 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
                    help="query instruction for --eval-retrieval (default: the web-search one; '' for none)")
     g.add_argument("--eval-retrieval-max-docs", type=int, default=None, metavar="N")
     g.add_argument("--eval-retrieval-max-queries", type=int, default=None, metavar="N")
+    g.add_argument("--eval-reranking", default=None, metavar="FILE",
+                   help="reranking file: queries with relevant and irrelevant candidates, a row per query or per "
+                        "triplet (e.g. SNLI's triplet file): MAP (eval_reranking_map)")
+    g.add_argument("--eval-reranking-split", default=None, metavar="SPLIT",
+                   help="rows of --eval-reranking whose split column equals SPLIT (SNLI triplets: dev)")
+    g.add_argument("--eval-reranking-limit", type=int, default=None, metavar="N", help="score the first N queries")
+    g.add_argument("--eval-reranking-instruction", default=None, help="instruction on --eval-reranking's queries")
     g.add_argument("--eval-truncate-dim", type=int, default=None, metavar="D",
                    help="score the first D dimensions of each embedding (e.g. the smallest --matryoshka-dims)")
     g.add_argument("--eval-steps", type=int, default=None,
@@ -66,7 +73,8 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--eval-on-start", action="store_true", help="also evaluate before the first step")
     g.add_argument("--best-metric", default=None,
                    help="metric that picks the best step (default: eval_loss for MNTP with validation data, else "
-                        "eval_sts_spearman, else eval_retrieval_ndcg_at_10); lower is better for *loss/*perplexity")
+                        "eval_sts_spearman, else eval_retrieval_ndcg_at_10, else eval_reranking_map); lower is "
+                        "better for *loss/*perplexity")
     direction = g.add_mutually_exclusive_group()
     direction.add_argument("--greater-is-better", dest="greater_is_better", action="store_const", const=True,
                            default=None, help="a higher --best-metric is better (default: by name, see above)")
@@ -83,7 +91,9 @@ def _eval_kwargs(a) -> dict:
                 eval_retrieval=a.eval_retrieval,
                 eval_retrieval_instruction=a.eval_retrieval_instruction,
                 eval_retrieval_max_docs=a.eval_retrieval_max_docs,
-                eval_retrieval_max_queries=a.eval_retrieval_max_queries, eval_steps=a.eval_steps,
+                eval_retrieval_max_queries=a.eval_retrieval_max_queries, eval_reranking=a.eval_reranking,
+                eval_reranking_split=a.eval_reranking_split, eval_reranking_limit=a.eval_reranking_limit,
+                eval_reranking_instruction=a.eval_reranking_instruction, eval_steps=a.eval_steps,
                 eval_truncate_dim=a.eval_truncate_dim,
                 eval_on_start=a.eval_on_start, best_metric=a.best_metric, greater_is_better=a.greater_is_better,
                 load_best_at_end=a.load_best_at_end,

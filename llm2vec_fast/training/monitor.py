@@ -6,16 +6,18 @@ What is scored (any mix; each run needs at least one when an evaluation option i
 * ``eval_sts``: an STS-B TSV or SICK file; Spearman of cosine similarity (``eval_sts_spearman``) through the
   encoder being trained (pooling, instructions and packing as in ``LLM2Vec.encode``);
 * ``eval_retrieval``: a BEIR folder; nDCG@10 (``eval_retrieval_ndcg_at_10``);
+* ``eval_reranking``: a reranking file (queries with relevant and irrelevant candidates, see
+  ``evaluation.load_reranking``; SNLI's triplet file with ``eval_reranking_split``); MAP (``eval_reranking_map``);
 * MNTP only: held-out blocks (``validation_files`` or ``validation_split_percentage``), masked once with a fixed seed
   so that every evaluation scores the same masks: ``eval_loss``, ``eval_accuracy`` (top-1 over masked tokens) and
   ``eval_perplexity``;
 * Python API: ``evaluators``, callables ``fn(encoder) -> {name: number}`` (names get an ``eval_`` prefix).
 
 The metric that picks the best step (``best_metric``) defaults to the first of ``eval_loss`` (lower is better),
-``eval_sts_spearman``, ``eval_retrieval_ndcg_at_10`` and the first custom metric. The best step's output is written
-to ``<output_dir>/best/``, a folder that loads as the final output does, and replaced when a later evaluation beats
-it. Scores go into the Trainer's log (the progress bar, ``trainer_state.json`` and any ``report_to`` integration), the
-result's ``evaluations`` and ``llm2vec_training.json``.
+``eval_sts_spearman``, ``eval_retrieval_ndcg_at_10``, ``eval_reranking_map`` and the first custom metric. The best
+step's output is written to ``<output_dir>/best/``, a folder that loads as the final output does, and replaced when
+a later evaluation beats it. Scores go into the Trainer's log (the progress bar, ``trainer_state.json`` and any
+``report_to`` integration), the result's ``evaluations`` and ``llm2vec_training.json``.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ BEST_DIR = "best"
 # the standard metrics, in the order that picks the default best_metric
 STS_METRIC = "eval_sts_spearman"
 RETRIEVAL_METRIC = "eval_retrieval_ndcg_at_10"
+RERANKING_METRIC = "eval_reranking_map"
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -54,6 +57,10 @@ class EvalArguments:
     eval_retrieval_instruction: str | None = None  # query instruction; None: evaluation's default web-search one
     eval_retrieval_max_docs: int | None = None
     eval_retrieval_max_queries: int | None = None
+    eval_reranking: str | None = None  # reranking file (query, positives, negatives): MAP
+    eval_reranking_split: str | None = None  # rows whose split column equals this (SNLI triplets: dev)
+    eval_reranking_limit: int | None = None  # first N scored queries only
+    eval_reranking_instruction: str | None = None  # on queries only
     eval_steps: int | None = None  # None: save_steps (or a tenth of max_steps when save_steps is 0)
     eval_on_start: bool = False  # also score the model before the first step
     eval_batch_tokens: int | None = None  # token budget of the encoder's batches (None: its default)
@@ -65,21 +72,25 @@ class EvalArguments:
     evaluators: list[Callable] = field(default_factory=list)  # Python API: fn(encoder) -> {name: number}
 
     def check_eval_arguments(self) -> None:
-        for name in ("eval_sts_limit", "eval_retrieval_max_docs", "eval_retrieval_max_queries", "eval_steps",
-                     "eval_batch_tokens", "eval_truncate_dim", "early_stopping_patience"):
+        for name in ("eval_sts_limit", "eval_retrieval_max_docs", "eval_retrieval_max_queries", "eval_reranking_limit",
+                     "eval_steps", "eval_batch_tokens", "eval_truncate_dim", "early_stopping_patience"):
             check_count(name, getattr(self, name), optional=True)
         if self.eval_sts_limit is not None and self.eval_sts_limit < 2:
             raise ValueError(f"eval_sts_limit must be >= 2 (a correlation needs two pairs), got {self.eval_sts_limit}")
         for name, needs in (("eval_sts_limit", "eval_sts"), ("eval_sts_instruction", "eval_sts"),
                             ("eval_retrieval_instruction", "eval_retrieval"),
                             ("eval_retrieval_max_docs", "eval_retrieval"),
-                            ("eval_retrieval_max_queries", "eval_retrieval")):
+                            ("eval_retrieval_max_queries", "eval_retrieval"),
+                            ("eval_reranking_split", "eval_reranking"), ("eval_reranking_limit", "eval_reranking"),
+                            ("eval_reranking_instruction", "eval_reranking")):
             if getattr(self, name) is not None and not getattr(self, needs):
                 raise ValueError(f"{name} given without {needs}: it would have no effect")
         if self.eval_sts is not None and not Path(self.eval_sts).is_file():
             raise FileNotFoundError(f"eval_sts: STS data file {self.eval_sts!r} not found")
         if self.eval_retrieval is not None and not Path(self.eval_retrieval).is_dir():
             raise FileNotFoundError(f"eval_retrieval: BEIR folder {self.eval_retrieval!r} not found")
+        if self.eval_reranking is not None and not Path(self.eval_reranking).is_file():
+            raise FileNotFoundError(f"eval_reranking: reranking data file {self.eval_reranking!r} not found")
         for fn in self.evaluators:
             if not callable(fn):
                 raise TypeError(f"evaluators must be callables fn(encoder) -> dict, got {fn!r}")
@@ -88,7 +99,8 @@ class EvalArguments:
         if self.greater_is_better is not None:
             wanted.append("greater_is_better")
         if wanted and not self.evaluates():
-            raise ValueError(f"{', '.join(wanted)} given, but nothing to evaluate: set eval_sts, eval_retrieval"
+            raise ValueError(f"{', '.join(wanted)} given, but nothing to evaluate: set eval_sts, eval_retrieval, "
+                             f"eval_reranking"
                              f"{', validation data' if hasattr(self, 'validation_files') else ''} or evaluators")
         if self.best_metric is not None:
             if not self.best_metric.startswith("eval_"):
@@ -100,10 +112,11 @@ class EvalArguments:
     def known_metrics(self) -> set[str]:
         """The metric names this run's evaluation options give (custom evaluators' names are known only once
         they ran)."""
-        return ({STS_METRIC} if self.eval_sts else set()) | ({RETRIEVAL_METRIC} if self.eval_retrieval else set())
+        return ({STS_METRIC} if self.eval_sts else set()) | ({RETRIEVAL_METRIC} if self.eval_retrieval else set()) \
+            | ({RERANKING_METRIC} if self.eval_reranking else set())
 
     def evaluates(self) -> bool:
-        return bool(self.eval_sts or self.eval_retrieval or self.evaluators)
+        return bool(self.eval_sts or self.eval_retrieval or self.eval_reranking or self.evaluators)
 
     def eval_every(self) -> int:
         return self.eval_steps or getattr(self, "save_steps", 0) or max(1, getattr(self, "max_steps", 1000) // 10)
@@ -120,9 +133,11 @@ def encoder_evaluators(args: EvalArguments, width: int | None = None) -> list[Ca
         raise ValueError(f"eval_truncate_dim {args.eval_truncate_dim} is more than the embedding width {width}")
     from llm2vec_fast.evaluation import (
         DEFAULT_RETRIEVAL_INSTRUCTION,
+        evaluate_reranking,
         evaluate_retrieval,
         evaluate_sts,
         load_beir,
+        load_reranking,
         load_sts,
     )
 
@@ -133,6 +148,11 @@ def encoder_evaluators(args: EvalArguments, width: int | None = None) -> list[Ca
             raise ValueError(f"eval_sts: {args.eval_sts} has {len(gold)} sentence pair(s); a correlation needs two")
     if args.eval_retrieval:
         load_beir(args.eval_retrieval)
+    if args.eval_reranking:
+        samples = load_reranking(args.eval_reranking, args.eval_reranking_split)
+        if not any(s["positive"] and s["negative"] for s in samples):
+            raise ValueError(f"eval_reranking: no query of {args.eval_reranking} has both a relevant and an "
+                             "irrelevant text")
     out = []
     if args.eval_sts:
         def sts(encoder):
@@ -151,6 +171,13 @@ def encoder_evaluators(args: EvalArguments, width: int | None = None) -> list[Ca
                                    max_batch_tokens=args.eval_batch_tokens, truncate_dim=args.eval_truncate_dim)
             return {RETRIEVAL_METRIC: _main_score(r)}
         out.append(retrieval)
+    if args.eval_reranking:
+        def reranking(encoder):
+            r = evaluate_reranking(encoder, args.eval_reranking, split=args.eval_reranking_split,
+                                   instruction=args.eval_reranking_instruction, limit=args.eval_reranking_limit,
+                                   max_batch_tokens=args.eval_batch_tokens, truncate_dim=args.eval_truncate_dim)
+            return {RERANKING_METRIC: _main_score(r)}
+        out.append(reranking)
     for fn in args.evaluators:
         out.append(_prefixed(fn))
     return out
@@ -401,7 +428,7 @@ def _finite(v) -> bool:
 
 
 def default_metric(metrics: dict) -> str:
-    for name in ("eval_loss", STS_METRIC, RETRIEVAL_METRIC):
+    for name in ("eval_loss", STS_METRIC, RETRIEVAL_METRIC, RERANKING_METRIC):
         if name in metrics:
             return name
     return next(iter(metrics))

@@ -4,6 +4,7 @@ model and loads, load-best-at-end, early stopping, resume, argument checks and t
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,6 +239,54 @@ def test_simcse_scores_match_the_saved_best_adapter(tiny_model_dir, tiny_sentenc
     loaded = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out / "best"), device="cpu")
     assert evaluate_sts(loaded, sts_file, truncate_dim=truncate)["scores"]["validation"][0]["main_score"] == \
         pytest.approx(best["value"], abs=1e-6)
+
+
+def test_reranking_score_during_training_matches_the_saved_best_adapter(tiny_model_dir, tiny_sentence_file,
+                                                                       tmp_path):
+    """eval_reranking logs MAP (eval_reranking_map, the default best metric when it is the only score); the best
+    value equals evaluate_reranking on the saved best adapter; the CLI flags reach the arguments."""
+    import argparse
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.evaluation import evaluate_reranking
+    from llm2vec_fast.training.cli import _eval_kwargs, add_subcommands
+
+    lines = Path(tiny_sentence_file).read_text().split("\n")
+    rerank = tmp_path / "rr.csv"
+    rows = ["split,query,positive,negative"] + [f"{'dev' if i % 4 else 'test'},{lines[i]},{lines[i + 1]},{lines[i + 2]}"
+                                                 for i in range(0, 60, 3)]
+    rerank.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "simcse"
+    kw = dict(eval_reranking=str(rerank), eval_reranking_split="dev", eval_reranking_limit=10,
+              eval_reranking_instruction="Find the next sentence")
+    r = train_contrastive(ContrastiveArguments(
+        mode="simcse", train_files=[tiny_sentence_file], output_dir=str(out), model=tiny_model_dir, batch_size=6,
+        max_steps=4, logging_steps=1, save_steps=0, learning_rate=1e-3, disable_tqdm=True, max_length=32,
+        eval_steps=2, eval_on_start=True, **kw))
+    assert [e["step"] for e in r["evaluations"]] == [0, 2, 4]
+    assert r["best"]["metric"] == "eval_reranking_map"
+    loaded = LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out / "best"), device="cpu")
+    again = evaluate_reranking(loaded, rerank, split="dev", limit=10, instruction="Find the next sentence")
+    assert again["llm2vec_fast"]["n_queries"] == 10
+    assert again["scores"]["validation"][0]["main_score"] == pytest.approx(r["best"]["value"], abs=1e-6)
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["train", "simcse", "--train-file", "x", "--output-dir", "o", "--eval-reranking",
+                           str(rerank), "--eval-reranking-split", "dev", "--eval-reranking-limit", "10",
+                           "--eval-reranking-instruction", "Find the next sentence"])
+    assert {k: v for k, v in _eval_kwargs(a).items() if k.startswith("eval_reranking")} == kw
+    with pytest.raises(ValueError, match="eval_reranking_split given without eval_reranking"):
+        ContrastiveArguments(mode="simcse", train_files=["x"], output_dir=str(tmp_path), eval_sts=str(rerank),
+                             eval_reranking_split="dev")
+    with pytest.raises(FileNotFoundError, match="eval_reranking: reranking data file"):
+        ContrastiveArguments(mode="simcse", train_files=["x"], output_dir=str(tmp_path),
+                             eval_reranking=str(tmp_path / "missing.jsonl"))
+    only_pos = tmp_path / "pos.jsonl"
+    only_pos.write_text('{"query": "a", "positive": "b"}\n')
+    with pytest.raises(ValueError, match="no query of .* has both a relevant and an irrelevant text"):
+        train_contrastive(ContrastiveArguments(
+            mode="simcse", train_files=[tiny_sentence_file], output_dir=str(tmp_path / "o"), model=tiny_model_dir,
+            max_steps=1, eval_reranking=str(only_pos)))
 
 
 def test_arguments_are_checked_before_training(tiny_model_dir, tiny_text_file, tmp_path):
