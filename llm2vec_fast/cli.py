@@ -46,6 +46,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     enc.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     enc.add_argument("--precision", default="float32", choices=["float32", "int8", "uint8", "binary", "ubinary"],
                      help="output precision (binary/ubinary: packed bits, ceil(dim/8) bytes per row)")
+    enc.add_argument("--quantization-ranges", type=Path, default=None, metavar="FILE",
+                     help="int8/uint8: per-dimension [min; max] from a .npy file of shape [2, dim] or a shard folder's "
+                     "manifest.json (its quantization_ranges), so these embeddings share that scale; default: the "
+                     "range of the texts encoded (of the first shard with --output FOLDER)")
     enc.add_argument("--truncate-dim", type=int, default=None, help="keep the first N dimensions (Matryoshka); "
                      "renormalised with --normalize")
     enc.add_argument("--batch-size", type=int, default=None, help="with max_length sets the token budget "
@@ -171,8 +175,9 @@ def read_inputs(args):
         return read_file(args.input, args.instruction, args.text_field)
     if sys.stdin is None or sys.stdin.isatty():
         raise CLIError("no input: give texts as arguments, --input FILE, or pipe text on standard input")
-    # lines split as a file's are (iter_file): on "\n" only, after universal newlines, so that rows match lines
-    texts = sys.stdin.read().split("\n")
+    # lines split as a file's are (iter_file): universal newlines (\r\n and \r end a line too; a POSIX stdin does not
+    # translate them itself), then "\n" only, so that rows match lines
+    texts = sys.stdin.read().replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if texts and texts[-1] == "":
         texts.pop()
     return [[args.instruction, t] if args.instruction else t for t in texts], texts
@@ -240,6 +245,33 @@ def write_output(path, emb, texts):
         raise
 
 
+def read_quantization_ranges(path, precision):
+    """``--quantization-ranges``: a [2, dim] float array from a .npy file or a manifest.json, read before the model
+    loads; None when not given."""
+    import numpy as np
+
+    if path is None:
+        return None
+    if precision not in ("int8", "uint8"):
+        raise CLIError(f"--quantization-ranges applies to --precision int8 / uint8, not {precision}")
+    if not path.is_file():
+        raise CLIError(f"--quantization-ranges file {str(path)!r} does not exist")
+    try:
+        if path.suffix.lower() == ".json":
+            ranges = json.loads(path.read_text()).get("quantization_ranges")
+            if ranges is None:
+                raise CLIError(f"{path} has no quantization_ranges (a manifest of an int8/uint8 shard folder has)")
+            ranges = np.asarray(ranges, dtype=np.float32)
+        else:
+            ranges = np.load(path).astype(np.float32)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CLIError(f"cannot read --quantization-ranges {str(path)!r}: {e}") from e
+    if ranges.ndim != 2 or ranges.shape[0] != 2:
+        raise CLIError(f"--quantization-ranges must hold a [2, dim] array (minima; maxima), got shape "
+                       f"{tuple(ranges.shape)}")
+    return ranges
+
+
 def cmd_encode(args) -> int:
     out = args.output
     to_folder = out is not None and (out.is_dir() or out.suffix == "")
@@ -249,15 +281,21 @@ def cmd_encode(args) -> int:
     if out is not None and not to_folder and out.suffix.lower() not in (".npy", ".jsonl"):
         raise CLIError(f"unsupported output type {out.suffix!r} for {str(out)!r}; expected .npy, .jsonl or a "
                        "folder")
+    if to_folder:
+        args._interrupt_note = (f"; the finished shards in {out} stay: the same command resumes from them "
+                                "(--overwrite starts afresh)")
     if to_folder and args.input and not args.texts:
         # streamed: the input is never held in memory as a whole
         items, texts = (pair[0] for pair in iter_file(args.input, args.instruction, args.text_field)), None
         next(iter_file(args.input, args.instruction, args.text_field), None)  # fail fast: missing / unreadable
     else:
         items, texts = read_inputs(args)
+    ranges = read_quantization_ranges(args.quantization_ranges, args.precision)
     model = load_model(args)
     kw = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, prompt_name=args.prompt_name,
               normalize_embeddings=args.normalize, precision=args.precision, truncate_dim=args.truncate_dim)
+    if ranges is not None:
+        kw["quantization_ranges"] = ranges
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if devices:
         kw["pool"] = model.start_multi_process_pool(devices, load=args.worker_load)
@@ -314,9 +352,13 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"llm2vec-fast: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, TypeError, OSError, ModuleNotFoundError) as e:
+        # OSError: a missing file, a model id that is neither a folder here nor reachable, a busy port, a full disk
         print(f"llm2vec-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"llm2vec-fast: interrupted{getattr(args, '_interrupt_note', '')}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -61,8 +61,11 @@ class LLM2Vec(nn.Module):
         model: a loaded HF base model (``LlamaModel``, …) or ``*ForCausalLM`` (its decoder is used), possibly a
             ``PeftModel``. Convert it with :func:`llm2vec_fast.to_bidirectional` first for LLM2Vec behaviour.
         tokenizer: its tokenizer (a fast tokenizer: character offsets locate the instruction span).
-        pooling_mode: ``mean`` | ``weighted_mean`` (weights 1..L over the pooled span) | ``eos_token`` /
-            ``last_token`` (last token) | ``bos_token`` (first token).
+        pooling_mode: ``mean`` | ``weighted_mean`` (weights 1..L over the pooled span) | ``last_token`` (the
+            text's last token) | ``eos_token`` (the original's: an end-of-sequence string is appended to every
+            text, then its last token pooled; the string is the original's per model family, `` </s>`` for Llama
+            and Mistral configs whatever their tokenizer, so it differs from ``last_token``) | ``bos_token`` (first
+            token).
         max_length: tokens per text after joining the instruction; longer inputs are cut at the end.
         doc_max_length: texts longer than this many tokens are first shortened word-wise, as the original does.
         skip_instruction: instruction tokens are attended to but not pooled.
@@ -175,18 +178,14 @@ class LLM2Vec(nn.Module):
             fuse_ops(model)  # "auto": the kernels on CUDA tensors, HF's forwards elsewhere
         premerge = _recorded_premerge(peft_model_name_or_path, path) if peft_model_name_or_path else None
         if premerge is not None:
-            from peft import PeftModel
-
             logger.info("merging %s into %s first: %s was trained on that merge", premerge, path,
                         peft_model_name_or_path)
-            model = PeftModel.from_pretrained(model, premerge).merge_and_unload()
+            model = _load_peft(model, premerge).merge_and_unload()
         if peft_model_name_or_path is not None:
-            from peft import PeftModel
-
             if not os.path.exists(peft_model_name_or_path) and peft_model_name_or_path.count("/") != 1:
                 raise FileNotFoundError(f"adapter {peft_model_name_or_path!r} not found: expected a folder with "
                                         "adapter_config.json or a hub id")
-            model = PeftModel.from_pretrained(model, peft_model_name_or_path)
+            model = _load_peft(model, peft_model_name_or_path)
             if merge_peft:
                 model = model.merge_and_unload()
             elif fused_ops if fused_ops is not None else attn_backend != "torch":
@@ -455,7 +454,7 @@ class LLM2Vec(nn.Module):
     def encode(self, sentences, batch_size=None, show_progress_bar=True, convert_to_numpy=False,
                convert_to_tensor=False, device=None, normalize_embeddings=False, max_batch_tokens=None,
                prompt_name=None, prompt=None, precision="float32", truncate_dim=None, pool=None, chunk_size=None,
-               output_value="sentence_embedding"):
+               output_value="sentence_embedding", quantization_ranges=None, _progress=None):
         """Embed texts. Rows come back in input order.
 
         Args:
@@ -473,7 +472,12 @@ class LLM2Vec(nn.Module):
             prompt_name: a name from ``self.prompts`` (e.g. ``"query"``): its instruction goes to every plain-string
                 item. ``prompt``: the same with the instruction given directly.
             precision: ``float32`` (default), ``int8``, ``uint8``, ``binary`` or ``ubinary`` (numpy output, as
-                sentence-transformers' ``quantize_embeddings``; int8/uint8 ranges come from this call's rows).
+                sentence-transformers' ``quantize_embeddings``; int8/uint8 ranges come from this call's rows unless
+                ``quantization_ranges`` gives them).
+            quantization_ranges: ``[2, D]`` per-dimension minimum and maximum for int8/uint8 (e.g.
+                ``llm2vec_fast.quantization.quantization_ranges`` of a representative set, or an
+                :meth:`encode_to_disk` manifest's ``quantization_ranges``), so that queries and corpus share one
+                scale; needed for fewer than two texts.
             truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka-style); with
                 ``normalize_embeddings`` the truncated rows are renormalised.
             pool: a pool from :meth:`start_multi_process_pool`: encode data-parallel on its worker processes.
@@ -496,6 +500,14 @@ class LLM2Vec(nn.Module):
         if output_value not in _OUTPUT_VALUES:
             raise ValueError(f"unknown output_value {output_value!r}; expected one of {_OUTPUT_VALUES}")
         instruction = self._prompt(prompt_name, prompt)
+        if precision in ("int8", "uint8") and quantization_ranges is None and output_value == "sentence_embedding" \
+                and (isinstance(sentences, str) or (hasattr(sentences, "__len__") and len(sentences) == 1)):
+            raise ValueError(f"precision={precision!r} takes each dimension's range from the texts encoded together, "
+                             "and one text gives no range: pass quantization_ranges= (a [2, D] array, e.g. "
+                             "llm2vec_fast.quantization.quantization_ranges(embeddings of a representative set), or "
+                             "an encode_to_disk manifest's quantization_ranges)")
+        if quantization_ranges is not None and precision not in ("int8", "uint8"):
+            raise ValueError(f"quantization_ranges apply to int8/uint8 only, got precision={precision!r}")
         width = getattr(self.model.config.get_text_config(), "hidden_size", None)
         if truncate_dim is not None and width:
             truncate_embeddings(torch.zeros(1, width), truncate_dim)  # its checks, before any text is encoded
@@ -519,11 +531,11 @@ class LLM2Vec(nn.Module):
                                         normalize, max_batch_tokens, instruction)
         else:
             out = self._encode(sentences, batch_size, show_progress_bar, device, normalize, max_batch_tokens,
-                               instruction)
+                               instruction, progress=_progress)
         if truncate_dim is not None:
             out = truncate_embeddings(out, truncate_dim, renormalize=normalize_embeddings)
         if precision != "float32":
-            q = quantize_embeddings(out.reshape(-1, out.shape[-1]), precision)
+            q = quantize_embeddings(out.reshape(-1, out.shape[-1]), precision, ranges=quantization_ranges)
             q = q.reshape(*out.shape[:-1], q.shape[-1])  # an empty input keeps its [0, width]
             return torch.from_numpy(q) if convert_to_tensor else q
         if convert_to_tensor:
@@ -541,9 +553,9 @@ class LLM2Vec(nn.Module):
         """``encode`` for documents: the stored ``"document"`` prompt (if any); dicts with ``title``/``text`` are
         joined as ``title + " " + text`` (BEIR style)."""
         if isinstance(corpus, dict):  # one document, or {doc_id: document}
-            corpus = [corpus] if "text" in corpus else list(corpus.values())
-        if isinstance(corpus, list) and corpus and isinstance(corpus[0], dict):
-            corpus = [((d.get("title") or "") + " " + (d.get("text") or "")).strip() for d in corpus]
+            corpus = [corpus] if "text" in corpus or "title" in corpus else list(corpus.values())
+        if isinstance(corpus, (list, tuple)) and any(isinstance(d, dict) for d in corpus):
+            corpus = [_document_text(d, i) for i, d in enumerate(corpus)]
         kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
         return self.encode(corpus, **kwargs)
 
@@ -563,12 +575,15 @@ class LLM2Vec(nn.Module):
         Inputs are read lazily (a generator over a huge file works); each shard is written atomically, and
         ``manifest.json`` says ``"complete": false`` until the last shard lands, then lists every shard. With
         ``resume``, shards already present from an interrupted run are skipped when they hold the same inputs (a
-        hash of each chunk's items is kept per shard) embedded with the same settings (model, pooling, chunk size
-        and every encode option); a folder that holds other inputs or settings raises ``ValueError`` instead of
-        being mixed in. Shard files a previous, longer run left behind are removed at the end.
-        ``precision="int8"`` / ``"uint8"`` quantize every shard with one set of per-dimension ranges, taken from the
-        first shard and kept in the manifest (``quantization_ranges``; quantize queries with them), so shards stay
-        comparable. Returns the manifest.
+        hash of each chunk's items is kept per shard) embedded with the same settings: the model (its path and a
+        fingerprint of its weights, so a model retrained into the same folder counts as another), pooling, lengths,
+        chunk size and the effective value of every encode option (an option passed at its default is the same as
+        one left out; a ``prompt_name`` counts by the instruction it stands for). A folder that holds other inputs
+        or settings raises ``ValueError`` instead of being mixed in. Shard files a previous, longer run left behind
+        are removed at the end. ``precision="int8"`` / ``"uint8"`` quantize every shard with one set of
+        per-dimension ranges, ``quantization_ranges`` when given, else taken from the first shard, kept in the
+        manifest (``quantization_ranges``; quantize queries with them), so shards stay comparable. The progress bar
+        counts texts (with a total when ``sentences`` has a length). Returns the manifest.
         """
         import hashlib
         import itertools
@@ -591,16 +606,37 @@ class LLM2Vec(nn.Module):
             raise ValueError(f"output_dir {str(out)!r} exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
         manifest_path = out / "manifest.json"
-        settings = {"model": getattr(self.model.config, "_name_or_path", None), "pooling_mode": self.pooling_mode,
-                    "max_length": self.max_length, "chunk_size": chunk_size, "precision": precision,
-                    **{k: v for k, v in sorted(encode_kwargs.items())
-                       if k not in ("batch_size", "max_batch_tokens", "chunk_size", "pool", "device")}}
+        given_ranges = encode_kwargs.pop("quantization_ranges", None)
+        # what the shards' numbers depend on; how they are computed (batching, devices, progress) is left out
+        import inspect
+
+        options = {name: encode_kwargs.get(name, prm.default)
+                   for name, prm in inspect.signature(self.encode).parameters.items()
+                   if prm.default is not inspect.Parameter.empty and not name.startswith("_")
+                   and name not in ("batch_size", "max_batch_tokens", "chunk_size", "pool", "device",
+                                    "show_progress_bar", "convert_to_numpy", "convert_to_tensor", "precision",
+                                    "output_value", "quantization_ranges")}
+        unknown = sorted(set(encode_kwargs) - set(options) - {"batch_size", "max_batch_tokens", "chunk_size", "pool",
+                                                               "device"})
+        if unknown:
+            raise TypeError(f"encode_to_disk got unexpected encode option(s) {unknown}")
+        options["instruction"] = self._prompt(options.pop("prompt_name"), options.pop("prompt"))
+        settings = {"model": getattr(self.model.config, "_name_or_path", None),
+                    "weights": _weights_fingerprint(self.model), "pooling_mode": self.pooling_mode,
+                    "max_length": self.max_length, "doc_max_length": self.doc_max_length,
+                    "skip_instruction": self.skip_instruction, "chunk_size": chunk_size, "precision": precision,
+                    **dict(sorted(options.items()))}
+        if given_ranges is not None:
+            given_ranges = np.asarray(given_ranges.cpu() if hasattr(given_ranges, "cpu") else given_ranges,
+                                      dtype=np.float32)
+            settings["quantization_ranges_sha1"] = hashlib.sha1(given_ranges.tobytes()).hexdigest()
         settings = json.loads(json.dumps(settings, default=repr))
         old = json.loads(manifest_path.read_text()) if manifest_path.exists() and resume else {}
         if old:
             before = old.get("settings") or {"chunk_size": old.get("chunk_size"),
                                              "precision": old.get("precision", "float32")}
-            keys = set(before) | set(settings) if "settings" in old else set(before)  # older manifests: two keys
+            # older manifests: the keys they recorded (two, or the options passed explicitly)
+            keys = set(before) | set(settings) if old.get("settings_version") == 2 else set(before)
             changed = sorted(k for k in keys if before.get(k) != settings.get(k))
             if changed:
                 raise ValueError(f"{out} holds shards made with other settings ("
@@ -608,14 +644,18 @@ class LLM2Vec(nn.Module):
                                  + "); use another folder or resume=False")
         manifest = {"complete": False, "chunk_size": chunk_size, "rows": 0, "dim": None, "shards": [],
                     "model": settings["model"], "pooling_mode": self.pooling_mode, "precision": precision,
-                    "settings": settings}
-        ranges = old.get("quantization_ranges")
+                    "settings": settings, "settings_version": 2}
+        ranges = old.get("quantization_ranges") if given_ranges is None else given_ranges.tolist()
         if ranges is not None:
             manifest["quantization_ranges"] = ranges
             ranges = np.asarray(ranges, dtype=np.float32)
         previous = {sh["file"]: sh for sh in old.get("shards", [])}
         it = iter([sentences] if isinstance(sentences, str) else sentences)
-        bar = tqdm(desc="Encoding to disk", unit="text", disable=not show_progress_bar)
+        total = 1 if isinstance(sentences, str) else len(sentences) if hasattr(sentences, "__len__") else None
+        bar = tqdm(total=total, desc="Encoding to disk", unit="text", disable=not show_progress_bar)
+        # one process: encode advances this bar text by text; with a pool or a device list, shard by shard
+        inner = bar if encode_kwargs.get("pool") is None and not isinstance(encode_kwargs.get("device"),
+                                                                             (list, tuple)) else None
         for index in itertools.count():
             chunk = list(itertools.islice(it, chunk_size))
             if not chunk:
@@ -628,9 +668,15 @@ class LLM2Vec(nn.Module):
                                  f"({done['rows']} rows); use another folder or resume=False")
             if done is not None and done.get("sha1") == digest and done["rows"] == len(chunk) \
                     and (out / name).exists():
-                dim = done["dim"]
+                dim, encoded = done["dim"], False
             else:
-                emb = self.encode(chunk, show_progress_bar=False, convert_to_numpy=True, **encode_kwargs)
+                encoded = True
+                if precision in ("int8", "uint8") and ranges is None and len(chunk) < 2:
+                    raise ValueError(f"precision={precision!r} takes each dimension's range from the first shard, "
+                                     f"and its {len(chunk)} text gives none: pass quantization_ranges= (a [2, D] "
+                                     "array from a representative set) or use a larger chunk_size")
+                emb = self.encode(chunk, show_progress_bar=False, convert_to_numpy=True, _progress=inner,
+                                  **encode_kwargs)
                 if precision in ("int8", "uint8"):
                     if ranges is None:
                         ranges = quantization_ranges(emb)
@@ -644,7 +690,8 @@ class LLM2Vec(nn.Module):
             manifest["rows"] += len(chunk)
             manifest["dim"] = dim
             _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-            bar.update(len(chunk))
+            if inner is None or not encoded:
+                bar.update(len(chunk))
         bar.close()
         listed = {sh["file"] for sh in manifest["shards"]}
         for stale in out.glob("embeddings-*.npy"):
@@ -714,7 +761,7 @@ class LLM2Vec(nn.Module):
 
     @torch.inference_mode()
     def _encode(self, sentences, batch_size, show_progress_bar, device, normalize_embeddings, max_batch_tokens,
-                instruction=None, tokens=False):
+                instruction=None, tokens=False, progress=None):
         single = isinstance(sentences, str)
         pairs = _instructed_pairs(sentences, instruction)
         _check_budget_args(batch_size, max_batch_tokens)
@@ -732,7 +779,9 @@ class LLM2Vec(nn.Module):
         live = [i for i, (_, t) in enumerate(pairs) if t.strip()]
         if len(live) < len(pairs):
             logger.info("%d empty or whitespace-only texts embed to zero vectors", len(pairs) - len(live))
-        bar = tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar)
+        # `progress`: a caller's bar (encode_to_disk's, over all shards) to advance instead of one of our own
+        bar = progress if progress is not None else tqdm(total=len(pairs), desc="Encoding", unit="text",
+                                                          disable=not show_progress_bar)
         bar.update(len(pairs) - len(live))
         dtype = next(self.model.parameters()).dtype
 
@@ -780,7 +829,8 @@ class LLM2Vec(nn.Module):
                 pending = rows, emb, spans
             if pending is not None:
                 collect(*pending)
-        bar.close()
+        if progress is None:
+            bar.close()
         return out[0] if single else out
 
     def _packed_batches(self, pairs, live, budget, device):
@@ -1175,6 +1225,98 @@ def _parse_dtype(dtype):
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(names)} or a torch.dtype")
     return names[dtype]
+
+
+def _read_adapter_weights(folder) -> dict | None:
+    """The tensors of a local adapter folder (``adapter_model.safetensors`` or ``.bin``); None for a hub id."""
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "adapter_model.safetensors"))
+    if (folder / "adapter_model.bin").is_file():
+        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    return None
+
+
+# an adapter trained on a *ForCausalLM names the decoder's modules one "model." deeper than the base model does
+_CAUSAL_LM_PREFIX, _BASE_PREFIX = "base_model.model.model.", "base_model.model."
+
+
+def _load_peft(model, adapter):
+    """``PeftModel.from_pretrained(model, adapter)``, checked: every LoRA weight of the adapter must land on a module
+    of ``model``. An adapter saved from a ``*ForCausalLM`` (keys ``base_model.model.model.layers...``) is remapped
+    onto the base model this encoder holds; its ``lm_head`` weights, if any, are left out (an encoder has no LM
+    head). Anything else that matches no module is a ValueError, instead of peft's warning and an adapter that is
+    silently not applied."""
+    import warnings
+
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    saved = _read_adapter_weights(adapter)
+    with warnings.catch_warnings():
+        if saved is not None:  # checked below, with a message that says what to do
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    if saved is None:
+        return peft_model
+    expected = set(get_peft_model_state_dict(peft_model))
+    if set(saved) == expected:
+        return peft_model
+    remapped = dict(saved)
+    if not set(saved) & expected and any(k.startswith(_CAUSAL_LM_PREFIX) for k in saved):
+        remapped = {(_BASE_PREFIX + k[len(_CAUSAL_LM_PREFIX):] if k.startswith(_CAUSAL_LM_PREFIX) else k): v
+                    for k, v in saved.items()}
+        head = [k for k in remapped if k.startswith(_BASE_PREFIX + "lm_head.")]
+        if head:
+            logger.info("%s: left out the adapter's %d lm_head weights (an encoder has no LM head)", adapter,
+                        len(head))
+            remapped = {k: v for k, v in remapped.items() if k not in head}
+        logger.info("%s was saved from a causal-LM model: its weights are mapped onto the base model", adapter)
+    unmatched, missing = sorted(set(remapped) - expected), sorted(expected - set(remapped))
+    if unmatched or missing:
+        raise ValueError(f"adapter {str(adapter)!r} does not fit this {type(model).__name__}: "
+                         + (f"{len(unmatched)} of its weights match no module (e.g. {unmatched[0]!r}); "
+                            if unmatched else "")
+                         + (f"{len(missing)} LoRA weights of the model are not in it (e.g. {missing[0]!r}); "
+                            if missing else "")
+                         + f"expected keys like {sorted(expected)[0]!r}")
+    if remapped is not saved:
+        set_peft_model_state_dict(peft_model, remapped)
+    return peft_model
+
+
+def _document_text(doc, index) -> str:
+    """A BEIR-style document's text, ``title + " " + text``; a string passes as it is; anything else is refused."""
+    if isinstance(doc, str):
+        return doc
+    if not isinstance(doc, dict):
+        raise TypeError(f"corpus[{index}] must be a string or a {{'title', 'text'}} dict, got {type(doc).__name__}")
+    if "text" not in doc and "title" not in doc:
+        raise ValueError(f"corpus[{index}] has neither 'text' nor 'title' (keys: {sorted(doc)[:8]}); expected a "
+                         "BEIR-style document {'title': ..., 'text': ...}")
+    parts = [doc.get("title"), doc.get("text")]
+    bad = [p for p in parts if p is not None and not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"corpus[{index}]: 'title' and 'text' must be strings, got {type(bad[0]).__name__}")
+    return " ".join(p for p in parts if p).strip()
+
+
+def _weights_fingerprint(model) -> str:
+    """A cheap fingerprint of a model's weights: every parameter's name, shape, dtype and first and last 64 values.
+    A retrained or re-merged model saved under the same path gets another one (LoRA merging changes every element
+    of a weight it touches), without reading all the weights."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            flat = prm.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy()
+            h.update(f"{name}:{tuple(prm.shape)}:{prm.dtype}".encode())
+            h.update(sample.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _merge_embedded_adapter(model, path):

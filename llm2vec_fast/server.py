@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
 
 class RequestError(Exception):
     """A client mistake or refusal, answered with ``status`` and a JSON error body."""
@@ -235,8 +237,7 @@ class EmbeddingServer:
         """TEI ``/embed``."""
         _only_keys(body, {"inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "instruction",
                           "dimensions"})
-        if body.get("truncation_direction", "right").lower() != "right":
-            raise RequestError(422, "only truncation_direction 'right' is supported (texts are cut at the end)")
+        _right_truncation(body)
         items = self._items(body.get("inputs"), "inputs", pairs=True)
         items = self._instruct(items, body.get("instruction"), body.get("prompt_name"))
         emb, _ = self._encode(items, body.get("truncate"))
@@ -247,8 +248,7 @@ class EmbeddingServer:
         """TEI ``/embed_all``: the last hidden state of every pooled token of each input (the text's tokens; the
         instruction's too when the encoder pools them), one ``[L_i][H]`` list per input."""
         _only_keys(body, {"inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "instruction"})
-        if body.get("truncation_direction", "right").lower() != "right":
-            raise RequestError(422, "only truncation_direction 'right' is supported (texts are cut at the end)")
+        _right_truncation(body)
         items = self._items(body.get("inputs"), "inputs", pairs=True)
         items = self._instruct(items, body.get("instruction"), body.get("prompt_name"))
         normalize = _bool(body, "normalize", False)
@@ -352,11 +352,16 @@ class EmbeddingServer:
             if not ok:
                 want = "a string or an [instruction, text] pair" if pairs else "a string"
                 raise RequestError(422, f"{name}[{i}] must be {want}, got {json.dumps(it)[:80]}")
+            if not (it if isinstance(it, str) else it[1]).strip():
+                # nothing to embed (encode would give a zero vector, not unit length): refused, as TEI and OpenAI do
+                raise RequestError(422, f"{name}[{i}] cannot be empty: it has no text to embed")
         return inputs
 
     def _instruct(self, items, instruction, prompt_name):
         if instruction is not None and prompt_name is not None:
             raise RequestError(422, "give prompt_name or instruction, not both")
+        if prompt_name is not None and not isinstance(prompt_name, str):
+            raise RequestError(422, f"prompt_name must be a string, got {json.dumps(prompt_name)[:80]}")
         if prompt_name is not None:
             if prompt_name not in self.l2v.prompts:
                 raise RequestError(422, f"unknown prompt_name {prompt_name!r}; stored prompts: "
@@ -403,6 +408,13 @@ def _only_keys(body, allowed):
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise RequestError(422, f"unknown field(s) {unknown}; expected some of {sorted(allowed)}")
+
+
+def _right_truncation(body):
+    direction = body.get("truncation_direction", "right")
+    if not isinstance(direction, str) or direction.lower() != "right":
+        raise RequestError(422, f"only truncation_direction 'right' is supported (texts are cut at the end), got "
+                           f"{json.dumps(direction)[:80]}")
 
 
 def _bool(body, key, default):
@@ -507,6 +519,9 @@ def _handler_class(server: EmbeddingServer):
                 self._reply(200, routes_post[path](body))
             except RequestError as e:
                 self._error(e)
+            except Exception as e:  # a bug or a backend failure: answered (500), never a dropped connection
+                logger.exception("POST %s failed", path)
+                self._error(RequestError(500, f"internal error: {type(e).__name__}: {e}", "Backend"))
 
     return Handler
 
@@ -540,10 +555,18 @@ def add_subcommands(sub):
 
 
 def cmd_serve(args):
+    import socket
     import sys
 
-    from llm2vec_fast.cli import load_model
+    from llm2vec_fast.cli import CLIError, load_model
 
+    # the port first: a busy one is reported before the model loads, not after
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from e
     l2v = load_model(args)
     server = EmbeddingServer(l2v, args.host, args.port, model_id=args.model_id,
                              max_client_batch_size=args.max_client_batch_size, max_batch_texts=args.max_batch_texts,

@@ -187,3 +187,101 @@ def test_precision_and_truncation_options(model_args, tmp_path, capsys):
     out = tmp_path / "small.npy"
     run(["encode", "one", "two", "-o", str(out), "--truncate-dim", "16", "--normalize", *model_args], capsys)
     assert np.load(out).shape == (2, 16) and np.allclose(np.linalg.norm(np.load(out), axis=1), 1, atol=1e-5)
+
+
+def test_stdin_crlf_lines_equal_the_file_lines(model_args, tmp_path, capsys, monkeypatch):
+    """A POSIX stdin does not translate \\r\\n: the CLI does, as reading the same bytes from a file does."""
+    text = "a\r\nb\r\nc\rd\n"
+    code, out, _ = run(["encode", *model_args], capsys, stdin=text, monkeypatch=monkeypatch)
+    src = tmp_path / "crlf.txt"
+    src.write_bytes(text.encode())
+    code2, out2, _ = run(["encode", "-i", str(src), *model_args], capsys)
+    rows, rows2 = ([json.loads(line) for line in o.splitlines()] for o in (out, out2))
+    assert code == code2 == 0 and [r["text"] for r in rows] == ["a", "b", "c", "d"]
+    assert rows == rows2
+
+
+def test_os_errors_and_interrupts_are_one_line(model_args, tmp_path, capsys, monkeypatch):
+    from llm2vec_fast import LLM2Vec
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files of org/name")
+
+    monkeypatch.setattr(LLM2Vec, "from_pretrained", offline)
+    code, _, err = run(["encode", "x", "--model", "org/name"], capsys)
+    assert code == 2 and err.strip() == ("llm2vec-fast: error: We couldn't connect to 'https://huggingface.co' to load "
+                                         "the files of org/name")
+    monkeypatch.undo()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM2Vec, "encode_to_disk", interrupted)
+    src = tmp_path / "in.txt"
+    src.write_text("one\ntwo\n")
+    code, _, err = run(["encode", "-i", str(src), "-o", str(tmp_path / "shards"), *model_args], capsys)
+    assert code == 130 and "interrupted; the finished shards in" in err and "the same command resumes" in err
+    monkeypatch.setattr(LLM2Vec, "encode", interrupted)
+    code, _, err = run(["encode", "x", *model_args], capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "llm2vec-fast: interrupted"
+
+
+def test_serve_on_a_busy_port_fails_before_loading(capsys, monkeypatch):
+    import socket
+
+    from llm2vec_fast import LLM2Vec
+
+    monkeypatch.setattr(LLM2Vec, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run(["serve", "--port", str(port)], capsys)
+    assert code == 2 and f"cannot serve on 127.0.0.1:{port}: Address already in use" in err
+
+
+def test_cli_shard_folder_resumes_from_the_api_and_back(model_args, tiny_encoder_dir, tmp_path, capsys):
+    """The CLI passes every option explicitly, the API leaves defaults out: the same settings either way."""
+    import torch
+
+    from llm2vec_fast import LLM2Vec
+
+    texts = [f"text number {i}" for i in range(5)]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "shards"
+    assert run(["encode", "-i", str(src), "-o", str(out), "--chunk-size", "2", *model_args], capsys)[0] == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    m = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+    m.encode_to_disk(texts, out, chunk_size=2, show_progress_bar=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")} == stamps  # nothing re-encoded
+
+
+def test_quantization_ranges_option(model_args, tmp_path, capsys):
+    code, _, _ = run(["encode", "-i", str(_lines(tmp_path, 6)), "-o", str(tmp_path / "q"), "--precision", "int8",
+                      *model_args], capsys)
+    manifest = tmp_path / "q" / "manifest.json"
+    assert code == 0 and json.loads(manifest.read_text())["quantization_ranges"]
+    code, _, err = run(["encode", "one", "--precision", "int8", *model_args], capsys)
+    assert code == 2 and "pass quantization_ranges=" in err
+    code, out, _ = run(["encode", "one", "--precision", "int8", "--quantization-ranges", str(manifest),
+                        *model_args], capsys)
+    assert code == 0 and len(json.loads(out)["embedding"]) == 64
+    np.save(tmp_path / "r.npy", np.asarray(json.loads(manifest.read_text())["quantization_ranges"]))
+    code, out2, _ = run(["encode", "one", "--precision", "int8", "--quantization-ranges", str(tmp_path / "r.npy"),
+                         *model_args], capsys)
+    assert code == 0 and out2 == out
+    np.save(tmp_path / "bad.npy", np.zeros((3, 64)))
+    for argv, message in ((["--quantization-ranges", str(tmp_path / "bad.npy")], "got shape (3, 64)"),
+                          (["--quantization-ranges", str(tmp_path / "none.npy")], "does not exist"),
+                          (["--quantization-ranges", str(tmp_path / "in.txt")], "cannot read")):
+        code, _, err = run(["encode", "one", "--precision", "int8", *argv, *model_args], capsys)
+        assert code == 2 and message in err, err
+    code, _, err = run(["encode", "one", "--quantization-ranges", str(tmp_path / "r.npy"), *model_args], capsys)
+    assert code == 2 and "applies to --precision int8 / uint8" in err
+
+
+def _lines(tmp_path, n):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text number {i} " + "x " * (i % 3) + "\n" for i in range(n)))
+    return src

@@ -271,6 +271,15 @@ def test_empty_input_in_every_precision(tiny, precision, width):
 def test_encode_corpus_null_title_or_text(tiny):
     got = tiny.encode_corpus([{"title": None, "text": "x"}, {"title": "T", "text": None}], show_progress_bar=False)
     torch.testing.assert_close(got, tiny.encode(["x", "T"], show_progress_bar=False))
+    # strings and documents mixed; a document that is not BEIR-shaped is refused, naming its index
+    mixed = tiny.encode_corpus([{"title": "T", "text": "body"}, "plain"], show_progress_bar=False)
+    torch.testing.assert_close(mixed, tiny.encode(["T body", "plain"], show_progress_bar=False))
+    with pytest.raises(ValueError, match=r"corpus\[0\] has neither 'text' nor 'title' \(keys: \['content'\]\)"):
+        tiny.encode_corpus([{"content": "body"}], show_progress_bar=False)
+    with pytest.raises(TypeError, match=r"corpus\[1\] must be a string or a \{'title', 'text'\} dict, got int"):
+        tiny.encode_corpus([{"text": "a"}, 3], show_progress_bar=False)
+    with pytest.raises(TypeError, match=r"corpus\[0\]: 'title' and 'text' must be strings, got list"):
+        tiny.encode_corpus([{"text": ["a"]}], show_progress_bar=False)
 
 
 def test_an_instruction_that_fills_max_length_is_reported(tiny_encoder_dir, caplog):
@@ -482,8 +491,13 @@ def test_encode_to_disk_never_mixes_in_other_inputs_or_settings(tiny, tmp_path):
         tiny.encode_to_disk(xyz, tmp_path, chunk_size=2, show_progress_bar=False)
     with pytest.raises(ValueError, match="other settings \\(truncate_dim: None, now 8\\)"):
         tiny.encode_to_disk(abc, tmp_path, chunk_size=2, truncate_dim=8, show_progress_bar=False)
-    with pytest.raises(ValueError, match="normalize_embeddings: None, now True"):
+    with pytest.raises(ValueError, match="normalize_embeddings: False, now True"):
         tiny.encode_to_disk(abc, tmp_path, chunk_size=2, normalize_embeddings=True, show_progress_bar=False)
+    # an option passed at its default is the same setting as one left out: the folder resumes
+    stamp = (tmp_path / "embeddings-00000.npy").stat().st_mtime_ns
+    tiny.encode_to_disk(abc, tmp_path, chunk_size=2, normalize_embeddings=False, truncate_dim=None,
+                        show_progress_bar=False)
+    assert (tmp_path / "embeddings-00000.npy").stat().st_mtime_ns == stamp
     # a fresh start over other inputs: every shard rewritten, the longer run's extra shard removed
     again = tiny.encode_to_disk(xyz[:2], tmp_path, chunk_size=2, resume=False, truncate_dim=8,
                                 show_progress_bar=False)
@@ -495,6 +509,79 @@ def test_encode_to_disk_never_mixes_in_other_inputs_or_settings(tiny, tmp_path):
     stamp = (tmp_path / "embeddings-00000.npy").stat().st_mtime_ns
     tiny.encode_to_disk(xyz[:2], tmp_path, chunk_size=2, truncate_dim=8, show_progress_bar=False)
     assert (tmp_path / "embeddings-00000.npy").stat().st_mtime_ns == stamp
+
+
+def test_encode_to_disk_counts_what_a_prompt_says_and_the_weights(tiny_encoder_dir, tmp_path):
+    """A stored prompt counts by its text and the model by its weights, not by names: shards made under another
+    instruction, or by a model retrained into the same folder, are never reused."""
+    m = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+    texts = ["alpha text", "beta text", "gamma text"]
+    m.prompts["query"] = "Retrieve passages"
+    m.encode_to_disk(texts, tmp_path, prompt_name="query", chunk_size=2, show_progress_bar=False)
+    # the same instruction given directly is the same setting
+    m.encode_to_disk(texts, tmp_path, prompt="Retrieve passages", chunk_size=2, show_progress_bar=False)
+    m.prompts["query"] = "Classify the sentiment"
+    with pytest.raises(ValueError, match="instruction: 'Retrieve passages', now 'Classify the sentiment'"):
+        m.encode_to_disk(texts, tmp_path, prompt_name="query", chunk_size=2, show_progress_bar=False)
+    m.prompts["query"] = "Retrieve passages"
+    with torch.no_grad():
+        next(m.model.parameters()).view(-1)[0] += 1.0  # "retrained" in place, same path
+    with pytest.raises(ValueError, match="other settings \\(weights: "):
+        m.encode_to_disk(texts, tmp_path, prompt_name="query", chunk_size=2, show_progress_bar=False)
+    with pytest.raises(TypeError, match=r"unexpected encode option\(s\) \['normalise'\]"):
+        m.encode_to_disk(texts, tmp_path / "o", normalise=True, show_progress_bar=False)
+
+
+def test_encode_to_disk_progress_counts_texts_with_a_total(tiny, tmp_path, monkeypatch):
+    import llm2vec_fast.encoder as enc
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            self.total, self.n, self.desc = total, 0, kw.get("desc")
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(enc, "tqdm", Bar)
+    texts = [f"text {i}" for i in range(7)]
+    tiny.encode_to_disk(texts, tmp_path, chunk_size=3)
+    assert [(b.desc, b.total, b.n) for b in bars] == [("Encoding to disk", 7, 7)]  # one bar, advanced text by text
+    tiny.encode_to_disk(iter(texts), tmp_path / "gen", chunk_size=3)
+    assert (bars[-1].total, bars[-1].n) == (None, 7)  # a generator has no length
+    tiny.encode_to_disk(texts, tmp_path, chunk_size=3)  # resumed shards count too
+    assert (bars[-1].total, bars[-1].n) == (7, 7)
+
+
+def test_int8_of_one_text_needs_ranges(tiny, tmp_path):
+    from llm2vec_fast.quantization import quantization_ranges, quantize_embeddings
+
+    calls = []
+    real = tiny._encode
+    tiny._encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    for one in ("one text", ["one text"]):
+        with pytest.raises(ValueError, match="one text gives no range: pass quantization_ranges="):
+            tiny.encode(one, precision="int8", show_progress_bar=False)
+    assert not calls  # refused before the model runs
+    del tiny._encode
+    texts = [f"calibration text {i}" for i in range(8)]
+    ranges = quantization_ranges(tiny.encode(texts, convert_to_numpy=True, show_progress_bar=False))
+    got = tiny.encode("one text", precision="int8", quantization_ranges=ranges, show_progress_bar=False)
+    want = quantize_embeddings(tiny.encode("one text", convert_to_numpy=True, show_progress_bar=False), "int8",
+                               ranges=ranges)
+    assert got.dtype == np.int8 and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="quantization_ranges apply to int8/uint8 only"):
+        tiny.encode("x", quantization_ranges=ranges, show_progress_bar=False)
+    with pytest.raises(ValueError, match="its 1 text gives none: pass quantization_ranges="):
+        tiny.encode_to_disk(["a"], tmp_path / "one", precision="int8", show_progress_bar=False)
+    manifest = tiny.encode_to_disk(["a"], tmp_path / "one", precision="int8", quantization_ranges=ranges,
+                                   show_progress_bar=False)
+    assert np.allclose(manifest["quantization_ranges"], ranges)
 
 
 def test_encode_to_disk_argument_errors(tiny, tmp_path):
@@ -778,3 +865,38 @@ def test_loading_a_causal_lm_checkpoint_does_not_flag_its_lm_head(tiny_encoder_d
         assert "extra_block.weight" in keep.text and "lm_head" not in keep.text, keep.text
     finally:
         logger.removeHandler(keep)
+
+
+def test_an_adapter_saved_from_a_causal_lm_is_applied(tiny_encoder_dir, tmp_path):
+    """peft adapters trained on the *ForCausalLM (keys base_model.model.model.layers...) land on the base model the
+    encoder holds, merged or not, and give what the adapter on the causal LM gives; an adapter of another
+    architecture is refused instead of silently not applied."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    texts = ["A man is playing a flute.", "Two dogs run."]
+    base = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+    lm = LlamaForCausalLM.from_pretrained(str(tiny_encoder_dir), dtype=torch.float32)
+    torch.manual_seed(3)
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"],
+                                            init_lora_weights=False))
+    peft_lm.save_pretrained(tmp_path / "causal_adapter")
+    # the reference: the same adapter on the causal LM's decoder, run through LLM2Vec
+    ref = LLM2Vec(to_bidirectional(peft_lm.base_model.model.model), base.tokenizer, pooling_mode="mean")
+    want = ref.encode(texts, show_progress_bar=False)
+    for merge in (False, True):
+        got = LLM2Vec.from_pretrained(str(tiny_encoder_dir), peft_model_name_or_path=str(tmp_path / "causal_adapter"),
+                                      merge_peft=merge, device="cpu", dtype=torch.float32)
+        out = got.encode(texts, show_progress_bar=False)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+        assert (out - base.encode(texts, show_progress_bar=False)).abs().max() > 1e-3  # the adapter does something
+    # an adapter whose modules this model does not have
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "other_adapter"
+    peft_lm.save_pretrained(bad)
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    save_file({k.replace("self_attn", "attention"): v for k, v in weights.items()},
+              str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit this LlamaModel: \d+ of its weights match no module"):
+        LLM2Vec.from_pretrained(str(tiny_encoder_dir), peft_model_name_or_path=str(bad), device="cpu")

@@ -148,6 +148,12 @@ ERRORS = [
     pytest.param({"inputs": "x", "dimensions": 65}, 422, r"dimensions must be an integer in 1\.\.64", id="dims"),
     pytest.param({"inputs": " ".join(["word"] * 60)}, 413, "more than the model's max_length 32", id="too-long"),
     pytest.param([1, 2], 422, "must be a JSON object", id="not-object"),
+    pytest.param({"inputs": "a", "truncation_direction": 5}, 422, "only truncation_direction 'right'.*got 5",
+                 id="direction-not-a-string"),
+    pytest.param({"inputs": "a", "prompt_name": ["x"]}, 422, r'prompt_name must be a string, got \["x"\]',
+                 id="prompt-name-not-a-string"),
+    pytest.param({"inputs": ["a", "   "]}, 422, r"inputs\[1\] cannot be empty", id="blank-text"),
+    pytest.param({"inputs": [["Represent it", ""]]}, 422, r"inputs\[0\] cannot be empty", id="blank-pair-text"),
 ]
 
 
@@ -157,7 +163,18 @@ def test_errors_name_the_problem(server, body, status, message):
     assert got == status and r["error_type"] and re.search(message, r["error"]), r
 
 
+def test_an_unexpected_failure_is_answered_500(server, monkeypatch):
+    def broken(items, tokens=False):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(server.batcher, "submit", broken)
+    got, r = call(server, "/embed", {"inputs": "a"})
+    assert got == 500 and r["error"] == "internal error: RuntimeError: device lost" and r["error_type"] == "Backend"
+
+
 def test_other_errors(server):
+    status, r = call(server, "/v1/embeddings", {"input": ["ok", ""]})
+    assert status == 422 and "input[1] cannot be empty" in r["error"]
     long = " ".join(["word"] * 60)
     assert call(server, "/embed", {"inputs": long, "truncate": True})[0] == 200
     status, r = call(server, "/embed", raw=b"{not json")
