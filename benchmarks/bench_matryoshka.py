@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         folder = work / name.split()[0]
         r = train_contrastive(ContrastiveArguments(
             **_stage(a.data), output_dir=str(folder), model=a.model, peft=a.peft, batch_size=a.batch,
+            overwrite_output_dir=True,  # a rerun replaces the work folder's earlier run
             max_length=a.max_length, max_steps=a.steps, learning_rate=a.lr, warmup_steps=max(1, a.steps // 10),
             logging_steps=max(1, a.steps // 20), save_steps=0, disable_tqdm=True, matryoshka_dims=mdims,
             max_train_seconds=a.max_seconds))

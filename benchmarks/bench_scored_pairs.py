@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         folder = work / loss
         r = train_contrastive(ContrastiveArguments(
             mode="scored", loss=loss, train_files=[str(train)], output_dir=str(folder), model=a.model, peft=a.peft,
+            overwrite_output_dir=True,  # a rerun replaces the work folder's earlier run
             batch_size=a.batch, max_steps=a.steps, learning_rate=a.lr, warmup_steps=max(1, a.steps // 10),
             logging_steps=max(1, a.steps // 20), save_steps=0, disable_tqdm=True, max_train_seconds=a.max_seconds))
         runs[loss] = {"steps": r["global_step"], "train_runtime_s": r["train_runtime"], "losses": r["losses"]}

@@ -281,6 +281,9 @@ def run_mine(args, model=None) -> int:
         raise CLIError(f"--output must be a .jsonl file, got {str(args.output)!r}")
     if not args.input.is_file():
         raise CLIError(f"--input file {str(args.input)!r} does not exist")
+    if args.output.resolve() == args.input.resolve() or incomplete_path(args.output).resolve() == args.input.resolve():
+        raise CLIError(f"--output {str(args.output)!r} would overwrite the --input file: write the mined rows to "
+                       "another file")
     try:
         examples = read_triplets(args.input, split=args.split, limit=args.limit)
         corpus = read_corpus(args.corpus, args.corpus_text_field) if args.corpus else None

@@ -50,9 +50,27 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> str:
         return str(path)
     name = str(name_or_path)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        if path.parent.is_dir():
+            # "out/mntp" where ./out exists is a mistyped local folder, not an organisation on the hub: say so now
+            # rather than after the hub's retries
+            raise FileNotFoundError(f"model folder {name!r} not found: {str(path.parent)!r} is a local folder, but "
+                                    f"it holds no {path.name!r}"
+                                    + _near(path.parent, path.name) + ". A hub id 'org/name' is fetched only where "
+                                    "no local folder 'org' exists")
         return name  # a hub id
     raise FileNotFoundError(f"model {name!r} not found: expected a local folder, a hub id like 'org/name', or "
                             f"one of the default-model aliases {sorted(ALIASES)}")
+
+
+def _near(folder: Path, name: str) -> str:
+    import difflib
+
+    try:
+        here = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(name, here, n=3)
+    return f" (did you mean {', '.join(repr(str(folder / c)) for c in close)}?)" if close else ""
 
 
 def gguf_path() -> Path:

@@ -43,7 +43,11 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (0: none)")
     g.add_argument("--save-total-limit", type=int, default=None, help="keep only the last N checkpoints")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="resume from CHECKPOINT, or from the last checkpoint in --output-dir when no path is given")
+                   help="resume from CHECKPOINT, or from the last complete checkpoint in --output-dir when no path "
+                        "is given (the checkpoint must come from the same stage and model)")
+    g.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start afresh in an --output-dir that holds an earlier run (its checkpoints are removed); "
+                        "without it, or --resume, such a folder is refused")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("evaluation during training", "scores logged every --eval-steps and at the end; the "
                              "best step's output is kept in OUTPUT_DIR/best")
@@ -108,6 +112,7 @@ def _shared_kwargs(a) -> dict:
                 max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=_ckpt(a.gradient_checkpointing),
                 seed=a.seed, max_train_seconds=a.max_train_seconds, logging_steps=a.logging_steps,
                 save_steps=a.save_steps, save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
+                overwrite_output_dir=a.overwrite_output_dir,
                 disable_tqdm=True if a.no_progress else None)
 
 

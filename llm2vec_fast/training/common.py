@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +20,8 @@ logger = logging.getLogger(__name__)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "llm2vec_config.json"
 TRAINING_NAME = "llm2vec_training.json"
+# in each checkpoint: which run made it (stage, base model, adapter merged in), checked when a run resumes from it
+RUN_MARKER = "llm2vec_checkpoint.json"
 
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
@@ -120,6 +124,9 @@ def check_run_arguments(args) -> None:
         v = getattr(args, name, None)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             bad(name, "an int >= 0" + (" (0: no checkpoints)" if name == "save_steps" else ""))
+    limit = getattr(args, "save_total_limit", None)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        bad("save_total_limit", "an int >= 1 (keep that many checkpoints) or None (keep all)")
     lr = getattr(args, "learning_rate", None)
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         bad("learning_rate", "a number > 0")
@@ -138,6 +145,94 @@ def check_run_arguments(args) -> None:
                              "would overwrite it; give another output_dir")
 
 
+def run_identity(args) -> dict:
+    """What a checkpoint must share with the run that resumes from it: the stage, the base model and the adapter
+    merged into it."""
+    return {"stage": getattr(args, "mode", "mntp"), "model": getattr(args, "model", None),
+            "peft": getattr(args, "peft", None)}
+
+
+def _checkpoint_step(path: Path) -> int:
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    # the Trainer writes trainer_state.json after the adapter and optimizer: a folder without it was cut short
+    return (path / "trainer_state.json").is_file() and (path / "adapter_model.safetensors").is_file()
+
+
+def prepare_output_dir(args) -> None:
+    """Before anything loads: an ``output_dir`` holding an earlier run is refused unless the run resumes it
+    (``resume_from_checkpoint``) or starts afresh (``overwrite_output_dir``: the earlier checkpoints are removed; an
+    earlier ``best/`` is set aside by the evaluation, never deleted). ``resume_from_checkpoint=True`` becomes the
+    last *complete* checkpoint (one a run stopped while saving is skipped, with a warning); a checkpoint named
+    explicitly must be complete, and any checkpoint must come from the same stage, base model and merged adapter."""
+    out = Path(args.output_dir)
+    checkpoints = sorted((c for c in out.glob("checkpoint-*") if c.is_dir() and _checkpoint_step(c) >= 0),
+                         key=_checkpoint_step) if out.is_dir() else []
+    resume = args.resume_from_checkpoint
+    if resume:
+        if resume is True:
+            complete = [c for c in checkpoints if _complete_checkpoint(c)]
+            if not complete:
+                cut = [c.name for c in checkpoints]
+                raise ValueError(f"nothing to resume in {out}: no complete checkpoint-N folder"
+                                 + (f" ({', '.join(cut)} were cut short while saving)" if cut else "")
+                                 + "; run without resume to start afresh")
+            chosen = complete[-1]
+            for c in checkpoints:
+                if _checkpoint_step(c) > _checkpoint_step(chosen):
+                    logger.warning("skipping %s: it was cut short while saving (no trainer_state.json); resuming "
+                                   "from %s", c, chosen.name)
+            args.resume_from_checkpoint = str(chosen)
+        else:
+            chosen = Path(resume)
+            if not chosen.is_dir():
+                raise FileNotFoundError(f"resume: checkpoint folder {str(resume)!r} not found")
+            if not _complete_checkpoint(chosen):
+                run_folder = any(chosen.glob("checkpoint-*")) or (chosen / TRAINING_NAME).exists()
+                raise ValueError(f"resume: {resume} is not a complete checkpoint (no trainer_state.json and adapter): "
+                                 + ("it is a run's output folder; resume without a path takes the last checkpoint "
+                                    "of output_dir" if run_folder else
+                                    "a run stopped while saving it? resume from an earlier one"))
+        marker = chosen / RUN_MARKER
+        if marker.is_file():
+            made_by, this = json.loads(marker.read_text()), run_identity(args)
+            diff = [k for k in this if made_by.get(k) != this[k]]
+            if diff:
+                raise ValueError(f"resume: {chosen} is a checkpoint of another run ("
+                                 + ", ".join(f"{k}: {made_by.get(k)!r}, this run: {this[k]!r}" for k in diff)
+                                 + "); resume it with its own stage and model, or start afresh")
+        return
+    found = [c.name for c in checkpoints] + [n for n in ("adapter_model.safetensors", TRAINING_NAME)
+                                             if (out / n).exists()]
+    if not found:
+        return
+    if not getattr(args, "overwrite_output_dir", False):
+        raise ValueError(f"output_dir {out} holds an earlier run ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): resume it (--resume), start afresh there "
+                         "(--overwrite-output-dir: its checkpoints are removed), or give another output_dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for c in checkpoints:
+            shutil.rmtree(c)
+        if checkpoints:
+            logger.warning("overwrite_output_dir: removed the earlier run's %s from %s",
+                           ", ".join(c.name for c in checkpoints), out)
+        if (out / "best").is_dir():  # a best model is a result: set aside, never deleted
+            logger.warning("overwrite_output_dir: moved the earlier run's best/ to %s", set_aside(out / "best"))
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename ``folder`` to the first free ``<name>.set-aside-N`` beside it; returns the new path."""
+    n = 1
+    while folder.with_name(f"{folder.name}.set-aside-{n}").exists():
+        n += 1
+    aside = folder.with_name(f"{folder.name}.set-aside-{n}")
+    os.replace(folder, aside)
+    return aside
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -150,6 +245,7 @@ class AdapterTrainer(Trainer):
     """
 
     peft_module = None  # set by subclasses' __init__
+    run_identity = None  # the drivers set it: written into every checkpoint (RUN_MARKER)
     _nonfinite = None  # a device bool: some micro-step's loss since the last check was not finite
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -177,7 +273,11 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.peft_module.save_pretrained(output_dir)
+        # the adapter only: an embedding matrix resized for an added "<mask>" token is not saved (its new row is
+        # drawn from the run's seed again on resume), so a checkpoint loads on the base model as the output does
+        self.peft_module.save_pretrained(output_dir, save_embedding_layers=False)
+        if self.run_identity is not None and Path(output_dir).resolve() != Path(self.args.output_dir).resolve():
+            write_json(Path(output_dir) / RUN_MARKER, self.run_identity)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

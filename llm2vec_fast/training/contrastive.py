@@ -38,6 +38,8 @@ from .common import (
     check_run_arguments,
     enable_checkpointing,
     loss_history,
+    prepare_output_dir,
+    run_identity,
     training_arguments,
     write_json,
 )
@@ -125,6 +127,7 @@ class ContrastiveArguments(EvalArguments):
     save_steps: int = 200
     save_total_limit: int | None = None
     resume_from_checkpoint: str | bool | None = None
+    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds an earlier run
     disable_tqdm: bool | None = None
     extra_training_args: dict = field(default_factory=dict)
 
@@ -142,6 +145,13 @@ class ContrastiveArguments(EvalArguments):
                 setattr(self, k, v)
         if self.loss == "cosine":
             self.scale = None  # unused: recorded as such
+        if self.scale is not None and not (isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool)
+                                           and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 (the similarity multiplier, 1 / temperature), got "
+                             f"{self.scale!r}")
+        if self.mode == "simcse" and self.batch_size == 1:
+            raise ValueError(f"batch_size {self.batch_size}: SimCSE's negatives are the other sentences of the batch, "
+                             "so a batch of one has nothing to learn from; use 2 or more")
         if self.loss in ("cosent", "angle") and self.batch_size < 2:
             raise ValueError(f"batch_size {self.batch_size}: {self.loss} compares the pairs of a batch, so a batch "
                              "of one pair has no loss; use 2 or more")
@@ -420,6 +430,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
     """
     # the process group may not exist yet (TrainingArguments creates it): read the launcher's environment
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    prepare_output_dir(args)
     dataset, collator, grouped = build_dataset(args, world)
     if len(dataset) < args.batch_size * world:
         per = f"{args.batch_size} per process x {world} processes" if world > 1 else f"{args.batch_size}"
@@ -442,6 +453,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
                   gradcache_chunk_tokens=args.gradcache_chunk_tokens, matryoshka_dims=args.matryoshka_dims,
                   matryoshka_weights=args.matryoshka_weights)
+    trainer.run_identity = run_identity(args)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     monitor = _monitor(trainer, encoder, args)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)

@@ -180,6 +180,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--reuse-mntp: no MNTP output in {mntp_dir} ({done.name} missing)")
         m = train_mntp(MNTPArguments(
             train_files=[str(wiki / f) for f in a.mntp_files], output_dir=str(mntp_dir), model=a.model,
+            overwrite_output_dir=True,  # a rerun replaces the work folder's earlier run
             max_seq_length=a.mntp_len, batch_size=a.mntp_batch, max_steps=a.mntp_steps, learning_rate=a.mntp_lr,
             logging_steps=max(1, a.mntp_steps // 25), save_steps=a.mntp_eval_every, disable_tqdm=True,
             max_train_seconds=a.max_seconds))
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
         simcse_dir = work / "simcse"
         s = train_contrastive(ContrastiveArguments(
             mode="simcse", train_files=[str(wiki / "wiki1m_for_simcse.head1280000B.txt")], output_dir=str(simcse_dir),
+            overwrite_output_dir=True,  # a rerun replaces the work folder's earlier run
             model=str(mntp_dir), batch_size=a.simcse_batch, max_length=a.simcse_len, max_steps=a.simcse_steps,
             learning_rate=a.simcse_lr, logging_steps=max(1, a.simcse_steps // 25), save_steps=a.simcse_eval_every,
             disable_tqdm=True, max_train_seconds=a.max_seconds))
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
         sup_dir = work / "supervised"
         r = train_contrastive(ContrastiveArguments(
             mode="supervised", train_files=[str(_shared() / "data" / "snli" / "snli_devtest_triplets.csv")],
-            output_dir=str(sup_dir), model=str(mntp_dir), instructions=[SNLI_INSTRUCTION],
+            output_dir=str(sup_dir), overwrite_output_dir=True, model=str(mntp_dir), instructions=[SNLI_INSTRUCTION],
             batch_size=a.supervised_batch, max_length=a.supervised_len, max_steps=a.supervised_steps,
             learning_rate=a.supervised_lr, warmup_steps=min(300, a.supervised_steps // 10),
             logging_steps=max(1, a.supervised_steps // 25), save_steps=0, disable_tqdm=True,

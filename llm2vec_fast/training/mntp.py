@@ -38,6 +38,8 @@ from .common import (
     default_dtype,
     enable_checkpointing,
     loss_history,
+    prepare_output_dir,
+    run_identity,
     training_arguments,
     write_json,
 )
@@ -83,6 +85,7 @@ class MNTPArguments(EvalArguments):
     save_steps: int = 200
     save_total_limit: int | None = None
     resume_from_checkpoint: str | bool | None = None
+    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds an earlier run
     release_layout: bool = True  # also write the base config into the output (original MNTP release layout)
     disable_tqdm: bool | None = None
     dataloader_num_workers: int = 0
@@ -316,6 +319,7 @@ def train_mntp(args: MNTPArguments) -> dict:
 
     Returns ``{"output_dir", "base_model", "losses": [{"step", "loss"}], "train_runtime", "blocks"}``.
     """
+    prepare_output_dir(args)
     model, tokenizer, dataset, collator, base_path = build_mntp(args)
     targs = training_arguments(
         args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
@@ -325,6 +329,7 @@ def train_mntp(args: MNTPArguments) -> dict:
         dataloader_num_workers=args.dataloader_num_workers, extra=args.extra_training_args)
     trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
                           processing_class=tokenizer, masker=collator)
+    trainer.run_identity = run_identity(args)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     monitor = _monitor(trainer, model, tokenizer, args, base_path)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)

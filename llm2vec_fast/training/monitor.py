@@ -398,11 +398,9 @@ class EvalCallback(TrainerCallback):
         """Rename ``best/`` to the first free ``best.set-aside-N`` (process 0; never deleted)."""
         if not self.trainer.args.should_save:
             return
-        n = 1
-        while self.best_dir.with_name(f"{BEST_DIR}.set-aside-{n}").exists():
-            n += 1
-        aside = self.best_dir.with_name(f"{BEST_DIR}.set-aside-{n}")
-        os.replace(self.best_dir, aside)
+        from .common import set_aside
+
+        aside = set_aside(self.best_dir)
         logger.warning("moved %s to %s: %s", self.best_dir, aside, why)
 
     def _rebuild_best(self, checkpoint: Path) -> None:

@@ -262,7 +262,7 @@ def test_matryoshka_training(tiny_model_dir, tmp_path, capsys):
     assert rec["arguments"]["matryoshka_dims"] == [64, 16, 8]
     assert rec["arguments"]["matryoshka_weights"] == [1.0, 0.5, 0.25]
     capsys.readouterr()
-    a = parser.parse_args(argv[:-4] + ["--matryoshka-dims", "128,16"])
+    a = parser.parse_args(argv[:-4] + ["--matryoshka-dims", "128,16", "--overwrite-output-dir"])
     with pytest.raises(ValueError, match="128 is more than the embedding width 64"):
         a.func(a)
     with pytest.raises(SystemExit):

@@ -1,0 +1,130 @@
+"""The output folder of a training run: an earlier run is never silently replaced, resuming takes a complete
+checkpoint of the same run, checkpoints hold the adapter only; argument checks found by review."""
+import json
+import shutil
+
+import pytest
+
+from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
+from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
+
+
+def _mntp(model_dir, text_file, out, **kw):
+    base = dict(train_files=[text_file], output_dir=str(out), model=model_dir, max_seq_length=32, batch_size=4,
+                max_steps=4, logging_steps=1, save_steps=2, learning_rate=1e-2, disable_tqdm=True, seed=3)
+    base.update(kw)
+    return MNTPArguments(**base)
+
+
+def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tiny_model_dir, tiny_text_file, tmp_path):
+    out = tmp_path / "run"
+    train_mntp(_mntp(tiny_model_dir, tiny_text_file, out))
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-2, checkpoint-4, adapter_model"
+                                         r"\.safetensors, llm2vec_training\.json\): resume it \(--resume\), start "
+                                         r"afresh there \(--overwrite-output-dir"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, learning_rate=1e-5))
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter  # refused before anything was written
+    # afresh: the earlier checkpoints go (a later --resume must not pick them up), the new run's come; an earlier
+    # best/ (a result) is set aside even when the new run does not evaluate
+    (out / "best").mkdir()
+    (out / "best" / "adapter_model.safetensors").write_bytes(adapter)
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=3, save_steps=3, overwrite_output_dir=True))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"] and r["steps_run"] == 3
+    assert (out / "adapter_model.safetensors").read_bytes() != adapter
+    assert not (out / "best").exists() and (out / "best.set-aside-1" / "adapter_model.safetensors").read_bytes() \
+        == adapter
+
+
+def test_resume_takes_the_last_complete_checkpoint(tiny_model_dir, tiny_text_file, tmp_path, caplog):
+    out = tmp_path / "run"
+    train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=2))
+    # a run killed while saving checkpoint-4: the adapter is there, the trainer state is not
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-4")
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    with caplog.at_level("WARNING", logger="llm2vec_fast.training.common"):
+        r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, resume_from_checkpoint=True))
+    assert "skipping" in caplog.text and "checkpoint-4: it was cut short while saving" in caplog.text
+    assert r["steps_run"] == 2  # steps 3 and 4, from checkpoint-2
+    # named explicitly, an incomplete checkpoint or the output folder itself is refused with what to do instead
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-9")
+    (out / "checkpoint-9" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint-9 is not a complete checkpoint .*resume from an earlier one"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, resume_from_checkpoint=str(out / "checkpoint-9")))
+    with pytest.raises(ValueError, match="it is a run's output folder; resume without a path takes the last"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, resume_from_checkpoint=str(out)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="nothing to resume in .*empty: no complete checkpoint-N folder; run "
+                                         "without resume to start afresh"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, empty, resume_from_checkpoint=True))
+
+
+def test_resume_refuses_a_checkpoint_of_another_stage(tiny_model_dir, tiny_text_file, tiny_sentence_file, tmp_path):
+    mntp = tmp_path / "mntp"
+    train_mntp(_mntp(tiny_model_dir, tiny_text_file, mntp, max_steps=2))
+    marker = json.loads((mntp / "checkpoint-2" / "llm2vec_checkpoint.json").read_text())
+    assert marker == {"stage": "mntp", "model": tiny_model_dir, "peft": None}
+    assert not (mntp / "llm2vec_checkpoint.json").exists()  # checkpoints only
+    with pytest.raises(ValueError, match=r"checkpoint-2 is a checkpoint of another run \(stage: 'mntp', this run: "
+                                         r"'simcse'\)"):
+        train_contrastive(ContrastiveArguments(
+            mode="simcse", train_files=[tiny_sentence_file], output_dir=str(tmp_path / "s"), model=tiny_model_dir,
+            batch_size=4, max_steps=4, save_steps=0, resume_from_checkpoint=str(mntp / "checkpoint-2")))
+
+
+def test_added_mask_token_checkpoints_hold_the_adapter_only(tiny_model_dir, tiny_text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from llm2vec_fast import LLM2Vec
+
+    out = tmp_path / "mm"
+    full = train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, mask_token="mask", recipe="mistral"))
+    ckpt = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    assert not [k for k in ckpt if "embed_tokens" in k] and ckpt.keys() == load_file(
+        str(out / "adapter_model.safetensors")).keys()
+    LLM2Vec.from_pretrained(tiny_model_dir, peft_model_name_or_path=str(out / "checkpoint-2"), device="cpu")
+    # the added row is drawn from the seed again: a resumed run continues the same curve
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, resumed, mask_token="mask", recipe="mistral",
+                         resume_from_checkpoint=True))
+    a = {x["step"]: x["loss"] for x in full["losses"]}
+    b = {x["step"]: x["loss"] for x in r["losses"]}
+    assert b[3] == pytest.approx(a[3], rel=1e-5) and b[4] == pytest.approx(a[4], rel=1e-5)
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(mode="supervised", scale=-5.0), "scale must be a finite number > 0 .*got -5.0"),
+    (dict(mode="simcse", scale=0.0), "scale must be a finite number > 0"),
+    (dict(mode="supervised", scale=float("nan")), "scale must be a finite number > 0 .*got nan"),
+    (dict(mode="simcse", batch_size=1), "batch_size 1: SimCSE's negatives are the other sentences"),
+    (dict(mode="simcse", save_total_limit=0), r"save_total_limit must be an int >= 1 .*got 0"),
+    (dict(mode="simcse", save_total_limit=-1), "save_total_limit must be an int >= 1"),
+])
+def test_bad_training_arguments_are_refused(tmp_path, over, message):
+    with pytest.raises(ValueError, match=message):
+        ContrastiveArguments(train_files=["x"], output_dir=str(tmp_path), **over)
+
+
+def test_mine_refuses_to_write_over_its_input(tiny_model_dir, tmp_path, capsys):
+    from llm2vec_fast.cli import main
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text('{"query": "a", "positive": "b"}\n')
+    code = main(["mine", "-i", str(src), "-o", str(src), "--model", tiny_model_dir, "--device", "cpu"])
+    assert code == 2 and "would overwrite the --input file" in capsys.readouterr().err
+    assert src.read_text() == '{"query": "a", "positive": "b"}\n'
+
+
+def test_a_mistyped_relative_model_folder_is_named(tmp_path, monkeypatch):
+    from llm2vec_fast.models import resolve_model
+
+    (tmp_path / "out" / "mntp").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model folder 'out/mnpt' not found: 'out' is a local folder, but "
+                                                r"it holds no 'mnpt' \(did you mean 'out/mntp'\?\)"):
+        resolve_model("out/mnpt")
+    assert resolve_model("org/name") == "org/name"  # no local folder 'org': a hub id
