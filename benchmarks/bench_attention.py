@@ -398,12 +398,14 @@ CHECK_CASES = [
      {"dropout_p": 0.3, "seed": 5}),
     ("uniform[1,1500] 32/8 D128 causal", torch.randint(1, 1501, (6,), generator=_g).tolist(), 32, 8, 128,
      {"causal": True}),
+    ("uniform[300,3000] 16/4 D128 window (255, 255)", torch.randint(300, 3001, (5,), generator=_g).tolist(), 16, 4,
+     128, {"window_size": (255, 255)}),
     # not in --quick
     ("uniform[1,600] 9/3 D64", torch.randint(1, 601, (24,), generator=_g).tolist(), 9, 3, 64, {}),
     ("uniform[32,700] 8/1 D256", torch.randint(32, 701, (8,), generator=_g).tolist(), 8, 1, 256, {}),
     ("uniform[8,200] 12/4 D32", torch.randint(8, 201, (10,), generator=_g).tolist(), 12, 4, 32, {}),
 ]
-QUICK_CHECK = 4  # the first four: GQA, MHA + softcap + padded head dim + 4k segment, dropout, causal
+QUICK_CHECK = 5  # the first five: GQA, MHA + softcap + padded head dim + 4k segment, dropout, causal, window
 
 
 def _fwd_bwd(fn, inputs, dt, **kw):
@@ -460,6 +462,46 @@ def check(quick=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+WINDOW_CASES = ((4096, 512), (8192, 512), (8192, 4096))  # (sequence length, window)
+
+
+def bench_window(args, cases=WINDOW_CASES, heads=(16, 8, 256), tokens=None):
+    """Local attention (a Gemma-style sliding window W, ``window_size=(W - 1, W - 1)``) against the same kernel's full
+    attention and against the path such layers took before the kernel had windows (per-length SDPA with a band mask,
+    ``packed_torch_attention``): milliseconds, forward and forward + backward, one pack of equal-length sequences."""
+    from llm2vec_fast.kernels import flash_attention
+
+    from llm2vec_fast.bidirectional import packed_torch_attention
+
+    hq, hkv, d = heads  # default: Gemma-2/3's head dim
+    rows = []
+    for S, W in cases:
+        lens = [S] * max(1, (tokens or TOKENS) // S)
+        T, m = sum(lens), S
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        q, do = (torch.randn(T, hq, d, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(2))
+        k, v = (torch.randn(T, hkv, d, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(2))
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        paths = {"full": lambda q, k, v, cu, m: flash_attention(q, k, v, cu, m),
+                 "window": lambda q, k, v, cu, m, W=W: flash_attention(q, k, v, cu, m, window_size=(W - 1, W - 1)),
+                 "torch_band": lambda q, k, v, cu, m, W=W: packed_torch_attention(q, k, v, cu, m, d ** -0.5,
+                                                                                  window=W)}
+        row = {"case": f"{len(lens)} x {S}, W {W}", "Hq/Hkv": f"{hq}/{hkv}", "D": d}
+        for name, fn in paths.items():
+            for bwd in (False, True):
+                ms = _time(fn, (q, k, v, cu, m), do, bwd, args.warmup, args.rep)
+                row[f"{name} {'fwd+bwd' if bwd else 'fwd'} ms"] = None if ms is None else round(ms, 3)
+        for bwd in ("fwd", "fwd+bwd"):
+            ours = row.get(f"window {bwd} ms")
+            for peer in ("full", "torch_band"):
+                other = row.get(f"{peer} {bwd} ms")
+                if ours and other:
+                    row[f"×{peer} {bwd}"] = round(other / ours, 2)
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
@@ -474,6 +516,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=40, help="do_bench repetitions, ms")
     ap.add_argument("--out", help="output folder (default $OUT or benchmarks/results)")
+    ap.add_argument("--window", action="store_true", help="local attention (window_size) against full attention and "
+                    "the band-masked SDPA path → attention_window.{json,md}")
     ap.add_argument("--causal", action="store_true", help="the causal variant (flash_attention(causal=True)) against "
                     "the peers' causal modes → attention_causal.{json,md}")
     args = ap.parse_args(argv)
@@ -495,6 +539,12 @@ def main(argv=None):
         if args.quick:
             os.environ["LLM2VEC_FAST_AUTOTUNE"] = "3"
 
+    if args.window:
+        rows = bench_window(args)
+        path = write_results("attention_window", rows, out_dir=args.out, title="Local (sliding-window) attention",
+                             notes=f"bf16; ×peer = peer's time / ours (window). Wall time {time.time() - t0:.0f} s.")
+        print(f"[bench_attention] wrote {path} in {time.time() - t0:.0f} s")
+        return 0
     varlen, varlen_note = _varlen_peer()
     peers = {"varlen": varlen, "flash_attn": _flash_attn_peer(), "flex": not args.no_flex}
     if args.flex_only:

@@ -61,6 +61,8 @@ step "attention causal --quick" 60 40 \
 # issue #5's second shape, never measured yet: reference (checkpointed) against ours + checkpointing, 8B, vocab 128k
 step "training MNTP Llama-3-8B config --quick" 150 100 \
   $PY benchmarks/bench_training.py --quick --only mntp-8b
+# local attention (window_size), new since the last run: against full attention and the band-masked SDPA path
+step "attention window" 60 30 $PY benchmarks/bench_attention.py --window
 # the host cost per decoder layer of the GPU code path on this machine's CPU (kernels stubbed): with the profiles'
 # device-busy shares, whether small packs and GradCache's chunks wait for the host
 step "host overhead (CPU)" 60 45 $PY benchmarks/bench_host_overhead.py --rounds 1 --steps 10

@@ -204,3 +204,36 @@ def test_training_evidence_helpers():
     lines = training_run_lines({"cosent": {"steps": 3, "train_runtime_s": 12.4,
                                            "losses": [{"loss": 18.11, "step": 1}, {"loss": 4.9, "step": 3}]}})
     assert lines == ["\n**cosent**: 3 steps in 12 s; loss 18.110 (step 1) → 4.900 (step 3)\n"]
+
+
+def test_bench_attention_window_rows(monkeypatch):
+    """The local-attention benchmark's rows on tiny shapes (interpreted kernel, CPU timer): every path timed, the
+    ratios are the peers' times over the windowed kernel's."""
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks import bench_attention
+
+    def cpu_time(fn, inputs, do, bwd, warmup, rep):
+        import torch
+
+        xs = [x.detach().requires_grad_(bwd) for x in inputs[:3]]
+        t0 = time.perf_counter()
+        out = fn(*xs, *inputs[3:])
+        if bwd:
+            torch.autograd.grad(out, xs, do)
+        return (time.perf_counter() - t0) * 1e3
+
+    monkeypatch.setattr(bench_attention, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_attention, "_time", cpu_time)
+    import torch
+
+    monkeypatch.setattr(bench_attention, "DTYPE", torch.float32)
+    rows = bench_attention.bench_window(SimpleNamespace(warmup=1, rep=1), cases=((70, 16),), heads=(2, 1, 32),
+                                        tokens=140)
+    (row,) = rows
+    assert row["case"] == "2 x 70, W 16"
+    for path in ("full", "window", "torch_band"):
+        for kind in ("fwd", "fwd+bwd"):
+            assert row[f"{path} {kind} ms"] > 0
+    assert row["×full fwd"] == round(row["full fwd ms"] / row["window fwd ms"], 2)
