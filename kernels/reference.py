@@ -135,7 +135,8 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
                 keep = torch.rand(p.shape, generator=gen, device=p.device) >= dropout_p
             p = p * keep / (1.0 - dropout_p)
         outs.append((p.to(cdt) @ vs).transpose(0, 1))  # (L, H, D)
-    o = torch.cat(outs, 0).to(q.dtype) if outs else q.new_zeros(q.shape)
+    # an empty pack (no sequences) still returns an output in the graph of q, k and v (zero-size gradients)
+    o = torch.cat(outs, 0).to(q.dtype) if outs else q * 0 + (k.sum() + v.sum()) * 0
     lse = torch.cat(lses, 1) if lses else q.new_zeros((HQ, T), dtype=torch.float32)
     return (o, lse) if return_lse else o
 # ==== END ATTENTION ====

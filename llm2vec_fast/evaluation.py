@@ -23,7 +23,7 @@ Formats:
   ``qrels/<split>.tsv`` (header, then query-id, corpus-id, score). Documents are ``title + " " + text``; the query
   instruction goes to queries only. Metrics: nDCG@10 (linear gain = the graded score, as trec_eval), MRR@10 and
   Recall@100 (relevant = score ≥ ``relevance_threshold``). Queries without any relevant document are skipped.
-- Reranking (MTEB's Reranking, sentence-transformers' ``RerankingEvaluator``): a query with relevant and
+- Reranking (sentence-transformers' ``RerankingEvaluator``, MTEB 1.x's Reranking): a query with relevant and
   irrelevant candidate texts, one row per query (lists) or per triplet (``query``/``anchor``/``sent0``,
   ``positive``/``sent1``, ``negative``/``hard_neg``; rows of one query merged). Each query's candidates are ranked
   by cosine similarity; metrics: MAP over the whole list (main score), MRR@10 and nDCG@10.
@@ -716,16 +716,17 @@ def evaluate_clustering(model, data, *, instruction=None, limit=None, n_experime
 _RERANK_QUERY = ("query", "anchor", "sent0", "question")
 _RERANK_POS = ("positive", "positives", "pos", "sent1")
 _RERANK_NEG = ("negative", "negatives", "neg", "hard_neg", "hard_negative")
+_RERANK_OTHER = ("split", "id", "_id", "qid", "query_id")
 
 
 def _texts_of(row: dict, keys, where: str) -> list[str]:
-    """The texts under the first of ``keys`` that a row has (a string or a list of strings), plus numbered columns
-    ``<key>_1``, ``<key>_2``, … of any of them; empty strings are skipped."""
-    out = []
-    value = next((row[k] for k in keys if k in row and row[k] is not None), None)
+    """Every text under any of ``keys`` in a row (a string or a list of strings each), then under numbered columns
+    ``<key>_1``, ``<key>_2``, …; empty strings are skipped."""
+    values = [row[k] for k in keys if k in row and row[k] is not None]
     numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in row
                       if "_" in k and k.rsplit("_", 1)[0] in keys and k.rsplit("_", 1)[1].isdigit())
-    for v in ([value] if value is not None else []) + [row[k] for _, k in numbered]:
+    out = []
+    for v in values + [row[k] for _, k in numbered]:
         for x in (v if isinstance(v, list) else [v]):
             if x is None or x == "":
                 continue
@@ -735,31 +736,31 @@ def _texts_of(row: dict, keys, where: str) -> list[str]:
     return out
 
 
-def load_reranking(path, split: str | None = None) -> list[dict]:
-    """Read reranking data: a list of ``{"query", "positive": [...], "negative": [...]}``, one per distinct query
-    in first-appearance order.
+def _is_known_column(key: str) -> bool:
+    known = _RERANK_QUERY + _RERANK_POS + _RERANK_NEG + _RERANK_OTHER
+    return key in known or ("_" in key and key.rsplit("_", 1)[0] in _RERANK_POS + _RERANK_NEG
+                            and key.rsplit("_", 1)[1].isdigit())
 
-    ``path``: JSONL / JSON (an object per line) or CSV / TSV with a header. Columns: the query (``query``,
-    ``anchor``, ``sent0``, ``question``), relevant texts (``positive``/``positives``/``pos``/``sent1``) and
-    irrelevant ones (``negative``/``negatives``/``neg``/``hard_neg``), each a string, a JSON list, or numbered
-    columns (``negative_1``, ``negative_2``, …). Both layouts work: MTEB's and sentence-transformers' reranking
-    samples (one row per query with lists) and triplet files such as SNLI's (one row per triplet: rows of the same
-    query are merged, repeated texts kept once). A ``split`` column filters rows when ``split`` is given. A text
-    listed both as relevant and irrelevant for one query counts as relevant."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reranking data {str(path)!r} not found")
+
+def _reranking_records(path: Path) -> list[tuple[int, object]]:
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix in (".jsonl", ".json"):
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                records = list(enumerate(json.loads(stripped), start=1))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not a valid JSON array: {e}") from e
-        else:
-            records = list(iter_jsonl(text.split("\n"), path))
-    elif path.suffix in (".csv", ".tsv"):
+        whole = None
+        if path.suffix == ".json" or text.lstrip().startswith("["):
+            try:  # a whole-file JSON value: an array of samples, one sample, or {id: sample} (sentence-transformers')
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(whole, list):
+            return list(enumerate(whole, start=1))
+        if isinstance(whole, dict):
+            one = any(k in whole for k in _RERANK_QUERY)
+            return [(1, whole)] if one else [(i, v) for i, v in enumerate(whole.values(), start=1)]
+        try:
+            return list(iter_jsonl(text.split("\n"), path))
+        except ValueError as e:
+            raise ValueError(f"{e} (expected a JSON array, one JSON object, or one object per line)") from e
+    if path.suffix in (".csv", ".tsv"):
         import io
 
         stream = io.StringIO(text, newline="")
@@ -771,26 +772,67 @@ def load_reranking(path, split: str | None = None) -> list[dict]:
                 raise ValueError(f"{path}:{reader.line_num}: the row has more fields than the header "
                                  f"{reader.fieldnames}")
             records.append((reader.line_num, {k: _json_list(v) for k, v in r.items()}))
-    else:
-        raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
+        return records
+    raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
+
+
+def load_reranking(path, split: str | None = None) -> list[dict]:
+    """Read reranking data: a list of ``{"query", "positive": [...], "negative": [...]}``, one per distinct query
+    in first-appearance order.
+
+    ``path``: JSONL, JSON (an array, one object, or sentence-transformers' ``{id: sample}``) or CSV / TSV with a
+    header. Columns: the query (``query``, ``anchor``, ``sent0``, ``question``), relevant texts
+    (``positive``/``positives``/``pos``/``sent1``) and irrelevant ones (``negative``/``negatives``/``neg``/
+    ``hard_neg``), each a string, a JSON list, or numbered columns (``negative_1``, ``negative_2``, …); texts under
+    several of these names are all taken. Both layouts work: MTEB's and sentence-transformers' reranking samples
+    (one row per query with lists) and triplet files such as SNLI's (one row per triplet: rows of the same query are
+    merged). Within a query a repeated text counts once, and a text listed both as relevant and irrelevant counts as
+    relevant (:func:`evaluate_reranking` records how many rows were merged and texts dropped).
+    ``split``: keep the rows whose ``split`` column equals it; then every row must have one."""
+    return _read_reranking(path, split)[0]
+
+
+def _read_reranking(path, split):
+    """(samples, counts of what reading merged and dropped): see :func:`load_reranking`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reranking data {str(path)!r} not found")
+    records = _reranking_records(path)
     groups: dict[str, dict] = {}
+    seen_splits, unknown, rows, repeats = set(), set(), 0, 0
     for n, r in records:
         where = f"{path}:{n}"
         if not isinstance(r, dict):
             raise ValueError(f"{where}: expected an object with a query and its texts, got {json.dumps(r)[:80]}")
-        if split is not None and "split" in r and r["split"] != split:
-            continue
+        if split is not None:
+            if "split" not in r:
+                raise ValueError(f"{where}: split={split!r} given, but the row has no split column (columns: "
+                                 f"{sorted(r)})")
+            seen_splits.add(str(r["split"]))
+            if str(r["split"]) != split:
+                continue
+        unknown.update(k for k in r if not _is_known_column(k))
         query = next((r[k] for k in _RERANK_QUERY if k in r), None)
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"{where}: a row needs a non-empty query ({', '.join(_RERANK_QUERY)}); got "
                              f"{json.dumps(query) if query is not None else 'columns ' + str(sorted(r))}")
+        rows += 1
         g = groups.setdefault(query, {"query": query, "positive": {}, "negative": {}})
-        g["positive"].update(dict.fromkeys(_texts_of(r, _RERANK_POS, where)))
-        g["negative"].update(dict.fromkeys(_texts_of(r, _RERANK_NEG, where)))
+        for key, names in (("positive", _RERANK_POS), ("negative", _RERANK_NEG)):
+            for t in _texts_of(r, names, where):
+                repeats += t in g[key]
+                g[key][t] = None
     if not groups:
-        raise ValueError(f"{path}: no rows read (split={split!r})")
-    return [{"query": g["query"], "positive": list(g["positive"]),
-             "negative": [t for t in g["negative"] if t not in g["positive"]]} for g in groups.values()]
+        found = f"; split values in the file: {sorted(seen_splits)}" if seen_splits else ""
+        raise ValueError(f"{path}: no rows read (split={split!r}){found}")
+    out, both = [], 0
+    for g in groups.values():
+        negative = [t for t in g["negative"] if t not in g["positive"]]
+        both += len(g["negative"]) - len(negative)
+        out.append({"query": g["query"], "positive": list(g["positive"]), "negative": negative})
+    counts = {"rows": rows, "queries": len(out), "rows_merged": rows - len(out), "repeated_texts_dropped": repeats,
+              "relevant_and_irrelevant": both, "unrecognised_columns": sorted(unknown)}
+    return out, counts
 
 
 def _json_list(value: str):
@@ -806,21 +848,60 @@ def _json_list(value: str):
     return value
 
 
-def reranking_scores(query_emb: np.ndarray, doc_emb: np.ndarray, n_pos, n_neg, at_k: int = 10) -> dict:
-    """Reranking metrics of cosine similarity, averaged over queries (as sentence-transformers'
-    ``RerankingEvaluator`` and MTEB's reranking tasks compute them): ``map`` (average precision over each query's
-    whole candidate list, scikit-learn's: tied scores share their rank), ``mrr_at_{at_k}`` (first relevant text
-    within the top ``at_k``; ties are broken against the relevant texts, so a model that scores everything alike
-    gets no credit) and ``ndcg_at_{at_k}`` (scikit-learn's, ties averaged). ``doc_emb`` holds each query's
-    positives then negatives, query after query; ``n_pos`` / ``n_neg`` their counts. Main score: ``map``."""
-    from sklearn.metrics import average_precision_score, ndcg_score
+def _average_precision(rel: np.ndarray, s: np.ndarray) -> float:
+    """scikit-learn's ``average_precision_score`` (binary, ties entering together), without its per-call checks:
+    Σ over distinct score thresholds of (recall step) × precision."""
+    order = np.argsort(-s, kind="stable")
+    s, rel = s[order], rel[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the last row of each group of tied scores
+    tp = np.cumsum(rel)[last]
+    k = np.flatnonzero(last) + 1
+    recall_step = np.diff(np.r_[0, tp]) / tp[-1]
+    return float(np.sum(recall_step * tp / k))
 
+
+def _ndcg_at(rel: np.ndarray, s: np.ndarray, k: int) -> float:
+    """scikit-learn's ``ndcg_score([rel], [s], k=k)`` (binary gains; tied scores share the average gain of their
+    group, as its default ``ignore_ties=False``), without its per-call checks."""
+    n = len(s)
+    order = np.argsort(-s, kind="stable")
+    s_sorted, g_sorted = s[order], rel[order].astype(np.float64)
+    discount = 1.0 / np.log2(np.arange(n) + 2.0)
+    discount[k:] = 0.0
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    mean_gain = np.add.reduceat(g_sorted, starts) / sizes
+    dcg = float(np.sum(mean_gain * np.add.reduceat(discount, starts)))
+    ideal = np.sort(rel)[::-1].astype(np.float64)
+    idcg = float(np.sum(ideal * discount))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def reranking_scores(query_emb: np.ndarray, doc_emb: np.ndarray, n_pos, n_neg, at_k: int = 10) -> dict:
+    """Reranking metrics of cosine similarity, averaged over queries, as sentence-transformers'
+    ``RerankingEvaluator`` (and MTEB 1.x's reranking) computes them: ``map`` (average precision over each query's
+    whole candidate list; tied scores enter together), ``mrr_at_{at_k}`` (first relevant text within the top
+    ``at_k``; ties are broken against the relevant texts, so a model that scores everything alike gets no credit)
+    and ``ndcg_at_{at_k}`` (tied scores share their average gain). mteb 2.x computes MAP@1000 with trec_eval, which
+    breaks ties by document id instead: without ties the numbers agree. ``doc_emb`` holds each query's positives
+    then negatives, query after query; ``n_pos`` / ``n_neg`` their counts. Main score: ``map``."""
     check_count("at_k", at_k)
-    q, d = _unit(np.asarray(query_emb, dtype=np.float64)), _unit(np.asarray(doc_emb, dtype=np.float64))
+    q, d = np.asarray(query_emb, dtype=np.float64), np.asarray(doc_emb, dtype=np.float64)
     n_pos, n_neg = list(n_pos), list(n_neg)
+    for name, counts in (("n_pos", n_pos), ("n_neg", n_neg)):
+        bad = [c for c in counts if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or c < 0]
+        if bad:
+            raise ValueError(f"{name} must hold ints >= 0 (texts per query), got {bad[0]!r}")
+    if q.ndim != 2 or d.ndim != 2 or q.shape[1] != d.shape[1]:
+        raise ValueError(f"query and document embeddings must be [N, D] with one D, got {q.shape} and {d.shape}")
     if not (len(q) == len(n_pos) == len(n_neg)) or len(d) != sum(n_pos) + sum(n_neg):
         raise ValueError(f"{len(q)} queries, {len(n_pos)}/{len(n_neg)} counts and {len(d)} documents do not "
                          f"match (expected {sum(n_pos) + sum(n_neg)} documents)")
+    for name, e in (("query", q), ("document", d)):
+        bad = np.flatnonzero(~np.isfinite(e).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{name} embedding {bad[0]} is not finite (NaN or infinite)")
+    q, d = _unit(q), _unit(d)
     aps, rrs, ndcgs = [], [], []
     start = 0
     for i, (p, m) in enumerate(zip(n_pos, n_neg, strict=True)):
@@ -832,8 +913,8 @@ def reranking_scores(query_emb: np.ndarray, doc_emb: np.ndarray, n_pos, n_neg, a
         order = np.lexsort((rel, -s))  # by score, best first; among equal scores the irrelevant first
         first = np.flatnonzero(rel[order][:at_k])
         rrs.append(1.0 / (first[0] + 1) if first.size else 0.0)
-        aps.append(float(average_precision_score(rel, s)))
-        ndcgs.append(float(ndcg_score([rel], [s], k=at_k)))
+        aps.append(_average_precision(rel, s))
+        ndcgs.append(_ndcg_at(rel, s, at_k))
     out = {"map": float(np.mean(aps)), f"mrr_at_{at_k}": float(np.mean(rrs)), f"ndcg_at_{at_k}": float(np.mean(ndcgs))}
     out["main_score"] = out["map"]
     return out
@@ -841,20 +922,26 @@ def reranking_scores(query_emb: np.ndarray, doc_emb: np.ndarray, n_pos, n_neg, a
 
 def evaluate_reranking(model, data, *, split=None, instruction=None, limit=None, at_k=10, batch_size=None,
                        max_batch_tokens=None, task_name=None, show_progress_bar=False, truncate_dim=None) -> dict:
-    """Reranking (MTEB's Reranking task kind): each query's candidates ranked by cosine similarity; main score MAP.
+    """Reranking (sentence-transformers' ``RerankingEvaluator``, MTEB's Reranking task kind): each query's
+    candidates ranked by cosine similarity; main score MAP (see :func:`reranking_scores`).
 
     ``data``: see :func:`load_reranking` (``split`` filters by a ``split`` column and names the result's split,
     default ``test``). Queries without a relevant or without an irrelevant text are left out (as MTEB and
     sentence-transformers do) and counted; ``limit`` keeps the first N scored queries. ``instruction`` goes to
-    queries only; each distinct text is encoded once."""
+    queries only; each distinct text is encoded once. The result records what reading the file merged and dropped
+    (``rows_merged``, ``repeated_texts_dropped``, ``relevant_and_irrelevant``)."""
     t0 = time.perf_counter()
     check_count("limit", limit, optional=True)
-    samples = load_reranking(data, split)
+    check_count("at_k", at_k)
+    samples, counts = _read_reranking(data, split)
     kept = [s for s in samples if s["positive"] and s["negative"]]
     if limit is not None:
         kept = kept[:limit]
     if not kept:
-        raise ValueError(f"{data}: no query has both a relevant and an irrelevant text: nothing to rank")
+        cols = counts.get("unrecognised_columns")
+        raise ValueError(f"{data}: no query has both a relevant and an irrelevant text: nothing to rank"
+                         + (f" (unrecognised columns {cols}; relevant texts go under {'/'.join(_RERANK_POS)}, "
+                            f"irrelevant under {'/'.join(_RERANK_NEG)})" if cols else ""))
     docs = [t for s in kept for t in s["positive"] + s["negative"]]
     unique = list(dict.fromkeys(docs))
     index = {t: i for i, t in enumerate(unique)}
@@ -870,6 +957,8 @@ def evaluate_reranking(model, data, *, split=None, instruction=None, limit=None,
              "left_out_queries": sum(1 for s in samples if not (s["positive"] and s["negative"])),
              "n_documents": len(unique), "positives_per_query": [min(n_pos), float(np.mean(n_pos)), max(n_pos)],
              "negatives_per_query": [min(n_neg), float(np.mean(n_neg)), max(n_neg)], "at_k": at_k,
+             **{k: counts[k] for k in ("rows_merged", "repeated_texts_dropped", "relevant_and_irrelevant",
+                                       "unrecognised_columns") if k in counts},
              "instruction": instruction or None, "truncate_dim": truncate_dim, **_model_info(model)}
     result_split = {"dev": "validation", "valid": "validation", None: "test"}.get(split, split)
     return task_result(task_name or f"{path.stem}-reranking", scores, time.perf_counter() - t0, result_split, extra)
@@ -1027,6 +1116,10 @@ def _load_model(args):
 
 def run_eval(args, model=None) -> int:
     """Run one ``eval`` subcommand from parsed args (``model`` overrides ``--model``, for tests); returns 0."""
+    for name in ("limit", "at_k", "max_docs", "max_queries", "n_train", "n_test", "n_experiments", "cluster_size",
+                 "truncate_dim", "batch_size", "max_batch_tokens"):  # before the model loads
+        if getattr(args, name, None) is not None:
+            check_count(name, getattr(args, name))
     model = model if model is not None else _load_model(args)
     common = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, task_name=args.task_name,
                   show_progress_bar=args.progress, truncate_dim=args.truncate_dim)

@@ -500,13 +500,16 @@ def test_primed_host_copy_replaces_the_device_copy(monkeypatch):
         attn.prime_seq_info(_cu(lens), [0, 5, 5], 17)
 
 
-def test_empty_pack():
+@pytest.mark.parametrize("fn", [flash_attention, flash_attention_ref], ids=["kernel", "twin"])
+@pytest.mark.parametrize("window", [(-1, -1), (2, 2)], ids=["full", "window"])
+def test_empty_pack(fn, window):
     q = torch.zeros(0, 2, 32, device=DEV, requires_grad=True)
     k = torch.zeros(0, 1, 32, device=DEV, requires_grad=True)
-    o, lse = flash_attention(q, k, k, torch.zeros(1, dtype=torch.int32, device=DEV), 0, return_lse=True)
+    v = torch.zeros(0, 1, 32, device=DEV, requires_grad=True)
+    o, lse = fn(q, k, v, torch.zeros(1, dtype=torch.int32, device=DEV), 0, return_lse=True, window_size=window)
     assert o.shape == (0, 2, 32) and lse.shape == (2, 0)
-    o.sum().backward()
-    assert q.grad.shape == q.shape
+    dq, dk, dv = torch.autograd.grad(o.sum(), (q, k, v))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(dropout_p=1.0), "dropout_p"), (dict(softcap=-1.0), "softcap"),

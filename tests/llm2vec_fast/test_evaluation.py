@@ -728,3 +728,78 @@ def test_evaluate_reranking_encodes_once_and_cli_matches_api(data_dir, tmp_path,
     assert api["llm2vec_fast"]["n_queries"] == 200 and 0.78 < e["map"] <= 1
     mteb = pytest.importorskip("mteb")
     assert mteb.TaskResult.from_dict(saved).task_name == "snli_devtest_triplets-reranking"
+
+
+def test_reranking_metrics_equal_sklearn_with_ties():
+    """The vectorised AP and nDCG equal scikit-learn's (ties entering together / sharing their average gain) on
+    lists with many ties and odd lengths."""
+    pytest.importorskip("sklearn")
+    from sklearn.metrics import average_precision_score, ndcg_score
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        n = int(rng.integers(2, 30))
+        rel = rng.integers(0, 2, size=n)
+        rel[0], rel[-1] = 1, 0
+        s = rng.integers(0, 4, size=n).astype(np.float64)  # few distinct values: ties everywhere
+        assert ev._average_precision(rel, s) == pytest.approx(average_precision_score(rel, s), abs=1e-12)
+        for k in (1, 3, 10, 40):
+            assert ev._ndcg_at(rel, s, k) == pytest.approx(ndcg_score([rel], [s], k=k), abs=1e-12)
+
+
+def test_reranking_reader_is_strict_about_splits_and_columns(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"query": "q", "positive": "p", "negative": "n", "split": "dev"}\n'
+                    '{"query": "q2", "positive": "p", "negative": "n"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:2: split='dev' given, but the row has no split column"):
+        ev.load_reranking(path, split="dev")
+    path.write_text('{"query": "q", "positive": "p", "negative": "n", "split": "dev"}\n')
+    with pytest.raises(ValueError, match=r"no rows read \(split='validation'\); split values in the file: \['dev'\]"):
+        ev.load_reranking(path, split="validation")
+    # texts under several accepted names are all taken; an unknown column is named when nothing can be ranked
+    path.write_text('{"query": "q", "positive": "a", "pos": ["b"], "negs": ["n"]}\n')
+    assert ev.load_reranking(path)[0]["positive"] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"nothing to rank \(unrecognised columns \['negs'\]; .*irrelevant under "
+                                         r"negative/negatives"):
+        ev.evaluate_reranking(FakeEncoder(), path)
+    # a pretty-printed JSON object, and sentence-transformers' {id: sample} dict
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"query": "q", "positive": ["p"], "negative": ["n"]}, indent=2))
+    assert ev.load_reranking(one) == [{"query": "q", "positive": ["p"], "negative": ["n"]}]
+    one.write_text(json.dumps({"a": {"query": "q", "positive": "p", "negative": "n"},
+                               "b": {"query": "r", "positive": "p", "negative": "n"}}, indent=2))
+    assert [s["query"] for s in ev.load_reranking(one)] == ["q", "r"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q",\n "positive": "p"}\n')
+    with pytest.raises(ValueError, match="expected a JSON array, one JSON object, or one object per line"):
+        ev.load_reranking(bad)
+
+
+def test_reranking_records_what_reading_merged_and_dropped(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"query": "q", "positive": ["a", "a", "b"], "negative": ["c", "d", "d", "a"]}\n'
+                    '{"query": "q", "positive": "b", "negative": "e"}\n')
+    info = ev.evaluate_reranking(FakeEncoder(), path)["llm2vec_fast"]
+    assert info["rows_merged"] == 1 and info["repeated_texts_dropped"] == 3 and info["relevant_and_irrelevant"] == 1
+    assert info["unrecognised_columns"] == []
+
+
+def test_reranking_scores_validate_their_inputs():
+    q, d = np.ones((1, 3)), np.eye(3)
+    for counts, message in ((([-1], [3]), r"n_pos must hold ints >= 0 \(texts per query\), got -1"),
+                            (([1.5], [1]), "n_pos must hold ints >= 0"), (([1], [True]), "n_neg must hold ints")):
+        with pytest.raises(ValueError, match=message):
+            ev.reranking_scores(q, d[:2], *counts)
+    with pytest.raises(ValueError, match=r"must be \[N, D\] with one D, got \(1, 3\) and \(2, 4\)"):
+        ev.reranking_scores(q, np.ones((2, 4)), [1], [1])
+    nan = np.array([[np.nan, 0, 0]])
+    with pytest.raises(ValueError, match="query embedding 0 is not finite"):
+        ev.reranking_scores(nan, d[:2], [1], [1])
+    with pytest.raises(ValueError, match="at_k must be a positive int, got 0"):
+        ev.reranking_scores(q, d[:2], [1], [1], at_k=0)
+
+
+def test_cli_checks_counts_before_loading_the_model(tmp_path):
+    args = _parser().parse_args(["eval", "reranking", "--data", str(tmp_path / "x.jsonl"), "--at-k", "0"])
+    with pytest.raises(ValueError, match="at_k must be a positive int, got 0"):
+        args.func(args)  # no model given: the check comes first, or the default model would load
