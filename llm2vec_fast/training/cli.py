@@ -193,7 +193,11 @@ def run_contrastive(a) -> int:
         warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
         num_negatives=getattr(a, "num_negatives", 1), loss=getattr(a, "loss", None),
         symmetric=getattr(a, "symmetric", False),
-        score_range=getattr(a, "score_range", None),
+        score_range=getattr(a, "score_range", None), guide_model=getattr(a, "guide_model", None),
+        guide_margin=getattr(a, "guide_margin", 0.0),
+        guide_margin_strategy=getattr(a, "guide_margin_strategy", "absolute"),
+        contrast_anchors=not getattr(a, "no_contrast_anchors", False),
+        contrast_positives=not getattr(a, "no_contrast_positives", False),
         gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
         pooling_mode=a.pooling_mode, matryoshka_dims=a.matryoshka_dims, matryoshka_weights=a.matryoshka_weights,
         **_shared_kwargs(a))
@@ -297,6 +301,20 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
             p.add_argument("--split", default=None, help="CSV with a split column: keep rows of this split")
             p.add_argument("--mask-false-negatives", action="store_true",
                            help="drop another query's positive that scores above a query's own positive")
+            g = p.add_argument_group("GISTEmbed", "a frozen guide encoder filters false negatives "
+                                     "(sentence-transformers' GISTEmbedLoss)")
+            g.add_argument("--guide-model", default=None, metavar="FOLDER",
+                           help="the guide: a model folder LLM2Vec loads (e.g. a trained encoder, an export-st "
+                                "folder); candidates it scores above a query's own positive are left out, and the "
+                                "batch's other queries and positives become candidates too")
+            g.add_argument("--guide-margin", type=float, default=0.0,
+                           help="filter candidates above the guide's positive similarity minus this (default 0)")
+            g.add_argument("--guide-margin-strategy", choices=["absolute", "relative"], default="absolute",
+                           help="the margin as a difference (absolute) or a fraction of the positive similarity")
+            g.add_argument("--no-contrast-anchors", action="store_true",
+                           help="with --guide-model: the other queries are not candidates")
+            g.add_argument("--no-contrast-positives", action="store_true",
+                           help="with --guide-model: positive i is not contrasted with the other positives")
             p.add_argument("--num-negatives", type=int, default=1,
                            help="hard negatives per query (a list value or negative_1, negative_2, ... columns)")
         if mode == "scored":

@@ -53,7 +53,7 @@ from .data import (
     with_instruction,
 )
 from .gradcache import grad_cache_step, token_chunk_sizes
-from .losses import PAIR_LOSSES, check_matryoshka, hard_negative_nll_loss, scored_pair_loss
+from .losses import PAIR_LOSSES, check_matryoshka, gist_loss, hard_negative_nll_loss, scored_pair_loss
 from .monitor import EvalArguments, add_eval_callback, encoder_evaluators, load_best
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,13 @@ class ContrastiveArguments(EvalArguments):
     # MultipleNegativesSymmetricRankingLoss); the loss is the mean of both directions
     symmetric: bool = False
     num_negatives: int = 1  # supervised: hard negatives per query (the original: 1); fewer if the data has fewer
+    # supervised: GISTEmbed (sentence-transformers' GISTEmbedLoss): a frozen guide encoder (a folder LLM2Vec loads)
+    # whose similarities filter false negatives; the batch's other queries and positives become candidates too
+    guide_model: str | None = None
+    guide_margin: float = 0.0
+    guide_margin_strategy: str = "absolute"  # or "relative"
+    contrast_anchors: bool = True  # with guide_model: the batch's other queries are candidates
+    contrast_positives: bool = True  # with guide_model: positive i against the other positives
     gradcache_chunk_size: int | None = None  # encoder chunk size for GradCache; None = plain in-batch
     gradcache_chunk_tokens: int | None = None  # GradCache chunks of at most this many tokens (instead of a size)
     pooling_mode: str = "mean"
@@ -173,6 +180,25 @@ class ContrastiveArguments(EvalArguments):
         if self.mode == "scored" and self.mask_false_negatives:
             raise ValueError("mask_false_negatives applies to in-batch negatives (simcse, supervised), not to scored "
                              "pairs")
+        if self.guide_model is not None:
+            if self.mode != "supervised":
+                raise ValueError(f"guide_model (GISTEmbed) filters the negatives of query / positive pairs: mode "
+                                 f"'supervised', not {self.mode!r}")
+            if self.mask_false_negatives or self.symmetric:
+                raise ValueError("guide_model filters false negatives itself: not with mask_false_negatives or "
+                                 "symmetric")
+            if self.guide_margin_strategy not in ("absolute", "relative"):
+                raise ValueError(f"guide_margin_strategy must be 'absolute' or 'relative', got "
+                                 f"{self.guide_margin_strategy!r}")
+            if not (isinstance(self.guide_margin, (int, float)) and math.isfinite(self.guide_margin)):
+                raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin!r}")
+            if Path(self.guide_model).exists():
+                self.guide_model = str(Path(self.guide_model).resolve())
+        else:
+            for name, default in (("guide_margin", 0.0), ("guide_margin_strategy", "absolute"),
+                                  ("contrast_anchors", True), ("contrast_positives", True)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} given without guide_model: it would have no effect")
         if not isinstance(self.num_negatives, int) or self.num_negatives < 0:
             raise ValueError(f"num_negatives must be an int >= 0, got {self.num_negatives!r}")
         for name in ("gradcache_chunk_size", "gradcache_chunk_tokens"):
@@ -271,8 +297,10 @@ class ContrastiveTrainer(AdapterTrainer):
     def __init__(self, *args, scale: float = 50.0, mask_false_negatives: bool = False, loss: str = "infonce",
                  symmetric: bool = False,
                  gradcache_chunk_size: int | None = None, gradcache_chunk_tokens: int | None = None,
-                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None, **kwargs):
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None,
+                 guide=None, guide_options: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.guide, self.guide_options = guide, dict(guide_options or {})
         self.peft_module = self.model.encoder.model
         self.scale = scale
         self.loss_name = loss
@@ -285,9 +313,21 @@ class ContrastiveTrainer(AdapterTrainer):
     def _encode(self, model, texts):
         return model(self.model.encoder.tokenize(texts))
 
-    def _loss(self, reps, sizes, scores=None):
+    def _guide_embeddings(self, texts):
+        """The frozen guide's embeddings of a batch's texts (GISTEmbed), on the training device, outside autograd."""
+        with torch.no_grad():
+            g = self.guide.encode(list(texts), convert_to_tensor=True, show_progress_bar=False)
+        return g.clone().to(self.args.device)  # a plain tensor (encode's is an inference tensor)
+
+    def _loss(self, reps, sizes, scores=None, guide=None):
         nq, np_, nn_ = sizes
         q, p = reps[:nq], reps[nq:nq + np_]
+        if guide is not None:
+            n = reps[nq + np_:nq + np_ + nn_] if nn_ else None
+            gn = guide[nq + np_:nq + np_ + nn_] if nn_ else None
+            return gist_loss(q, p, n, guide[:nq], guide[nq:nq + np_], gn, scale=self.scale,
+                             matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
+                             **self.guide_options)
         if self.loss_name != "infonce":
             return scored_pair_loss(q, p, scores, self.loss_name, scale=self.scale,
                                     matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights)
@@ -297,8 +337,9 @@ class ContrastiveTrainer(AdapterTrainer):
                                       matryoshka_weights=self.matryoshka_weights, symmetric=self.symmetric)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        guide = self._guide_embeddings(inputs["texts"]) if self.guide is not None else None
         reps = self._encode(model, inputs["texts"])
-        loss = self._loss(reps, inputs["sizes"], inputs.get("scores"))
+        loss = self._loss(reps, inputs["sizes"], inputs.get("scores"), guide)
         return (loss, {"embeddings": reps}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -313,6 +354,7 @@ class ContrastiveTrainer(AdapterTrainer):
 
     def _grad_cache(self, model, inputs, ga):
         texts, encode, chunks = inputs["texts"], (lambda ts: self._encode(model, ts)), self.gradcache_chunk_size
+        guide = self._guide_embeddings(texts) if self.guide is not None else None
         if self.gradcache_chunk_tokens:
             # tokenized once, chunked by tokens (what a chunk's activations grow with), packed per chunk
             ids, starts, _ = self.model.encoder.tokenize_items(_normalize_inputs(texts))
@@ -323,7 +365,7 @@ class ContrastiveTrainer(AdapterTrainer):
                 return model(pack([ids[i] for i in rows], [starts[i] for i in rows]))
         return grad_cache_step(
             encode=encode,
-            loss_fn=lambda reps: self._loss(reps, inputs["sizes"], inputs.get("scores")),
+            loss_fn=lambda reps: self._loss(reps, inputs["sizes"], inputs.get("scores"), guide),
             items=texts, chunk_size=chunks,
             backward=lambda t: self.accelerator.backward(t / ga),
             no_sync=lambda: self.accelerator.no_sync(model),
@@ -347,6 +389,19 @@ def load_encoder(args: ContrastiveArguments):
     if args.gradient_checkpointing:
         enable_checkpointing(encoder.model, args.gradient_checkpointing)
     return encoder
+
+
+def load_guide(args: ContrastiveArguments, encoder):
+    """The frozen GISTEmbed guide (``args.guide_model``, any folder ``LLM2Vec.from_pretrained`` loads, with its own
+    pooling and settings) on the trained encoder's device, or None."""
+    if args.guide_model is None:
+        return None
+    from llm2vec_fast import LLM2Vec
+
+    guide = LLM2Vec.from_pretrained(args.guide_model, device=encoder.device, dtype=args.dtype)
+    guide.model.requires_grad_(False)
+    guide.model.eval()
+    return guide
 
 
 def build_dataset(args: ContrastiveArguments, world_size: int = 1):
@@ -452,7 +507,10 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                   processing_class=encoder.tokenizer, scale=args.scale, loss=args.loss, symmetric=args.symmetric,
                   mask_false_negatives=args.mask_false_negatives, gradcache_chunk_size=args.gradcache_chunk_size,
                   gradcache_chunk_tokens=args.gradcache_chunk_tokens, matryoshka_dims=args.matryoshka_dims,
-                  matryoshka_weights=args.matryoshka_weights)
+                  matryoshka_weights=args.matryoshka_weights, guide=load_guide(args, encoder),
+                  guide_options=dict(margin=args.guide_margin, margin_strategy=args.guide_margin_strategy,
+                                     contrast_anchors=args.contrast_anchors,
+                                     contrast_positives=args.contrast_positives))
     trainer.run_identity = run_identity(args)
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     monitor = _monitor(trainer, encoder, args)

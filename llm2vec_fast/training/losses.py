@@ -241,6 +241,100 @@ def hard_negative_nll_loss_ref(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor
     return torch.stack(losses).mean()
 
 
+GIST_MARGIN_STRATEGIES = ("absolute", "relative")
+
+
+def gist_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, gq: torch.Tensor, gp: torch.Tensor,
+              gn: torch.Tensor | None = None, scale: float = 100.0, margin: float = 0.0,
+              margin_strategy: str = "absolute", contrast_anchors: bool = True, contrast_positives: bool = True,
+              gather: bool = True, matryoshka_dims: Sequence[int] | None = None,
+              matryoshka_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """GISTEmbed (Solatorio, 2024; sentence-transformers' ``GISTEmbedLoss``): InfoNCE whose negatives are filtered by
+    a frozen guide model.
+
+    ``q``, ``p`` [B, H] and hard negatives ``n`` [Bn, H] (or None) are the trained model's embeddings; ``gq``, ``gp``,
+    ``gn`` the guide's for the same texts (any width). Query i's candidates are every positive and hard negative of
+    the (global) batch, and, with ``contrast_anchors`` / ``contrast_positives``, the batch's other queries and
+    positive i's similarity to the other positives (as sentence-transformers builds them). A candidate whose guide
+    similarity to query i (for the positive-positive block: to positive i) exceeds the guide's similarity of query i
+    and its own positive, less ``margin`` (``absolute``) or less ``|that| × margin`` (``relative``), is taken for a
+    false negative and left out; the own positive never is. Cosine × ``scale`` (100 = temperature 0.01),
+    cross-entropy towards the own positive, mean over queries. Under torch.distributed (and ``gather``) positives and
+    negatives, the guide's too, of all processes are candidates; queries stay local, as in sentence-transformers.
+    ``matryoshka_dims``: the loss on each prefix of the trained embeddings (the guide's filter is the same for all),
+    weighted and summed."""
+    if q.dim() != 2 or p.shape != q.shape:
+        raise ValueError(f"q and p must both be [B, H] of the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
+    if gq.shape[0] != q.shape[0] or gp.shape[0] != p.shape[0] or (n is None) != (gn is None) \
+            or (n is not None and gn.shape[0] != n.shape[0]):
+        raise ValueError(f"the guide's embeddings must match the model's row for row: q {tuple(q.shape)} / "
+                         f"{tuple(gq.shape)}, p {tuple(p.shape)} / {tuple(gp.shape)}, n "
+                         f"{None if n is None else tuple(n.shape)} / {None if gn is None else tuple(gn.shape)}")
+    if margin_strategy not in GIST_MARGIN_STRATEGIES:
+        raise ValueError(f"margin_strategy must be one of {GIST_MARGIN_STRATEGIES}, got {margin_strategy!r}")
+    dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, q.shape[1])
+    b = q.shape[0]
+    if gather:
+        p_all, off = gather_with_grad(p)
+        gp_all = gather_with_grad(gp)[0]
+        n_all = gather_with_grad(n)[0] if n is not None else None
+        gn_all = gather_with_grad(gn)[0] if gn is not None else None
+    else:
+        p_all, off, gp_all, n_all, gn_all = p, 0, gp, n, gn
+    with torch.no_grad():
+        g_ap = _cos(gq, gp_all)
+        rows = torch.arange(b, device=q.device)
+        own = g_ap[rows, off + rows][:, None]  # the guide's query i · positive i
+        limit = own - margin if margin_strategy == "absolute" else own - own.abs() * margin
+        blocks = [g_ap > limit]
+        blocks[0][rows, off + rows] = False  # the own positive is never filtered
+        if contrast_anchors:
+            blocks.append(_cos(gq, gq) > limit)
+        if contrast_positives:
+            blocks.append(_cos(gp_all[off:off + b], gp_all) > limit)
+        if n_all is not None:
+            blocks.append(_cos(gq, gn_all) > limit)
+        masked = torch.cat(blocks, dim=1)
+    target = rows + off
+    losses = []
+    for d, w in zip(dims, weights, strict=True):
+        sims = [_cos(q[:, :d], p_all[:, :d])]
+        if contrast_anchors:
+            sims.append(_cos(q[:, :d], q[:, :d]))
+        if contrast_positives:
+            sims.append(_cos(p_all[off:off + b, :d], p_all[:, :d]))
+        if n_all is not None:
+            sims.append(_cos(q[:, :d], n_all[:, :d]))
+        scores = (torch.cat(sims, dim=1) * scale).masked_fill(masked, float("-inf"))
+        loss = F.cross_entropy(scores, target)
+        losses.append(loss if w == 1.0 else loss * w)
+    return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+
+def gist_loss_ref(q, p, n, gq, gp, gn=None, scale=100.0, margin=0.0, margin_strategy="absolute",
+                  contrast_anchors=True, contrast_positives=True) -> torch.Tensor:
+    """Twin of :func:`gist_loss` (single process, no Matryoshka): one query at a time, candidates listed and
+    filtered one by one."""
+    def cos(a, b):
+        a, b = _acc(a), _acc(b)
+        return torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
+
+    losses = []
+    for i in range(q.shape[0]):
+        g_own = cos(gq[i], gp[i])
+        limit = g_own - margin if margin_strategy == "absolute" else g_own - g_own.abs() * margin
+        cands = [(cos(q[i], p[j]), cos(gq[i], gp[j]), j == i) for j in range(p.shape[0])]
+        if contrast_anchors:
+            cands += [(cos(q[i], q[j]), cos(gq[i], gq[j]), False) for j in range(q.shape[0])]
+        if contrast_positives:
+            cands += [(cos(p[i], p[j]), cos(gp[i], gp[j]), False) for j in range(p.shape[0])]
+        if n is not None:
+            cands += [(cos(q[i], n[j]), cos(gq[i], gn[j]), False) for j in range(n.shape[0])]
+        kept = [s * scale for s, g, is_own in cands if is_own or not bool(g > limit)]
+        losses.append(torch.logsumexp(torch.stack(kept), dim=0) - cos(q[i], p[i]) * scale)
+    return torch.stack(losses).mean()
+
+
 def simcse_loss_ref(a: torch.Tensor, b: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
     """Twin of :func:`simcse_loss`."""
     return hard_negative_nll_loss_ref(a, b, None, scale=scale)

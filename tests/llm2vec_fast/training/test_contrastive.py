@@ -403,3 +403,44 @@ def test_scored_data_with_one_score_is_refused_before_loading(tmp_path):
     c.write_text("sentence1,sentence2,score\n" + "".join(f"w{i},w{i + 1},2\n" for i in range(20)))
     with pytest.raises(ValueError, match="every pair has the score 2.0"):
         train_contrastive(_args("scored", [str(c)], tmp_path / "out", model="/nonexistent"))
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["in-batch", "gradcache"])
+def test_gist_guide_filters_during_training(tiny_model_dir, tmp_path, chunk):
+    """--guide-model (GISTEmbed): a guide whose filter lets everything through, without the extra candidate blocks,
+    trains exactly as plain InfoNCE does (same candidates, same order); the default filter changes the curve; the
+    options are recorded; GradCache computes the guide once per step."""
+    f = _triplet_csv(tmp_path / "one.csv", 1)
+    common = dict(model=tiny_model_dir, split="train", gradcache_chunk_size=chunk)
+    plain = train_contrastive(_args("supervised", [f], tmp_path / "plain", **common))
+    passthrough = train_contrastive(_args("supervised", [f], tmp_path / "pass", guide_model=tiny_model_dir,
+                                          guide_margin=-10.0, contrast_anchors=False, contrast_positives=False,
+                                          **common))
+    assert [r["loss"] for r in passthrough["losses"]] == pytest.approx([r["loss"] for r in plain["losses"]],
+                                                                       rel=1e-6)
+    gist = train_contrastive(_args("supervised", [f], tmp_path / "gist", guide_model=tiny_model_dir, **common))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in gist["losses"])
+    assert gist["losses"][0]["loss"] != pytest.approx(plain["losses"][0]["loss"], rel=1e-3)
+    rec = json.loads((tmp_path / "gist" / "llm2vec_training.json").read_text())["arguments"]
+    assert rec["guide_model"] == tiny_model_dir and rec["guide_margin_strategy"] == "absolute"
+
+
+def test_gist_arguments_are_checked(tmp_path):
+    import argparse
+
+    from llm2vec_fast.training.cli import add_subcommands
+
+    with pytest.raises(ValueError, match="mode 'supervised', not 'simcse'"):
+        _args("simcse", ["x"], tmp_path, guide_model="g")
+    with pytest.raises(ValueError, match="not with mask_false_negatives or symmetric"):
+        _args("supervised", ["x"], tmp_path, guide_model="g", symmetric=True)
+    with pytest.raises(ValueError, match="guide_margin_strategy must be 'absolute' or 'relative', got 'rel'"):
+        _args("supervised", ["x"], tmp_path, guide_model="g", guide_margin_strategy="rel")
+    with pytest.raises(ValueError, match="guide_margin given without guide_model"):
+        _args("supervised", ["x"], tmp_path, guide_margin=0.1)
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["train", "supervised", "--train-file", "x", "--output-dir", "o", "--guide-model", "g",
+                           "--guide-margin", "0.05", "--guide-margin-strategy", "relative", "--no-contrast-anchors"])
+    assert (a.guide_model, a.guide_margin, a.guide_margin_strategy, a.no_contrast_anchors,
+            a.no_contrast_positives) == ("g", 0.05, "relative", True, False)

@@ -322,3 +322,67 @@ def test_symmetric_loss_matches_twin_and_sentence_transformers(with_neg):
     emb = [q, p] if n is None else [q, p, n]
     torch.testing.assert_close(hard_negative_nll_loss(*emb, scale=20.0, symmetric=True),
                                st.compute_loss_from_embeddings(emb, None), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- GISTEmbed
+def _gist_case(with_neg, seed=70):
+    """Model and guide embeddings where the guide sees near-duplicates: texts 1 and 2 share a guide vector with the
+    positive of query 0, so the filter has something to remove."""
+    q, p = _reps(6, 9, seed), _reps(6, 9, seed + 1)
+    n = _reps(6, 9, seed + 2) if with_neg else None
+    g = torch.Generator().manual_seed(seed + 3)
+    gq, gp = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    gp[1] = gp[0] + 0.01  # positive 1 looks, to the guide, like query 0's own positive
+    gq[2] = gp[0] * 2  # and so does query 2
+    gn = torch.randn(6, 5, generator=g, dtype=torch.float64) if with_neg else None
+    if with_neg:
+        gn[3] = gp[0]
+    return q, p, n, gq, gp, gn
+
+
+@pytest.mark.parametrize("with_neg", [False, True], ids=["in-batch", "hard-neg"])
+@pytest.mark.parametrize("kw", [{}, dict(margin=0.1), dict(margin=0.2, margin_strategy="relative"),
+                                dict(contrast_anchors=False, contrast_positives=False)],
+                         ids=["default", "absolute-margin", "relative-margin", "pairs-only"])
+def test_gist_loss_matches_twin(with_neg, kw):
+    from llm2vec_fast.training.losses import gist_loss, gist_loss_ref
+
+    q, p, n, gq, gp, gn = _gist_case(with_neg)
+    ours = gist_loss(q, p, n, gq, gp, gn, scale=20.0, **kw)
+    ref = gist_loss_ref(q, p, n, gq, gp, gn, scale=20.0, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    inputs = (q, p) if n is None else (q, p, n)
+    for x, y in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(ref, inputs), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    # the guide does filter: a margin that lets every candidate through gives another loss
+    unfiltered = gist_loss(q, p, n, gq, gp, gn, scale=20.0, **{**kw, "margin": -10.0, "margin_strategy": "absolute"})
+    assert not torch.isclose(ours, unfiltered)
+
+
+@pytest.mark.parametrize("with_neg", [False, True], ids=["in-batch", "hard-neg"])
+def test_gist_loss_equals_sentence_transformers(with_neg):
+    """The value of sentence-transformers' GISTEmbedLoss on the same model and guide embeddings (its forward, with
+    the embedding step replaced by these tensors), plain and with a relative margin."""
+    gist_mod = pytest.importorskip("sentence_transformers.sentence_transformer.losses.gist_embed")
+    from llm2vec_fast.training.losses import gist_loss
+
+    q, p, n, gq, gp, gn = _gist_case(with_neg)
+    model, guide = object(), object()
+    table = {id(model): [q, p] + ([n] if with_neg else []), id(guide): [gq, gp] + ([gn] if with_neg else [])}
+    for kw in ({}, dict(margin=0.2, margin_strategy="relative"), dict(contrast_anchors=False)):
+        st = gist_mod.GISTEmbedLoss.__new__(gist_mod.GISTEmbedLoss)
+        torch.nn.Module.__init__(st)
+        st.model, st.guide, st.temperature = model, guide, 0.05
+        st.similarity_fct = torch.nn.CosineSimilarity(dim=-1)
+        st.must_retokenize, st.gather_across_devices = False, False
+        st.margin_strategy, st.margin = kw.get("margin_strategy", "absolute"), kw.get("margin", 0.0)
+        st.contrast_anchors, st.contrast_positives = kw.get("contrast_anchors", True), True
+        st.cross_entropy_loss = torch.nn.CrossEntropyLoss()
+        orig = gist_mod.embed_columns
+        gist_mod.embed_columns = lambda m, feats: [t.clone() for t in table[id(m)]]
+        try:
+            theirs = st([{} for _ in table[id(model)]], None)
+        finally:
+            gist_mod.embed_columns = orig
+        ours = gist_loss(q, p, n, gq, gp, gn, scale=20.0, **kw)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
