@@ -152,8 +152,10 @@ def test_loss_rejects_mismatched_shapes():
         hard_negative_nll_loss(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5))
 
 
-def _dist_worker(rank, world, port, path, q, p, n, symmetric=False):
+def _dist_worker(rank, world, port, path, q, p, n, symmetric=False, guide=None):
     import torch.distributed as dist
+
+    from llm2vec_fast.training.losses import gist_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -161,7 +163,10 @@ def _dist_worker(rank, world, port, path, q, p, n, symmetric=False):
         b = q.shape[0] // world
         sl = slice(rank * b, (rank + 1) * b)
         ql, pl, nl = (x[sl].clone().requires_grad_(True) for x in (q, p, n))
-        loss = hard_negative_nll_loss(ql, pl, nl, scale=50.0, mask_false_negatives=True, symmetric=symmetric)
+        if guide is not None:  # GISTEmbed; the other queries are local candidates only, so they are left out here
+            loss = gist_loss(ql, pl, nl, *(g[sl] for g in guide), scale=50.0, contrast_anchors=False)
+        else:
+            loss = hard_negative_nll_loss(ql, pl, nl, scale=50.0, mask_false_negatives=True, symmetric=symmetric)
         loss.backward()
         torch.save((loss.detach(), [g.clone() for g in (ql.grad, pl.grad, nl.grad)]), f"{path}/{rank}.pt")
         # both ranks finished every collective before either tears gloo down: a rank that destroys its group while
@@ -171,7 +176,7 @@ def _dist_worker(rank, world, port, path, q, p, n, symmetric=False):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("symmetric", [False, True, "gist"], ids=["one-way", "symmetric", "gist"])
 def test_gather_across_processes_equals_global_batch(tmp_path, symmetric):
     """Two gloo processes, half the batch each: the mean of their losses equals the single-process loss on the
     whole batch, and their representation gradients, divided by the world size as DDP's averaging of parameter
@@ -186,8 +191,13 @@ def test_gather_across_processes_equals_global_batch(tmp_path, symmetric):
         port = s.getsockname()[1]
     # spawn, not fork: a child forked after the parent's OpenMP pool started hangs in its first parallel region
     # (it did in the full suite); a deadline turns any other hang into a failure
-    ctx = mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n, symmetric), nprocs=2, join=False,
-                             start_method="spawn")
+    guide = None
+    if symmetric == "gist":
+        guide = tuple(x.detach()[:, :5] * 3 for x in (q, p, n))
+        guide[1][1] = guide[1][0]  # a filtered candidate on the other rank's side
+        guide[2][4] = guide[1][0]
+    ctx = mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), q, p, n, symmetric is True, guide), nprocs=2,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
@@ -196,8 +206,13 @@ def test_gather_across_processes_equals_global_batch(tmp_path, symmetric):
             pytest.fail("the two gloo workers did not finish within 180 s")
     r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     qg, pg, ng = (x.clone().requires_grad_(True) for x in (q, p, n))
-    full = hard_negative_nll_loss(qg, pg, ng, scale=50.0, mask_false_negatives=True, gather=False,
-                                  symmetric=symmetric)
+    if guide is not None:
+        from llm2vec_fast.training.losses import gist_loss
+
+        full = gist_loss(qg, pg, ng, *guide, scale=50.0, contrast_anchors=False, gather=False)
+    else:
+        full = hard_negative_nll_loss(qg, pg, ng, scale=50.0, mask_false_negatives=True, gather=False,
+                                      symmetric=symmetric)
     full.backward()
     torch.testing.assert_close((r0[0] + r1[0]) / 2, full.detach())
     for i, ref in enumerate((qg.grad, pg.grad, ng.grad)):
