@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, version_of
-from .reference import check_attention_args
+from .reference import check_attention_args, check_seed
 from .reference import validate_cu_seqlens as _validate_cu_seqlens
 
 __all__ = ["flash_attention", "attention_fwd", "attention_bwd", "dropout_keep_mask", "FlashAttentionFunction",
@@ -773,8 +773,10 @@ def _pack_arg():
 
 
 def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False,
-                  tune_len=None, window_size=None):
-    """Launch the backward kernels. Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group)."""
+                  tune_len=None, window_size=None, dlse=None):
+    """Launch the backward kernels. Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group).
+    ``dlse`` ([Hq, T], or None): the gradient reaching the log-sum-exp. Since d lse_i / d s_ij = P_ij, it adds
+    P_ij · dlse_i to each score's gradient, which is the softmax backward with delta_i - dlse_i for delta_i."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     T, HQ, D = q.shape
@@ -789,6 +791,8 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     _attn_bwd_preprocess_kernel[(cdiv(T, BT), HQ)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BD=BD, BT=BT,
     )
+    if dlse is not None:
+        delta = delta - dlse.float()
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
     has_window, win_l, win_r = _window_args(window_size, T)
     common = dict(G=HQ // HKV, D=D, BD=BD, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal),
@@ -891,15 +895,17 @@ class FlashAttentionFunction(torch.autograd.Function):
                                tune_len, window_size)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, order)
         ctx.args = (max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len, window_size)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused lse (the usual case) costs nothing in the backward
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_seqlens, order = ctx.saved_tensors
         max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len, window_size = ctx.args
+        if do is None:  # only lse was used
+            do = torch.zeros_like(o)
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p,
-                                   seed, causal, tune_len, window_size)
+                                   seed, causal, tune_len, window_size, dlse=dlse)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
@@ -937,7 +943,8 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             regenerates exactly the forward's mask and the same seed gives the same output. ``None`` draws a seed
             from torch's default (CPU) generator, so ``torch.manual_seed`` makes runs reproducible. Ignored when
             ``dropout_p == 0``. :func:`dropout_keep_mask` materialises the mask for inspection.
-        return_lse: also return the log-sum-exp of the (scaled, capped, undropped) scores, ``[Hq, T]`` fp32.
+        return_lse: also return the log-sum-exp of the (scaled, capped, undropped) scores, ``[Hq, T]`` fp32;
+            differentiable too (a loss on it reaches q and k).
         causal: mask keys after the query within each sequence (default False: bidirectional).
         window_size: ``(left, right)`` local attention, FlashAttention's convention: query ``i`` sees key ``j`` of
             its sequence only when ``i - left <= j <= i + right``; ``-1`` leaves a side unlimited (the default
@@ -976,6 +983,7 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     dropout_p = float(dropout_p)
+    check_seed(seed)
     if dropout_p > 0 and seed is None:
         seed = new_seed()
     seed = 0 if seed is None else int(seed)

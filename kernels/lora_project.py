@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, num_sms
 from .reference import DROPOUT_PROJECT_MAX_RANK as MAX_RANK
-from .reference import _check_dropout_project_args
+from .reference import _check_dropout_project_args, check_seed
 
 _BN, _BK = 64, 64
 
@@ -244,6 +244,9 @@ def dropout_project(x, weight, dropout_p=0.0, seed=None):
     dtypes, devices, a rank above 128 or a probability outside ``[0, 1)``.
     """
     _check_dropout_project_args(x, weight, dropout_p)
+    check_seed(seed)
+    if x.shape[-1] == 0:  # nothing to project: zeros, still in the graph of both inputs (as the twin's x @ w.T)
+        return x.to(weight.dtype) @ weight.t()
     if seed is None:
         seed = new_seed()
     return DropoutProjectFunction.apply(x, weight, float(dropout_p), int(seed))

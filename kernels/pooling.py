@@ -10,7 +10,12 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, next_power_of_2
-from .reference import _check_pool_args, prime_pool_args  # noqa: F401 (re-exported: priming belongs with the op)
+from .reference import (  # noqa: F401 (prime_pool_args re-exported: priming belongs with the op)
+    _check_pool_args,
+    check_flag,
+    masked_pool_ref,
+    prime_pool_args,
+)
 
 _MODE_ID = {"mean": 0, "weighted_mean": 1, "last_token": 2, "first_token": 3}
 _EPS = 1e-12
@@ -232,6 +237,9 @@ def masked_pool(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=Fals
             on different devices.
     """
     mode = _check_pool_args(hidden, cu_seqlens, mode, pool_start)
+    check_flag("normalize", normalize)
+    if hidden.shape[1] == 0:  # no features: the twin's [B, 0] result, still in hidden's graph
+        return masked_pool_ref(hidden, cu_seqlens, mode, pool_start, normalize)
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     return MaskedPoolFunction.apply(hidden, cu_seqlens.contiguous(),

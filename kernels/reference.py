@@ -26,6 +26,8 @@ def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap
     if dtypes is not None and q.dtype not in dtypes:
         raise TypeError(f"q.dtype must be one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}, got "
                         f"{q.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if cu_seqlens.dtype != torch.int32:
@@ -50,8 +52,7 @@ def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap
     HKV = k.shape[1]
     if HKV == 0 or HQ % HKV != 0:
         raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout_p(dropout_p)
     if not (math.isfinite(float(softcap)) and float(softcap) >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
@@ -60,6 +61,25 @@ def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap
             and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be (left, right), two ints >= 0 or -1 for an unlimited side, got "
                          f"{window_size!r}")
+
+
+def check_dropout_p(dropout_p) -> None:
+    """A probability in [0, 1), given as a real number (a string or a bool is a TypeError, not a truthy value)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_seed(seed) -> None:
+    """A Philox seed: an int (or None: drawn from torch's generator)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+
+
+def check_flag(name, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def validate_cu_seqlens(cu, total_tokens, max_seqlen):
@@ -96,6 +116,7 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
     """
     check_attention_args(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap, dropout_p=dropout_p,
                          window_size=window_size)
+    check_seed(seed)
     left, right = window_size
     T, HQ, D = q.shape
     HKV = k.shape[1]
@@ -149,7 +170,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check_pool_args(hidden, cu_seqlens, mode, pool_start, dtypes=_FLOAT_DTYPES):
     """Validate masked_pool arguments (shared by the kernel and the twin); returns the canonical mode name."""
-    if mode not in POOL_MODES:
+    if not isinstance(mode, str) or mode not in POOL_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {sorted(POOL_MODES)}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
@@ -258,6 +279,7 @@ def masked_pool_ref(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=
     vectors (also after ``normalize``).
     """
     mode = _check_pool_args(hidden, cu_seqlens, mode, pool_start, _FLOAT_DTYPES + (torch.float64,))
+    check_flag("normalize", normalize)
     T, D = hidden.shape
     B = cu_seqlens.numel() - 1
     dev = hidden.device
@@ -277,7 +299,9 @@ def masked_pool_ref(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=
         w = (pos == lengths[seg] - 1).to(acc)
     else:  # first_token
         w = (pos == 0).to(acc)
-    x = hidden.to(acc) * w[:, None]
+    # tokens outside the pooled span are selected away, not multiplied by 0: an inf or NaN there (an instruction token
+    # overflowing in fp16) must not reach the embedding, as it does not in the kernel
+    x = torch.where(w[:, None] != 0, hidden.to(acc) * w[:, None], 0.0)
     out = torch.zeros(B, D, dtype=acc, device=dev).index_add(0, seg, x)
     if normalize:
         out = F.normalize(out, dim=-1, eps=1e-12)
@@ -290,6 +314,9 @@ def _check_ce_args(hidden, weight, labels, ignore_index, bias, dtypes=_FLOAT_DTY
 
     One host sync: the label range check and the count of non-ignored rows are read back together.
     """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (the label value of rows left out), got "
+                        f"{type(ignore_index).__name__} {ignore_index!r}")
     for name, t, dim in (("hidden", hidden, 2), ("weight", weight, 2), ("labels", labels, 1)):
         if not isinstance(t, torch.Tensor) or t.dim() != dim:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -369,6 +396,7 @@ def rms_norm_ref(x, weight, eps=1e-6, *, unit_offset=False):
     scale is ``1 + weight`` in fp32 and the product is rounded once to x's dtype.
     """
     _check_rms_norm_args(x, weight, eps, _FLOAT_DTYPES + (torch.float64,))
+    check_flag("unit_offset", unit_offset)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = x.to(acc)  # (..., D)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -486,8 +514,7 @@ def _check_dropout_project_args(x, weight, dropout_p, dtypes=_FLOAT_DTYPES):
                          f"got {weight.shape[0]}")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout_p(dropout_p)
 
 
 def dropout_project_ref(x, weight, dropout_p=0.0, seed=None, *, _keep=None):
@@ -496,10 +523,12 @@ def dropout_project_ref(x, weight, dropout_p=0.0, seed=None, *, _keep=None):
     ``_keep`` (bool, x's shape, True = kept, e.g. from ``lora_project.keep_mask``) replaces the draw so that a test
     compares against the kernels' exact mask. Differentiable through autograd."""
     _check_dropout_project_args(x, weight, dropout_p, _FLOAT_DTYPES + (torch.float64,))
+    check_seed(seed)
     xin = x.to(weight.dtype)
     if dropout_p > 0:
         if _keep is None:
-            gen = torch.Generator(device=x.device).manual_seed(int(seed or 0) % (1 << 63))
+            seed = new_seed() if seed is None else seed  # as the kernel: torch's generator decides
+            gen = torch.Generator(device=x.device).manual_seed(int(seed) % (1 << 63))
             _keep = torch.rand(x.shape, generator=gen, device=x.device) >= dropout_p
         xin = xin * _keep.reshape(x.shape).to(xin.dtype) / (1.0 - dropout_p)
     return xin @ weight.t()

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, next_power_of_2, num_sms
-from .reference import _check_rms_norm_args
+from .reference import _check_rms_norm_args, check_flag
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_D = 65536  # one program holds a whole row: beyond this it would not fit in registers (or shared memory)
@@ -212,6 +212,7 @@ def rms_norm(x, weight, eps=1e-6, *, unit_offset=False):
             devices, ``eps`` not positive and finite, ``x`` 0-dimensional or D above 65536.
     """
     _check_rms_norm_args(x, weight, eps)
+    check_flag("unit_offset", unit_offset)
     _blocks(x.shape[-1])  # the launcher's limit on D, raised before any copy or graph node is made
     if x.stride(-1) != 1:
         x = x.contiguous()

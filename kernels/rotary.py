@@ -176,8 +176,10 @@ def rope(q, k, cos, sin):
     ``c1, c2, s1, s2`` the halves of cos / sin, the forward is ``y1 = x1 c1 - x2 s1``, ``y2 = x2 c2 + x1 s2``
     and the backward its transpose, ``dx1 = g1 c1 + g2 s2``, ``dx2 = g2 c2 - g1 s1``. cos and sin get no gradient
     (they are rotary buffers); only they are saved for the backward. An output that is not used costs no backward
-    work and its input gets no gradient (``.grad`` stays None, as with HF's code, where q_out and k_out are separate
-    graphs). T = 0 gives empty outputs and launches nothing.
+    work and its input gets no gradient (``.grad`` stays None, as with HF's code). Unlike HF's code, where q_out and
+    k_out are separate graphs, both come from one autograd node (one kernel): back-propagate through them in one
+    pass, as attention does, or keep the graph (``retain_graph=True``) to go through them one after the other.
+    T = 0 gives empty outputs and launches nothing.
 
     Raises:
         TypeError: an argument not a tensor; q not float16 / bfloat16 / float32; k's dtype not q's; cos or sin
