@@ -235,10 +235,11 @@ def _autotune(kind, pack=False):
 
 @triton.jit
 def _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    # key range of a query block holding tokens [t0, t_end): keys [lo, n_full) come in whole blocks that need no
-    # mask, [n_full, hi) in blocks that do. Bidirectional: every key, only the partial last block masked. Causal: keys
-    # up to the block's last token; a block is mask-free when every key in it is at or before the block's first
-    # token. Window: the blocks meeting [t0 - WIN_L, t_end - 1 + WIN_R], all masked.
+    # key range of a query block holding tokens [t0, t_end), (lo, a, b, hi): keys [a, b) come in whole blocks that
+    # need no mask, [lo, a) and [b, hi) in blocks that do. Bidirectional: every key, only the partial last block
+    # masked. Causal: keys up to the block's last token; a block is mask-free when every key in it is at or before the
+    # block's first token. Window: the blocks meeting [t0 - WIN_L, t_end - 1 + WIN_R]; those whose every key every
+    # row of the tile sees (keys from t_end - 1 - WIN_L to t0 + WIN_R) need no mask either.
     if CAUSAL:
         hi = tl.minimum(L, t_end)
         n_full = (tl.minimum(t0 + 1, L) // BN) * BN
@@ -246,11 +247,14 @@ def _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN: tl.constexpr, CAUSAL: tl.constex
         hi = L
         n_full = (L // BN) * BN
     lo = n_full * 0
+    a = lo
+    b = n_full
     if HAS_WINDOW:
         lo = (tl.maximum(t0 - WIN_L, 0) // BN) * BN
         hi = tl.minimum(hi, t_end + WIN_R)
-        n_full = lo
-    return lo, n_full, hi
+        a = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(t_end - 1 - WIN_L, 0), BN) * BN), hi)
+        b = tl.maximum(a, tl.minimum(((t0 + WIN_R + 1) // BN) * BN, n_full))
+    return lo, a, b, hi
 
 
 @triton.jit
@@ -360,14 +364,21 @@ def _attn_fwd_kernel(
 
     # full key blocks load without masks; only the last, partial block (and, when causal, the blocks crossing the
     # diagonal) pay for them
-    lo, n_full, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, n_full, BN):
+    lo, full_lo, full_hi, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:  # the band's first blocks, partly outside it
+        for start_n in range(lo, full_lo, BN):
+            b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
+            b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
+            b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L,
+                                           qk_mul, cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
+                                           HAS_SOFTCAP, HAS_DROPOUT, PREC)
+    for start_n in range(full_lo, full_hi, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
                                        cap_mul, dropout_p, seed, WIN_L, WIN_R, False, CAUSAL, HAS_WINDOW,
                                        HAS_SOFTCAP, HAS_DROPOUT, PREC)
-    for start_n in range(n_full, hi, BN):
+    for start_n in range(full_hi, hi, BN):
         b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
         b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
@@ -415,14 +426,15 @@ def _attn_fwd_tma_kernel(
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     o_row = ((i_hq * T + bos64 + o_m) * T)[:, None]
 
-    lo, n_full, hi = _key_blocks(i_m * BM, (i_m + 1) * BM, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, n_full, BN):
+    # the launcher takes the pointer kernel for a window: here HAS_WINDOW is False and the key range starts at 0
+    _, full_lo, full_hi, hi = _key_blocks(i_m * BM, (i_m + 1) * BM, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    for start_n in range(full_lo, full_hi, BN):
         b_k = d_k.load([start_n, 0])  # [BN, BD]
         b_v = d_v.load([start_n, 0])
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
                                        cap_mul, dropout_p, seed, WIN_L, WIN_R, False, CAUSAL, HAS_WINDOW,
                                        HAS_SOFTCAP, HAS_DROPOUT, PREC)
-    for start_n in range(n_full, hi, BN):
+    for start_n in range(full_hi, hi, BN):
         b_k = d_k.load([start_n, 0])  # zero rows past L: their scores are masked below, their values never mix
         b_v = d_v.load([start_n, 0])
         b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
@@ -609,7 +621,7 @@ def _attn_bwd_dq_kernel(
     p_v = V + bos64 * stride_vt + i_h * stride_vh
     o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]
 
-    lo, _, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    lo, _, _, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BN):
         o_n = start_n + o_n0
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, True, EVEN_D)  # [BN, BD]
