@@ -579,6 +579,38 @@ def _attn_bwd_dkdv_kernel(
                 EVEN_D)
 
 
+@triton.jit
+def _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, o_n, o_m, o_row, o_d, bos64, L, stride_kt, stride_vt, qk_mul,
+              cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, D: tl.constexpr,
+              EVEN_D: tl.constexpr, PREC: tl.constexpr):
+    # one key block's contribution to a query block's dQ (P rebuilt from the lse); MASK: keys past the sequence end,
+    # after the query (causal) or outside its window are zeroed, else the block is whole and visible to every row
+    b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, MASK, EVEN_D)  # [BN, BD]
+    b_v = _load_rows(p_v, o_n, o_d, stride_vt, L, D, MASK, EVEN_D)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+    if HAS_SOFTCAP:
+        b_t = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
+        b_p = tl.exp2(cap_mul * b_t - b_lse2[:, None])
+    else:
+        b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
+    if MASK:
+        m_p = (o_n < L)[None, :]
+        if CAUSAL:
+            m_p = m_p & (o_m[:, None] >= o_n[None, :])
+        if HAS_WINDOW:
+            m_p = m_p & (o_m[:, None] - o_n[None, :] <= WIN_L) & (o_n[None, :] - o_m[:, None] <= WIN_R)
+        b_p = tl.where(m_p, b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    if HAS_DROPOUT:
+        b_keep = tl.rand(seed, o_row + (bos64 + o_n)[None, :]) >= dropout_p
+        b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    if HAS_SOFTCAP:
+        b_ds = b_ds * (1.0 - b_t * b_t)
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+
 @_autotune("dq", pack=True)
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
@@ -621,31 +653,22 @@ def _attn_bwd_dq_kernel(
     p_v = V + bos64 * stride_vt + i_h * stride_vh
     o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]
 
-    lo, _, _, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BN):
-        o_n = start_n + o_n0
-        b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, True, EVEN_D)  # [BN, BD]
-        b_v = _load_rows(p_v, o_n, o_d, stride_vt, L, D, True, EVEN_D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
-        if HAS_SOFTCAP:
-            b_t = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
-            b_p = tl.exp2(cap_mul * b_t - b_lse2[:, None])
-        else:
-            b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
-        m_p = (o_n < L)[None, :]
-        if CAUSAL:
-            m_p = m_p & (o_m[:, None] >= o_n[None, :])
-        if HAS_WINDOW:
-            m_p = m_p & (o_m[:, None] - o_n[None, :] <= WIN_L) & (o_n[None, :] - o_m[:, None] <= WIN_R)
-        b_p = tl.where(m_p, b_p, 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        if HAS_DROPOUT:
-            b_keep = tl.rand(seed, o_row + (bos64 + o_n)[None, :]) >= dropout_p
-            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        if HAS_SOFTCAP:
-            b_ds = b_ds * (1.0 - b_t * b_t)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    # whole blocks every row sees load and score without masks; the band's edges (a window), the diagonal (causal)
+    # and the partial last block are masked
+    lo, full_lo, full_hi, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:
+        for start_n in range(lo, full_lo, BN):
+            b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
+                             stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, True,
+                             CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
+    for start_n in range(full_lo, full_hi, BN):
+        b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
+                         stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, False,
+                         CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
+    for start_n in range(full_hi, hi, BN):
+        b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
+                         stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, True,
+                         CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
 
     b_dq = (b_dq * scale).to(DQ.dtype.element_ty)
     if PACK:
