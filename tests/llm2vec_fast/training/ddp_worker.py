@@ -35,3 +35,8 @@ def main(model_dir, files, out):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:4], sys.argv[4])
+    # both ranks done with every collective before either tears gloo down: a process that exits while the other's
+    # gloo threads still hold the connection makes that one abort (SIGABRT, seen in CI)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
