@@ -19,7 +19,6 @@ sentences once and is scored on prefixes of those embeddings (what ``encode(...,
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     DATA,
     environment,
-    markdown_table,
     training_evidence_parser,
-    training_run_lines,
+    write_training_evidence,
 )
 
 
@@ -104,18 +102,12 @@ def main(argv=None) -> int:
                "settings": {"steps": a.steps, "batch": a.batch, "max_length": a.max_length, "lr": a.lr,
                             "data": DATA_NAMES[a.data], "sts_pairs": a.sts_limit},
                "total_s": round(time.time() - t0, 1)}
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    md = [f"# Matryoshka loss: STS-B dev Spearman × 100 at each embedding prefix ({a.sts_limit} pairs)\n",
-          f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
-          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}"
-          f"{'' if a.peft is None else ' with ' + repr(a.peft) + ' merged'}, bidirectional, mean "
-          f"pooling; {DATA_NAMES[a.data]}, "
-          f"{a.steps} steps of batch {a.batch} × {a.max_length} tokens, lr {a.lr}, the same seed and data order "
-          f"for both losses; `dN` = the first N of {dims[0]} dimensions.\n",
-          markdown_table(rows)]
-    md += training_run_lines(runs)
-    (out / f"{stem}.md").write_text("\n".join(md))
-    print(json.dumps({"rows": rows, "total_s": payload["total_s"]}))
+    write_training_evidence(out, stem, payload,
+                            f"Matryoshka loss: STS-B dev Spearman × 100 at each embedding prefix ({a.sts_limit} pairs)",
+                            a.model, a.peft,
+                            f"bidirectional, mean pooling; {DATA_NAMES[a.data]}, {a.steps} steps of batch {a.batch} × "
+                            f"{a.max_length} tokens, lr {a.lr}, the same seed and data order for both losses; `dN` = "
+                            f"the first N of {dims[0]} dimensions.")
     return 0
 
 

@@ -12,7 +12,6 @@ LLM2Vec compares against). Writes ``scored_pairs_<card>[_<name>].json`` / ``.md`
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     DATA,
     environment,
-    markdown_table,
     training_evidence_parser,
-    training_run_lines,
+    write_training_evidence,
 )
 
 
@@ -81,17 +79,11 @@ def main(argv=None) -> int:
                "settings": {"steps": a.steps, "batch": a.batch, "lr": a.lr, "data": "STS-B train (5,749 pairs)",
                             "model": a.model or "SmolLM2-135M-Instruct", "peft": a.peft, "sts_pairs": a.sts_limit},
                "total_s": round(time.time() - t0, 1)}
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    md = [f"# Training on scored pairs: Spearman × 100 of cosine similarity ({pairs})\n",
-          f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
-          f"{'SmolLM2-135M-Instruct' if a.model is None else 'model ' + repr(a.model)}"
-          f"{'' if a.peft is None else ' with ' + repr(a.peft) + ' merged'}, mean pooling unless named; "
-          f"`train scored` on STS-B train: {a.steps} steps of batch {a.batch}, lr {a.lr}, LoRA r 16, the same seed "
-          "and data order for every loss. SICK trial is another STS set, not trained on.\n",
-          markdown_table(rows)]
-    md += training_run_lines(runs)
-    (out / f"{stem}.md").write_text("\n".join(md))
-    print(json.dumps({"rows": rows, "total_s": payload["total_s"]}))
+    write_training_evidence(out, stem, payload,
+                            f"Training on scored pairs: Spearman × 100 of cosine similarity ({pairs})", a.model, a.peft,
+                            f"mean pooling unless named; `train scored` on STS-B train: {a.steps} steps of batch "
+                            f"{a.batch}, lr {a.lr}, LoRA r 16, the same seed and data order for every loss. SICK trial "
+                            "is another STS set, not trained on.")
     return 0
 
 

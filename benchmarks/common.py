@@ -133,6 +133,25 @@ def training_run_lines(runs: dict) -> list[str]:
     return out
 
 
+def write_training_evidence(out: Path, stem: str, payload: dict, title: str, model, peft, details: str) -> None:
+    """Write an evidence script's ``<stem>.json`` (``payload``, with its ``environment``, ``rows`` and ``runs``) and
+    ``<stem>.md``: the title, the card and versions, which model was trained (``model`` None: the default one;
+    ``peft``: an adapter merged first) followed by ``details``, the rows' table and one line per training run; then
+    print the rows and the total time as one JSON line."""
+    import json
+
+    env = payload["environment"]
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    md = [f"# {title}\n",
+          f"{env['card']} · torch {env['torch']} · transformers {env['transformers']} · {env['date']}\n",
+          f"{'SmolLM2-135M-Instruct' if model is None else 'model ' + repr(model)}"
+          f"{'' if peft is None else ' with ' + repr(peft) + ' merged'}, {details}\n",
+          markdown_table(payload["rows"])]
+    md += training_run_lines(payload["runs"])
+    (out / f"{stem}.md").write_text("\n".join(md))
+    print(json.dumps({"rows": payload["rows"], "total_s": payload["total_s"]}))
+
+
 def training_evidence_parser(doc: str, work: str, steps: int, sts_limit: int | None):
     """The argument parser the training-evidence scripts share: output and work folders, the starting model and
     adapter, the result files' name suffix, steps, batch, learning rate, STS pairs scored, a time cap per run."""
