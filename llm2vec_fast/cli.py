@@ -345,6 +345,14 @@ def cmd_demo(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "train":
+        from .training.original_config import ConfigError, expand_config
+
+        try:
+            argv = expand_config(argv)  # --config FILE.json: an original llm2vec training config, as flags
+        except ConfigError as e:
+            print(f"llm2vec-fast: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser(command)
     args = parser.parse_args(argv)
     try:

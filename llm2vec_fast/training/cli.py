@@ -161,9 +161,26 @@ def _report(result: dict) -> int:
     return 0
 
 
+def _no_config(a) -> None:
+    if getattr(a, "config", None) is not None:
+        # main() expands --config into flags before parsing; a parser built elsewhere must call expand_config too
+        raise SystemExit("--config reached the parser unexpanded: pass argv through "
+                         "llm2vec_fast.training.original_config.expand_config first")
+
+
+def _config_option(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--config", default=None, metavar="FILE.json",
+                   help=f"a training config of the original llm2vec (its train_configs/{stage}/*.json, as read by "
+                        f"experiments/run_{stage}.py): each key becomes the flag it means here, keys left out take "
+                        f"the original script's defaults (e.g. LoRA r 8, lora alpha 2 r, 10,000 steps), flags given "
+                        f"on the command line win; hub dataset names need --train-file")
+
+
 def run_mntp(a) -> int:
     """``train mntp``."""
     from .mntp import MNTPArguments, train_mntp
+
+    _no_config(a)
 
     args = MNTPArguments(train_files=a.train_file, max_seq_length=a.max_seq_length, doc_split=a.doc_split,
                          max_blocks=a.max_blocks, recipe=a.recipe, mlm_probability=a.mlm_probability,
@@ -185,6 +202,8 @@ def _score_range(text: str) -> tuple[float, float]:
 def run_contrastive(a) -> int:
     """``train simcse``, ``train supervised`` and ``train scored``."""
     from .contrastive import ContrastiveArguments, train_contrastive
+
+    _no_config(a)
 
     args = ContrastiveArguments(
         mode=a.mode, train_files=a.train_file, peft=a.peft, instructions=getattr(a, "instruction", None) or [],
@@ -246,6 +265,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--validation-split-percentage", type=float, default=0.0, metavar="P",
                    help="hold out the first P %% of the training documents instead (the original run_mntp's rule)")
     g.add_argument("--max-eval-blocks", type=int, default=None, metavar="N", help="use at most N held-out blocks")
+    _config_option(p, "mntp")
     p.set_defaults(func=run_mntp)
 
     for mode, helptext, desc in (
@@ -333,14 +353,22 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                            help="instruction for both texts of a pair (a symmetric task): once for all files, or "
                                 "once per --train-file")
         _common(p)
+        if mode != "scored":
+            _config_option(p, mode)
         p.set_defaults(func=run_contrastive, mode=mode)
     return train
 
 
 def main(argv=None) -> int:
     """Standalone entry (``python -m llm2vec_fast.training.cli train ...``), e.g. under torchrun."""
+    from .original_config import ConfigError, expand_config
+
     parser = argparse.ArgumentParser(prog="llm2vec-fast")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
+    try:
+        argv = expand_config(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        parser.exit(2, f"llm2vec-fast: error: {e}\n")
     a = parser.parse_args(argv)
     return a.func(a)
 
