@@ -44,3 +44,21 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n, as triton.next_power_of_2 (which gives 0 for 0)."""
     return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+
+
+def first_order_only(backward):
+    """Decorate an autograd Function's ``backward``: run under ``create_graph=True`` (the engine then enables grad
+    mode), it raises, since its gradients come from kernels with no graph of their own and a loss on them (a gradient
+    penalty) would silently miss every second-order term. (``once_differentiable`` is not enough: its error node is
+    skipped when the gradient loss also reaches the input through a first-order path.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{type(ctx).__name__.removesuffix('Backward')}: double backward is not supported "
+                               "(this backward ran with create_graph=True; its kernel gradients have no graph, so "
+                               "second-order terms would be lost): use the PyTorch twin in llm2vec_fast.kernels."
+                               "reference for higher-order gradients")
+        return backward(ctx, *grads)
+
+    return wrapper

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, version_of
+from ._launch import cdiv, first_order_only, kernel_seed, new_seed, next_power_of_2, version_of
 from .reference import check_attention_args, check_seed
 from .reference import validate_cu_seqlens as _validate_cu_seqlens
 
@@ -753,10 +753,11 @@ def _set_tma_allocator():
 
 
 def _window_args(window_size, T):
-    # (HAS_WINDOW, WIN_L, WIN_R): an unlimited side (-1) becomes T, which no in-sequence distance reaches
+    # (HAS_WINDOW, WIN_L, WIN_R): an unlimited side (-1), or one of T or more, becomes T, which no in-sequence
+    # distance reaches (and keeps i + WIN_R far from int64 overflow in the kernels); both unlimited: no window
     left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
-    has = left >= 0 or right >= 0
-    return has, (left if left >= 0 else T), (right if right >= 0 else T)
+    left, right = (T if w < 0 or w >= T else w for w in (left, right))
+    return left < T or right < T, left, right
 
 
 def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropout_p, seed, causal=False, tune_len=None,
@@ -873,7 +874,9 @@ def _seq_info(cu_seqlens, total_tokens, max_seqlen):
 
     A tensor made under ``torch.inference_mode`` has no version counter, so an in-place change to it cannot be seen:
     its validation is reused only when :func:`prime_seq_info` gave the values, otherwise it is validated again at
-    every call (a device-to-host copy each time; priming avoids them)."""
+    every call (a device-to-host copy each time; priming avoids them). A write that the version counter does not see
+    either (through ``.data``, a numpy or DLPack view, another library's kernel) goes unnoticed as well: write a new
+    pack's offsets into a new tensor, or prime the edited one again."""
     key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), total_tokens, max_seqlen)
     ref = _SEQ_CACHE["ref"]
     if ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"] == key \
@@ -934,6 +937,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_seqlens, order = ctx.saved_tensors
         max_seqlen, scale, softcap, dropout_p, seed, causal, tune_len, window_size = ctx.args
@@ -962,11 +966,13 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
         k, v: ``[T, Hkv, D]`` keys and values (same ``T`` and ``D`` as ``q``).
         cu_seqlens: int32 ``[B + 1]`` cumulative sequence lengths on ``q``'s device: ``cu_seqlens[0] == 0``,
             non-decreasing, ``cu_seqlens[-1] == T``; sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``.
-            Empty sequences are allowed.
-        max_seqlen: Python int ≥ the longest sequence (sizes the launch grid; a larger value only launches programs
-            that exit at once). Changing it, or ``T``, never recompiles the kernels; the autotuner re-tunes once per
-            length bucket (the pack's work-weighted length ΣL²/ΣL ≤ 256, ≤ 1024, longer; packs of at most 8192
-            tokens apart) and dtype/head-dim/flag combination.
+            Empty sequences are allowed. The values are checked on the host once per tensor and cached until the
+            tensor's version changes (the layers of one forward share the check): a write that bypasses the version
+            counter (``.data``, a numpy view, another kernel) is not seen, so give each pack a new tensor.
+        max_seqlen: Python int ≥ the longest sequence (sizes the launch grid, at most ``T`` programs' worth of
+            rows: a larger value only launches programs that exit at once). Changing it, or ``T``, never recompiles
+            the kernels; the autotuner re-tunes once per length bucket (the pack's work-weighted length
+            ΣL²/ΣL ≤ 256, ≤ 1024, longer; packs of at most 8192 tokens apart) and dtype/head-dim/flag combination.
         scale: softmax scale applied to ``q·k``; default ``1 / sqrt(D)``.
         softcap: Gemma-2 style logit soft-capping ``s ← softcap · tanh(s / softcap)`` applied to the scaled scores
             (0 disables it); the backward uses its exact derivative.
@@ -1010,10 +1016,12 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
             ``max_seqlen``, ``dropout_p`` outside ``[0, 1)``, ``softcap < 0``, ``scale <= 0`` or not finite,
             ``window_size`` not two ints >= -1.
     """
-    _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p, window_size)
+    _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p, window_size, scale, causal, return_lse)
     T, HQ, D = q.shape
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read it as a dense array (a strided view is copied)
     order, tune_len = _seq_info(cu_seqlens, T, int(max_seqlen))
+    # no sequence is longer than the pack (validated): a larger max_seqlen would only size the grid with idle programs
+    max_seqlen = min(int(max_seqlen), T)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
@@ -1029,9 +1037,10 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0,
     return (o, lse) if return_lse else o
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p, window_size=(-1, -1)):
-    check_attention_args(q, k, v, cu_seqlens, max_seqlen, softcap=softcap, dropout_p=dropout_p,
-                         dtypes=SUPPORTED_DTYPES, window_size=window_size)
+def _validate(q, k, v, cu_seqlens, max_seqlen, softcap, dropout_p, window_size=(-1, -1), scale=None, causal=False,
+              return_lse=False):
+    check_attention_args(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                         dtypes=SUPPORTED_DTYPES, window_size=window_size, causal=causal, return_lse=return_lse)
     if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); use "
                          "llm2vec_fast.kernels.reference.flash_attention_ref on CPU")

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import next_power_of_2
+from ._launch import first_order_only, next_power_of_2
 from .reference import _check_ce_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -109,7 +109,19 @@ def linear_ce_fwd(hidden, weight, labels, ignore_index, bias, n_valid, need_gh, 
             gw.addmm_(lg.t(), h)
         if need_gb:
             gb32 += lg.sum(0, dtype=torch.float32)
-    return loss_rows.sum(), gh, gw, gb32.to(bias.dtype) if gb32 is not None else None
+    loss = loss_rows.sum()
+    if hidden.dtype == torch.float16 and not bool(torch.isfinite(loss)):
+        _raise_if_overflow(hidden, weight, bias)
+    return loss, gh, gw, gb32.to(bias.dtype) if gb32 is not None else None
+
+
+def _raise_if_overflow(hidden, weight, bias):
+    # fp16 logits are made by the matmul in fp16: one above 65504 becomes inf and the loss NaN. Finite inputs with a
+    # non-finite loss can only mean that; say so rather than hand back NaN (non-finite inputs give NaN as they should)
+    if all(bool(torch.isfinite(t).all()) for t in (hidden, weight, bias) if t is not None):
+        raise ValueError("fused_linear_cross_entropy: float16 logits overflowed (|hidden @ weight.T| above 65504, "
+                         "float16's largest value) for finite inputs; use bfloat16 or float32 inputs, or scale them "
+                         "down")
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -122,6 +134,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, dloss):
         if ctx.grads is None:
             raise RuntimeError("fused_linear_cross_entropy: backward was already run once for this loss (its "
@@ -161,7 +174,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, bia
 
     Raises:
         ValueError / TypeError: wrong ranks, shapes or dtypes, tensors on different devices, or a label outside
-            ``[0, V)`` that is not ``ignore_index`` (the message names it).
+            ``[0, V)`` that is not ``ignore_index`` (the message names it); float16 inputs whose logits overflow
+            float16 (the logits are made in the input dtype: a loss that is not finite for finite inputs raises
+            instead of coming back NaN; that check reads the loss back once per call, float16 only).
     """
     n_valid = _check_ce_args(hidden, weight, labels, ignore_index, bias)
     grad_on = torch.is_grad_enabled()

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, kernel_seed, new_seed, next_power_of_2, num_sms
+from ._launch import cdiv, first_order_only, kernel_seed, new_seed, next_power_of_2, num_sms
 from .reference import DROPOUT_PROJECT_MAX_RANK as MAX_RANK
 from .reference import _check_dropout_project_args, check_seed
 
@@ -215,6 +215,7 @@ class DropoutProjectFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
@@ -245,7 +246,9 @@ def dropout_project(x, weight, dropout_p=0.0, seed=None):
     """
     _check_dropout_project_args(x, weight, dropout_p)
     check_seed(seed)
-    if x.shape[-1] == 0:  # nothing to project: zeros, still in the graph of both inputs (as the twin's x @ w.T)
+    if x.shape[-1] == 0 or weight.shape[0] == 0:
+        # nothing to project or no output column: zeros or an empty result, still in the graph of both inputs (as the
+        # twin's x @ w.T), with zero or empty gradients
         return x.to(weight.dtype) @ weight.t()
     if seed is None:
         seed = new_seed()

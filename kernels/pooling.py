@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, first_order_only, next_power_of_2
 from .reference import (  # noqa: F401 (prime_pool_args re-exported: priming belongs with the op)
     _check_pool_args,
     check_flag,
@@ -192,6 +192,7 @@ class MaskedPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, dout):
         cu_seqlens, pool_start, pooled = ctx.saved_tensors
         dh = pool_bwd(dout, pooled, cu_seqlens, ctx.mode, pool_start, ctx.T, ctx.dtype)

@@ -3,6 +3,7 @@
 Only torch is imported here, never triton or transformers.
 """
 import math
+import numbers
 import weakref
 
 import torch
@@ -13,7 +14,7 @@ from ._launch import new_seed, version_of
 
 # ==== ATTENTION (flash_attention_ref) ====
 def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, dtypes=None,
-                         window_size=(-1, -1)):
+                         window_size=(-1, -1), causal=False, return_lse=False):
     """The argument checks ``flash_attention`` and its twin share (types, shapes, devices, GQA, dropout, softcap,
     scale); the kernel adds its own (dtypes, head dims, layout, CUDA). Values of ``cu_seqlens`` are checked on the
     host by :func:`validate_cu_seqlens`."""
@@ -53,6 +54,11 @@ def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap
     if HKV == 0 or HQ % HKV != 0:
         raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the number of kv heads ({HKV})")
     check_dropout_p(dropout_p)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    for name, x in (("softcap", softcap), ("scale", scale)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
     if not (math.isfinite(float(softcap)) and float(softcap) >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
@@ -115,10 +121,10 @@ def flash_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=
     Differentiable through autograd.
     """
     check_attention_args(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap, dropout_p=dropout_p,
-                         window_size=window_size)
+                         window_size=window_size, causal=causal, return_lse=return_lse)
     check_seed(seed)
-    left, right = window_size
     T, HQ, D = q.shape
+    left, right = (-1 if w >= T else w for w in window_size)  # no in-sequence distance reaches T: unlimited
     HKV = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cu = cu_seqlens.tolist()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2, num_sms
+from ._launch import cdiv, first_order_only, next_power_of_2, num_sms
 from .reference import _check_rms_norm_args, check_flag
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,6 +159,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_bwd(dy, x2, weight, rstd, ctx.x_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],

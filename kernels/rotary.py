@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2
-from .reference import _check_rope_args
+from ._launch import cdiv, first_order_only, next_power_of_2
+from .reference import _check_rope_args, rope_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # half-width elements per [BT, BH, BD] tile: on the GPU one token's 32 heads of D = 128 (or several tokens of fewer
@@ -133,6 +133,7 @@ class RoPEFunction(torch.autograd.Function):
         return q_out, k_out
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
         dq_out = dq_out if ctx.needs_input_grad[0] else None
@@ -174,8 +175,10 @@ def rope(q, k, cos, sin):
 
     Gradients flow to q and k (in their dtype, contiguous, fp32 math): with ``x1, x2`` the halves of a head and
     ``c1, c2, s1, s2`` the halves of cos / sin, the forward is ``y1 = x1 c1 - x2 s1``, ``y2 = x2 c2 + x1 s2``
-    and the backward its transpose, ``dx1 = g1 c1 + g2 s2``, ``dx2 = g2 c2 - g1 s1``. cos and sin get no gradient
-    (they are rotary buffers); only they are saved for the backward. An output that is not used costs no backward
+    and the backward its transpose, ``dx1 = g1 c1 + g2 s2``, ``dx2 = g2 c2 - g1 s1``. cos and sin are rotary
+    buffers and get no gradient from the kernel; when one of them requires grad (a learned or scaled table), the same
+    fp32 computation runs through PyTorch autograd instead, so they get theirs. Only cos and sin are saved for the
+    backward. An output that is not used costs no backward
     work and its input gets no gradient (``.grad`` stays None, as with HF's code). Unlike HF's code, where q_out and
     k_out are separate graphs, both come from one autograd node (one kernel): back-propagate through them in one
     pass, as attention does, or keep the graph (``retain_graph=True``) to go through them one after the other.
@@ -193,5 +196,10 @@ def rope(q, k, cos, sin):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
     _blocks(q.shape[-1], q.shape[1], k.shape[1])  # the launcher's limit on D, raised before any graph node is made
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        # learned or computed rotary tables: the kernel's backward has no cos / sin gradient, so the same fp32 math
+        # (one rounding to q's dtype) runs through autograd instead, and every input gets its gradient
+        qo, ko = rope_ref(q.float(), k.float(), cos.float(), sin.float())
+        return qo.to(q.dtype), ko.to(k.dtype)
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     return RoPEFunction.apply(q, k, cos, sin)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv
+from ._launch import cdiv, first_order_only
 from .reference import _check_silu_mul_args
 
 BLOCK = 1024  # 8 values per thread at 4 warps: 16-byte loads of bf16 on the GPU
@@ -97,6 +97,7 @@ class SiluMulFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         dg, du = silu_mul_bwd(dy, gate, up, ctx.act)

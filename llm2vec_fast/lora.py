@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._patch import patch, patched, unpatch
+from .kernels._launch import first_order_only  # torch only: no triton at import
 from .kernels.reference import DROPOUT_PROJECT_MAX_RANK  # torch only: no triton at import
 
 
@@ -331,6 +332,7 @@ class LoRAAddFunction(torch.autograd.Function):
         return result
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         n = ctx.n_in
@@ -434,6 +436,7 @@ class GatedDownLoRAFunction(torch.autograd.Function):
         return result
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of silently dropping second-order terms
     def backward(ctx, grad):
         from llm2vec_fast.kernels.swiglu import silu_mul_bwd, silu_mul_fwd
 

@@ -334,13 +334,17 @@ def test_no_grad_mode():
         torch.testing.assert_close(o, e)
 
 
-def test_cos_sin_get_no_gradient():
+def test_cos_sin_that_require_grad_get_the_twins_gradient():
+    # rotary buffers never require grad (the kernel path); a learned table does, and then gets its gradient
     q, k, cos, sin = _inputs(7, 4, 2, 80, torch.float32)
-    c, s = _leaf(cos), _leaf(sin)
-    q1 = _leaf(q)
-    q_out, k_out = rope(q1, k, c, s)
-    (q_out.sum() + k_out.sum()).backward()
-    assert c.grad is None and s.grad is None and q1.grad is not None
+    grads = []
+    for fn in (rope, rope_ref):
+        c, s, q1 = _leaf(cos), _leaf(sin), _leaf(q)
+        q_out, k_out = fn(q1, k, c, s)
+        (q_out.sum() + 2 * k_out.sum()).backward()
+        grads.append((c.grad, s.grad, q1.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_empty_input(monkeypatch):
