@@ -26,3 +26,19 @@ def iter_jsonl(lines: Iterable[str], path) -> Iterator[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
+
+
+def check_output_file(path, flag: str = "--output") -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or a parent that is not a
+    folder or not writable (a run that only failed at the end would lose its result)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; expected a file path (e.g. {str(p / 'result.json')!r})")
+    parent = next((a for a in [p.parent, *p.parent.parents] if a.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable")

@@ -223,7 +223,9 @@ def write_output(path, emb, texts):
 
     if path is None:
         for t, e in zip(texts, emb, strict=True):
-            vec = [round(float(x), 7) for x in e] if e.dtype.kind == "f" else e.tolist()
+            # float32: each value's shortest decimal that reads back as the same float32 (numpy's str), so stdout
+            # carries exactly what -o writes, in fewer digits
+            vec = [float(str(x)) for x in e] if e.dtype.kind == "f" else e.tolist()
             sys.stdout.write(json.dumps({"text": t, "embedding": vec}) + "\n")
         return
     suffix = path.suffix.lower()

@@ -45,13 +45,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ._io import check_count, iter_jsonl
+from ._io import check_count, check_output_file, iter_jsonl
+
+logger = logging.getLogger(__name__)
 
 LANGUAGES = ["eng-Latn"]
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -175,7 +178,8 @@ def load_sts(path) -> tuple[list[str], list[str], np.ndarray]:
         try:
             score = float(cols[isc])
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: score column {isc} is not a number: {cols[isc]!r}") from e
+            raise ValueError(f"{path}:{n}: score column {isc + 1} is not a number: {cols[isc]!r}"
+                             + (" (STS-B files have no header line)" if n == 1 and first == 1 else "")) from e
         s1.append(cols[ia])
         s2.append(cols[ib])
         gold.append(score)
@@ -209,7 +213,7 @@ def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, 
     """
     t0 = time.perf_counter()
     check_count("limit", limit, optional=True)
-    split = split or sts_split(data)
+    split = mteb_split(split) if split else sts_split(data)
     s1, s2, gold = load_sts(data)
     if limit is not None:
         s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
@@ -221,6 +225,11 @@ def evaluate_sts(model, data, *, instruction=None, limit=None, batch_size=None, 
     extra = {"task": "sts", "data": str(data), "n_pairs": len(gold), "n_sentences": len(unique),
              "instruction": instruction, "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, split, extra)
+
+
+def mteb_split(split: str) -> str:
+    """A split name as MTEB records it: ``dev`` and ``valid`` are ``validation``."""
+    return {"dev": "validation", "valid": "validation"}.get(split, split)
 
 
 def sts_split(path) -> str:
@@ -245,6 +254,14 @@ def _read_jsonl(path) -> list[dict]:
     return rows
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def load_beir(folder, split="test"):
     """Read a BEIR folder: (corpus {id: "title text"}, queries {id: text}, qrels {qid: {doc_id: score}})."""
     folder = Path(folder)
@@ -262,8 +279,8 @@ def load_beir(folder, split="test"):
     lines = qrels_path.read_text(encoding="utf-8-sig").split("\n")
     for n, line in enumerate(lines, start=1):
         cols = line.rstrip("\r").split("\t")
-        if not line.strip() or (n == 1 and not cols[-1].strip().lstrip("-").isdigit()):
-            continue  # blank line or the header
+        if not line.strip() or (n == 1 and not _is_number(cols[-1])):
+            continue  # blank line or the header (a first line whose score is no number)
         if len(cols) < 3:
             raise ValueError(f"{qrels_path}:{n}: expected query-id, corpus-id, score; got {line!r}")
         try:
@@ -276,7 +293,9 @@ def load_beir(folder, split="test"):
 def subsample_beir(corpus, queries, qrels, max_docs=None, max_queries=None, relevance_threshold=1):
     """A deterministic small slice for quick runs: the first ``max_queries`` queries (file order) that have a relevant
     document, all their relevant documents (kept even past ``max_docs``), then other documents in file order up to
-    ``max_docs``. Judged non-relevant documents get no special place: they come in with the fill or not at all."""
+    ``max_docs``. Judged non-relevant documents get no special place: they come in with the fill or not at all. The
+    kept queries' qrels are returned whole: a relevant document missing from the corpus still counts in the ideal
+    ranking and in recall, as trec_eval (and so mteb) count it."""
     check_count("max_docs", max_docs, optional=True)
     check_count("max_queries", max_queries, optional=True)
     qids = [q for q in queries if any(s >= relevance_threshold for s in qrels.get(q, {}).values())]
@@ -289,7 +308,7 @@ def subsample_beir(corpus, queries, qrels, max_docs=None, max_queries=None, rele
         keep.setdefault(d, None)
     # file order, so that the subset's ranking ties break the same way as in the full corpus
     return ({d: t for d, t in corpus.items() if d in keep}, {q: queries[q] for q in qids},
-            {q: {d: s for d, s in qrels[q].items() if d in keep} for q in qids})
+            {q: dict(qrels[q]) for q in qids})
 
 
 def ndcg_at_k(ranked: list, rels: dict, k: int = 10) -> float:
@@ -352,7 +371,19 @@ def evaluate_retrieval(model, data, *, instruction=DEFAULT_RETRIEVAL_INSTRUCTION
     """
     t0 = time.perf_counter()
     corpus, queries, qrels = load_beir(data, split)
+    unknown_docs = sorted({d for q in qrels for d in qrels[q] if d not in corpus})
+    unknown_queries = sorted(q for q in qrels if q not in queries)
+    for what, ids in (("documents", unknown_docs), ("queries", unknown_queries)):
+        if ids:
+            logger.warning("%s: the qrels name %d %s missing from the %s (e.g. %s)%s", data, len(ids), what,
+                           "corpus" if what == "documents" else "queries file", ", ".join(map(repr, ids[:3])),
+                           ": scored as never retrieved, as trec_eval does" if what == "documents" else
+                           ": not scored")
+    best = max((s for q, rels in qrels.items() if q in queries for s in rels.values()), default=None)
     corpus, queries, qrels = subsample_beir(corpus, queries, qrels, max_docs, max_queries, relevance_threshold)
+    if not queries:
+        raise ValueError(f"no query has a document scored >= --relevance-threshold {relevance_threshold} in the "
+                         f"qrels (highest score there: {best}): nothing to score")
     doc_ids, qids = list(corpus), list(queries)
     doc_emb = _embed(model, [corpus[d] for d in doc_ids], None, batch_size, max_batch_tokens, show_progress_bar,
                      truncate_dim)
@@ -362,7 +393,8 @@ def evaluate_retrieval(model, data, *, instruction=DEFAULT_RETRIEVAL_INSTRUCTION
     scores = retrieval_scores(rankings, qrels, relevance_threshold)
     name = task_name or f"{Path(data).resolve().name}-local"
     extra = {"task": "retrieval", "data": str(data), "n_docs": len(doc_ids), "n_queries": len(qids),
-             "relevance_threshold": relevance_threshold, "instruction": instruction or None,
+             "qrels_docs_missing_from_corpus": len(unknown_docs), "relevance_threshold": relevance_threshold,
+             "instruction": instruction or None,
              "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, split, extra)
 
@@ -391,8 +423,13 @@ def load_classification(path) -> tuple[list[str], list[str]]:
                 continue
             if len(row) <= max(ti, li):
                 raise ValueError(f"{path}:{n}: expected {len(header)} columns, got {len(row)}")
+            if not row[li].strip():
+                raise ValueError(f"{path}:{n}: the label column ({header[li]!r}) is empty")
             texts.append(row[ti])
             labels.append(row[li])
+    empty = sum(not t.strip() for t in texts)
+    if empty:
+        logger.warning("%s: %d of %d texts are empty (they embed to zero vectors)", path, empty, len(texts))
     if not texts:
         raise ValueError(f"{path}: no rows after the header")
     return texts, labels
@@ -465,12 +502,17 @@ def evaluate_classification(model, train, test=None, *, instruction=None, test_f
         te_x, te_y = _take(tx, ty, n_test, seed)
     if len(set(tr_y)) < 2:
         raise ValueError(f"the training part has {len(set(tr_y))} distinct label(s); need at least 2")
+    unseen = sorted(set(te_y) - set(tr_y))
+    if unseen:
+        logger.warning("%d test rows have a label the training part lacks (%s): they count as errors",
+                       sum(y in set(unseen) for y in te_y), ", ".join(map(repr, unseen[:5])))
     tr_e = _embed(model, tr_x, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
     te_e = _embed(model, te_x, instruction, batch_size, max_batch_tokens, show_progress_bar, truncate_dim)
     scores = classification_scores(tr_e, tr_y, te_e, te_y, seed)
     name = task_name or f"{Path(train).resolve().parent.name or Path(train).stem}-local"
     extra = {"task": "classification", "train": str(train), "test": str(test) if test else None,
-             "n_train": len(tr_x), "n_test": len(te_x), "n_labels": len(set(tr_y)), "seed": seed,
+             "n_train": len(tr_x), "n_test": len(te_x), "n_labels": len(set(tr_y)),
+             "n_test_unseen_labels": sum(y in set(unseen) for y in te_y), "seed": seed,
              "instruction": instruction, "truncate_dim": truncate_dim, **_model_info(model)}
     return task_result(name, scores, time.perf_counter() - t0, "test", extra)
 
@@ -535,6 +577,9 @@ def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndar
         rows = []
         for n, r in records:
             where = f"{path}:{n}"
+            if None in r:  # csv.DictReader's key for the values past the header's last column
+                raise ValueError(f"{where}: the row has more fields than the header ({len(r) - 1 + len(r[None])} "
+                                 f"for {len(r) - 1}): an unquoted separator inside a text?")
             r = {str(k).lower(): v for k, v in r.items()}
             k1 = next((k for k in _PAIR_TEXT1 if k in r), None)
             k2 = next((k for k in _PAIR_TEXT2 if k in r), None)
@@ -641,7 +686,7 @@ def evaluate_pair_classification(model, data, *, split="test", instruction=None,
              "n_pairs": len(labels), "n_positive": int(labels.sum()), "left_out_neutral": left_out,
              "n_sentences": len(unique), "instruction": instruction, "truncate_dim": truncate_dim,
              **_model_info(model)}
-    result_split = {"dev": "validation", "valid": "validation"}.get(split, split)
+    result_split = mteb_split(split)
     return task_result(name, scores, time.perf_counter() - t0, result_split, extra)
 
 
@@ -994,8 +1039,11 @@ def save_result(result: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)  # no half-written result file if interrupted
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)  # no half-written result file if interrupted
+    finally:
+        tmp.unlink(missing_ok=True)
     path.with_suffix(".md").write_text(f"# {result['task_name']}\n\n" + summary_table(result))
     return path
 
@@ -1120,6 +1168,8 @@ def run_eval(args, model=None) -> int:
                  "truncate_dim", "batch_size", "max_batch_tokens"):  # before the model loads
         if getattr(args, name, None) is not None:
             check_count(name, getattr(args, name))
+    if args.output:
+        check_output_file(args.output)
     model = model if model is not None else _load_model(args)
     common = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, task_name=args.task_name,
                   show_progress_bar=args.progress, truncate_dim=args.truncate_dim)

@@ -23,11 +23,14 @@ def model_args(tiny_encoder_dir):
     return ["--model", str(tiny_encoder_dir), "--device", "cpu"]
 
 
-def test_encode_arguments_to_stdout(model_args, capsys):
+def test_encode_arguments_to_stdout(model_args, capsys, tmp_path):
     code, out, _ = run(["encode", "hello world", "second text", *model_args], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["text"] for r in rows] == ["hello world", "second text"]
     assert len(rows[0]["embedding"]) == 64
+    # the printed decimals read back as exactly the float32 values -o writes
+    code, _, _ = run(["encode", "hello world", "second text", "-o", str(tmp_path / "e.npy"), *model_args], capsys)
+    assert np.array_equal(np.array([r["embedding"] for r in rows], dtype=np.float32), np.load(tmp_path / "e.npy"))
 
 
 def test_encode_txt_to_npy_matches_api(model_args, tiny_encoder_dir, tmp_path, capsys):

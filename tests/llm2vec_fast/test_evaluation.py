@@ -45,7 +45,7 @@ def test_load_sick_trial(data_dir):
 def test_load_sts_errors(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("g\tf\t2012\t0001\t4.0\ta\tb\ng\tf\t2012\t0002\tfour\ta\tb\n")
-    with pytest.raises(ValueError, match=r"bad.tsv:2: score column 4 is not a number: 'four'"):
+    with pytest.raises(ValueError, match=r"bad.tsv:2: score column 5 is not a number: 'four'"):
         ev.load_sts(bad)
     short = tmp_path / "short.tsv"
     short.write_text("g\tf\t2012\t0001\t4.0\tonly one sentence\n")
@@ -163,7 +163,7 @@ def test_load_beir_mini_sets(data_dir, name, n_qrels):
     c2, q2, r2 = small
     assert len(q2) == 10 and len(c2) >= 300
     assert all(d in c2 for q in q2 for d, s in qrels[q].items() if s >= 1)
-    assert all(d in c2 for q in q2 for d in r2[q])
+    assert r2 == {q: qrels[q] for q in q2}  # whole qrels: judgments outside the slice still count as trec_eval's
     if name == "dbpedia":  # 0-graded judgments are not forced in: the slice stays small
         assert len(c2) == 300
     assert small == ev.subsample_beir(corpus, queries, qrels, max_docs=300, max_queries=10)
@@ -195,6 +195,43 @@ def test_evaluate_retrieval_instruction_on_queries_only(tmp_path):
     assert enc2.calls[1] == ["why do cats purr", "fish swim"]
 
 
+def test_retrieval_scores_qrels_as_trec_eval_does(tmp_path, caplog):
+    """A relevant document missing from the corpus still counts in the ideal ranking and in recall, and a query
+    whose relevant documents are all missing scores 0 (trec_eval, and so mteb, on the same rankings); both are
+    named in a warning and recorded."""
+    _write_beir(tmp_path / "toy")
+    qrels = tmp_path / "toy" / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "q1\tdGONE\t1\nq3\tdLOST\t2\n")
+    with caplog.at_level("WARNING"):
+        r = ev.evaluate_retrieval(FakeEncoder(), tmp_path / "toy", instruction="")
+    e, info = r["scores"]["test"][0], r["llm2vec_fast"]
+    assert "the qrels name 2 documents missing from the corpus (e.g. 'dGONE', 'dLOST')" in caplog.text
+    assert info["n_queries"] == 3 and info["qrels_docs_missing_from_corpus"] == 2
+    q1 = ev.ndcg_at_k(["d1"], {"d1": 1, "dGONE": 1})  # d1 first (the toy's one match), dGONE never retrieved
+    assert q1 == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    assert e["ndcg_at_10"] == pytest.approx((q1 + 1.0 + 0.0) / 3)
+    assert e["recall_at_100"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    run = {q: {d: float(-i) for i, d in enumerate(docs)} for q, docs in
+           {"q1": ["d1", "d2", "d3", "d4"], "q2": ["d3", "d1", "d2", "d4"], "q3": ["d1", "d2", "d3", "d4"]}.items()}
+    want = pytrec_eval.RelevanceEvaluator(ev.load_beir(tmp_path / "toy")[2], {"ndcg_cut.10"}).evaluate(run)
+    assert np.mean([v["ndcg_cut_10"] for v in want.values()]) == pytest.approx(e["ndcg_at_10"])
+
+
+def test_headerless_qrels_with_a_decimal_score_keep_their_first_row(tmp_path):
+    _write_beir(tmp_path / "toy")
+    (tmp_path / "toy" / "qrels" / "test.tsv").write_text("q1\td1\t2.0\nq2\td3\t1\n")
+    assert ev.load_beir(tmp_path / "toy")[2] == {"q1": {"d1": 2}, "q2": {"d3": 1}}
+
+
+def test_a_threshold_no_qrels_reach_is_named(tmp_path):
+    _write_beir(tmp_path / "toy")
+    enc = FakeEncoder()
+    with pytest.raises(ValueError, match=r"relevance-threshold 3 in the qrels \(highest score there: 2\)"):
+        ev.evaluate_retrieval(enc, tmp_path / "toy", relevance_threshold=3)
+    assert enc.calls == []  # refused before encoding
+
+
 def test_load_beir_errors(tmp_path):
     _write_beir(tmp_path / "toy")
     with pytest.raises(FileNotFoundError, match="qrels"):
@@ -216,6 +253,21 @@ def test_load_banking77_and_split(data_dir):
     assert a[0] != ev.split_rows(texts, labels, n_train=400, n_test=200, seed=1)[0]
     with pytest.raises(ValueError, match="cannot take 10000 train \\+ 200 test rows from 10003"):
         ev.split_rows(texts, labels, n_train=10000, n_test=200)
+
+
+def test_classification_empty_and_unseen_labels(tmp_path, caplog):
+    f = tmp_path / "x.csv"
+    f.write_text("text,label\na cat,pets\nbad row,\n")
+    with pytest.raises(ValueError, match=r"x.csv:3: the label column \('label'\) is empty"):
+        ev.load_classification(f)
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"cat {i},pets\ncar {i},cars\n" for i in range(6)))
+    test.write_text("text,label\ncat x,pets\nboat y,boats\n,cars\n")
+    with caplog.at_level("WARNING"):
+        r = ev.evaluate_classification(FakeEncoder(), train, test)
+    assert "1 test rows have a label the training part lacks ('boats')" in caplog.text
+    assert "1 of 3 texts are empty" in caplog.text
+    assert r["llm2vec_fast"]["n_test_unseen_labels"] == 1
 
 
 def test_load_classification_errors(tmp_path):
@@ -269,6 +321,43 @@ def test_cli_sts_matches_api(data_dir, tmp_path, capsys):
     assert printed[-1] == f"{api['scores']['validation'][0]['main_score']:.6f}"
     assert "| SICK-R | validation | cosine_spearman |" in "\n".join(printed)
     assert out.with_suffix(".md").read_text().startswith("# SICK-R")
+
+
+def test_cli_output_path_is_checked_before_encoding(tmp_path):
+    _write_beir(tmp_path / "toy")
+    (tmp_path / "taken").mkdir()
+    enc = FakeEncoder()
+    args = _parser().parse_args(["eval", "retrieval", "--data", str(tmp_path / "toy"), "--output",
+                                 str(tmp_path / "taken")])
+    with pytest.raises(ValueError, match="--output .*taken' is a folder; expected a file path"):
+        args.func(args, model=enc)
+    (tmp_path / "file").write_text("x")
+    args.output = str(tmp_path / "file" / "r.json")
+    with pytest.raises(ValueError, match="is not a folder"):
+        args.func(args, model=enc)
+    assert enc.calls == []
+    # a write that fails anyway (here: the target became a folder meanwhile) leaves no temporary file behind
+    with pytest.raises(OSError):
+        ev.save_result({"task_name": "t", "scores": {}}, tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken", "toy"]
+
+
+def test_split_names_as_mteb_records_them(tmp_path):
+    data = tmp_path / "pairs.tsv"
+    data.write_text("".join(f"g\tf\t2012\t{i}\t{i % 5}.0\tw{i} a\tw{i} b\n" for i in range(6)))
+    for given, recorded in (("dev", "validation"), ("valid", "validation"), ("test", "test"), (None, "test")):
+        assert list(ev.evaluate_sts(FakeEncoder(), data, split=given)["scores"]) == [recorded]
+    (tmp_path / "header.tsv").write_text("genre\tfile\tyear\tid\tscore\ts1\ts2\n")
+    with pytest.raises(ValueError, match=r"header.tsv:1: score column 5 is not a number: 'score' \(STS-B files have "
+                                         r"no header line\)"):
+        ev.load_sts(tmp_path / "header.tsv")
+
+
+def test_pair_rows_with_extra_fields_are_refused(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("sentence1,sentence2,label\nA kid eats,Someone eats,1\nA kid eats,Someone eats,1,extra\n")
+    with pytest.raises(ValueError, match=r"p.csv:3: the row has more fields than the header \(4 for 3\)"):
+        ev.load_pairs(f)
 
 
 def test_cli_retrieval_and_classification_parse(tmp_path, capsys):
