@@ -4,9 +4,11 @@ llm2vec_fast.training.cli train ...`` or ``accelerate launch``; the Trainer pick
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 
 from .common import LORA_TARGETS
@@ -33,7 +35,7 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=steps)
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--gradient-checkpointing", nargs="?", const="all", default=None, metavar="LAYERS",
+    g.add_argument("--gradient-checkpointing", nargs="?", const=True, default=False, type=_ckpt, metavar="LAYERS",
                    help="recompute activations in the backward: in every decoder layer, or in the first LAYERS "
                         "(a count, or a fraction such as 0.5): less memory than none, less recompute than all")
     g.add_argument("--seed", type=int, default=42)
@@ -109,7 +111,7 @@ def _shared_kwargs(a) -> dict:
                 lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
                 fused_lora=not a.no_fused_lora,
-                max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=_ckpt(a.gradient_checkpointing),
+                max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=a.gradient_checkpointing,
                 seed=a.seed, max_train_seconds=a.max_train_seconds, logging_steps=a.logging_steps,
                 save_steps=a.save_steps, save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
                 overwrite_output_dir=a.overwrite_output_dir,
@@ -117,14 +119,18 @@ def _shared_kwargs(a) -> dict:
 
 
 def _ckpt(value):
-    if value is None:
+    """--gradient-checkpointing's value: True (all layers), a layer count >= 1 or a fraction in (0, 1]."""
+    if value in (None, False):
         return False
-    if value == "all":
+    if value is True or value == "all":
         return True
     try:
-        return float(value) if "." in value else int(value)
+        number = float(value) if "." in value else int(value)
     except ValueError:
-        raise SystemExit(f"--gradient-checkpointing takes a layer count or a fraction, got {value!r}") from None
+        number = None
+    if number is None or not (0 < number <= 1 if isinstance(number, float) else number >= 1):
+        raise argparse.ArgumentTypeError(f"expected a layer count >= 1, a fraction in (0, 1] or all, got {value!r}")
+    return number
 
 
 def _int_list(text: str) -> list[int]:
@@ -161,6 +167,28 @@ def _report(result: dict) -> int:
     return 0
 
 
+# argument fields whose command-line flag is not the field's name with dashes
+_FLAG_OF = {"train_files": "--train-file", "validation_files": "--validation-file", "instructions": "--instruction",
+            "contrast_anchors": "--no-contrast-anchors", "contrast_positives": "--no-contrast-positives",
+            "resume_from_checkpoint": "--resume", "guide_model": "--guide-model", "grad_accum": "--grad-accum"}
+_ALL_FLAGS: set[str] = set()  # every stage's option strings, filled by add_subcommands
+
+
+@contextlib.contextmanager
+def _flag_names():
+    """Errors of the argument checks name fields (``gradcache_chunk_size``); on the command line, say the flags the
+    user typed (``--gradcache-chunk-size``)."""
+    def flag(m):
+        name = m.group(0)
+        f = _FLAG_OF.get(name, "--" + name.replace("_", "-"))
+        return f if f in _ALL_FLAGS else name
+
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise type(e)(re.sub(r"(?<![\w./-])[a-z]+(?:_[a-z0-9]+)+(?![\w./-])", flag, str(e))) from None
+
+
 def _no_config(a) -> None:
     if getattr(a, "config", None) is not None:
         # main() expands --config into flags before parsing; a parser built elsewhere must call expand_config too
@@ -181,14 +209,14 @@ def run_mntp(a) -> int:
     from .mntp import MNTPArguments, train_mntp
 
     _no_config(a)
-
-    args = MNTPArguments(train_files=a.train_file, max_seq_length=a.max_seq_length, doc_split=a.doc_split,
-                         max_blocks=a.max_blocks, recipe=a.recipe, mlm_probability=a.mlm_probability,
-                         mask_token=a.mask_token, learning_rate=a.learning_rate, batch_size=a.batch_size,
-                         warmup_steps=a.warmup_steps, release_layout=not a.adapter_only,
-                         validation_files=a.validation_file or [],
-                         validation_split_percentage=a.validation_split_percentage,
-                         max_eval_blocks=a.max_eval_blocks, **_shared_kwargs(a))
+    with _flag_names():
+        args = MNTPArguments(train_files=a.train_file, max_seq_length=a.max_seq_length, doc_split=a.doc_split,
+                             max_blocks=a.max_blocks, recipe=a.recipe, mlm_probability=a.mlm_probability,
+                             mask_token=a.mask_token, learning_rate=a.learning_rate, batch_size=a.batch_size,
+                             warmup_steps=a.warmup_steps, release_layout=not a.adapter_only,
+                             validation_files=a.validation_file or [],
+                             validation_split_percentage=a.validation_split_percentage,
+                             max_eval_blocks=a.max_eval_blocks, **_shared_kwargs(a))
     return _report(train_mntp(args))
 
 
@@ -204,22 +232,23 @@ def run_contrastive(a) -> int:
     from .contrastive import ContrastiveArguments, train_contrastive
 
     _no_config(a)
-
-    args = ContrastiveArguments(
-        mode=a.mode, train_files=a.train_file, peft=a.peft, instructions=getattr(a, "instruction", None) or [],
-        split=getattr(a, "split", None), max_examples=a.max_examples, batch_size=a.batch_size,
-        max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale, attention_dropout=a.attention_dropout,
-        warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
-        num_negatives=getattr(a, "num_negatives", 1), loss=getattr(a, "loss", None),
-        symmetric=getattr(a, "symmetric", False),
-        score_range=getattr(a, "score_range", None), guide_model=getattr(a, "guide_model", None),
-        guide_margin=getattr(a, "guide_margin", 0.0),
-        guide_margin_strategy=getattr(a, "guide_margin_strategy", "absolute"),
-        contrast_anchors=not getattr(a, "no_contrast_anchors", False),
-        contrast_positives=not getattr(a, "no_contrast_positives", False),
-        gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
-        pooling_mode=a.pooling_mode, matryoshka_dims=a.matryoshka_dims, matryoshka_weights=a.matryoshka_weights,
-        **_shared_kwargs(a))
+    with _flag_names():
+        args = ContrastiveArguments(
+            mode=a.mode, train_files=a.train_file, peft=a.peft, instructions=getattr(a, "instruction", None) or [],
+            split=getattr(a, "split", None), max_examples=a.max_examples, batch_size=a.batch_size,
+            max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale,
+            attention_dropout=a.attention_dropout,
+            warmup_steps=a.warmup_steps, mask_false_negatives=getattr(a, "mask_false_negatives", False),
+            num_negatives=getattr(a, "num_negatives", 1), loss=getattr(a, "loss", None),
+            symmetric=getattr(a, "symmetric", False),
+            score_range=getattr(a, "score_range", None), guide_model=getattr(a, "guide_model", None),
+            guide_margin=getattr(a, "guide_margin", 0.0),
+            guide_margin_strategy=getattr(a, "guide_margin_strategy", "absolute"),
+            contrast_anchors=not getattr(a, "no_contrast_anchors", False),
+            contrast_positives=not getattr(a, "no_contrast_positives", False),
+            gradcache_chunk_size=a.gradcache_chunk_size, gradcache_chunk_tokens=a.gradcache_chunk_tokens,
+            pooling_mode=a.pooling_mode, matryoshka_dims=a.matryoshka_dims, matryoshka_weights=a.matryoshka_weights,
+            **_shared_kwargs(a))
     return _report(train_contrastive(args))
 
 
@@ -232,6 +261,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
                     "encode with LLM2Vec.from_pretrained('out/mntp', peft_model_name_or_path='out/simcse'). "
                     "Multi-GPU: torchrun --nproc-per-node N -m llm2vec_fast.training.cli train ...")
     stages = train.add_subparsers(dest="stage", metavar="{mntp,simcse,supervised,scored}", required=True)
+    parsers = []
 
     p = stages.add_parser(
         "mntp", help="masked next-token prediction (LLM2Vec step 2)",
@@ -267,6 +297,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-eval-blocks", type=int, default=None, metavar="N", help="use at most N held-out blocks")
     _config_option(p, "mntp")
     p.set_defaults(func=run_mntp)
+    parsers.append(p)
 
     for mode, helptext, desc in (
         ("simcse", "unsupervised SimCSE (LLM2Vec step 3)",
@@ -356,6 +387,8 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
         if mode != "scored":
             _config_option(p, mode)
         p.set_defaults(func=run_contrastive, mode=mode)
+        parsers.append(p)
+    _ALL_FLAGS.update(o for p in parsers for action in p._actions for o in action.option_strings)
     return train
 
 

@@ -45,9 +45,18 @@ def add_lora(base_model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS, fus
     from peft import get_peft_model
 
     present = {n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules()}
-    targets = [t for t in targets if t in present]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in base_model.named_modules() if isinstance(m, torch.nn.Linear)})
+    given = list(targets)
+    unknown = [t for t in given if t not in present]
+    if unknown and tuple(given) != tuple(LORA_TARGETS):
+        # the default list is trimmed to what a family has (not every family has gate/up); a list the user gave is
+        # not: a typo there would silently leave a layer untrained
+        raise ValueError(f"LoRA target module(s) {', '.join(map(repr, unknown))} do not exist in "
+                         f"{type(base_model).__name__}; its linear layers are {', '.join(linear)}")
+    targets = [t for t in given if t in present]
     if not targets:
-        raise ValueError(f"none of the LoRA target modules {LORA_TARGETS} exist in {type(base_model).__name__}")
+        raise ValueError(f"none of the LoRA target modules {tuple(given)} exist in {type(base_model).__name__}; its "
+                         f"linear layers are {', '.join(linear)}")
     model = get_peft_model(base_model, lora_config(r, alpha, dropout, targets))
     if fused:
         from llm2vec_fast.lora import fuse_lora
@@ -104,8 +113,22 @@ def _checkpointed_count(layers, total: int) -> int:
     if isinstance(layers, int):
         if layers < 0:
             raise ValueError(f"the number of layers to checkpoint must be >= 0, got {layers}")
-        return min(layers, total)
+        if layers > total:
+            raise ValueError(f"gradient checkpointing of {layers} layers asked, the model has {total} decoder layers "
+                             f"(give at most {total}, or all)")
+        return layers
     raise TypeError(f"gradient checkpointing takes True/False, a layer count or a fraction, got {layers!r}")
+
+
+def as_lists(args) -> None:
+    """``train_files``, ``validation_files`` and ``instructions`` given as one path or string become a list of one
+    (iterating a string would read one file per character); anything else that is not a list is a TypeError."""
+    for name in ("train_files", "validation_files", "instructions"):
+        v = getattr(args, name, None)
+        if isinstance(v, (str, os.PathLike)):
+            setattr(args, name, [v])
+        elif v is not None and not isinstance(v, (list, tuple)):
+            raise TypeError(f"{name} must be a list (or one path / string), got {type(v).__name__} {v!r}")
 
 
 def check_run_arguments(args) -> None:
@@ -115,6 +138,7 @@ def check_run_arguments(args) -> None:
     def bad(name, want):
         raise ValueError(f"{name} must be {want}, got {getattr(args, name)!r}")
 
+    as_lists(args)
     for name in ("max_steps", "grad_accum", "logging_steps", "batch_size", "max_blocks", "max_examples",
                  "max_seq_length", "max_length"):
         v = getattr(args, name, None)
@@ -130,13 +154,23 @@ def check_run_arguments(args) -> None:
     lr = getattr(args, "learning_rate", None)
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         bad("learning_rate", "a number > 0")
+    alpha = getattr(args, "lora_alpha", None)
+    if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                  and math.isfinite(alpha) and alpha > 0):
+        bad("lora_alpha", "a number > 0 (the adapter's output is scaled by lora_alpha / r: 0 would train nothing)")
     if getattr(args, "max_train_seconds", None) is not None and not args.max_train_seconds > 0:
         bad("max_train_seconds", "> 0 or None")
     if not args.output_dir:
         raise ValueError("output_dir must be a folder path, got an empty value")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"output_dir {args.output_dir!r} is a file; give a folder path")
     out = Path(args.output_dir).resolve()
     for name in ("model", "peft"):
         v = getattr(args, name, None)
+        if v is not None and not Path(v).exists() and ("/" in v or "\\" in v):
+            from ..models import resolve_model
+
+            resolve_model(v)  # a mistyped local folder ("out/mntp" where ./out exists) is named now, before any hub
         if v is None or not Path(v).exists():
             continue  # None (the default model) or a hub id
         setattr(args, name, str(Path(v).resolve()))

@@ -35,6 +35,7 @@ from .common import (
     AdapterTrainer,
     add_lora,
     add_step_callbacks,
+    as_lists,
     check_run_arguments,
     enable_checkpointing,
     loss_history,
@@ -208,6 +209,7 @@ class ContrastiveArguments(EvalArguments):
         if self.gradcache_chunk_size and self.gradcache_chunk_tokens:
             raise ValueError("give gradcache_chunk_size (texts per chunk) or gradcache_chunk_tokens (tokens per "
                              f"chunk), not both: got {self.gradcache_chunk_size} and {self.gradcache_chunk_tokens}")
+        as_lists(self)
         if self.mode == "scored" and self.eval_sts and self.eval_sts_instruction is None \
                 and len(self.instructions) == 1:
             # score STS as the pairs are trained: the training instruction, in the form training gives it

@@ -37,7 +37,8 @@ def _read_text(path) -> str:
 
 
 def read_documents(path: str | Path, split: str = "auto") -> list[str]:
-    """Read a plain text file as a list of documents.
+    """Read a plain text file as a list of documents (a ``.jsonl`` file: each object's ``text`` field is one; a
+    ``.csv`` / ``.tsv`` file is refused: its header and separators would become training text).
 
     ``split``: ``"line"`` = one document per non-empty line; ``"blank"`` = documents separated by blank lines (lines
     holding only whitespace count as blank; the lines of one document are joined with a newline); ``"auto"`` = ``blank``
@@ -45,6 +46,13 @@ def read_documents(path: str | Path, split: str = "auto") -> list[str]:
     """
     if split not in ("auto", "line", "blank"):
         raise ValueError(f"split must be 'auto', 'line' or 'blank', got {split!r}")
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _jsonl_texts(path)
+    if suffix in (".csv", ".tsv"):
+        raise ValueError(f"{path}: a {suffix} file, where plain text is expected (one document or sentence per line; "
+                         "its header and separators would be trained on as text): write its text column to a .txt "
+                         "file, or give a .jsonl file with a 'text' field")
     lines = _read_text(path).splitlines()
     if split == "auto":
         stripped = [bool(l.strip()) for l in lines]
@@ -66,8 +74,21 @@ def read_documents(path: str | Path, split: str = "auto") -> list[str]:
     return docs
 
 
+def _jsonl_texts(path) -> list[str]:
+    """The ``text`` field of every object of a JSONL file (blank lines skipped; one document or sentence each)."""
+    out = []
+    for n, row in iter_jsonl(_read_text(path).split("\n"), path):
+        value = row.get("text")
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{n}: expected an object with a 'text' string, got "
+                             f"{json.dumps(row, ensure_ascii=False)[:80]}")
+        if value.strip():
+            out.append(value.strip())
+    return out
+
+
 def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
-    """One sentence per non-empty line (the SimCSE wiki1m format)."""
+    """One sentence per non-empty line (the SimCSE wiki1m format), or the ``text`` field of each JSONL object."""
     check_count("limit", limit, optional=True)
     out = read_documents(path, split="line")
     return out[:limit] if limit else out
@@ -276,25 +297,46 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
         stream = io.StringIO(text, newline="")
         reader = csv.DictReader(stream, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" \
             else csv.DictReader(stream)
-        rows = [(reader.line_num, r) for r in reader]
+        rows = []
+        for r in reader:
+            if None in r:  # csv.DictReader's key for the fields past the header's last column
+                header = len(reader.fieldnames)
+                raise ValueError(f"{path}:{reader.line_num}: {header + len(r[None])} fields for a header of {header}; "
+                                 "quote fields that hold the delimiter")
+            rows.append((reader.line_num, r))
     else:
         raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
-    out = []
+    has_split = any("split" in r for _, r in rows)
+    if split is not None and not has_split:
+        raise ValueError(f"{path}: split {split!r} given, but the file has no split column")
+    values = sorted({str(r.get("split", "")).strip() for _, r in rows}) if has_split else []
+    out, held_out = [], 0
     for n, r in rows:
-        if split is not None and "split" in r and r["split"] != split:
+        value = str(r.get("split", "")).strip().lower() if has_split else ""
+        if split is not None and value != split.strip().lower():
             continue
+        if split is None and value == "test":
+            held_out += 1
         negs = _negatives(r)
         where = f":{n}"
         bad = [x for x in negs if not isinstance(x, str)]
         if bad:
             raise ValueError(f"{path}{where}: hard negatives must be strings, got {json.dumps(bad[0])}")
-        out.append({"query": _pick(r, _QUERY_KEYS, "query", path, where=where),
-                    "positive": _pick(r, _POS_KEYS, "positive", path, where=where),
-                    "negative": negs[0] if negs else None, "negatives": negs})
+        ex = {"query": _pick(r, _QUERY_KEYS, "query", path, where=where),
+              "positive": _pick(r, _POS_KEYS, "positive", path, where=where),
+              "negative": negs[0] if negs else None, "negatives": negs}
+        for what in ("query", "positive"):
+            if not isinstance(ex[what], str):  # a number, a list or an object: refused now, not mid-training
+                raise ValueError(f"{path}{where}: the {what} must be a string, got {json.dumps(ex[what])[:80]}")
+        out.append(ex)
         if limit and len(out) >= limit:
             break
+    if held_out:
+        logger.warning("%s: %d examples of its split column are test rows, and no split was given: they are trained "
+                       "on (give a split, e.g. dev, to keep them out)", path, held_out)
     if not out:
-        raise ValueError(f"{path}: no examples read (split={split!r})")
+        raise ValueError(f"{path}: no examples read" + (f" for split {split!r} (the split column holds "
+                                                          f"{values})" if split is not None else ""))
     return out
 
 
@@ -458,8 +500,12 @@ def one_dataset_per_batch(datasets: dict[str, list], global_batch_size: int, see
         rng.shuffle(idx)
         for i in range(0, len(idx) - global_batch_size + 1, global_batch_size):
             batches.append([(name, items[j]) for j in idx[i:i + global_batch_size]])
-    if not batches:
-        raise ValueError(f"no dataset has a full batch of {global_batch_size} examples")
+    short = {name: len(items) for name, items in datasets.items() if len(items) < global_batch_size}
+    if short:
+        raise ValueError(f"{', '.join(f'{n} ({k} examples)' for n, k in short.items())}: fewer examples than one "
+                         f"batch of {global_batch_size} (batch size x devices), so "
+                         f"{'it' if len(short) == 1 else 'they'} would add nothing; leave "
+                         f"{'it' if len(short) == 1 else 'them'} out or use a smaller batch")
     rng.shuffle(batches)
     return [x for b in batches for x in b]
 

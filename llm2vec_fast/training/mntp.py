@@ -291,7 +291,12 @@ def build_mntp(args: MNTPArguments):
             raise ValueError(f"validation_split_percentage {args.validation_split_percentage} holds out {k} of the "
                              f"{len(docs)} training documents, leaving none to train on")
         held_out, docs = docs[:k], docs[k:]
-    dataset = BlockDataset(docs, tokenizer, args.max_seq_length, max_blocks=args.max_blocks)
+    try:
+        dataset = BlockDataset(docs, tokenizer, args.max_seq_length, max_blocks=args.max_blocks)
+    except ValueError as e:
+        raise ValueError(f"train_files {args.train_files}: {e}"
+                         + (" (after holding out the validation split)" if args.validation_split_percentage else "")
+                         + "; give more text (or a shorter max_seq_length)") from None
     collator = MNTPCollator.recipe(args.recipe, tokenizer, mask_id, args.mlm_probability)
     validation = None
     if held_out:

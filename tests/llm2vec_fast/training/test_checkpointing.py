@@ -35,7 +35,8 @@ def test_checkpoint_layer_counts():
     assert _checkpointed_count(False, 24) == 0
     assert _checkpointed_count(0.5, 24) == 12
     assert _checkpointed_count(0.3, 24) == 8  # rounded up
-    assert _checkpointed_count(30, 24) == 24
+    with pytest.raises(ValueError, match="30 layers asked, the model has 24 decoder layers"):
+        _checkpointed_count(30, 24)
     with pytest.raises(ValueError, match="in \\(0, 1\\], got 1.5"):
         _checkpointed_count(1.5, 24)
     with pytest.raises(ValueError, match=">= 0, got -1"):
@@ -45,12 +46,16 @@ def test_checkpoint_layer_counts():
 
 
 def test_cli_gradient_checkpointing_values():
+    import argparse
+
     from llm2vec_fast.training.cli import _ckpt
 
-    assert _ckpt(None) is False and _ckpt("all") is True
+    assert _ckpt(None) is False and _ckpt("all") is True and _ckpt(True) is True
     assert _ckpt("16") == 16 and _ckpt("0.5") == 0.5
-    with pytest.raises(SystemExit, match="'many'"):
-        _ckpt("many")
+    for bad in ("many", "0", "0.0", "1.5", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"a layer count >= 1, a fraction in \\(0, 1\\] or all, "
+                                                             f"got '{bad}'"):
+            _ckpt(bad)
 
 
 def test_partial_checkpointing_needs_decoder_layers():

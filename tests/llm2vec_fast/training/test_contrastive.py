@@ -402,7 +402,7 @@ def test_scored_data_with_one_score_is_refused_before_loading(tmp_path):
     c = tmp_path / "same.csv"
     c.write_text("sentence1,sentence2,score\n" + "".join(f"w{i},w{i + 1},2\n" for i in range(20)))
     with pytest.raises(ValueError, match="every pair has the score 2.0"):
-        train_contrastive(_args("scored", [str(c)], tmp_path / "out", model="/nonexistent"))
+        train_contrastive(_args("scored", [str(c)], tmp_path / "out", model="no-such-org/no-such-model"))
 
 
 @pytest.mark.parametrize("chunk", [None, 5], ids=["in-batch", "gradcache"])

@@ -163,8 +163,10 @@ def test_read_errors_name_the_file_and_line(tmp_path):
     latin.write_bytes("sent0,sent1\nok,fine\ncaf\u00e9,x\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin.csv:3: not UTF-8 text \(byte 0xe9"):
         read_triplets(latin)
-    with pytest.raises(ValueError, match=r"latin.csv:3: not UTF-8"):
-        read_documents(latin)
+    latin_txt = tmp_path / "latin.txt"
+    latin_txt.write_bytes(latin.read_bytes())
+    with pytest.raises(ValueError, match=r"latin.txt:3: not UTF-8"):
+        read_documents(latin_txt)
     empty = tmp_path / "empty_cell.csv"
     empty.write_text("sent0,sent1,hard_neg\na,b,c\nd,,f\n")
     with pytest.raises(ValueError, match=r"empty_cell.csv:3: the positive \('sent1'\) is empty"):
@@ -277,3 +279,58 @@ def test_scored_pair_errors_name_the_file_and_line(tmp_path):
         rescale_scores(rows, (0, 1), "f.csv")
     with pytest.raises(ValueError, match="the score range \\[5, 0\\] is empty or not finite"):
         rescale_scores(rows, (5, 0), "f.csv")
+
+
+def test_triplet_fields_are_checked_when_read(tmp_path):
+    """A bad value late in a file fails at read time with its line, not mid-training as an item of a batch."""
+    f = tmp_path / "late.jsonl"
+    rows = [{"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"} for i in range(20)]
+    rows[15]["positive"] = 12345
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"late.jsonl:16: the positive must be a string, got 12345"):
+        read_triplets(f)
+    rows[15]["positive"], rows[3]["anchor"] = "p15", ["x", "y"]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r'late.jsonl:4: the query must be a string, got \["x", "y"\]'):
+        read_triplets(f)
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("anchor,positive,negative\nHello, world,pos one,neg one\nq2,p2,n2\n")
+    with pytest.raises(ValueError, match="ragged.csv:2: 4 fields for a header of 3; quote fields that hold"):
+        read_triplets(ragged)
+
+
+def test_triplet_split_column_rules(tmp_path, caplog):
+    nosplit = tmp_path / "nosplit.csv"
+    nosplit.write_text("anchor,positive\nq1,p1\nq2,p2\n")
+    with pytest.raises(ValueError, match="split 'train' given, but the file has no split column"):
+        read_triplets(nosplit, split="train")
+    f = tmp_path / "snli.csv"
+    f.write_text("sent0,sent1,hard_neg,split\na,b,c,dev\nd,e,f,test\ng,h,i,dev\n")
+    assert [r["query"] for r in read_triplets(f, split="DEV")] == ["a", "g"]  # split values in any letter case
+    with pytest.raises(ValueError, match=r"no examples read for split 'train' \(the split column holds \['dev', "
+                                         r"'test'\]\)"):
+        read_triplets(f, split="train")
+    with caplog.at_level("WARNING"):
+        assert len(read_triplets(f)) == 3
+    assert "1 examples of its split column are test rows, and no split was given" in caplog.text
+
+
+def test_a_dataset_smaller_than_a_batch_is_named():
+    data = {"big": [f"a{i}" for i in range(10)], "small": ["s0", "s1"]}
+    with pytest.raises(ValueError, match=r"small \(2 examples\): fewer examples than one batch of 3"):
+        one_dataset_per_batch(data, 3)
+
+
+def test_text_readers_take_jsonl_text_and_refuse_tables(tmp_path):
+    from llm2vec_fast.training.data import read_sentences
+
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"text": " first "}\n\n{"text": "second", "id": 2}\n')
+    assert read_sentences(f) == read_documents(f) == ["first", "second"]
+    f.write_text('{"text": "ok"}\n{"sentence": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:2: expected an object with a 'text' string"):
+        read_sentences(f)
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\na,b\n")
+    with pytest.raises(ValueError, match=r"t.csv: a .csv file, where plain text is expected"):
+        read_documents(table)

@@ -103,10 +103,49 @@ def test_added_mask_token_checkpoints_hold_the_adapter_only(tiny_model_dir, tiny
     (dict(mode="simcse", batch_size=1), "batch_size 1: SimCSE's negatives are the other sentences"),
     (dict(mode="simcse", save_total_limit=0), r"save_total_limit must be an int >= 1 .*got 0"),
     (dict(mode="simcse", save_total_limit=-1), "save_total_limit must be an int >= 1"),
+    (dict(mode="supervised", lora_alpha=0), r"lora_alpha must be a number > 0 \(the adapter's output is scaled"),
+    (dict(mode="supervised", instructions=7), None),
 ])
 def test_bad_training_arguments_are_refused(tmp_path, over, message):
+    if message is None:
+        with pytest.raises(TypeError, match="instructions must be a list .*got int 7"):
+            ContrastiveArguments(train_files=["x"], output_dir=str(tmp_path), **over)
+        return
     with pytest.raises(ValueError, match=message):
         ContrastiveArguments(train_files=["x"], output_dir=str(tmp_path), **over)
+
+
+def test_one_file_or_instruction_may_be_given_as_such(tmp_path):
+    a = ContrastiveArguments(mode="supervised", train_files="trip.csv", instructions="Retrieve x",
+                             output_dir=str(tmp_path))
+    assert a.train_files == ["trip.csv"] and a.instructions == ["Retrieve x"]
+    m = MNTPArguments(train_files=tmp_path / "wiki.txt", validation_files="v.txt", output_dir=str(tmp_path / "o"))
+    assert m.train_files == [tmp_path / "wiki.txt"] and m.validation_files == ["v.txt"]
+
+
+def test_output_and_peft_paths_are_checked_first(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="output_dir '.*a_file' is a file; give a folder path"):
+        ContrastiveArguments(mode="supervised", train_files=["x"], output_dir=str(tmp_path / "a_file"))
+    (tmp_path / "out" / "mntp").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model folder 'out/nothere' not found: 'out' is a local folder"):
+        ContrastiveArguments(mode="supervised", train_files=["x"], output_dir="o", peft="out/nothere")
+
+
+def test_lora_targets_the_user_gives_must_exist(tiny_model_dir):
+    from transformers import AutoModel
+
+    from llm2vec_fast.training.common import LORA_TARGETS, add_lora
+
+    base = AutoModel.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"LoRA target module\(s\) 'foo' do not exist in LlamaModel; its linear "
+                                         r"layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+        add_lora(base, targets=("q_proj", "foo"), fused=False)
+    with pytest.raises(ValueError, match=r"LoRA target module\(s\) 'foo', 'bar' do not exist"):
+        add_lora(base, targets=("foo", "bar"), fused=False)
+    # the default list is trimmed to what the family has, silently
+    assert add_lora(AutoModel.from_pretrained(tiny_model_dir), targets=LORA_TARGETS, fused=False) is not None
 
 
 def test_mine_refuses_to_write_over_its_input(tiny_model_dir, tmp_path, capsys):
@@ -128,3 +167,15 @@ def test_a_mistyped_relative_model_folder_is_named(tmp_path, monkeypatch):
                                                 r"it holds no 'mnpt' \(did you mean 'out/mntp'\?\)"):
         resolve_model("out/mnpt")
     assert resolve_model("org/name") == "org/name"  # no local folder 'org': a hub id
+
+
+def test_cli_argument_errors_name_the_flags(tmp_path, capsys):
+    from llm2vec_fast.cli import main
+
+    f = tmp_path / "s.txt"
+    f.write_text("a\nb\n")
+    for extra, said in ((["--no-contrast-anchors"], "--no-contrast-anchors given without --guide-model"),
+                        (["--gradcache-chunk-size", "0"], "--gradcache-chunk-size must be an int >= 1"),
+                        (["--lora-alpha", "0"], "--lora-alpha must be a number > 0")):
+        code = main(["train", "supervised", "--train-file", str(f), "--output-dir", str(tmp_path / "o"), *extra])
+        assert code == 2 and said in capsys.readouterr().err
