@@ -35,6 +35,16 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=steps)
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--lr-schedule-epochs", type=float, default=None, metavar="N",
+                   help="the learning-rate schedule (warm-up, then linear decay) spans N epochs of the training data, "
+                        "as the original scripts' num_train_epochs does; training still stops at --max-steps (or at "
+                        "the end of those epochs, if sooner). Default: the schedule spans --max-steps")
+    g.add_argument("--training-arg", action="append", default=None, metavar="KEY=VALUE", type=_training_arg,
+                   help="any other transformers TrainingArguments field (e.g. weight_decay=0.01, "
+                        "lr_scheduler_type=cosine, max_grad_norm=0.5); VALUE is read as JSON when it parses, else as a "
+                        "string (repeatable)")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=False,
+                   default=False, help="no gradient checkpointing (the default; overrides a --config file's)")
     g.add_argument("--gradient-checkpointing", nargs="?", const=True, default=False, type=_ckpt, metavar="LAYERS",
                    help="recompute activations in the backward: in every decoder layer, or in the first LAYERS "
                         "(a count, or a fraction such as 0.5): less memory than none, less recompute than all")
@@ -47,6 +57,9 @@ def _common(p: argparse.ArgumentParser, steps=1000) -> None:
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the last complete checkpoint in --output-dir when no path "
                         "is given (the checkpoint must come from the same stage and model)")
+    g.add_argument("--no-overwrite-output-dir", dest="overwrite_output_dir", action="store_false", default=False,
+                   help="refuse an --output-dir holding an earlier run (the default; overrides a --config file's "
+                        "overwrite_output_dir)")
     g.add_argument("--overwrite-output-dir", action="store_true",
                    help="start afresh in an --output-dir that holds an earlier run (its checkpoints are removed); "
                         "without it, or --resume, such a folder is refused")
@@ -114,8 +127,27 @@ def _shared_kwargs(a) -> dict:
                 max_steps=a.max_steps, grad_accum=a.grad_accum, gradient_checkpointing=a.gradient_checkpointing,
                 seed=a.seed, max_train_seconds=a.max_train_seconds, logging_steps=a.logging_steps,
                 save_steps=a.save_steps, save_total_limit=a.save_total_limit, resume_from_checkpoint=a.resume,
-                overwrite_output_dir=a.overwrite_output_dir,
+                overwrite_output_dir=a.overwrite_output_dir, lr_schedule_epochs=a.lr_schedule_epochs,
+                extra_training_args=dict(a.training_arg or []),
                 disable_tqdm=True if a.no_progress else None)
+
+
+def _training_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of --training-arg: KEY a TrainingArguments field, VALUE parsed as JSON when it is JSON."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a transformers TrainingArguments field, got "
+                                         f"{text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _ckpt(value):
@@ -282,9 +314,11 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="llama", choices=["llama", "mistral"],
                    help="llama: p 0.2, 80%% mask / 10%% random / 10%% kept; mistral: p 0.8, all → mask token")
     p.add_argument("--mlm-probability", type=float, default=None, help="override the recipe's masking probability")
-    p.add_argument("--mask-token", default="auto", choices=["auto", "blank", "eos", "mask"],
+    p.add_argument("--mask-token", default="auto", choices=["auto", "blank", "eos", "mask", "auto-eos", "auto-mask"],
                    help="auto: the tokenizer's mask token, else '_' (blank, the original's choice); eos; mask: add "
-                        "a new '<mask>' token (its row feeds training only: the output keeps the base vocabulary)")
+                        "a new '<mask>' token (its row feeds training only: the output keeps the base vocabulary); "
+                        "auto-eos / auto-mask: the tokenizer's mask token, else eos / mask (the original's "
+                        "mask_token_type)")
     p.add_argument("--adapter-only", action="store_true",
                    help="write only the adapter, tokenizer and config (not the base model's files)")
     _common(p)

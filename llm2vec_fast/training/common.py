@@ -154,6 +154,10 @@ def check_run_arguments(args) -> None:
     lr = getattr(args, "learning_rate", None)
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         bad("learning_rate", "a number > 0")
+    epochs = getattr(args, "lr_schedule_epochs", None)
+    if epochs is not None and not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
+                                   and math.isfinite(epochs) and epochs > 0):
+        bad("lr_schedule_epochs", "a number > 0 or None (the schedule spans max_steps)")
     alpha = getattr(args, "lora_alpha", None)
     if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
                                   and math.isfinite(alpha) and alpha > 0):
@@ -280,7 +284,11 @@ class AdapterTrainer(Trainer):
 
     peft_module = None  # set by subclasses' __init__
     run_identity = None  # the drivers set it: written into every checkpoint (RUN_MARKER)
+    schedule_steps = None  # the learning-rate schedule's length when it is not max_steps (lr_schedule_epochs)
     _nonfinite = None  # a device bool: some micro-step's loss since the last check was not finite
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        return super().create_scheduler(self.schedule_steps or num_training_steps, optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return self.watch_loss(super().training_step(model, inputs, num_items_in_batch))
@@ -372,6 +380,18 @@ def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max
     )
     kw.update(extra or {})
     return TrainingArguments(**kw)
+
+
+def schedule_steps(args, n_examples: int, world: int, drop_last: bool) -> int | None:
+    """The learning-rate schedule's length in optimizer steps for ``args.lr_schedule_epochs`` epochs of
+    ``n_examples`` (None when it is not set: the schedule spans max_steps), as transformers counts an epoch's steps
+    with ``num_train_epochs`` (the original scripts' schedule, which their stop_after_n_steps cuts short)."""
+    epochs = getattr(args, "lr_schedule_epochs", None)
+    if epochs is None:
+        return None
+    per_batch = args.batch_size * world
+    batches = n_examples // per_batch if drop_last else -(-n_examples // per_batch)
+    return max(1, math.ceil(epochs * max(1, batches // args.grad_accum)))
 
 
 def loss_history(trainer) -> list[dict]:

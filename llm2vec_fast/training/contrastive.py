@@ -41,6 +41,7 @@ from .common import (
     loss_history,
     prepare_output_dir,
     run_identity,
+    schedule_steps,
     training_arguments,
     write_json,
 )
@@ -138,6 +139,9 @@ class ContrastiveArguments(EvalArguments):
     overwrite_output_dir: bool = False  # start afresh in an output_dir that holds an earlier run
     disable_tqdm: bool | None = None
     extra_training_args: dict = field(default_factory=dict)
+    # the learning-rate schedule spans this many epochs of the data (the original scripts' num_train_epochs); training
+    # stops at max_steps or at the end of those epochs, whichever comes first. None: the schedule spans max_steps
+    lr_schedule_epochs: float | None = None
 
     def __post_init__(self):
         if self.mode not in RECIPES:
@@ -498,9 +502,11 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                          "data")
     encoder = load_encoder(args)
     check_matryoshka(args.matryoshka_dims, args.matryoshka_weights, encoder.model.config.hidden_size)
+    sched = schedule_steps(args, len(dataset), world, drop_last=True)
     targs = training_arguments(
         args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
-        max_steps=args.max_steps, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
+        max_steps=min(args.max_steps, sched or args.max_steps), warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
         bf16=torch.cuda.is_available() and (args.dtype in (None, "bfloat16")), disable_tqdm=args.disable_tqdm,
         drop_last=True, extra=args.extra_training_args)
@@ -514,6 +520,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
                                      contrast_anchors=args.contrast_anchors,
                                      contrast_positives=args.contrast_positives))
     trainer.run_identity = run_identity(args)
+    trainer.schedule_steps = sched
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     monitor = _monitor(trainer, encoder, args)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)

@@ -128,17 +128,23 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i]}
 
 
+MASK_TOKEN_KINDS = ("auto", "blank", "eos", "mask", "auto-eos", "auto-mask")
+
+
 def resolve_mask_token(tokenizer, kind: str = "auto") -> int:
     """Pick (and set) the tokenizer's mask token; returns its id.
 
     ``auto``: the tokenizer's own mask token when it has one, else ``"_"`` (the original LLM2Vec choice for Llama and
     Mistral tokenizers); ``blank`` forces ``"_"``; ``eos`` uses the end-of-sequence token; ``mask`` adds a new
-    ``"<mask>"`` token (the caller must then resize the model's embeddings to ``len(tokenizer)``).
+    ``"<mask>"`` token (the caller must then resize the model's embeddings to ``len(tokenizer)``). ``auto-eos`` and
+    ``auto-mask``: the tokenizer's own mask token when it has one, else ``eos`` / ``mask`` (the original run_mntp's
+    ``mask_token_type``, which applies only to a tokenizer without a mask token).
     """
-    if kind not in ("auto", "blank", "eos", "mask"):
-        raise ValueError(f"mask token kind must be auto, blank, eos or mask, got {kind!r}")
-    if kind == "auto" and tokenizer.mask_token is not None:
+    if kind not in MASK_TOKEN_KINDS:
+        raise ValueError(f"mask token kind must be one of {', '.join(MASK_TOKEN_KINDS)}, got {kind!r}")
+    if kind.startswith("auto") and tokenizer.mask_token is not None:
         return tokenizer.mask_token_id
+    kind = {"auto-eos": "eos", "auto-mask": "mask"}.get(kind, kind)
     if kind in ("auto", "blank"):
         tid = tokenizer.convert_tokens_to_ids("_")
         if tid is None or tid == tokenizer.unk_token_id:

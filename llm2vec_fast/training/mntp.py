@@ -40,6 +40,7 @@ from .common import (
     loss_history,
     prepare_output_dir,
     run_identity,
+    schedule_steps,
     training_arguments,
     write_json,
 )
@@ -90,6 +91,9 @@ class MNTPArguments(EvalArguments):
     disable_tqdm: bool | None = None
     dataloader_num_workers: int = 0
     extra_training_args: dict = field(default_factory=dict)
+    # the learning-rate schedule spans this many epochs of the data (the original scripts' num_train_epochs); training
+    # stops at max_steps or at the end of those epochs, whichever comes first. None: the schedule spans max_steps
+    lr_schedule_epochs: float | None = None
     validation_files: list[str] = field(default_factory=list)  # held-out text files (as train_files)
     validation_split_percentage: float = 0.0  # else: hold out the first P % of the training documents
     max_eval_blocks: int | None = None  # cap on held-out blocks
@@ -326,15 +330,18 @@ def train_mntp(args: MNTPArguments) -> dict:
     """
     prepare_output_dir(args)
     model, tokenizer, dataset, collator, base_path = build_mntp(args)
+    sched = schedule_steps(args, len(dataset), int(os.environ.get("WORLD_SIZE", "1")), drop_last=False)
     targs = training_arguments(
         args.output_dir, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
-        max_steps=args.max_steps, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
+        max_steps=min(args.max_steps, sched or args.max_steps), warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
         bf16=torch.cuda.is_available() and (args.dtype in (None, "bfloat16")), disable_tqdm=args.disable_tqdm,
         dataloader_num_workers=args.dataloader_num_workers, extra=args.extra_training_args)
     trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
                           processing_class=tokenizer, masker=collator)
     trainer.run_identity = run_identity(args)
+    trainer.schedule_steps = sched
     counter, limit = add_step_callbacks(trainer, args.max_train_seconds)
     monitor = _monitor(trainer, model, tokenizer, args, base_path)
     with cpu_work(trainer.args.device):  # CPU: activations reuse freed heap memory (cpu_memory)

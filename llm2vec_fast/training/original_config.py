@@ -28,14 +28,17 @@ _NO_EFFECT = {
 # the original scripts' defaults (their dataclasses and transformers' TrainingArguments) where ours differ; applied
 # when the file leaves the key out
 _ORIGINAL_DEFAULTS = {
+    # max_seq_length: run_mntp caps the tokenizer's model_max_length at 1024 (these tokenizers' are longer); the
+    # contrastive scripts leave it to LLM2Vec's own default, 512
     "mntp": {"lora_r": 8, "mlm_probability": 0.15, "stop_after_n_steps": 10000, "learning_rate": 5e-5,
              "per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 500, "save_steps": 500,
-             "validation_split_percentage": 5},
+             "validation_split_percentage": 5, "max_seq_length": 1024, "num_train_epochs": 3.0},
     "simcse": {"lora_r": 8, "simcse_dropout": 0.1, "loss_scale": 50.0, "stop_after_n_steps": 10000,
                "learning_rate": 5e-5, "per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 500,
-               "save_steps": 500},
+               "save_steps": 500, "max_seq_length": 512, "num_train_epochs": 3.0},
     "supervised": {"lora_r": 8, "loss_scale": 50.0, "stop_after_n_steps": 10000, "learning_rate": 5e-5,
-                   "per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 500, "save_steps": 500},
+                   "per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 500, "save_steps": 500,
+                   "max_seq_length": 512, "num_train_epochs": 3.0},
 }
 
 
@@ -69,7 +72,7 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
     """(flags, keys without effect, needs): the flags the config ``cfg`` (the file's keys, then the defaults) means
     for ``stage``, in key order; ``needs``: (flag, why) for what the file cannot say and the command line must
     (``given``: the file's own keys)."""
-    flags, inert, needs = [], [], []
+    flags, inert, needs, notes = [], [], [], []
 
     def path(key):
         p = Path(_text(key, cfg[key])).expanduser()
@@ -100,15 +103,19 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
         elif key == "max_seq_length":
             if value is not None:
                 flags += _flag("--max-seq-length" if stage == "mntp" else "--max-length", _number(key, value, int))
-        elif key in ("stop_after_n_steps", "max_steps"):
-            steps = _number(key, value, int)
-            if steps > 0:  # TrainingArguments' max_steps -1: no bound of its own
-                flags += _flag("--max-steps", steps)
-        elif key == "num_train_epochs":
-            if "stop_after_n_steps" not in given and "max_steps" not in given:
-                needs.append(("--max-steps", f"num_train_epochs {value} without stop_after_n_steps: this tool "
-                                             f"trains for a number of steps; give --max-steps"))
-            inert.append(key)
+        elif key in ("stop_after_n_steps", "max_steps", "num_train_epochs"):
+            # the original: the schedule spans max_steps when it is set (> 0), else num_train_epochs epochs of the
+            # data; stop_after_n_steps (a callback) ends training early without changing the schedule
+            if key == "stop_after_n_steps":
+                stop = _number(key, value, int)
+                hard = _number("max_steps", cfg.get("max_steps", -1), int)
+                flags += _flag("--max-steps", min(stop, hard) if hard > 0 else stop)
+                if hard <= 0:
+                    flags += _flag("--lr-schedule-epochs", _number("num_train_epochs", cfg["num_train_epochs"]))
+                elif stop < hard:
+                    notes.append(f"max_steps {hard} with stop_after_n_steps {stop}: the learning-rate schedule here "
+                                 f"spans the {stop} steps run, the original's all {hard}")
+            # max_steps and num_train_epochs: read with stop_after_n_steps (always there: defaulted to 10,000)
         elif key == "save_steps":
             flags += _flag("--save-steps", _number(key, value, int))
         elif key == "save_total_limit":
@@ -140,7 +147,8 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
         elif key == "mask_token_type" and stage == "mntp":
             if value not in ("blank", "eos", "mask"):
                 raise ConfigError(f"mask_token_type must be blank, eos or mask, got {value!r}")
-            flags += _flag("--mask-token", value)
+            # run_mntp applies it only to a tokenizer without a mask token of its own
+            flags += _flag("--mask-token", {"blank": "auto", "eos": "auto-eos", "mask": "auto-mask"}[value])
         elif key == "data_collator_type" and stage == "mntp":
             if value not in ("default", "all_mask"):
                 raise ConfigError(f"data_collator_type must be default or all_mask, got {value!r}")
@@ -161,8 +169,10 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
             if contrastive:
                 inert.append(key)  # MNTP: read below
         elif key == "max_train_samples":
-            if value is not None:
-                flags += _flag("--max-blocks" if stage == "mntp" else "--max-examples", _number(key, value, int))
+            if stage != "mntp":
+                inert.append(key)  # run_simcse / run_supervised never read it ("TODO: implement this")
+            elif value is not None:
+                flags += _flag("--max-blocks", _number(key, value, int))
         elif key == "max_eval_samples" and stage == "mntp":
             if value is not None:
                 flags += _flag("--max-eval-blocks", _number(key, value, int))
@@ -194,9 +204,11 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
             if value != "HardNegativeNLLLoss":
                 raise ConfigError(f"{key} {value!r}: this tool's contrastive loss is the original's "
                                   f"HardNegativeNLLLoss (in-batch and hard negatives); remove the key")
+        elif key in _training_argument_fields():
+            flags += _flag("--training-arg", f"{key}={json.dumps(value)}")
         else:
-            raise ConfigError(f"unknown key {key!r} for train {stage} (a key of the original llm2vec's "
-                              f"run_{stage}.py config files was expected)")
+            raise ConfigError(f"unknown key {key!r} for train {stage}: neither a key of the original llm2vec's "
+                              f"run_{stage}.py nor a transformers TrainingArguments field")
     if stage == "mntp" and cfg.get("do_eval") and "validation_file" not in cfg:
         # the original holds out validation_split_percentage % of the training data (default 5) for evaluation
         pct = _number("validation_split_percentage", cfg.get("validation_split_percentage", 5))
@@ -204,7 +216,19 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
             flags += _flag("--validation-split-percentage", pct)
     elif "validation_split_percentage" in cfg:
         inert.append("validation_split_percentage")
-    return flags, inert, needs
+    if contrastive and "bidirectional" not in cfg:
+        raise ConfigError("the config does not set bidirectional, which the original reads as false (a causal "
+                          "encoder); this tool trains bidirectional encoders (the LLM2Vec recipe): add "
+                          '"bidirectional": true')
+    return flags, inert, needs, notes
+
+
+def _training_argument_fields() -> set[str]:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 _DATASET = {"simcse": "Wiki1M", "supervised": "E5"}
@@ -215,7 +239,7 @@ def _with_defaults(stage: str, cfg: dict) -> dict:
     for key, value in _ORIGINAL_DEFAULTS[stage].items():
         if key == "validation_split_percentage":
             continue  # used only with do_eval, defaulted there
-        if key not in merged and not (key == "stop_after_n_steps" and "max_steps" in merged):
+        if key not in merged:
             merged[key] = value
     return merged
 
@@ -224,46 +248,75 @@ def _option(token: str) -> str | None:
     return token.split("=", 1)[0] if token.startswith("--") else None
 
 
+# flags of which the command line's one replaces the config's other
+_EXCLUSIVE = [("--validation-file", "--validation-split-percentage"),
+              ("--gradient-checkpointing", "--no-gradient-checkpointing"),
+              ("--overwrite-output-dir", "--no-overwrite-output-dir")]
+
+
 def expand_config(argv: list[str]) -> list[str]:
     """``argv`` with ``train STAGE --config FILE`` replaced by the flags the file means, before the user's own flags
     (which win: a flag given both ways keeps the command line's value). Other argv come back unchanged."""
     t = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if t is None or argv[t] != "train":
         return argv
-    stage_at = next((i for i in range(t + 1, len(argv)) if not argv[i].startswith("-")), None)
     where = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
-    if stage_at is None or not where:
+    if not where:
         return argv
     if len(where) > 1:
         raise ConfigError("--config is given more than once")
     i = where[0]
     if argv[i] == "--config":
-        if i + 1 >= len(argv):
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
             raise ConfigError("--config needs a JSON file")
         file, rest = argv[i + 1], argv[:i] + argv[i + 2:]
     else:
         file, rest = argv[i].split("=", 1)[1], argv[:i] + argv[i + 1:]
-    stage = argv[stage_at]
+    stage_at = next((j for j in range(t + 1, len(rest)) if not rest[j].startswith("-")), None)
+    if stage_at is None:
+        raise ConfigError("--config needs a stage: train mntp|simcse|supervised --config FILE.json")
+    stage = rest[stage_at]
     if stage not in STAGES:
         raise ConfigError(f"--config reads the original llm2vec's {', '.join(STAGES)} configs, not train {stage}")
     cfg = read_config(file)
-    flags, inert, needs = _translate(stage, _with_defaults(stage, cfg), set(cfg),
-                                     Path(file).expanduser().resolve().parent)
+    flags, inert, needs, notes = _translate(stage, _with_defaults(stage, cfg), set(cfg),
+                                            Path(file).expanduser().resolve().parent)
     given = {_option(a) for a in rest if _option(a)}
-    if "--lora-r" in given:
-        given.add("--lora-alpha")  # a command-line r keeps our alpha default (2 r) unless alpha is given too
+    for group in _EXCLUSIVE:
+        if given.intersection(group):
+            given.update(group)
+    if "--lora-r" in given and "--lora-alpha" not in given:
+        # the original scripts' alpha is 2 r, for the r the command line gives too
+        r = _value_of(rest, "--lora-r")
+        flags = [(n, v) for n, v in flags if n != "--lora-alpha"]
+        if r is not None and r.isdigit():
+            flags.append(("--lora-alpha", str(2 * int(r))))
     tokens = []
     for name, value in flags:
         if name not in given:
             tokens += [name] if value is None else [name, value]
-    # a step count must come from the command line (the defaulted 10,000 is the original's bound, not its length)
-    unmet = [why for flag, why in needs if flag not in given and (flag == "--max-steps" or flag not in tokens)]
+    unmet = [why for flag, why in needs if flag not in given and flag not in tokens]
     if unmet:
         raise ConfigError(f"--config {file}: " + "; ".join(unmet))
+    if stage == "supervised" and cfg.get("dataset_name") == "E5" and "--instruction" not in given:
+        notes.append("the original's E5 loader puts a task instruction on each query (and on the documents of its "
+                     "symmetric tasks); give them with --instruction, once per --train-file")
     if inert:
         print(f"llm2vec-fast: {file}: no effect here: {', '.join(sorted(set(inert)))}", file=sys.stderr)
-    stage_at_rest = rest.index(stage, t)
-    return rest[:stage_at_rest + 1] + tokens + rest[stage_at_rest + 1:]
+    for note in notes:
+        print(f"llm2vec-fast: {file}: note: {note}", file=sys.stderr)
+    return rest[:stage_at + 1] + tokens + rest[stage_at + 1:]
+
+
+def _value_of(argv: list[str], flag: str) -> str | None:
+    """The last value given to ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``)."""
+    value = None
+    for j, a in enumerate(argv):
+        if a == flag and j + 1 < len(argv):
+            value = argv[j + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def read_config(file: str) -> dict:
