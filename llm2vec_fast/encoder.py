@@ -37,6 +37,9 @@ _POOL_OP_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": 
 # the original joins instruction and text with this marker, then removes it before tokenizing
 SEPARATOR = "!@#$%^&*()"
 CONFIG_NAME = "llm2vec_config.json"
+# settings the original's llm2vec_config.json has no key for (its loader passes every key of that file to its
+# constructor, which takes only _ENCODER_KEYS): kept beside it, so that the original still loads our folders
+EXTRA_CONFIG_NAME = "llm2vec_fast_config.json"
 _ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 _DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
 # the original appends these to every text in eos_token mode, keyed by config class (its quirk: Llama-family
@@ -52,6 +55,7 @@ _TEMPLATES = {
     "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
 }
 _LLAMA3_BASE = "meta-llama/Meta-Llama-3-8B"  # the original appends its <|end_of_text|> for eos_token pooling
+_LLAMA3_INSTRUCT = "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
 class LLM2Vec(nn.Module):
@@ -162,10 +166,19 @@ class LLM2Vec(nn.Module):
             raise ValueError(f"model type {config.model_type!r} is not supported with bidirectional attention; "
                              f"supported: {', '.join(FAMILIES)} (or pass enable_bidirectional=False)")
         tokenizer = AutoTokenizer.from_pretrained(path)
+        # as the original sets them (our batches are packed, never padded; code that pads with l2v.tokenizer itself,
+        # as the original's pooling expects, gets its left padding)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         own_attention = "attn_implementation" in hf_kwargs  # a causal model keeps an implementation asked for
         hf_kwargs.setdefault("attn_implementation", "sdpa")
+        # an MNTP release as the hub serves it (config, adapter and tokenizer, no weights of its own): the weights of
+        # the base its adapter names, the adapter merged below (what transformers 4.x's adapter redirect gave the
+        # original)
+        weights = resolve_model(_adapter_base(path)) if _is_release_without_weights(path) else path
         with _lm_head_expected(config):
-            model = AutoModel.from_pretrained(path, dtype=dtype, **hf_kwargs)
+            model = AutoModel.from_pretrained(weights, dtype=dtype, **hf_kwargs)
         if getattr(model, "_hf_peft_config_loaded", False) or os.path.exists(os.path.join(path,
                                                                                          "adapter_config.json")):
             model = _merge_embedded_adapter(model, path)
@@ -221,8 +234,7 @@ class LLM2Vec(nn.Module):
                 name = self._template_name()
                 if name in _TEMPLATES or name == _LLAMA3_BASE:
                     cfg["template_name"] = name
-                with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-                    json.dump(cfg, f, indent=4)
+                write_encoder_config(tmp, cfg)
             _move_into(Path(tmp), out)
 
     @property
@@ -245,16 +257,20 @@ class LLM2Vec(nn.Module):
         name = self._template_name()
         template = _TEMPLATES.get(name)
         suffix = None
-        if self.pooling_mode == "eos_token":
+        # the original returns right after Llama-3-Instruct's wrapping: its <|eot_id|> ends the text, no eos string
+        if self.pooling_mode == "eos_token" and name != _LLAMA3_INSTRUCT:
             suffix = ("<|end_of_text|>" if name == _LLAMA3_BASE
                       else _EOS_SUFFIX.get(getattr(self.model.config, "model_type", None)))
         if template is None and suffix is None:
             return _unchanged
 
         def prepare(text):
-            if template is not None:
+            # idempotent: a text prepared already (the original's collators prepare before they tokenize) is not
+            # wrapped or suffixed twice
+            if template is not None and not (text.lstrip().startswith(template[0].strip())
+                                             and text.rstrip().endswith(template[1].strip())):
                 text = template[0] + text.strip() + template[1]
-            if suffix is not None:
+            if suffix is not None and not text.rstrip().endswith(suffix.strip()):
                 text = text.strip() + suffix
             return text
 
@@ -407,21 +423,88 @@ class LLM2Vec(nn.Module):
     def tokenize(self, items):
         """Packed features for ``items`` (strings or ``[instruction, text]`` pairs), ready for :meth:`forward`.
 
+        A string in the original's own form, ``"instruction; " + SEPARATOR + "text"`` (``SEPARATOR`` is
+        ``"!@#$%^&*()"``, as its training collators build them, usually after ``prepare_for_tokenization``), is the
+        pair it stands for: the instruction attends but is not pooled, and a prepared text is not prepared twice.
+
         Returns a dict: ``input_ids`` int64 ``[T]``, ``position_ids`` int64 ``[T]``, ``cu_seqlens`` int32
         ``[B + 1]``, ``max_seqlen`` int, ``pool_start`` int32 ``[B]`` (instruction tokens at each sequence start),
         ``cu_seqlens_host`` and ``pool_start_host`` (numpy copies of ``cu_seqlens`` and ``pool_start`` that stay on
-        the host, so that the forward and the pooling need no device-to-host copy).
+        the host, so that the forward and the pooling need no device-to-host copy). These are packed features, not
+        the original's padded ``attention_mask`` / ``embed_mask``; :meth:`forward` takes either.
         """
-        pairs = _normalize_inputs(items)
+        pairs = [tuple(t.split(SEPARATOR, 1)) if not i and SEPARATOR in t else (i, t)
+                 for i, t in _normalize_inputs(items)]
         ids, starts, _ = self.tokenize_items(pairs)
         return pack(ids, starts)
 
     # ------------------------------------------------------------------ model
     def forward(self, features):
-        """Pooled embeddings ``[B, H]`` of packed features (differentiable; used by training)."""
+        """Pooled embeddings ``[B, H]`` of packed features (differentiable; used by training). The original's padded
+        features (``input_ids`` and ``attention_mask`` ``[B, L]``, padded on either side, with an optional
+        ``embed_mask`` marking the pooled tokens) are packed first."""
+        if "cu_seqlens" not in features and "attention_mask" in features:
+            features = self._packed_from_padded(features)
         n = features["cu_seqlens"].numel() - 1
         f, hidden = self._run(features)
         return pool(hidden, f["cu_seqlens"], self.pooling_mode, f["pool_start"])[:n]
+
+    def _packed_from_padded(self, features):
+        ids, mask = features["input_ids"], features["attention_mask"].bool()
+        embed = features.get("embed_mask")
+        if ids.dim() != 2 or mask.shape != ids.shape or (embed is not None and embed.shape != ids.shape):
+            raise ValueError(f"padded features need input_ids and attention_mask (and embed_mask) of one [B, L] "
+                             f"shape, got {tuple(ids.shape)}, {tuple(mask.shape)}"
+                             + (f", {tuple(embed.shape)}" if embed is not None else ""))
+        rows = [ids[i][mask[i]].cpu().numpy() for i in range(ids.shape[0])]
+        starts = []
+        for i, row in enumerate(rows):
+            pooled = int(embed[i][mask[i]].sum()) if embed is not None and self.skip_instruction else 0
+            # the original pools the last n real tokens (n = the text's tokens); no embed_mask, or an empty one:
+            # every token
+            starts.append(len(row) - pooled if pooled else 0)
+        return pack(rows, np.asarray(starts, dtype=np.int32))
+
+    def get_pooling(self, features, last_hidden_states):
+        """The original's pooling step: ``last_hidden_states`` ``[T, H]`` of packed ``features`` (or ``[B, L, H]``
+        of the original's padded features) pooled with this encoder's mode, ``[B, H]``."""
+        if "cu_seqlens" not in features:
+            mask = features["attention_mask"].bool()
+            features = self._packed_from_padded(features)
+            last_hidden_states = last_hidden_states[mask]
+        n = features["cu_seqlens"].numel() - 1
+        return pool(last_hidden_states, features["cu_seqlens"].to(last_hidden_states.device), self.pooling_mode,
+                    features["pool_start"].to(last_hidden_states.device))[:n]
+
+    def _convert_to_str(self, instruction, text):
+        """The original's joint string of an ``[instruction, text]`` pair (``doc_max_length`` word cut applied), as
+        :meth:`tokenize` reads it back."""
+        text = self._shorten(text)
+        return f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+
+    def _skip_instruction(self, sentence_feature):
+        """The original's: padded features pool only the ``embed_mask`` tokens (packed ones carry ``pool_start``)."""
+        if "embed_mask" in sentence_feature:
+            sentence_feature["attention_mask"] = sentence_feature["embed_mask"]
+
+    @staticmethod
+    def _text_length(text):
+        """The original's length of an input for sorting: characters of a string, items of a list, the sum over a
+        tuple of lists."""
+        if isinstance(text, str) or (isinstance(text, list) and text and isinstance(text[0], int)) or not len(text):
+            return len(text)
+        if isinstance(text, dict):
+            return len(next(iter(text.values())))
+        return sum(len(t) for t in text)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Forwarded to the model (the Hugging Face Trainer calls it with ``gradient_checkpointing=True``)."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None):
+        """Forwarded to the model, as the original does."""
+        return self.model.resize_token_embeddings(new_num_tokens=new_num_tokens,
+                                                  pad_to_multiple_of=pad_to_multiple_of)
 
     def _run(self, features):
         """(features on the model's device, last hidden states ``[T, H]``); a tiny CPU batch gets a filler sequence
@@ -907,22 +990,32 @@ def _normalize_inputs(sentences):
     if not isinstance(sentences, (list, tuple)):
         if isinstance(sentences, np.ndarray):
             sentences = sentences.tolist()
+        elif hasattr(sentences, "__len__") and hasattr(sentences, "__iter__") and not isinstance(sentences, dict):
+            sentences = list(sentences)  # a datasets Column, a pandas Series' values: any sized sequence of items
         else:
             raise TypeError(f"sentences must be a string or a list of strings / [instruction, text] pairs, got "
                             f"{type(sentences).__name__}")
+    if _is_medi_item(sentences):
+        sentences = [sentences]  # one [instruction, text, id] item given alone, as the original reads it
     pairs = []
     for i, item in enumerate(sentences):
         if isinstance(item, str):
             pairs.append(("", item))
         elif isinstance(item, (list, tuple)):
-            if len(item) != 2 or not all(isinstance(x, str) for x in item):
-                raise ValueError(f"item {i} must be a string or an [instruction, text] pair of two strings, got "
-                                 f"{_short(item)}")
+            if not (len(item) == 2 or _is_medi_item(item)) or not all(isinstance(x, str) for x in item[:2]):
+                raise ValueError(f"item {i} must be a string or an [instruction, text] pair of two strings (an "
+                                 f"[instruction, text, id] triple too), got {_short(item)}")
             pairs.append((item[0], item[1]))
         else:
             raise TypeError(f"item {i} must be a string or an [instruction, text] pair, got "
                             f"{type(item).__name__}: {_short(item)}")
     return pairs
+
+
+def _is_medi_item(item) -> bool:
+    # MTEB's MEDI / INSTRUCTOR inputs: [instruction, text, int id]; the original encodes the first two
+    return (isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], str)
+            and isinstance(item[1], str) and isinstance(item[2], int) and not isinstance(item[2], bool))
 
 
 def _atomic_save(path, array):
@@ -1089,6 +1182,15 @@ def _is_adapter_only(path) -> bool:
     return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
 
 
+def _is_release_without_weights(path) -> bool:
+    p = Path(path)
+    if not (p.is_dir() and (p / "adapter_config.json").is_file() and (p / "config.json").is_file()):
+        return False
+    own = [f for f in p.iterdir() if f.name.endswith((".safetensors", ".bin", ".safetensors.index.json",
+                                                       ".bin.index.json")) and not f.name.startswith("adapter_")]
+    return not own
+
+
 def _adapter_base(folder) -> str:
     """The base model an adapter folder was trained on: our training record's ``load_with``, else peft's
     ``base_model_name_or_path``; errors say what to pass instead."""
@@ -1129,16 +1231,33 @@ def _recorded_premerge(adapter_folder, base_path) -> str | None:
     return merged
 
 
+def write_encoder_config(folder, cfg: dict) -> None:
+    """Write an encoder's settings: the original's keys into ``llm2vec_config.json`` (which the original llm2vec
+    reads too), the others (``bidirectional``, ``prompts``, ``template_name``) into ``llm2vec_fast_config.json``."""
+    folder = Path(folder)
+    (folder / CONFIG_NAME).write_text(json.dumps({k: v for k, v in cfg.items() if k in _ENCODER_KEYS}, indent=4))
+    extra = {k: v for k, v in cfg.items() if k not in _ENCODER_KEYS}
+    if extra:
+        (folder / EXTRA_CONFIG_NAME).write_text(json.dumps(extra, indent=4))
+    else:
+        (folder / EXTRA_CONFIG_NAME).unlink(missing_ok=True)
+
+
 def _read_config(folder):
+    """A folder's encoder settings: ``llm2vec_config.json`` (with any extra keys earlier versions wrote there) and
+    ``llm2vec_fast_config.json``; {} when it has neither."""
     if folder is None:
         return {}
-    p = Path(folder) / CONFIG_NAME
-    if not p.exists():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from e
+    cfg = {}
+    for name in (CONFIG_NAME, EXTRA_CONFIG_NAME):
+        p = Path(folder) / name
+        if not p.exists():
+            continue
+        try:
+            cfg.update(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON: {e}") from e
+    return cfg
 
 
 @contextlib.contextmanager

@@ -104,7 +104,9 @@ def load_st_folder(path) -> tuple[str, dict]:
     cfg_path = path / LLM2VEC_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(cfg_path)!r} missing: the folder is incomplete")
-    return os.fspath(path), json.loads(cfg_path.read_text())
+    from .encoder import _read_config
+
+    return os.fspath(path), _read_config(path)  # llm2vec_config.json and the extra settings beside it
 
 
 # ---------------------------------------------------------------------- CLI

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from ..cpu_memory import cpu_work
-from ..encoder import _normalize_inputs, pack
+from ..encoder import _normalize_inputs, pack, write_encoder_config
 from .common import (
-    CONFIG_NAME,
     LORA_TARGETS,
     TRAINING_NAME,
     AdapterTrainer,
@@ -571,9 +570,9 @@ def save_contrastive_output(encoder, args: ContrastiveArguments, losses: list[di
     encoder.model.save_pretrained(out)
     encoder.tokenizer.save_pretrained(out)
     # the encoder keeps its default 512 tokens (or the training length when longer), not SimCSE's 128
-    write_json(out / CONFIG_NAME, {"pooling_mode": args.pooling_mode, "max_length": max(512, args.max_length),
-                                   "doc_max_length": encoder.doc_max_length, "skip_instruction": True,
-                                   "bidirectional": True})
+    write_encoder_config(out, {"pooling_mode": args.pooling_mode, "max_length": max(512, args.max_length),
+                                 "doc_max_length": encoder.doc_max_length, "skip_instruction": True,
+                                 "bidirectional": True})
     from llm2vec_fast import resolve_model
 
     base = resolve_model(args.model)  # the default model's local folder, not None

@@ -27,8 +27,8 @@ from torch import nn
 
 from .._io import check_count
 from ..cpu_memory import cpu_work
+from ..encoder import write_encoder_config
 from .common import (
-    CONFIG_NAME,
     LORA_TARGETS,
     TRAINING_NAME,
     AdapterTrainer,
@@ -399,9 +399,9 @@ def save_mntp_output(backbone, tokenizer, args: MNTPArguments, base_path: str, l
     backbone.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     # the encoder's max_length is not the training block length: texts keep the encoder's default 512 tokens
-    write_json(out / CONFIG_NAME, {"pooling_mode": "mean", "max_length": max(512, args.max_seq_length),
-                                   "doc_max_length": 400,
-                                   "skip_instruction": True, "bidirectional": True})
+    write_encoder_config(out, {"pooling_mode": "mean", "max_length": max(512, args.max_seq_length),
+                                 "doc_max_length": 400,
+                                 "skip_instruction": True, "bidirectional": True})
     write_json(out / TRAINING_NAME, {"stage": "mntp", "base_model": base_path, "arguments": dataclasses.asdict(args),
                                      "losses": losses, **(evaluations or {})})
 

@@ -1,6 +1,7 @@
 """LLM2Vec encoder: conformance with the original llm2vec 0.2.3, batch invariance, pooling, save/load, PEFT, errors."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,7 +318,10 @@ def test_save_and_reload(tiny, tmp_path):
     tiny.save(tmp_path / "saved")
     tiny.pooling_mode = "mean"
     cfg = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
-    assert cfg["pooling_mode"] == "weighted_mean" and cfg["bidirectional"] is True
+    # the original's four keys only (its loader passes each to its constructor); ours beside them
+    assert set(cfg) == {"pooling_mode", "max_length", "doc_max_length", "skip_instruction"}
+    assert cfg["pooling_mode"] == "weighted_mean"
+    assert json.loads((tmp_path / "saved" / "llm2vec_fast_config.json").read_text())["bidirectional"] is True
     again = LLM2Vec.from_pretrained(str(tmp_path / "saved"), device="cpu", dtype=torch.float32)
     assert again.pooling_mode == "weighted_mean"
     torch.testing.assert_close(again.encode(items, show_progress_bar=False), before, rtol=1e-5, atol=1e-6)
@@ -373,7 +377,7 @@ def test_chat_template_choice_survives_save_and_reload(tiny, tmp_path):
     assert again.prepare_for_tokenization("hello") == "<|im_start|>user\nhello<|im_end|>"
     torch.testing.assert_close(again.encode(items, show_progress_bar=False), before, rtol=1e-5, atol=1e-5)
     tiny.save(tmp_path / "plain")  # no template: nothing recorded
-    assert "template_name" not in json.loads((tmp_path / "plain" / "llm2vec_config.json").read_text())
+    assert "template_name" not in json.loads((tmp_path / "plain" / "llm2vec_fast_config.json").read_text())
 
 
 def test_saving_into_a_release_folder_leaves_its_linked_base_alone(tiny_encoder_dir, tmp_path):
@@ -900,3 +904,124 @@ def test_an_adapter_saved_from_a_causal_lm_is_applied(tiny_encoder_dir, tmp_path
               str(bad / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"does not fit this LlamaModel: \d+ of its weights match no module"):
         LLM2Vec.from_pretrained(str(tiny_encoder_dir), peft_model_name_or_path=str(bad), device="cpu")
+
+
+# ---------------------------------------------------------------- the original's lower-level API
+def test_tokenize_reads_the_originals_joint_strings(tiny):
+    """The original's collators build "instruction; " + SEPARATOR + text (then prepare it) and call tokenize and
+    forward: the instruction attends but is not pooled, and a prepared text is not prepared again."""
+    from llm2vec_fast.encoder import SEPARATOR
+
+    want = tiny.encode([["Given a question, retrieve passages;", "What is he playing?"]], show_progress_bar=False)
+    joint = f"Given a question, retrieve passages; {SEPARATOR}What is he playing?"
+    with torch.no_grad():
+        got = tiny(tiny.tokenize([joint]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    mode = tiny.pooling_mode
+    try:
+        tiny.pooling_mode = "eos_token"
+        prepared = tiny.prepare_for_tokenization(f"{SEPARATOR}a short text")
+        assert prepared.endswith(" </s>") and tiny.prepare_for_tokenization(prepared) == prepared
+        with torch.no_grad():
+            got = tiny(tiny.tokenize([prepared]))
+        torch.testing.assert_close(got, tiny.encode(["a short text"], show_progress_bar=False), rtol=1e-5, atol=1e-6)
+    finally:
+        tiny.pooling_mode = mode
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_forward_and_get_pooling_take_padded_features(tiny, side):
+    """The original's padded features (input_ids, attention_mask, embed_mask [B, L]) are packed by forward; the
+    embed_mask's tokens are the pooled ones."""
+    from llm2vec_fast.encoder import SEPARATOR
+
+    items = [["An instruction", "first text here"], ["", "second"]]
+    want = tiny.encode(items, show_progress_bar=False)
+    tok = tiny.tokenizer
+    rows = []
+    for instr, text in items:
+        ids = tok(tiny._convert_to_str(instr, text).replace(SEPARATOR, ""))["input_ids"]
+        n_text = len(tok(text, add_special_tokens=False)["input_ids"])
+        rows.append((ids, n_text))
+    L = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask, embed = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for i, (ids, n_text) in enumerate(rows):
+        lo = L - len(ids) if side == "left" else 0
+        input_ids[i, lo:lo + len(ids)] = torch.tensor(ids)
+        mask[i, lo:lo + len(ids)] = 1
+        embed[i, lo + len(ids) - n_text:lo + len(ids)] = 1
+    features = {"input_ids": input_ids, "attention_mask": mask, "embed_mask": embed}
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(features), want, rtol=1e-5, atol=1e-6)
+        packed = tiny.tokenize(items)
+        hidden = tiny.hidden_states(packed)
+        torch.testing.assert_close(tiny.get_pooling(packed, hidden), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one \\[B, L\\] shape"):
+        tiny({"input_ids": input_ids, "attention_mask": mask[:, 1:]})
+
+
+def test_llama3_instruct_eos_pooling_ends_at_its_eot(tiny):
+    name, mode = tiny.model.config._name_or_path, tiny.pooling_mode
+    try:
+        tiny.model.config._name_or_path, tiny.pooling_mode = "meta-llama/Meta-Llama-3-8B-Instruct", "eos_token"
+        assert tiny.prepare_for_tokenization("hello world") == \
+            "<|start_header_id|>user<|end_header_id|>\n\nhello world<|eot_id|>"
+    finally:
+        tiny.model.config._name_or_path, tiny.pooling_mode = name, mode
+
+
+def test_original_input_forms_and_methods(tiny):
+    class Column:  # a datasets Column: sized, indexable, iterable, not a list
+        def __init__(self, items):
+            self.items = items
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+        def __iter__(self):
+            return iter(self.items)
+
+    want = tiny.encode(["a b", "c"], show_progress_bar=False)
+    torch.testing.assert_close(tiny.encode(Column(["a b", "c"]), show_progress_bar=False), want)
+    pair = tiny.encode([["instr", "text"]], show_progress_bar=False)
+    torch.testing.assert_close(tiny.encode([["instr", "text", 0]], show_progress_bar=False), pair)
+    torch.testing.assert_close(tiny.encode(["instr", "text", 0], show_progress_bar=False), pair)  # one MEDI item
+    assert tiny.tokenizer.padding_side == "left" and tiny.tokenizer.pad_token is not None
+    assert tiny._text_length("abc") == 3 and tiny._text_length([[1, 2], [3]]) == 3
+    assert tiny._convert_to_str("Instr ", "text") == "Instr !@#$%^&*()text"
+    f = {"attention_mask": torch.ones(1, 3), "embed_mask": torch.tensor([[0, 1, 1]])}
+    tiny._skip_instruction(f)
+    assert f["attention_mask"].tolist() == [[0, 1, 1]]
+    n = tiny.model.get_input_embeddings().weight.shape[0]
+    assert tiny.resize_token_embeddings(n).weight.shape[0] == n
+    tiny.gradient_checkpointing_enable()  # forwarded to the model (the Trainer calls it)
+    assert tiny.model.is_gradient_checkpointing
+    tiny.model.gradient_checkpointing_disable()
+
+
+def test_an_mntp_release_without_base_weights_loads(tiny_encoder_dir, tmp_path):
+    """The MNTP releases as the hub serves them: config, adapter and tokenizer, the weights named by the adapter's
+    base_model_name_or_path. Loaded with the adapter merged, as from the base plus the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(3)
+    peft = get_peft_model(AutoModel.from_pretrained(tiny_encoder_dir), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "up_proj"]))
+    release = tmp_path / "release"
+    peft.save_pretrained(release)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_encoder_dir) / name, release / name)
+    cfg = json.loads((release / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tiny_encoder_dir)
+    (release / "adapter_config.json").write_text(json.dumps(cfg))
+    got = LLM2Vec.from_pretrained(str(release), device="cpu", dtype=torch.float32)
+    want = LLM2Vec.from_pretrained(str(tiny_encoder_dir), peft_model_name_or_path=str(release), merge_peft=True,
+                                   device="cpu", dtype=torch.float32)
+    items = ["one text", ["an instruction", "two"]]
+    torch.testing.assert_close(got.encode(items, show_progress_bar=False), want.encode(items, show_progress_bar=False),
+                               rtol=1e-5, atol=1e-6)
