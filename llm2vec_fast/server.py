@@ -64,7 +64,7 @@ class Batcher:
         self.l2v, self.max_batch_texts, self.max_wait = l2v, int(max_batch_texts), float(max_wait_ms) / 1000.0
         self.max_batch_tokens = max_batch_tokens
         self._queue: queue.Queue = queue.Queue(maxsize=int(max_queue))
-        self.stats = {"batches": 0, "texts": 0, "encode_seconds": 0.0, "largest_batch": 0}
+        self.stats = {"batches": 0, "texts": 0, "encode_seconds": 0.0, "largest_batch": 0, "failed_requests": 0}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="llm2vec-fast-batcher", daemon=True)
         self._thread.start()
@@ -87,8 +87,9 @@ class Batcher:
         return job.result
 
     def close(self):
+        """Finish every queued request (answered), then stop the worker."""
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join()
 
     def _take(self):
         """The next batch of jobs: the first waiting one, then whatever else waits (within max_wait)."""
@@ -115,33 +116,43 @@ class Batcher:
             jobs = self._take()
             if jobs is None:
                 return
-            items = [it for j in jobs for it in j.items]
             t = time.perf_counter()
-            try:
-                # one encode call per kind of output: pooled embeddings, or token embeddings (/embed_all)
-                for tokens in (False, True):
-                    group = [j for j in jobs if j.tokens == tokens]
-                    if not group:
-                        continue
-                    emb = self.l2v.encode([it for j in group for it in j.items], show_progress_bar=False,
-                                          convert_to_tensor=True, max_batch_tokens=self.max_batch_tokens,
-                                          output_value="token_embeddings" if tokens else "sentence_embedding")
-                    at = 0
-                    for j in group:
-                        j.result = emb[at:at + len(j.items)]
-                        at += len(j.items)
-            except Exception as e:  # every waiting client learns why; the worker lives on
-                err = RequestError(500, f"encoding failed: {type(e).__name__}: {e}", "Backend")
-                for j in jobs:
-                    j.error = err
-            finally:
-                with self._lock:
-                    self.stats["batches"] += 1
-                    self.stats["texts"] += len(items)
-                    self.stats["encode_seconds"] += time.perf_counter() - t
-                    self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-                for j in jobs:
-                    j.done.set()
+            # one encode call per kind of output: pooled embeddings, or token embeddings (/embed_all)
+            for tokens in (False, True):
+                group = [j for j in jobs if j.tokens == tokens]
+                if group:
+                    self._encode_group(group, tokens)
+            ok = [j for j in jobs if j.error is None]
+            with self._lock:
+                self.stats["batches"] += 1
+                self.stats["texts"] += sum(len(j.items) for j in ok)
+                self.stats["failed_requests"] += len(jobs) - len(ok)
+                self.stats["encode_seconds"] += time.perf_counter() - t
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(len(j.items) for j in jobs))
+            for j in jobs:
+                j.done.set()
+
+    def _encode_group(self, group, tokens):
+        """Encode the jobs of ``group`` in one call; if that fails, each on its own, so that one bad request fails
+        alone instead of taking the batch's other requests with it."""
+        def encode(items):
+            return self.l2v.encode(items, show_progress_bar=False, convert_to_tensor=True,
+                                   max_batch_tokens=self.max_batch_tokens,
+                                   output_value="token_embeddings" if tokens else "sentence_embedding")
+
+        try:
+            emb = encode([it for j in group for it in j.items])
+        except Exception as e:  # every waiting client learns why; the worker lives on
+            if len(group) == 1:
+                group[0].error = RequestError(500, f"encoding failed: {type(e).__name__}: {e}", "Backend")
+                return
+            for j in group:
+                self._encode_group([j], tokens)
+            return
+        at = 0
+        for j in group:
+            j.result = emb[at:at + len(j.items)]
+            at += len(j.items)
 
 
 class EmbeddingServer:
@@ -160,17 +171,30 @@ class EmbeddingServer:
         auto_truncate: what ``truncate`` means when a request does not say: True cuts texts at ``max_length`` tokens
             (LLM2Vec's own behaviour), False (TEI's default) refuses them with a 413 naming the input.
         api_key: when set, every request needs ``Authorization: Bearer <api_key>``.
+        read_timeout: seconds a connection may wait for a client's next bytes (a stalled or idle client is dropped
+            then, freeing its thread).
+        max_connections: open connections at once (default twice ``max_concurrent_requests``); more are answered
+            503 and closed.
+
+    Stopping (:meth:`close`, SIGTERM or Ctrl-C under ``llm2vec-fast serve``) stops accepting, answers every request
+    already received, then ends the worker.
     """
 
     def __init__(self, l2v, host="127.0.0.1", port=8080, model_id=None, max_client_batch_size=32,
                  max_batch_texts=4096, max_batch_tokens=None, max_wait_ms=0.0, max_concurrent_requests=512,
-                 payload_limit=2_000_000, auto_truncate=False, api_key=None, log_requests=False):
+                 payload_limit=2_000_000, auto_truncate=False, api_key=None, log_requests=False, read_timeout=60.0,
+                 max_connections=None):
+        max_connections = 2 * int(max_concurrent_requests) if max_connections is None else max_connections
         for name, value in (("max_client_batch_size", max_client_batch_size), ("max_batch_texts", max_batch_texts),
-                            ("max_concurrent_requests", max_concurrent_requests), ("payload_limit", payload_limit)):
+                            ("max_concurrent_requests", max_concurrent_requests), ("payload_limit", payload_limit),
+                            ("max_connections", max_connections)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if float(max_wait_ms) < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if not float(read_timeout) > 0:
+            raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
+        self.read_timeout = float(read_timeout)
         self.l2v = l2v
         self.model_id = model_id or getattr(l2v.model.config, "_name_or_path", "") or "llm2vec-fast"
         self.max_client_batch_size, self.payload_limit = int(max_client_batch_size), int(payload_limit)
@@ -182,9 +206,8 @@ class EmbeddingServer:
         self.requests = {}  # (route, status) -> count
         self._lock = threading.Lock()
         # the listen backlog holds as many connections as may wait (the default of 5 resets bursts of clients)
-        server_class = type("_HTTPServer", (ThreadingHTTPServer,),
-                            {"daemon_threads": True, "request_queue_size": int(max_concurrent_requests)})
-        self.httpd = server_class((host, int(port)), _handler_class(self))
+        self.httpd = _HTTPServer((host, int(port)), _handler_class(self), int(max_connections),
+                                 int(max_concurrent_requests), lambda status: self._count("other", status))
         self._thread = None
 
     @property
@@ -205,11 +228,13 @@ class EmbeddingServer:
             self.close()
 
     def close(self):
+        """Stop accepting, answer every request already received, end the worker."""
         if self._thread is not None:
             self.httpd.shutdown()
-            self._thread.join(timeout=30)
+            self._thread.join()
             self._thread = None
-        self.httpd.server_close()
+        self.httpd.end_idle_connections()
+        self.httpd.server_close()  # joins the connection threads: each answers what it read, then ends
         self.batcher.close()
 
     def __enter__(self):
@@ -311,6 +336,9 @@ class EmbeddingServer:
         inputs = body.get("inputs")
         if not isinstance(inputs, dict) or not isinstance(inputs.get("source_sentence"), str):
             raise RequestError(422, "inputs must be {\"source_sentence\": str, \"sentences\": [str, ...]}")
+        if not inputs["source_sentence"].strip():
+            raise RequestError(422, "inputs.source_sentence cannot be empty: it has no text to embed")
+        _check_unicode(inputs["source_sentence"], "inputs.source_sentence")
         sentences = self._items(inputs.get("sentences"), "inputs.sentences", pairs=False)
         items = self._instruct([inputs["source_sentence"], *sentences], body.get("instruction"),
                                body.get("prompt_name"))
@@ -328,6 +356,8 @@ class EmbeddingServer:
                   "# TYPE llm2vec_fast_batches_total counter", f"llm2vec_fast_batches_total {s['batches']}",
                   "# TYPE llm2vec_fast_encode_seconds_total counter",
                   f"llm2vec_fast_encode_seconds_total {s['encode_seconds']:.6f}",
+                  "# TYPE llm2vec_fast_failed_requests_total counter",
+                  f"llm2vec_fast_failed_requests_total {s['failed_requests']}",
                   "# TYPE llm2vec_fast_largest_batch_texts gauge",
                   f"llm2vec_fast_largest_batch_texts {s['largest_batch']}",
                   "# TYPE llm2vec_fast_queue_size gauge", f"llm2vec_fast_queue_size {self.batcher.queue_size()}"]
@@ -355,6 +385,8 @@ class EmbeddingServer:
             if not (it if isinstance(it, str) else it[1]).strip():
                 # nothing to embed (encode would give a zero vector, not unit length): refused, as TEI and OpenAI do
                 raise RequestError(422, f"{name}[{i}] cannot be empty: it has no text to embed")
+            for text in ([it] if isinstance(it, str) else it):
+                _check_unicode(text, f"{name}[{i}]")
         return inputs
 
     def _instruct(self, items, instruction, prompt_name):
@@ -402,6 +434,15 @@ class EmbeddingServer:
             self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
 
 
+def _check_unicode(text, where):
+    # JSON may carry a lone surrogate ("\ud800"), which no tokenizer takes: refused here, not in the shared batch
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(422, f"{where} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
+                           f"character {e.start}") from None
+
+
 def _only_keys(body, allowed):
     if not isinstance(body, dict):
         raise RequestError(422, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -434,6 +475,55 @@ def _postprocess(emb, normalize, dimensions):
     return truncate_embeddings(emb, dimensions, renormalize=normalize)
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """Threads per connection, at most ``max_connections`` of them (more are answered 503 and closed), joined when
+    the server closes (their requests are answered, not cut off)."""
+
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, address, handler, max_connections, backlog, count):
+        self.request_queue_size = backlog
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open, self._open_lock, self._count = set(), threading.Lock(), count
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps({"error": "too many open connections; retry later", "error_type": "Overloaded"})
+            try:
+                request.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+            except OSError:
+                pass
+            self._count(503)
+            self.shutdown_request(request)
+            return
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+            self._slots.release()
+
+    def end_idle_connections(self):
+        """Stop reading from every open connection: one waiting for its next request ends at once; one whose request
+        was read still writes its answer."""
+        import socket
+
+        with self._open_lock:
+            for sock in list(self._open):
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+
 def _handler_class(server: EmbeddingServer):
     routes_post = {"/embed": server.embed, "/embed_all": server.embed_all, "/tokenize": server.tokenize,
                    "/v1/embeddings": server.openai_embeddings, "/embeddings": server.openai_embeddings,
@@ -443,6 +533,7 @@ def _handler_class(server: EmbeddingServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "llm2vec-fast"
+        timeout = server.read_timeout  # a stalled or idle client is dropped after this, freeing its thread
 
         def log_message(self, fmt, *args):  # quiet unless asked: one line per request is noise at scale
             if server.log_requests:
@@ -515,6 +606,8 @@ def _handler_class(server: EmbeddingServer):
                 body = json.loads(raw or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 return self._error(RequestError(422, f"the request body is not valid JSON: {e}"))
+            except RecursionError:
+                return self._error(RequestError(422, "the request body nests JSON too deeply to read"))
             try:
                 self._reply(200, routes_post[path](body))
             except RequestError as e:
@@ -550,6 +643,10 @@ def add_subcommands(sub):
     p.add_argument("--auto-truncate", action="store_true", help="cut texts longer than max_length when a request "
                    "does not say truncate (default: refuse them with 413, as TEI does)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key>")
+    p.add_argument("--read-timeout", type=float, default=60.0, help="seconds a connection may wait for the client's "
+                   "next bytes before it is dropped (stalled and idle clients)")
+    p.add_argument("--max-connections", type=int, default=None, help="open connections at once; more are answered "
+                   "503 (default: twice --max-concurrent-requests)")
     p.add_argument("--log-requests", action="store_true", help="one log line per request on stderr")
     p.set_defaults(func=cmd_serve)
 
@@ -572,7 +669,8 @@ def cmd_serve(args):
                              max_client_batch_size=args.max_client_batch_size, max_batch_texts=args.max_batch_texts,
                              max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                              max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
-                             auto_truncate=args.auto_truncate, api_key=args.api_key, log_requests=args.log_requests)
+                             auto_truncate=args.auto_truncate, api_key=args.api_key, log_requests=args.log_requests,
+                             read_timeout=args.read_timeout, max_connections=args.max_connections)
     # SIGTERM (docker stop, kill) stops accepting, lets the worker finish what is queued, then exits
     import signal
 

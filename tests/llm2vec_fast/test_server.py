@@ -362,3 +362,85 @@ def test_a_burst_of_clients_is_served(server):
     for t in threads:
         t.join(60)
     assert results == [200] * 32
+
+
+# ---------------------------------------------------------------- production review: isolation, limits, shutdown
+def test_a_bad_request_fails_alone(l2v, monkeypatch):
+    """A lone surrogate is refused up front (422); a request whose encode fails for another reason fails alone
+    (500), and the requests batched with it are answered; /metrics counts what failed apart."""
+    with EmbeddingServer(l2v, port=0, max_wait_ms=300, model_id="tiny").start() as s:
+        status, body = call(s, "/embed", raw=b'{"inputs": "bad \\ud800 text"}')
+        assert status == 422 and "inputs[0] is not valid Unicode text: a lone surrogate" in body["error"]
+        real = type(l2v).encode
+
+        def flaky(self, sentences, *a, **kw):
+            if any("POISON" in (x if isinstance(x, str) else x[1]) for x in sentences):
+                raise RuntimeError("poisoned batch")
+            return real(self, sentences, *a, **kw)
+
+        monkeypatch.setattr(type(l2v), "encode", flaky)
+        results = {}
+
+        def send(name, text):
+            results[name] = call(s, "/embed", {"inputs": [text]})
+
+        threads = [threading.Thread(target=send, args=(f"ok{i}", f"a fine text {i}")) for i in range(4)]
+        threads.append(threading.Thread(target=send, args=("bad", "POISON text")))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results["bad"][0] == 500 and "poisoned batch" in results["bad"][1]["error"]
+        assert all(results[f"ok{i}"][0] == 200 for i in range(4))
+        _, metrics = call(s, "/metrics")
+        assert "llm2vec_fast_failed_requests_total 1" in metrics
+        assert re.search(r"llm2vec_fast_texts_total 4\n", metrics)
+
+
+def test_deep_json_and_empty_source_sentence_are_422(server):
+    status, body = call(server, "/embed", raw=b"[" * 100000 + b"]" * 100000)
+    assert status == 422 and "nests JSON too deeply" in body["error"]
+    status, body = call(server, "/similarity", {"inputs": {"source_sentence": "  ", "sentences": ["a", "b"]}})
+    assert status == 422 and "inputs.source_sentence cannot be empty" in body["error"]
+
+
+def test_stalled_clients_time_out_and_connections_are_capped(l2v):
+    import socket
+
+    with EmbeddingServer(l2v, port=0, read_timeout=0.5, max_connections=2).start() as s:
+        host, port = s.httpd.server_address[:2]
+        stalled = socket.create_connection((host, port))
+        stalled.sendall(b"POST /embed HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"in")
+        idle = socket.create_connection((host, port))
+        time.sleep(0.2)
+        third = socket.create_connection((host, port))
+        assert b"503 Service Unavailable" in third.recv(4096)  # two connections open: the third is refused
+        third.close()
+        stalled.settimeout(5)
+        assert stalled.recv(4096) == b""  # dropped after read_timeout, its thread freed
+        idle.settimeout(5)
+        assert idle.recv(4096) == b""
+        time.sleep(0.2)
+        assert call(s, "/health")[0] == 200  # slots free again
+        stalled.close()
+        idle.close()
+
+
+def test_close_answers_requests_in_flight(l2v, monkeypatch):
+    real = type(l2v).encode
+    started = threading.Event()
+
+    def slow(self, *a, **kw):
+        started.set()
+        time.sleep(1.0)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(l2v), "encode", slow)
+    s = EmbeddingServer(l2v, port=0).start()
+    results = []
+    t = threading.Thread(target=lambda: results.append(call(s, "/embed", {"inputs": ["in flight"]})))
+    t.start()
+    assert started.wait(10)
+    s.close()  # while the request is being encoded
+    t.join(10)
+    assert results and results[0][0] == 200 and len(results[0][1][0]) == l2v.model.config.hidden_size
