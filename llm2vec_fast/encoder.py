@@ -669,9 +669,8 @@ class LLM2Vec(nn.Module):
         counts texts (with a total when ``sentences`` has a length). Returns the manifest.
         """
         import hashlib
-        import itertools
 
-        from .quantization import PRECISIONS, quantization_ranges, quantize_embeddings
+        from .quantization import PRECISIONS
 
         check_count("chunk_size", chunk_size)
         precision = encode_kwargs.pop("precision", "float32")
@@ -704,7 +703,10 @@ class LLM2Vec(nn.Module):
         if unknown:
             raise TypeError(f"encode_to_disk got unexpected encode option(s) {unknown}")
         options["instruction"] = self._prompt(options.pop("prompt_name"), options.pop("prompt"))
-        settings = {"model": getattr(self.model.config, "_name_or_path", None),
+        name = getattr(self.model.config, "_name_or_path", None)
+        if name and Path(name).exists():
+            name = str(Path(name).resolve())  # "tiny", "./tiny/" and its absolute path are one model folder
+        settings = {"model": name,
                     "weights": _weights_fingerprint(self.model), "pooling_mode": self.pooling_mode,
                     "max_length": self.max_length, "doc_max_length": self.doc_max_length,
                     "skip_instruction": self.skip_instruction, "chunk_size": chunk_size, "precision": precision,
@@ -721,6 +723,8 @@ class LLM2Vec(nn.Module):
             # older manifests: the keys they recorded (two, or the options passed explicitly)
             keys = set(before) | set(settings) if old.get("settings_version") == 2 else set(before)
             changed = sorted(k for k in keys if before.get(k) != settings.get(k))
+            if changed == ["model"] and before.get("weights") and before.get("weights") == settings.get("weights"):
+                changed = []  # the same weights, the folder's path spelled another way
             if changed:
                 raise ValueError(f"{out} holds shards made with other settings ("
                                  + ", ".join(f"{k}: {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
@@ -733,12 +737,36 @@ class LLM2Vec(nn.Module):
             manifest["quantization_ranges"] = ranges
             ranges = np.asarray(ranges, dtype=np.float32)
         previous = {sh["file"]: sh for sh in old.get("shards", [])}
+
+        def write_manifest(index):
+            # the shards done so far, then the earlier run's later ones (not checked yet, still resumable): a run
+            # that stops or is refused half-way leaves the folder as resumable as it found it
+            later = [sh for f, sh in previous.items() if _shard_index(f) > index]
+            _atomic_write_text(manifest_path, json.dumps({**manifest, "shards": manifest["shards"] + later},
+                                                         indent=2))
+
+        lock = _FolderLock(out)
         it = iter([sentences] if isinstance(sentences, str) else sentences)
         total = 1 if isinstance(sentences, str) else len(sentences) if hasattr(sentences, "__len__") else None
         bar = tqdm(total=total, desc="Encoding to disk", unit="text", disable=not show_progress_bar)
         # one process: encode advances this bar text by text; with a pool or a device list, shard by shard
         inner = bar if encode_kwargs.get("pool") is None and not isinstance(encode_kwargs.get("device"),
                                                                              (list, tuple)) else None
+        with lock:
+            self._write_shards(it, out, chunk_size, previous, manifest, write_manifest, precision, ranges, inner, bar,
+                               encode_kwargs)
+        bar.close()
+        return manifest
+
+    def _write_shards(self, it, out, chunk_size, previous, manifest, write_manifest, precision, ranges, inner, bar,
+                      encode_kwargs):
+        """encode_to_disk's loop, run while it holds the folder's lock."""
+        import hashlib
+        import itertools
+
+        from .quantization import quantization_ranges, quantize_embeddings
+
+        manifest_path = out / "manifest.json"
         for index in itertools.count():
             chunk = list(itertools.islice(it, chunk_size))
             if not chunk:
@@ -772,17 +800,16 @@ class LLM2Vec(nn.Module):
             manifest["shards"].append({"file": name, "rows": len(chunk), "dim": dim, "sha1": digest})
             manifest["rows"] += len(chunk)
             manifest["dim"] = dim
-            _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+            if encoded:  # a reused shard changes nothing the manifest says
+                write_manifest(index)
             if inner is None or not encoded:
                 bar.update(len(chunk))
-        bar.close()
         listed = {sh["file"] for sh in manifest["shards"]}
-        for stale in out.glob("embeddings-*.npy"):
+        for stale in [*out.glob("embeddings-*.npy"), *out.glob("embeddings-*.npy.partial")]:
             if stale.name not in listed:
                 stale.unlink()
         manifest["complete"] = True
         _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-        return manifest
 
     @staticmethod
     def similarity(embeddings1, embeddings2, fn="cosine"):
@@ -1020,9 +1047,66 @@ def _is_medi_item(item) -> bool:
 
 def _atomic_save(path, array):
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # a full disk, a file size limit: numpy says only "N requested and M written"
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def _shard_index(name) -> int:
+    try:
+        return int(name.split("-")[1].split(".")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+class _FolderLock:
+    """An output folder's ``.lock`` (the writer's pid and host), so that two runs never write one folder at once; a
+    lock whose process is gone (killed) is taken over."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+
+    def __enter__(self):
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # left by a run that was killed
+                    continue
+                raise ValueError(f"{self.path.parent} is being written by another run (pid {holder.get('pid')} on "
+                                 f"{holder.get('host')}); wait for it, or remove {self.path} if that run is "
+                                 "gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise ValueError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _atomic_write_text(path, text):

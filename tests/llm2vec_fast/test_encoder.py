@@ -1025,3 +1025,45 @@ def test_an_mntp_release_without_base_weights_loads(tiny_encoder_dir, tmp_path):
     items = ["one text", ["an instruction", "two"]]
     torch.testing.assert_close(got.encode(items, show_progress_bar=False), want.encode(items, show_progress_bar=False),
                                rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- shard folders (production review)
+def test_shard_folder_lock_and_refusals_leave_it_resumable(tiny, tmp_path):
+    import os
+
+    texts = [f"text number {i}" for i in range(9)]
+    out = tmp_path / "shards"
+    first = tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)
+    # another live run holds the folder: refused
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": __import__("socket").gethostname()}))
+    with pytest.raises(ValueError, match="is being written by another run"):
+        tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)
+    # a lock whose process is gone (a killed run) is taken over
+    (out / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
+    assert tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)["complete"]
+    assert not (out / ".lock").exists()
+    # a run refused half-way (other inputs in shard 1) leaves the complete folder as it was
+    before = (out / "manifest.json").read_text()
+    changed = texts[:4] + ["CHANGED"] + texts[5:]
+    with pytest.raises(ValueError, match="embeddings-00001.npy holds the embeddings of other inputs"):
+        tiny.encode_to_disk(changed, out, chunk_size=3, show_progress_bar=False)
+    assert (out / "manifest.json").read_text() == before and first["complete"]
+
+
+def test_shard_folder_model_path_spellings_and_write_errors(tiny_encoder_dir, tmp_path, monkeypatch):
+    import llm2vec_fast.encoder as enc
+
+    monkeypatch.chdir(Path(tiny_encoder_dir).parent)
+    rel = LLM2Vec.from_pretrained(Path(tiny_encoder_dir).name, device="cpu", dtype=torch.float32)
+    rel.encode_to_disk(["a", "b", "c"], tmp_path / "s", chunk_size=2, show_progress_bar=False)
+    absolute = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype=torch.float32)
+    assert absolute.encode_to_disk(["a", "b", "c"], tmp_path / "s", chunk_size=2, show_progress_bar=False)["complete"]
+
+    def full_disk(f, array):
+        f.write(b"x" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(enc.np, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*embeddings-00000.npy: No space left on device"):
+        absolute.encode_to_disk(["d", "e"], tmp_path / "t", chunk_size=2, show_progress_bar=False)
+    assert not list((tmp_path / "t").glob("*.partial")) and not (tmp_path / "t" / ".lock").exists()
