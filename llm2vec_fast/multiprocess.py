@@ -131,7 +131,9 @@ class EncodePool:
                 _, _, cid, rank, rows, err = msg
                 pending.discard(cid)
                 if err is not None:
-                    errors.append(f"chunk {cid} on {self.devices[rank]}: {err}")
+                    first = sorted(int(i) for i in chunks[cid])[:5]
+                    errors.append(f"chunk {cid} (inputs {', '.join(map(str, first))}"
+                                  f"{', ...' if len(chunks[cid]) > 5 else ''}) on {self.devices[rank]}: {err}")
                 else:
                     out[torch.as_tensor(chunks[cid])] = torch.from_numpy(rows)
                 bar.update(len(chunks[cid]))
@@ -149,6 +151,10 @@ class EncodePool:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)
+        if procs:
+            for q in (self._in, self._out):  # their feeder threads and semaphores end with the pool, not at exit
+                q.close()
+                q.join_thread()
 
     def __enter__(self):
         return self

@@ -56,7 +56,8 @@ def test_single_string_empty_list_and_reuse(l2v, pool):
 def test_worker_errors_reach_the_caller(l2v, pool):
     pairs = [("", t) for t in TEXTS]
     # an argument only the worker's encode looks at: every chunk fails there, the caller hears which and why
-    with pytest.raises(RuntimeError, match=r"4 of 4 chunks failed; first: chunk \d on cpu: TypeError.*no_such"):
+    with pytest.raises(RuntimeError, match=r"4 of 4 chunks failed; first: chunk \d \(inputs [0-9, .]+\) on cpu: "
+                                           r"TypeError.*no_such"):
         pool.encode(pairs, chunk_size=10, show_progress_bar=False, no_such_option=1)
     # the pool still works afterwards
     assert l2v.encode(TEXTS[:3], pool=pool, show_progress_bar=False).shape == (3, 64)
