@@ -201,6 +201,7 @@ def _report(result: dict) -> int:
 
 # argument fields whose command-line flag is not the field's name with dashes
 _FLAG_OF = {"train_files": "--train-file", "validation_files": "--validation-file", "instructions": "--instruction",
+            "document_instructions": "--document-instruction",
             "contrast_anchors": "--no-contrast-anchors", "contrast_positives": "--no-contrast-positives",
             "resume_from_checkpoint": "--resume", "guide_model": "--guide-model", "grad_accum": "--grad-accum"}
 _ALL_FLAGS: set[str] = set()  # every stage's option strings, filled by add_subcommands
@@ -267,6 +268,7 @@ def run_contrastive(a) -> int:
     with _flag_names():
         args = ContrastiveArguments(
             mode=a.mode, train_files=a.train_file, peft=a.peft, instructions=getattr(a, "instruction", None) or [],
+            document_instructions=getattr(a, "document_instruction", None) or [],
             split=getattr(a, "split", None), max_examples=a.max_examples, batch_size=a.batch_size,
             max_length=a.max_length, learning_rate=a.learning_rate, scale=a.scale,
             attention_dropout=a.attention_dropout,
@@ -383,6 +385,10 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
         if mode == "supervised":
             p.add_argument("--instruction", action="append", default=None,
                            help="instruction for queries: once for all files, or once per --train-file")
+            p.add_argument("--document-instruction", action="append", default=None,
+                           help="instruction on the positives and hard negatives too: once for all files, or once "
+                                "per --train-file ('' for none); the original's E5 mix does this for its symmetric "
+                                "tasks (NLI's similar-text split, duplicate questions)")
             p.add_argument("--split", default=None, help="CSV with a split column: keep rows of this split")
             p.add_argument("--mask-false-negatives", action="store_true",
                            help="drop another query's positive that scores above a query's own positive")

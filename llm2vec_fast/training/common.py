@@ -123,7 +123,7 @@ def _checkpointed_count(layers, total: int) -> int:
 def as_lists(args) -> None:
     """``train_files``, ``validation_files`` and ``instructions`` given as one path or string become a list of one
     (iterating a string would read one file per character); anything else that is not a list is a TypeError."""
-    for name in ("train_files", "validation_files", "instructions"):
+    for name in ("train_files", "validation_files", "instructions", "document_instructions"):
         v = getattr(args, name, None)
         if isinstance(v, (str, os.PathLike)):
             setattr(args, name, [v])

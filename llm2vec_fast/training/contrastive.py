@@ -86,6 +86,9 @@ class ContrastiveArguments(EvalArguments):
     peft: str | None = None  # an adapter to merge into the base before training (e.g. the MNTP output)
     # supervised: on queries; scored: on both texts (a symmetric task); one per train file, or one for all
     instructions: list[str] = field(default_factory=list)
+    # supervised: instructions on the positives and hard negatives too (once, or per file; "" for none), as the
+    # original's E5 mix does for its symmetric tasks (NLI's similar-text split, duplicate questions)
+    document_instructions: list[str] = field(default_factory=list)
     split: str | None = None  # supervised / scored: keep rows whose `split` (SICK: SemEval_set) column equals this
     max_examples: int | None = None  # per file
     batch_size: int | None = None  # per device
@@ -176,6 +179,8 @@ class ContrastiveArguments(EvalArguments):
                 raise ValueError(f"score_range must be (low, high), finite numbers with low < high, got "
                                  f"{self.score_range!r}")
             self.score_range = (float(r[0]), float(r[1]))
+        if self.mode != "supervised" and self.document_instructions:
+            raise ValueError(f"document_instructions are for supervised training, not {self.mode}")
         if self.mode == "simcse" and self.split is not None:
             raise ValueError(f"split {self.split!r} filters rows by a split column; it does not apply to simcse")
         if self.mode == "scored" and self.symmetric:
@@ -243,9 +248,11 @@ class TextCollator:
     examples (``{"text1", "text2", "score"}``) give the first texts, then the second ones, the instruction on both,
     and ``"scores"``, a float32 tensor."""
 
-    def __init__(self, mode: str, instructions: dict | None = None, negatives: int | dict = 1):
+    def __init__(self, mode: str, instructions: dict | None = None, negatives: int | dict = 1,
+                 document_instructions: dict | None = None):
         self.mode = mode
         self.instructions = instructions or {}
+        self.document_instructions = document_instructions or {}
         self.negatives = negatives
         self.score_scales = None  # scored: each file's (low, high) mapped to 0-1, or None (as they are)
 
@@ -266,13 +273,14 @@ class TextCollator:
         for ex in examples:
             name, ex = ex if isinstance(ex, tuple) else (None, ex)
             q.append(with_instruction(ex["query"], self.instructions.get(name, self.instructions.get(None))))
-            p.append(ex["positive"])
+            doc = self.document_instructions.get(name, self.document_instructions.get(None))
+            p.append(with_instruction(ex["positive"], doc))
             k = self.negatives.get(name, 0) if isinstance(self.negatives, dict) else self.negatives
             negs = _negatives_of(ex)
             if len(negs) < k:
                 raise ValueError(f"an example has {len(negs)} hard negatives, the batch needs {k}: "
                                  f"{ex['query'][:60]!r}")
-            n.extend(negs[:k])
+            n.extend(with_instruction(x, doc) for x in negs[:k])
         return {"texts": q + p + n, "sizes": (len(q), len(p), len(n))}
 
 
@@ -416,9 +424,10 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
         for f in args.train_files:
             sents.extend(read_sentences(f, args.max_examples))
         return ListDataset(sents), TextCollator("simcse"), False
-    if args.instructions and len(args.instructions) not in (1, len(args.train_files)):
-        raise ValueError(f"give one instruction for all files or one per file: {len(args.instructions)} "
-                         f"instructions for {len(args.train_files)} files")
+    for name, given in (("instruction", args.instructions), ("document instruction", args.document_instructions)):
+        if given and len(given) not in (1, len(args.train_files)):
+            raise ValueError(f"give one {name} for all files or one per file: {len(given)} {name}s for "
+                             f"{len(args.train_files)} files")
     names = [Path(f).stem for f in args.train_files]
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
@@ -434,16 +443,19 @@ def build_dataset(args: ContrastiveArguments, world_size: int = 1):
         instr = {None: args.instructions[0]}
     else:
         instr = dict(zip(names, args.instructions, strict=False))
+    docs = ({None: args.document_instructions[0]} if len(args.document_instructions) == 1 else
+            dict(zip(names, args.document_instructions, strict=False)))
     if args.mode == "scored":
         k = {n: 0 for n in names}
     else:
         k = {n: negatives_per_query(ex, args.num_negatives, f) for (n, ex), f in zip(data.items(), args.train_files,
                                                                                       strict=True)}
     if len(data) == 1:
-        dataset, collator, grouped = ListDataset(data[names[0]]), TextCollator(args.mode, instr, k[names[0]]), False
+        dataset, grouped = ListDataset(data[names[0]]), False
+        collator = TextCollator(args.mode, instr, k[names[0]], docs)
     else:
         ordered = one_dataset_per_batch(data, args.batch_size * world_size, seed=args.seed)
-        dataset, collator, grouped = ListDataset(ordered), TextCollator(args.mode, instr, k), True
+        dataset, collator, grouped = ListDataset(ordered), TextCollator(args.mode, instr, k, docs), True
     collator.score_scales = scales or None
     return dataset, collator, grouped
 

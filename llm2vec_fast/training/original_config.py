@@ -300,7 +300,8 @@ def expand_config(argv: list[str]) -> list[str]:
         raise ConfigError(f"--config {file}: " + "; ".join(unmet))
     if stage == "supervised" and cfg.get("dataset_name") == "E5" and "--instruction" not in given:
         notes.append("the original's E5 loader puts a task instruction on each query (and on the documents of its "
-                     "symmetric tasks); give them with --instruction, once per --train-file")
+                     "symmetric tasks); give them with --instruction, once per --train-file (and "
+                     "--document-instruction for the symmetric ones)")
     if inert:
         print(f"llm2vec-fast: {file}: no effect here: {', '.join(sorted(set(inert)))}", file=sys.stderr)
     for note in notes:

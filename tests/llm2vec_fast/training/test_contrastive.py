@@ -444,3 +444,24 @@ def test_gist_arguments_are_checked(tmp_path):
                            "--guide-margin", "0.05", "--guide-margin-strategy", "relative", "--no-contrast-anchors"])
     assert (a.guide_model, a.guide_margin, a.guide_margin_strategy, a.no_contrast_anchors,
             a.no_contrast_positives) == ("g", 0.05, "relative", True, False)
+
+
+def test_document_instructions_per_file(tmp_path):
+    """--document-instruction puts an instruction on positives and hard negatives too (the original's E5 symmetric
+    tasks), per file like --instruction ('' for none)."""
+    a, b = _triplet_csv(tmp_path / "a.csv", 1), _triplet_csv(tmp_path / "b.csv", 2)
+    args = _args("supervised", [a, b], tmp_path / "out", split="train", batch_size=4,
+                 instructions=["Find similar", "Retrieve answers"], document_instructions=["Find similar", ""])
+    dataset, collator, grouped = build_dataset(args)
+    assert grouped
+    for start in range(0, len(dataset), 4):
+        batch = [dataset[j] for j in range(start, start + 4)]
+        texts, name = collator(batch)["texts"], batch[0][0]
+        if name == "a":
+            assert all(isinstance(t, list) and t[0] == "Find similar; " for t in texts)
+        else:
+            assert all(isinstance(t, list) for t in texts[:4]) and all(isinstance(t, str) for t in texts[4:])
+    with pytest.raises(ValueError, match="give one document instruction for all files or one per file: 3"):
+        build_dataset(_args("supervised", [a, b], tmp_path / "o2", document_instructions=["x", "y", "z"]))
+    with pytest.raises(ValueError, match="document_instructions are for supervised training, not simcse"):
+        _args("simcse", [a], tmp_path / "o3", document_instructions=["x"])
