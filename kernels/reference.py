@@ -59,6 +59,10 @@ def check_attention_args(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap
     for name, x in (("softcap", softcap), ("scale", scale)):
         if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
             raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+        try:
+            float(x) if x is not None else None
+        except OverflowError:
+            raise ValueError(f"{name} must be a finite number, got {x!r}") from None
     if not (math.isfinite(float(softcap)) and float(softcap) >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap}")
     if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):

@@ -34,7 +34,12 @@ def check_output_file(path, flag: str = "--output") -> None:
     import os
     from pathlib import Path
 
+    if not str(path).strip():
+        raise ValueError(f"{flag} needs a file path, got an empty one")
     p = Path(path)
+    if p.suffix.lower() == ".md":
+        raise ValueError(f"{flag} {str(path)!r}: the result is JSON and its markdown summary is written beside it "
+                         f"with the suffix .md; give a .json path (e.g. {str(p.with_suffix('.json'))!r})")
     if p.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a folder; expected a file path (e.g. {str(p / 'result.json')!r})")
     parent = next((a for a in [p.parent, *p.parent.parents] if a.exists()), Path("."))

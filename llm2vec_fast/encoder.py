@@ -1064,37 +1064,72 @@ def _shard_index(name) -> int:
 
 
 class _FolderLock:
-    """An output folder's ``.lock`` (the writer's pid and host), so that two runs never write one folder at once; a
-    lock whose process is gone (killed) is taken over."""
+    """An output folder's ``.lock``, so that two runs never write one folder at once. Held with ``fcntl.flock``: the
+    system releases it when its process ends, however it ends (a killed run never blocks the next one, and no pid
+    can be mistaken for another). The file names the holder (pid, host) for the refusal message. Without ``fcntl``
+    (Windows) the file's existence is the lock, and a holder on this host that is gone is taken over."""
 
     def __init__(self, folder):
         self.path = Path(folder) / ".lock"
+        self.fd = None
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
 
     def __enter__(self):
         import socket
 
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        for _ in range(5):
+            if fcntl is None:
                 try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    holder = {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-                    self.path.unlink(missing_ok=True)  # left by a run that was killed
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    try:
+                        holder = json.loads(self.path.read_text() or "{}")
+                    except (OSError, json.JSONDecodeError):
+                        holder = {}
+                    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    raise ValueError(self._busy()) from None
+            else:
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    raise ValueError(self._busy()) from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # the holder removed the file between our open and our lock: lock the new one
+                    os.close(fd)
                     continue
-                raise ValueError(f"{self.path.parent} is being written by another run (pid {holder.get('pid')} on "
-                                 f"{holder.get('host')}); wait for it, or remove {self.path} if that run is "
-                                 "gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                os.ftruncate(fd, 0)
+            os.write(fd, me.encode())
+            self.fd = fd
             return self
         raise ValueError(f"cannot take the lock {self.path}")
 
+    def _busy(self) -> str:
+        return (f"{self.path.parent} is being written by another run ({self._holder()}); wait for it to end (its "
+                f"lock, {self.path}, goes with it)")
+
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)  # unlinked first: a run waiting on this file retries on a fresh one
+            self.fd = None
 
 
 def _alive(pid) -> bool:
@@ -1111,8 +1146,12 @@ def _alive(pid) -> bool:
 
 def _atomic_write_text(path, text):
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _short(x, n=80):

@@ -580,6 +580,9 @@ def load_pairs(path, split: str = "test") -> tuple[list[str], list[str], np.ndar
             if None in r:  # csv.DictReader's key for the values past the header's last column
                 raise ValueError(f"{where}: the row has more fields than the header ({len(r) - 1 + len(r[None])} "
                                  f"for {len(r) - 1}): an unquoted separator inside a text?")
+            if any(v is None for v in r.values()):
+                raise ValueError(f"{where}: the row has fewer fields than the header "
+                                 f"({sum(v is not None for v in r.values())} for {len(r)})")
             r = {str(k).lower(): v for k, v in r.items()}
             k1 = next((k for k in _PAIR_TEXT1 if k in r), None)
             k2 = next((k for k in _PAIR_TEXT2 if k in r), None)

@@ -403,6 +403,7 @@ class EmbeddingServer:
             return items
         if not isinstance(instruction, str):
             raise RequestError(422, f"instruction must be a string, got {type(instruction).__name__}")
+        _check_unicode(instruction, "instruction")
         return [[instruction, it] if isinstance(it, str) else it for it in items]
 
     def _encode(self, items, truncate, count=False, tokens=False, hint="send truncate: true to cut it at the end"):
@@ -490,18 +491,29 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
-            body = json.dumps({"error": "too many open connections; retry later", "error_type": "Overloaded"})
-            try:
-                request.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
-            except OSError:
-                pass
             self._count(503)
-            self.shutdown_request(request)
+            # answered on a short-lived thread of its own: reading the request first (a client still sending would
+            # get a reset instead of the answer) must not hold up the accept loop
+            threading.Thread(target=self._reject, args=(request,), daemon=True).start()
             return
         with self._open_lock:
             self._open.add(request)
         super().process_request(request, client_address)
+
+    def _reject(self, request):
+        body = json.dumps({"error": "too many open connections; retry later", "error_type": "Overloaded"})
+        try:
+            request.settimeout(1.0)
+            try:
+                request.recv(1 << 16)  # the request (or its start): read before answering
+            except OSError:
+                pass
+            request.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
         try:

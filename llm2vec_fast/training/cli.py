@@ -132,8 +132,26 @@ def _shared_kwargs(a) -> dict:
                 disable_tqdm=True if a.no_progress else None)
 
 
+# TrainingArguments fields --training-arg must not set: those with a flag of their own (checked there), and those
+# the trainer sets itself (its checkpoints, evaluation, precision and data order depend on them)
+TRAINING_ARG_FLAGS = {
+    "output_dir": "--output-dir", "per_device_train_batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum", "learning_rate": "--learning-rate", "max_steps": "--max-steps",
+    "warmup_steps": "--warmup-steps", "logging_steps": "--logging-steps", "save_steps": "--save-steps",
+    "save_total_limit": "--save-total-limit", "seed": "--seed", "num_train_epochs": "--lr-schedule-epochs",
+    "gradient_checkpointing": "--gradient-checkpointing", "resume_from_checkpoint": "--resume",
+    "overwrite_output_dir": "--overwrite-output-dir", "disable_tqdm": "--no-progress",
+    "eval_steps": "--eval-steps", "load_best_model_at_end": "--load-best-at-end",
+    "metric_for_best_model": "--best-metric", "greater_is_better": "--greater-is-better",
+}
+TRAINING_ARG_MANAGED = {"save_strategy", "remove_unused_columns", "data_seed", "bf16", "fp16", "use_cpu",
+                        "dataloader_drop_last", "ddp_find_unused_parameters", "eval_strategy", "do_train", "do_eval",
+                        "logging_first_step", "gradient_checkpointing_kwargs", "label_names"}
+
+
 def _training_arg(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` of --training-arg: KEY a TrainingArguments field, VALUE parsed as JSON when it is JSON."""
+    """``KEY=VALUE`` of --training-arg: KEY a TrainingArguments field this tool leaves open, VALUE parsed as JSON
+    when it is JSON."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -144,6 +162,11 @@ def _training_arg(text: str) -> tuple[str, object]:
     if not sep or key not in fields:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a transformers TrainingArguments field, got "
                                          f"{text!r}")
+    if key in TRAINING_ARG_FLAGS:
+        raise argparse.ArgumentTypeError(f"{key} has its own flag: use {TRAINING_ARG_FLAGS[key]}")
+    if key in TRAINING_ARG_MANAGED:
+        raise argparse.ArgumentTypeError(f"{key} is set by the trainer itself (its checkpoints, evaluation, "
+                                         f"precision or data order depend on it)")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

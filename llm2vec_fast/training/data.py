@@ -305,10 +305,7 @@ def read_triplets(path: str | Path, split: str | None = None, limit: int | None 
             else csv.DictReader(stream)
         rows = []
         for r in reader:
-            if None in r:  # csv.DictReader's key for the fields past the header's last column
-                header = len(reader.fieldnames)
-                raise ValueError(f"{path}:{reader.line_num}: {header + len(r[None])} fields for a header of {header}; "
-                                 "quote fields that hold the delimiter")
+            _check_row_width(path, reader, r)
             rows.append((reader.line_num, r))
     else:
         raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .tsv file")
@@ -392,11 +389,22 @@ def _table_records(path: Path, text: str) -> list[tuple[str, dict]]:
                              "(genre, file, year, id, score, s1, s2)")
     out = []
     for r in reader:
-        if None in r:
-            raise ValueError(f"{path}:{reader.line_num}: {len(header) + len(r[None])} fields for a header of "
-                             f"{len(header)}; quote fields that hold the delimiter")
+        _check_row_width(path, reader, r)
         out.append((f"{path}:{reader.line_num}", r))
     return out
+
+
+def _check_row_width(path, reader, row: dict) -> None:
+    """A csv.DictReader row must have the header's number of fields: more go under the key None, fewer leave None
+    values (a short row would silently lose its last columns, a hard negative say)."""
+    header = len(reader.fieldnames or [])
+    if None in row:
+        raise ValueError(f"{path}:{reader.line_num}: {header + len(row[None])} fields for a header of {header}; "
+                         "quote fields that hold the delimiter")
+    if any(v is None for v in row.values()):
+        have = sum(v is not None for v in row.values())
+        raise ValueError(f"{path}:{reader.line_num}: {have} fields for a header of {header}; every row needs all "
+                         "of them (an empty field is written as nothing between two delimiters)")
 
 
 def read_scored_pairs(path: str | Path, limit: int | None = None,

@@ -205,7 +205,12 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
                 raise ConfigError(f"{key} {value!r}: this tool's contrastive loss is the original's "
                                   f"HardNegativeNLLLoss (in-batch and hard negatives); remove the key")
         elif key in _training_argument_fields():
-            flags += _flag("--training-arg", f"{key}={json.dumps(value)}")
+            from .cli import TRAINING_ARG_FLAGS, TRAINING_ARG_MANAGED
+
+            if key in TRAINING_ARG_FLAGS or key in TRAINING_ARG_MANAGED:
+                inert.append(key)  # the trainer sets it (or the file's own mapped key does)
+            else:
+                flags += _flag("--training-arg", f"{key}={json.dumps(value)}")
         else:
             raise ConfigError(f"unknown key {key!r} for train {stage}: neither a key of the original llm2vec's "
                               f"run_{stage}.py nor a transformers TrainingArguments field")

@@ -1034,14 +1034,21 @@ def test_shard_folder_lock_and_refusals_leave_it_resumable(tiny, tmp_path):
     texts = [f"text number {i}" for i in range(9)]
     out = tmp_path / "shards"
     first = tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)
-    # another live run holds the folder: refused
-    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": __import__("socket").gethostname()}))
-    with pytest.raises(ValueError, match="is being written by another run"):
-        tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)
-    # a lock whose process is gone (a killed run) is taken over
-    (out / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
-    assert tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)["complete"]
-    assert not (out / ".lock").exists()
+    fcntl = pytest.importorskip("fcntl")
+    # another live run holds the folder's lock: refused, naming it
+    (out / ".lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere"}))
+    fd = os.open(out / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ValueError, match=r"is being written by another run \(pid 4242 on elsewhere\)"):
+            tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)
+    finally:
+        os.close(fd)
+    # a lock file nobody holds (its run was killed: empty, a reused pid, our own pid) is taken over
+    for content in ("", json.dumps({"pid": os.getpid(), "host": "here"})):
+        (out / ".lock").write_text(content)
+        assert tiny.encode_to_disk(texts, out, chunk_size=3, show_progress_bar=False)["complete"]
+        assert not (out / ".lock").exists()
     # a run refused half-way (other inputs in shard 1) leaves the complete folder as it was
     before = (out / "manifest.json").read_text()
     changed = texts[:4] + ["CHANGED"] + texts[5:]
@@ -1067,3 +1074,16 @@ def test_shard_folder_model_path_spellings_and_write_errors(tiny_encoder_dir, tm
     with pytest.raises(OSError, match=r"cannot write .*embeddings-00000.npy: No space left on device"):
         absolute.encode_to_disk(["d", "e"], tmp_path / "t", chunk_size=2, show_progress_bar=False)
     assert not list((tmp_path / "t").glob("*.partial")) and not (tmp_path / "t" / ".lock").exists()
+    monkeypatch.undo()
+    real_write = Path.write_text
+
+    def manifest_full(self, text, *a, **kw):
+        if self.name == "manifest.json.partial":
+            real_write(self, text[:5])
+            raise OSError(27, "File too large")
+        return real_write(self, text, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", manifest_full)
+    with pytest.raises(OSError, match=r"cannot write .*manifest.json: File too large"):
+        absolute.encode_to_disk(["d", "e"], tmp_path / "u", chunk_size=2, show_progress_bar=False)
+    assert not list((tmp_path / "u").glob("*.partial"))

@@ -335,6 +335,12 @@ def test_cli_output_path_is_checked_before_encoding(tmp_path):
     args.output = str(tmp_path / "file" / "r.json")
     with pytest.raises(ValueError, match="is not a folder"):
         args.func(args, model=enc)
+    args.output = str(tmp_path / "r.md")  # the JSON and its summary would be one file
+    with pytest.raises(ValueError, match="the result is JSON and its markdown summary is written beside it"):
+        args.func(args, model=enc)
+    args.output = " "
+    with pytest.raises(ValueError, match="--output needs a file path"):
+        args.func(args, model=enc)
     assert enc.calls == []
     # a write that fails anyway (here: the target became a folder meanwhile) leaves no temporary file behind
     with pytest.raises(OSError):
@@ -357,6 +363,9 @@ def test_pair_rows_with_extra_fields_are_refused(tmp_path):
     f = tmp_path / "p.csv"
     f.write_text("sentence1,sentence2,label\nA kid eats,Someone eats,1\nA kid eats,Someone eats,1,extra\n")
     with pytest.raises(ValueError, match=r"p.csv:3: the row has more fields than the header \(4 for 3\)"):
+        ev.load_pairs(f)
+    f.write_text("sentence1,sentence2,label\nA kid eats,Someone eats,1\nA kid eats,1\n")
+    with pytest.raises(ValueError, match=r"p.csv:3: the row has fewer fields than the header \(2 for 3\)"):
         ev.load_pairs(f)
 
 

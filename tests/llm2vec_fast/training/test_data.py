@@ -297,6 +297,9 @@ def test_triplet_fields_are_checked_when_read(tmp_path):
     ragged.write_text("anchor,positive,negative\nHello, world,pos one,neg one\nq2,p2,n2\n")
     with pytest.raises(ValueError, match="ragged.csv:2: 4 fields for a header of 3; quote fields that hold"):
         read_triplets(ragged)
+    ragged.write_text("anchor,positive,negative\na,b,c\nd,e\n")  # short: its hard negative would go missing
+    with pytest.raises(ValueError, match="ragged.csv:3: 2 fields for a header of 3; every row needs all"):
+        read_triplets(ragged)
 
 
 def test_triplet_split_column_rules(tmp_path, caplog):

@@ -176,6 +176,12 @@ def test_cli_argument_errors_name_the_flags(tmp_path, capsys):
     f.write_text("a\nb\n")
     for extra, said in ((["--no-contrast-anchors"], "--no-contrast-anchors given without --guide-model"),
                         (["--gradcache-chunk-size", "0"], "--gradcache-chunk-size must be an int >= 1"),
-                        (["--lora-alpha", "0"], "--lora-alpha must be a number > 0")):
-        code = main(["train", "supervised", "--train-file", str(f), "--output-dir", str(tmp_path / "o"), *extra])
+                        (["--lora-alpha", "0"], "--lora-alpha must be a number > 0"),
+                        (["--training-arg", "max_steps=5"], "max_steps has its own flag: use --max-steps"),
+                        (["--training-arg", "save_strategy=no"], "save_strategy is set by the trainer itself"),
+                        (["--training-arg", "no_such_field=1"], "KEY a transformers TrainingArguments field")):
+        try:
+            code = main(["train", "supervised", "--train-file", str(f), "--output-dir", str(tmp_path / "o"), *extra])
+        except SystemExit as e:  # argparse's own refusal (a flag's type check): usage, then the message
+            code = e.code
         assert code == 2 and said in capsys.readouterr().err
