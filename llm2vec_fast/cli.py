@@ -293,6 +293,10 @@ def cmd_encode(args) -> int:
     else:
         items, texts = read_inputs(args)
     ranges = read_quantization_ranges(args.quantization_ranges, args.precision)
+    if args.precision in ("int8", "uint8") and ranges is None and texts is not None and len(texts) < 2:
+        raise CLIError(f"--precision {args.precision} takes each dimension's range from the texts encoded together, "
+                       f"and {len(texts)} text gives none: pass --quantization-ranges FILE (a [2, dim] .npy, or the "
+                       "manifest.json of an int8/uint8 shard folder)")
     model = load_model(args)
     kw = dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, prompt_name=args.prompt_name,
               normalize_embeddings=args.normalize, precision=args.precision, truncate_dim=args.truncate_dim)
@@ -318,7 +322,9 @@ def cmd_encode(args) -> int:
             kw["pool"].close()
     write_output(out, emb, texts)
     if args.output is not None:
-        print(f"wrote {len(texts)} embeddings of width {emb.shape[1]} to {args.output}", file=sys.stderr)
+        width = (f"{emb.shape[1]} bytes (packed bits, one per dimension)" if args.precision in ("binary", "ubinary")
+                 else f"{emb.shape[1]}")
+        print(f"wrote {len(texts)} embeddings of width {width} to {args.output}", file=sys.stderr)
     return 0
 
 

@@ -68,7 +68,8 @@ def _example(i, ex) -> dict:
     negs = [] if negs is None else [negs] if isinstance(negs, str) else negs
     if not isinstance(negs, (list, tuple)) or not all(isinstance(n, str) for n in negs):
         raise TypeError(f"example {i}: negatives must be a list of strings, got {negs!r:.120}")
-    return {**ex, "negatives": list(negs)}
+    # a blank negative embeds to zeros: no document, so not kept (as blank candidates are not mined)
+    return {**ex, "negatives": [n for n in negs if n.strip()]}
 
 
 def _unique(texts) -> tuple[list[str], dict[str, int]]:
@@ -253,7 +254,7 @@ def add_subcommands(subparsers):
     p.add_argument("--range-min", type=int, default=0, help="skip this many best candidates (default 0)")
     p.add_argument("--range-max", type=int, default=100, help="consider candidates up to this rank (default 100)")
     p.add_argument("--relative-margin", type=float, default=0.05, help="a negative scores at most positive × (1 - "
-                   "this); default 0.05; -1 turns it off")
+                   "this); default 0.05; a negative value (e.g. -1) turns it off")
     p.add_argument("--absolute-margin", type=float, default=None, help="a negative scores at most positive - this")
     p.add_argument("--sampling", default="top", choices=SAMPLING, help="the best eligible candidates (top) or a "
                    "seeded random draw among them")

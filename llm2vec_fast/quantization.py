@@ -60,16 +60,28 @@ def quantize_embeddings(embeddings, precision: str = "float32", ranges=None, cal
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if isinstance(embeddings, (list, tuple)) and embeddings and all(
+            hasattr(x, "shape") and len(x.shape) == 2 for x in embeddings):
+        # token embeddings: one [L_i, D] array per text, quantized with one set of per-dimension buckets (as
+        # sentence-transformers does), returned in the same layout
+        parts = [_to_numpy(x, "embeddings") for x in embeddings]
+        if len({x.shape[1] for x in parts}) != 1:
+            raise ValueError(f"token embeddings must share one width, got {sorted({x.shape[1] for x in parts})}")
+        flat = quantize_embeddings(np.concatenate(parts), precision, ranges, calibration_embeddings)
+        return list(np.split(flat, np.cumsum([len(x) for x in parts])[:-1]))
     emb = _to_numpy(embeddings, "embeddings")
     if not np.issubdtype(emb.dtype, np.floating):
         raise ValueError(f"embeddings to quantize must be floating point, got dtype {emb.dtype}")
     if emb.ndim not in (1, 2):
         raise ValueError(f"embeddings must be [N, D] or [D], got shape {tuple(emb.shape)}")
-    emb = emb.astype(np.float32, copy=False)
+    if emb.dtype != np.float64:
+        # float64 stays float64 (bucketed against float32 ranges, as sentence-transformers does); narrower floats
+        # are computed in float32
+        emb = emb.astype(np.float32, copy=False)
     dim = emb.shape[-1]
 
     if precision == "float32":
-        return emb.copy()
+        return emb.astype(np.float32)
     if precision in ("binary", "ubinary"):
         packed = np.packbits(emb > 0, axis=-1)
         # int8 view of the same bits shifted by -128, as sentence-transformers stores "binary"

@@ -66,6 +66,13 @@ def load_results(results_dir) -> tuple[list[dict], list[str]]:
     return found, skipped
 
 
+def _label(result: dict) -> str:
+    """A result's name in the headline: its benchmark, and its file when that says more (two runs of one benchmark,
+    e.g. ``encode_llama-1.3b_gpu.json`` and ``encode_llama-1.3b_gpu_fused.json``, must not read as one)."""
+    stem = Path(result["_file"]).stem
+    return result["benchmark"] if stem == result["benchmark"] else f"{result['benchmark']} [{stem}]"
+
+
 def _num(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -281,7 +288,7 @@ def build_report(results_dir=None, output=None, plots: bool = True) -> Path:
     heads = [(r, h) for r in results for h in headline(r)]
     if heads:
         lines += ["## Headline ratios (ours ÷ peer; > 1 is faster)", ""]
-        lines += [f"- **{r['benchmark']}** ({r['environment'].get('card', 'unknown card')}): {h}" for r, h in heads]
+        lines += [f"- **{_label(r)}** ({r['environment'].get('card', 'unknown card')}): {h}" for r, h in heads]
         lines.append("")
     if plots and plt is None:
         lines += ["*Plots skipped: matplotlib is not installed (`pip install matplotlib`).*", ""]

@@ -20,6 +20,11 @@ def _as_2d(x, name) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(x))
     else:
         raise TypeError(f"{name} must be a tensor, array or list of embeddings, got {type(x).__name__}")
+    if not (t.is_floating_point() or t.dtype == torch.bool):
+        # int8 / uint8 rows are quantized (each with its own offset) or packed binary bits: cosine, dot and distances
+        # of their byte values mean nothing (sentence-transformers refuses them too)
+        raise TypeError(f"{name} has integer dtype {t.dtype}: quantized or packed binary embeddings cannot be scored "
+                        "here; score float embeddings, then quantize (or compare packed bits by Hamming distance)")
     t = t.float()
     if t.ndim == 1:
         t = t[None]

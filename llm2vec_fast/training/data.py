@@ -264,7 +264,7 @@ _NEG_KEYS = ("negative", "neg", "hard_neg", "hard_negative")
 
 def _pick(row: dict, keys, what: str, path, required: bool = True, where: str = ""):
     for k in keys:
-        if k in row and row[k] not in (None, ""):
+        if k in row and row[k] is not None and not (isinstance(row[k], str) and not row[k].strip()):
             return row[k]
     if required:
         present = [k for k in keys if k in row]
@@ -278,11 +278,16 @@ def _negatives(row: dict) -> list[str]:
     """Every hard negative of a row: a list value (E5-style JSONL) or ``negative`` / ``negative_1``, ``negative_2``,
     … columns (sentence-transformers style), in that order; empty values are skipped."""
     v = _pick(row, _NEG_KEYS, "negative", None, required=False)
-    out = [x for x in v if x not in (None, "")] if isinstance(v, list) else ([v] if v is not None else [])
+    out = [x for x in v if not _blank(x)] if isinstance(v, list) else ([v] if v is not None else [])
     numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in row
                       if k.rsplit("_", 1)[0] in _NEG_KEYS and k.rsplit("_", 1)[-1].isdigit())
-    out += [row[k] for _, k in numbered if row[k] not in (None, "")]
+    out += [row[k] for _, k in numbered if not _blank(row[k])]
     return out
+
+
+def _blank(x) -> bool:
+    # None, "" or whitespace only: no text (it would embed to a zero vector)
+    return x is None or (isinstance(x, str) and not x.strip())
 
 
 def read_triplets(path: str | Path, split: str | None = None, limit: int | None = None) -> list[dict]:

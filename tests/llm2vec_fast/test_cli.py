@@ -288,3 +288,8 @@ def _lines(tmp_path, n):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"text number {i} " + "x " * (i % 3) + "\n" for i in range(n)))
     return src
+
+
+def test_int8_of_one_text_needs_ranges_before_the_model_loads(capsys):
+    code, _, err = run(["encode", "one text", "--model", "no-such-org/no-such-model", "--precision", "int8"], capsys)
+    assert code == 2 and "pass --quantization-ranges FILE" in err

@@ -279,3 +279,10 @@ def test_cli_end_to_end_with_a_model(tiny_encoder_dir, tmp_path, capsys):
     assert len(rows) == 3
     for r in rows:
         assert len(r["negative"]) == 2 and r["negative"][1] not in (r["positive"], r["query"])
+
+
+def test_blank_existing_negatives_are_not_kept():
+    from llm2vec_fast.mining import _example
+
+    ex = _example(0, {"query": "q", "positive": "p", "negative": ["   ", "a real one"]})
+    assert ex["negatives"] == ["a real one"]

@@ -111,3 +111,20 @@ def test_truncate_out_of_range(dim):
 def test_truncate_bad_type():
     with pytest.raises(TypeError, match="truncate_dim must be an int"):
         truncate_embeddings(np.ones((2, 3), dtype=np.float32), 2.5)
+
+
+def test_review_quantization_edges():
+    """float64 input buckets as sentence-transformers does; token-embedding lists share one set of buckets; integer
+    embeddings are refused by similarity (their byte values are no embedding)."""
+    from llm2vec_fast.quantization import quantize_embeddings
+    from llm2vec_fast.similarity import similarity
+
+    x = np.random.default_rng(0).standard_normal((1000, 37))
+    st = pytest.importorskip("sentence_transformers.quantization")
+    for precision in ("int8", "uint8"):
+        assert np.array_equal(quantize_embeddings(x, precision), st.quantize_embeddings(x, precision))
+    parts = quantize_embeddings([x[:3], x[3:10]], "int8")
+    assert [p.shape for p in parts] == [(3, 37), (7, 37)]
+    assert np.array_equal(np.concatenate(parts), quantize_embeddings(x[:10], "int8"))
+    with pytest.raises(TypeError, match="integer dtype torch.int8: quantized or packed binary embeddings"):
+        similarity(quantize_embeddings(x[:4], "binary"), quantize_embeddings(x[4:8], "binary"))

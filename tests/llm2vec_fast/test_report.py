@@ -129,3 +129,10 @@ def test_cli_and_script(tmp_path, capsys):
                            str(tmp_path / "S.md"), "--no-plots"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "S.md").read_text() == (tmp_path / "REPORT.md").read_text()
+
+
+def test_headline_labels_tell_two_runs_of_one_benchmark_apart():
+    from llm2vec_fast.report import _label
+
+    assert _label({"_file": "encode_x.json", "benchmark": "encode_x"}) == "encode_x"
+    assert _label({"_file": "encode_x_fused.json", "benchmark": "encode_x"}) == "encode_x [encode_x_fused]"

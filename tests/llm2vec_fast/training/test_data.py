@@ -250,7 +250,7 @@ def test_scored_pair_errors_name_the_file_and_line(tmp_path):
         ("a,b,1\nc,d,2\n", r"has no first text column .*a file without a header line needs one"),
         ("sentence1,sentence2,score\na,b,1,2\n", r"p.csv:2: 4 fields for a header of 3; quote fields"),
         ("sentence1,sentence2,score\n", "no scored pairs"),
-        ("sentence1,sentence2,score\na, ,1\n", r"p.csv:2: a text of the pair is empty"),
+        ("sentence1,sentence2,score\na, ,1\n", r"p.csv:2: the second text \('sentence2'\) is empty"),
     ]:
         c.write_text(body)
         with pytest.raises(ValueError, match=match):
