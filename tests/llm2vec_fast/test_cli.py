@@ -266,7 +266,7 @@ def test_quantization_ranges_option(model_args, tmp_path, capsys):
     manifest = tmp_path / "q" / "manifest.json"
     assert code == 0 and json.loads(manifest.read_text())["quantization_ranges"]
     code, _, err = run(["encode", "one", "--precision", "int8", *model_args], capsys)
-    assert code == 2 and "pass quantization_ranges=" in err
+    assert code == 2 and "pass --quantization-ranges FILE" in err
     code, out, _ = run(["encode", "one", "--precision", "int8", "--quantization-ranges", str(manifest),
                         *model_args], capsys)
     assert code == 0 and len(json.loads(out)["embedding"]) == 64
