@@ -1371,11 +1371,11 @@ def _read_config(folder):
     ``llm2vec_fast_config.json``; {} when it has neither."""
     if folder is None:
         return {}
+    files = [Path(folder) / name for name in (CONFIG_NAME, EXTRA_CONFIG_NAME) if (Path(folder) / name).exists()]
+    # a key in both files (an earlier version re-saved the folder into llm2vec_config.json alone): the newer wins
+    files.sort(key=lambda f: f.stat().st_mtime)
     cfg = {}
-    for name in (CONFIG_NAME, EXTRA_CONFIG_NAME):
-        p = Path(folder) / name
-        if not p.exists():
-            continue
+    for p in files:
         try:
             cfg.update(json.loads(p.read_text()))
         except json.JSONDecodeError as e:

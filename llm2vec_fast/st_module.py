@@ -12,6 +12,9 @@ Importing this module needs sentence-transformers ≥ 5 (the ``InputModule`` bas
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
@@ -114,7 +117,18 @@ class LLM2VecSTModule(InputModule):
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        """Write the LLM2Vec model, tokenizer and ``llm2vec_config.json`` into ``output_path``."""
+        """Write the LLM2Vec model, tokenizer and its settings into ``output_path``. The prompts sentence-transformers
+        holds (it writes them to ``config_sentence_transformers.json`` before saving its modules) are the ones
+        saved, so that ``LLM2Vec.from_pretrained`` of the folder sees the same named prompts, edits included."""
+        st_config = Path(output_path) / "config_sentence_transformers.json"
+        if st_config.is_file():
+            try:
+                prompts = json.loads(st_config.read_text()).get("prompts")
+            except (OSError, json.JSONDecodeError):
+                prompts = None
+            if isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in prompts.items()):
+                self.l2v.prompts = dict(prompts)
         self.l2v.save(output_path)
 
     @classmethod

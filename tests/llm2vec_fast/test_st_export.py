@@ -148,3 +148,29 @@ def test_export_cli(sentence_transformers, tiny_encoder_dir, tmp_path, capsys):
     ref = _load(tiny_encoder_dir, "eos_token")
     _check_same(st.encode_query(TEXTS[:2], convert_to_numpy=True),
                 ref.encode([[INSTR, t] for t in TEXTS[:2]], show_progress_bar=False, convert_to_numpy=True))
+
+
+def test_prompts_edited_in_sentence_transformers_are_what_llm2vec_loads(sentence_transformers, tiny_encoder_dir,
+                                                                         tmp_path):
+    path = save_sentence_transformers(_load(tiny_encoder_dir), tmp_path / "st", prompts={"query": INSTR})
+    st = sentence_transformers.SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
+    st.prompts["extra"] = "E:"
+    del st.prompts["query"]
+    st.save(str(tmp_path / "resaved"))
+    loaded = LLM2Vec.from_pretrained(str(tmp_path / "resaved"), device="cpu").prompts
+    assert loaded == dict(st.prompts) and loaded["extra"] == "E:" and "query" not in loaded
+
+
+def test_the_newer_settings_file_wins_a_key_both_hold(tiny_encoder_dir, tmp_path):
+    import os
+
+    l2v = _load(tiny_encoder_dir)
+    l2v.prompts = {"query": "old"}
+    l2v.save(tmp_path / "m")
+    # an earlier version re-saves the folder: every key in llm2vec_config.json, the other file left stale
+    cfg = json.loads((tmp_path / "m" / "llm2vec_config.json").read_text())
+    (tmp_path / "m" / "llm2vec_config.json").write_text(json.dumps({**cfg, "prompts": {"query": "NEW"},
+                                                                     "bidirectional": True}))
+    stale = tmp_path / "m" / "llm2vec_fast_config.json"
+    os.utime(stale, (stale.stat().st_atime, stale.stat().st_mtime - 60))
+    assert LLM2Vec.from_pretrained(str(tmp_path / "m"), device="cpu").prompts == {"query": "NEW"}
