@@ -202,6 +202,19 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _mean_loss(result: dict):
+    """The mean loss of the whole run, resumed parts included: the logged losses (each the mean over the steps since
+    the previous log) weighted by those step counts. The Trainer's own train_loss covers only this process's steps."""
+    losses = result.get("losses") or []
+    if not losses:
+        return result.get("train_loss")
+    total, steps, prev = 0.0, 0, 0
+    for row in sorted(losses, key=lambda r: r["step"]):
+        n = row["step"] - prev
+        total, steps, prev = total + n * row["loss"], steps + n, row["step"]
+    return total / steps if steps else result.get("train_loss")
+
+
 def _report(result: dict) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun: one result line, from rank 0
@@ -210,7 +223,9 @@ def _report(result: dict) -> int:
     # mean loss of this run's steps
     line = {"output_dir": result["output_dir"], "steps": result.get("global_step"),
             "last_logged_step": last and last["step"], "last_logged_loss": last and last["loss"],
-            "mean_train_loss": result.get("train_loss"), "train_runtime_s": result.get("train_runtime")}
+            "mean_train_loss": _mean_loss(result), "train_runtime_s": result.get("train_runtime")}
+    if result.get("stopped_by_time_at") is not None:
+        line["stopped_by_time_at"] = result["stopped_by_time_at"]
     if result.get("evaluations"):
         line["last_eval"] = result["evaluations"][-1]
         line["best"] = result["best"]

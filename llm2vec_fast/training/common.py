@@ -120,6 +120,23 @@ def _checkpointed_count(layers, total: int) -> int:
     raise TypeError(f"gradient checkpointing takes True/False, a layer count or a fraction, got {layers!r}")
 
 
+def _check_scheduler(extra: dict) -> None:
+    """A scheduler type / keyword arguments given through extra_training_args (--training-arg) are tried on a dummy
+    optimizer now, so that a bad combination fails before the model loads, naming them."""
+    if "lr_scheduler_type" not in extra and "lr_scheduler_kwargs" not in extra:
+        return
+    from transformers import get_scheduler
+
+    kind = extra.get("lr_scheduler_type", "linear")
+    kwargs = extra.get("lr_scheduler_kwargs") or {}
+    try:
+        get_scheduler(kind, optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                      num_warmup_steps=0, num_training_steps=10, scheduler_specific_kwargs=dict(kwargs))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"training arguments (--training-arg) lr_scheduler_type={kind!r} with "
+                         f"lr_scheduler_kwargs={kwargs!r} do not make a scheduler: {e}") from None
+
+
 def as_lists(args) -> None:
     """``train_files``, ``validation_files`` and ``instructions`` given as one path or string become a list of one
     (iterating a string would read one file per character); anything else that is not a list is a TypeError."""
@@ -154,6 +171,7 @@ def check_run_arguments(args) -> None:
     lr = getattr(args, "learning_rate", None)
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         bad("learning_rate", "a number > 0")
+    _check_scheduler(getattr(args, "extra_training_args", None) or {})
     epochs = getattr(args, "lr_schedule_epochs", None)
     if epochs is not None and not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
                                    and math.isfinite(epochs) and epochs > 0):
@@ -183,11 +201,17 @@ def check_run_arguments(args) -> None:
                              "would overwrite it; give another output_dir")
 
 
+# what a resumed run must share with its checkpoint's for the same loss curve: the learning-rate schedule and the
+# batches (the Trainer restores the scheduler's state, so a changed value would be recorded but not used). A larger
+# max_steps is allowed: it trains further, on a schedule stretched to the new length
+_SCHEDULE_KEYS = ("learning_rate", "lr_schedule_epochs", "warmup_steps", "grad_accum", "batch_size")
+
+
 def run_identity(args) -> dict:
     """What a checkpoint must share with the run that resumes from it: the stage, the base model and the adapter
-    merged into it."""
+    merged into it, and the schedule and batch arguments."""
     return {"stage": getattr(args, "mode", "mntp"), "model": getattr(args, "model", None),
-            "peft": getattr(args, "peft", None)}
+            "peft": getattr(args, "peft", None), **{k: getattr(args, k, None) for k in _SCHEDULE_KEYS}}
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -237,11 +261,15 @@ def prepare_output_dir(args) -> None:
         marker = chosen / RUN_MARKER
         if marker.is_file():
             made_by, this = json.loads(marker.read_text()), run_identity(args)
-            diff = [k for k in this if made_by.get(k) != this[k]]
+            # a marker written before the schedule keys were recorded has none of them: nothing to compare there
+            diff = [k for k in this if (k in made_by or k not in _SCHEDULE_KEYS) and made_by.get(k) != this[k]]
             if diff:
+                what = ("stage and model" if any(k not in _SCHEDULE_KEYS for k in diff) else
+                        "arguments (the schedule and batches continue from the checkpoint's, so a changed value "
+                        "would be recorded but not used)")
                 raise ValueError(f"resume: {chosen} is a checkpoint of another run ("
                                  + ", ".join(f"{k}: {made_by.get(k)!r}, this run: {this[k]!r}" for k in diff)
-                                 + "); resume it with its own stage and model, or start afresh")
+                                 + f"); resume it with its own {what}, or start afresh")
         return
     found = [c.name for c in checkpoints] + [n for n in ("adapter_model.safetensors", TRAINING_NAME)
                                              if (out / n).exists()]
@@ -415,7 +443,7 @@ class TimeLimit(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is not None and time.monotonic() - self.start > self.seconds:
             if self.stopped_at is None:
-                logger.warning("time limit of %.0f s reached at step %d of %d: stopping", self.seconds,
+                logger.warning("time limit of %g s reached at step %d of %d: stopping", self.seconds,
                                state.global_step, state.max_steps)
             self.stopped_at = state.global_step
             control.should_training_stop = True

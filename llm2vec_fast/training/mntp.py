@@ -348,6 +348,8 @@ def train_mntp(args: MNTPArguments) -> dict:
         out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     losses = loss_history(trainer)
     evals = monitor.summary() if monitor else {}
+    if limit and limit.stopped_at is not None:
+        evals["stopped_by_time_at"] = limit.stopped_at  # recorded with the output: the run ended before max_steps
     if trainer.args.should_save:
         evals["loaded_best"] = bool(monitor and args.load_best_at_end and load_best(trainer, monitor))
         save_mntp_output(model.backbone, tokenizer, args, base_path, losses, evals)

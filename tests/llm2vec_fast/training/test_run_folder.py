@@ -65,10 +65,17 @@ def test_resume_refuses_a_checkpoint_of_another_stage(tiny_model_dir, tiny_text_
     mntp = tmp_path / "mntp"
     train_mntp(_mntp(tiny_model_dir, tiny_text_file, mntp, max_steps=2))
     marker = json.loads((mntp / "checkpoint-2" / "llm2vec_checkpoint.json").read_text())
-    assert marker == {"stage": "mntp", "model": tiny_model_dir, "peft": None}
+    assert {k: marker[k] for k in ("stage", "model", "peft")} == {"stage": "mntp", "model": tiny_model_dir,
+                                                                   "peft": None}
+    assert marker["learning_rate"] == 1e-2 and marker["lr_schedule_epochs"] is None
     assert not (mntp / "llm2vec_checkpoint.json").exists()  # checkpoints only
+    # the same stage with another learning rate: the restored scheduler would ignore it, so it is refused
+    with pytest.raises(ValueError, match=r"another run \(learning_rate: 0.01, this run: 0.05\); resume it with its "
+                                         r"own arguments"):
+        train_mntp(_mntp(tiny_model_dir, tiny_text_file, mntp, max_steps=4, learning_rate=0.05,
+                         resume_from_checkpoint=True))
     with pytest.raises(ValueError, match=r"checkpoint-2 is a checkpoint of another run \(stage: 'mntp', this run: "
-                                         r"'simcse'\)"):
+                                         r"'simcse'"):
         train_contrastive(ContrastiveArguments(
             mode="simcse", train_files=[tiny_sentence_file], output_dir=str(tmp_path / "s"), model=tiny_model_dir,
             batch_size=4, max_steps=4, save_steps=0, resume_from_checkpoint=str(mntp / "checkpoint-2")))
@@ -185,3 +192,19 @@ def test_cli_argument_errors_name_the_flags(tmp_path, capsys):
         except SystemExit as e:  # argparse's own refusal (a flag's type check): usage, then the message
             code = e.code
         assert code == 2 and said in capsys.readouterr().err
+
+
+def test_result_line_means_the_whole_run_and_says_a_time_stop(tiny_model_dir, tiny_text_file, tmp_path):
+    from llm2vec_fast.training.cli import _mean_loss
+
+    # logged losses are means since the previous log: weighted by their step counts, resumed parts included
+    r = {"losses": [{"step": 1, "loss": 4.0}, {"step": 4, "loss": 1.0}, {"step": 6, "loss": 2.0}], "train_loss": 9.0}
+    assert _mean_loss(r) == pytest.approx((4.0 + 3 * 1.0 + 2 * 2.0) / 6)
+    out = tmp_path / "t"
+    r = train_mntp(_mntp(tiny_model_dir, tiny_text_file, out, max_steps=10_000, save_steps=0, max_train_seconds=1.0))
+    record = json.loads((out / "llm2vec_training.json").read_text())
+    assert r["stopped_by_time_at"] == record["stopped_by_time_at"] == r["stopped_at"] < 10_000
+    with pytest.raises(ValueError, match=r"lr_scheduler_type='linear' with lr_scheduler_kwargs=\{'min_lr': 0.1\} do "
+                                         r"not make a scheduler"):
+        _mntp(tiny_model_dir, tiny_text_file, tmp_path / "u", extra_training_args={"lr_scheduler_kwargs":
+                                                                                    {"min_lr": 0.1}})
