@@ -32,7 +32,7 @@ _ORIGINAL_DEFAULTS = {
     # contrastive scripts leave it to LLM2Vec's own default, 512
     "mntp": {"lora_r": 8, "mlm_probability": 0.15, "stop_after_n_steps": 10000, "learning_rate": 5e-5,
              "per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 500, "save_steps": 500,
-             "validation_split_percentage": 5, "max_seq_length": 1024, "num_train_epochs": 3.0},
+             "max_seq_length": 1024, "num_train_epochs": 3.0},
     "simcse": {"lora_r": 8, "simcse_dropout": 0.1, "loss_scale": 50.0, "stop_after_n_steps": 10000,
                "learning_rate": 5e-5, "per_device_train_batch_size": 8, "warmup_steps": 0, "logging_steps": 500,
                "save_steps": 500, "max_seq_length": 512, "num_train_epochs": 3.0},
@@ -77,6 +77,8 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
     def path(key):
         p = Path(_text(key, cfg[key])).expanduser()
         return str(p if p.is_absolute() or p.exists() else (base / p if (base / p).exists() else p))
+
+    from .cli import TRAINING_ARG_FLAGS, TRAINING_ARG_MANAGED
 
     contrastive = stage != "mntp"
     for key, value in cfg.items():
@@ -205,8 +207,6 @@ def _translate(stage: str, cfg: dict, given: set, base: Path) -> tuple[list, lis
                 raise ConfigError(f"{key} {value!r}: this tool's contrastive loss is the original's "
                                   f"HardNegativeNLLLoss (in-batch and hard negatives); remove the key")
         elif key in _training_argument_fields():
-            from .cli import TRAINING_ARG_FLAGS, TRAINING_ARG_MANAGED
-
             if key in TRAINING_ARG_FLAGS or key in TRAINING_ARG_MANAGED:
                 inert.append(key)  # the trainer sets it (or the file's own mapped key does)
             else:
@@ -242,8 +242,6 @@ _DATASET = {"simcse": "Wiki1M", "supervised": "E5"}
 def _with_defaults(stage: str, cfg: dict) -> dict:
     merged = dict(cfg)
     for key, value in _ORIGINAL_DEFAULTS[stage].items():
-        if key == "validation_split_percentage":
-            continue  # used only with do_eval, defaulted there
         if key not in merged:
             merged[key] = value
     return merged
