@@ -70,11 +70,16 @@ def _store_rows(p_base, b, o_r, o_d, stride_r, n_rows, D: tl.constexpr, EVEN_D: 
 
 
 @triton.jit
-def _load_at(p_rows, m_r, o_d, D: tl.constexpr, EVEN_D: tl.constexpr):
-    # [len(p_rows), BD] block whose rows start at the pointers p_rows (masked by m_r): the GQA-packed rows
+def _load_at(p_rows, m_r, o_d, D: tl.constexpr, EVEN_D: tl.constexpr, MASK_R: tl.constexpr = True):
+    # [len(p_rows), BD] block whose rows start at the pointers p_rows (masked by m_r unless MASK_R is False: every
+    # row valid): the GQA-packed rows
+    if MASK_R:
+        if EVEN_D:
+            return tl.load(p_rows[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
+        return tl.load(p_rows[:, None] + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
     if EVEN_D:
-        return tl.load(p_rows[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
-    return tl.load(p_rows[:, None] + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+        return tl.load(p_rows[:, None] + o_d[None, :])
+    return tl.load(p_rows[:, None] + o_d[None, :], mask=(o_d < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -468,12 +473,16 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o_n, o_drop, qk_mul, cap_mul, dropout_p,
                 drop_scale, seed, WIN_L, WIN_R, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, MASK_M: tl.constexpr):
     # one query block's contribution to a key block's dK/dV: o_stat indexes the rows' lse and delta ([Hq, T] flat),
-    # o_m holds each row's token (causal mask), o_drop the dropout counters [BN, BM]
-    # padded query rows get lse = +inf so their P is exactly 0
-    b_lse2 = tl.load(LSE + o_stat, mask=m_m, other=float("inf")) * 1.4426950408889634
-    b_delta = tl.load(DELTA + o_stat, mask=m_m, other=0.0)
+    # o_m holds each row's token (causal mask), o_drop the dropout counters [BN, BM]; MASK_M: the block runs past
+    # the sequence's last row (m_m), whose padded rows get lse = +inf so that their P is exactly 0
+    if MASK_M:
+        b_lse2 = tl.load(LSE + o_stat, mask=m_m, other=float("inf")) * 1.4426950408889634
+        b_delta = tl.load(DELTA + o_stat, mask=m_m, other=0.0)
+    else:
+        b_lse2 = tl.load(LSE + o_stat) * 1.4426950408889634
+        b_delta = tl.load(DELTA + o_stat)
     # transposed tiles ([BN, BM]: keys × queries) so that P^T and dS^T come out of the MMAs already in the
     # A-operand orientation of the dV and dK products: no register transposes through shared memory
     b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
@@ -543,26 +552,49 @@ def _attn_bwd_dkdv_kernel(
         t_lo = tl.maximum(t_lo, i_n * BN - WIN_R)
         t_hi = tl.minimum(L, i_n * BN + BN + WIN_L)
 
+    # query blocks wholly inside the sequence ([lo, mid)) load their rows, lse and delta without masks; only the
+    # block running past the last row ([mid, hi)) pays for them
     if PACK:
         lo = (t_lo * G // BM) * BM
-        for start_m in range(lo, t_hi * G, BM):
+        hi = t_hi * G
+        mid = tl.maximum(lo, tl.minimum(tl.cdiv(hi, BM) * BM, (L * G // BM) * BM))
+        for start_m in range(lo, mid, BM):
             o_r = start_m + o_m0
-            m_m = o_r < L * G
             o_m = o_r // G  # each row's token
             o_hq = i_h * G + o_r % G  # and query head
+            b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, o_r, o_d, D, EVEN_D, False)
+            b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, o_r, o_d, D, EVEN_D, False)
+            b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, o_r, o_m,
+                                     o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                                     dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                     HAS_DROPOUT, PREC, False)
+        for start_m in range(mid, hi, BM):
+            o_r = start_m + o_m0
+            m_m = o_r < L * G
+            o_m = o_r // G
+            o_hq = i_h * G + o_r % G
             b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
             b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)  # [BM, BD]
             b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m, o_m,
                                      o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
                                      dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                     HAS_DROPOUT, PREC)
+                                     HAS_DROPOUT, PREC, True)
     else:
         lo = (t_lo // BM) * BM
+        mid = tl.maximum(lo, tl.minimum(tl.cdiv(t_hi, BM) * BM, (L // BM) * BM))
         for g in range(G):
             i_hq = i_h * G + g
             p_q = Q + bos64 * stride_qt + i_hq * stride_qh
             p_do = DO + bos64 * stride_dot + i_hq * stride_doh
-            for start_m in range(lo, t_hi, BM):
+            for start_m in range(lo, mid, BM):
+                o_m = start_m + o_m0
+                b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, False, EVEN_D)  # [BM, BD]
+                b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, False, EVEN_D)  # [BM, BD]
+                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, o_m,
+                                         o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                                         dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                         HAS_DROPOUT, PREC, False)
+            for start_m in range(mid, t_hi, BM):
                 o_m = start_m + o_m0
                 m_m = o_m < L
                 b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
@@ -570,7 +602,7 @@ def _attn_bwd_dkdv_kernel(
                 b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, m_m,
                                          o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
                                          dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                         HAS_DROPOUT, PREC)
+                                         HAS_DROPOUT, PREC, True)
 
     b_dk = b_dk * scale
     _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L, D,
