@@ -207,6 +207,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     config = getattr(module, "config", None)
     backend = getattr(config, "llm2vec_fast_backend", "auto")
     model_type = getattr(config, "model_type", None)
+    # the module's own flag decides (_convert sets it on every attention module of the model it converts): a second
+    # model that shares the converted one's config object (two from_config calls on one config do) reaches this
+    # function too, and its modules, still causal, keep it causal
+    _causal = bool(getattr(module, "is_causal", _causal))
     if not _causal and not getattr(FAMILIES.get(model_type), "sliding_window", False):
         # bidirectional Mistral / Qwen2 attend to the whole sequence, as the original llm2vec does; a causal model
         # keeps its own window (to_packed_causal is the decoder's attention)

@@ -150,6 +150,21 @@ def _gated_mlp_forward(module, backend, act, x):
     return module.down_proj(op(gate, up))
 
 
+def _attention_extras(module):
+    """The window and softcap keywords that Hugging Face's own attention forward passes for ``module`` (transformers
+    5.x): Mistral reads the window from its config, Qwen2/Qwen3/Gemma 2/Gemma 3 from the layer (None on full-attention
+    layers); only Gemma 2 passes its logit softcap (Gemma 3's config carries ``attn_logit_softcapping`` unused)."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    extra = {}
+    if model_type == "mistral":
+        extra["sliding_window"] = getattr(module.config, "sliding_window", None)
+    elif hasattr(module, "sliding_window"):
+        extra["sliding_window"] = module.sliding_window
+    if model_type == "gemma2":
+        extra["softcap"] = getattr(module, "attn_logit_softcapping", None)
+    return extra
+
+
 def _rope_attention_forward(module, backend, hidden_states, position_embeddings=None, attention_mask=None, *args,
                             **kwargs):
     # Hugging Face's forward with apply_rotary_pos_emb replaced by the fused kernel, on packed batches that go to
@@ -178,11 +193,7 @@ def _rope_attention_forward(module, backend, hidden_states, position_embeddings=
         q, k = module.q_norm(q), module.k_norm(k)
     cos, sin = position_embeddings  # (1, T, D)
     q, k = rope(q, k, cos[0], sin[0])  # (T, H, D), contiguous: token-major, as the attention kernel reads best
-    extra = {}
-    if hasattr(module, "sliding_window"):
-        extra["sliding_window"] = module.sliding_window
-    if hasattr(module, "attn_logit_softcapping"):  # Gemma 2
-        extra["softcap"] = module.attn_logit_softcapping
+    extra = _attention_extras(module)
     attend = attention_forward if impl == ATTN_IMPLEMENTATION else causal_attention_forward
     out, weights = attend(
         module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attention_mask,

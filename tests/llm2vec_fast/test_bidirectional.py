@@ -94,6 +94,29 @@ def test_converting_one_model_leaves_others_causal():
     assert b.config._attn_implementation == "sdpa" and b.layers[0].self_attn.is_causal
 
 
+@pytest.mark.parametrize("convert", [to_bidirectional, to_packed_causal])
+def test_converting_one_model_leaves_a_model_sharing_its_config_as_it_was(convert):
+    """Two from_config calls on one config object share it (transformers 5): the converted model's attention name then
+    reaches the other model too, whose own modules still say what it is (causal), and it stays that."""
+    from transformers import AutoModel
+
+    config = tiny_config("llama")
+    torch.manual_seed(1)
+    a = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    b = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    assert a.config is b.config
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        before = b(input_ids=ids).last_hidden_state
+        causal_a = a(input_ids=ids).last_hidden_state
+        convert(a, backend="torch")
+        after = b(input_ids=ids).last_hidden_state
+        converted = a(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    if convert is to_bidirectional:  # while the converted one is bidirectional
+        assert (converted - causal_a).abs().max() > 1e-2
+
+
 def test_bidirectional_model_keeps_no_kv_cache_by_default(monkeypatch):
     """A converted encoder's forward builds no KV cache unless asked (config.use_cache False), so a packed forward
     without use_cache=False takes the fused RoPE attention path rather than HF's own; the causal conversion keeps the

@@ -33,14 +33,23 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
 
 
-# qwen3: per-head q/k norms on head_dim as well; gemma*: (1 + weight) norms and GeGLU MLPs
+# qwen3: per-head q/k norms on head_dim as well; gemma*: (1 + weight) norms and GeGLU MLPs. The window and softcap
+# cases check that the fused attention passes what HF's own forward passes: Mistral's window comes from its config
+# (causal models keep it), and Gemma 3 leaves its config's attn_logit_softcapping unused
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                                        "llama-causal", "gemma2-long"])
+                                        "llama-causal", "gemma2-long", "mistral-causal-window",
+                                        "gemma3_text-softcap"])
 def test_fused_model_matches_hf_forward_and_backward(model_type):
+    overrides = {}
+    if model_type.endswith("-window"):
+        overrides["sliding_window"] = 3
+    if model_type.endswith("-softcap"):
+        overrides["attn_logit_softcapping"] = 2.0
+    model_type = model_type.removesuffix("-window").removesuffix("-softcap")
     causal = model_type.endswith("-causal")
     long = model_type.endswith("-long")  # a sequence past Gemma 2's sliding window (64): windowed layers
     model_type = model_type.removesuffix("-causal").removesuffix("-long")
-    model = tiny_model(model_type, intermediate_size=96).to(DEVICE)
+    model = tiny_model(model_type, intermediate_size=96, **overrides).to(DEVICE)
     (to_packed_causal if causal else to_bidirectional)(model, backend="torch")
     twin = copy.deepcopy(model)
     fuse_ops(model, backend="triton")
