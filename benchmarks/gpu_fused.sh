@@ -13,7 +13,7 @@ BUDGET_DEFAULT=195
 # shellcheck source=benchmarks/device_common.sh
 source "$(dirname "$0")/device_common.sh"
 
-step "pytest -m gpu rms_norm + gated MLP + rope + LoRA + bf16 encode parity" 60 15 \
+step "pytest -m gpu rms_norm + gated MLP + rope + LoRA + bf16 encode parity" 90 15 \
   $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_rmsnorm.py tests/kernels/test_swiglu.py \
   tests/kernels/test_rope.py tests/kernels/test_lora_project.py tests/llm2vec_fast/training/test_lora.py \
   tests/llm2vec_fast/test_encoder.py::test_gpu_bf16_encode_matches_fp32_reference \

@@ -21,6 +21,9 @@ def cpu_mask(request, monkeypatch):
     return request.param
 
 
+# a CPU case that forces a Triton kernel: runs under the interpreter only (compiled Triton takes CUDA tensors)
+CPU_TRITON = pytest.param("cpu", marks=pytest.mark.triton_cpu)
+
 def _base(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -279,7 +282,7 @@ def _mlp_pair(dropout):
     return model, copy.deepcopy(model)
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dev", [CPU_TRITON, pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_gated_down_keeps_gate_and_up_only(dropout, dev, monkeypatch, cpu_mask):
     import llm2vec_fast.lora as lora_mod
@@ -303,6 +306,7 @@ def test_gated_down_keeps_gate_and_up_only(dropout, dev, monkeypatch, cpu_mask):
     assert without - _saved_bytes(inside) == 2 * 32 * 96 * 4
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_gated_down_function_matches_explicit_formula(p, cpu_mask):
     # every gradient, the down weight and bias included (trainable here), against the formula with the mask the
@@ -371,7 +375,7 @@ def no_rebuild(monkeypatch):
     return lambda: monkeypatch.setattr(lora_mod, "RECOMPUTE_NORM_OUTPUTS", False)
 
 
-@pytest.mark.parametrize("backend,dev", [("auto", "cpu"), ("triton", "cpu"),
+@pytest.mark.parametrize("backend,dev", [("auto", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.triton_cpu),
                                          pytest.param("auto", "cuda", marks=pytest.mark.gpu)])
 def test_norm_outputs_are_rebuilt_bit_for_bit_and_not_kept(backend, dev, cpu_mask, no_rebuild, monkeypatch):
     import llm2vec_fast.fused as fused_mod
@@ -479,7 +483,7 @@ def kernel_dropout(monkeypatch):
     monkeypatch.setattr(lora_mod, "DROPOUT_KERNEL", "triton")
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dev", [CPU_TRITON, pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_lora_add_kernel_dropout_matches_explicit_mask(dev, p, kernel_dropout, monkeypatch):
     import llm2vec_fast.kernels.lora_project as lp
@@ -501,7 +505,7 @@ def test_lora_add_kernel_dropout_matches_explicit_mask(dev, p, kernel_dropout, m
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dev", [CPU_TRITON, pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_kernel_dropout_in_a_model_live_checkpointable_and_keeps_no_mask(dev, kernel_dropout):
     _, fused = _pair(0.2)
     fused = fused.to(dev)
@@ -523,7 +527,7 @@ def test_kernel_dropout_in_a_model_live_checkpointable_and_keeps_no_mask(dev, ke
     assert _saved_bytes(fused) == _saved_bytes(_pair(0.0)[1].to(dev))
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dev", [CPU_TRITON, pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_gated_down_with_kernel_dropout_matches_unfused(dev, kernel_dropout, monkeypatch):
     import llm2vec_fast.lora as lora_mod
 
