@@ -28,6 +28,20 @@ def iter_jsonl(lines: Iterable[str], path) -> Iterator[tuple[int, dict]]:
         yield n, row
 
 
+def require_input(path, what: str, expected: str, folder: bool = False) -> None:
+    """An input that must exist as a file (or, with ``folder``, a folder): FileNotFoundError when nothing is there,
+    IsADirectoryError / NotADirectoryError, naming what was expected, when the path is the other kind."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found")
+    if folder and not p.is_dir():
+        raise NotADirectoryError(f"{what} {str(path)!r} is a file; expected {expected}")
+    if not folder and not p.is_file():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; expected {expected}")
+
+
 def check_output_file(path, flag: str = "--output") -> None:
     """Refuse, before any work, an output file path that cannot be written: a folder, or a parent that is not a
     folder or not writable (a run that only failed at the end would lose its result)."""

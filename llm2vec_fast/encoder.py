@@ -78,6 +78,14 @@ class LLM2Vec(nn.Module):
             alone, exactly as the original; ``"offsets"`` pools exactly the tokens that overlap the text.
     """
 
+    def __setstate__(self, state):
+        # an unpickled encoder (sentence-transformers' multi-process pool, torch.load of the object) wakes in a
+        # process whose transformers has not registered llm2vec_fast's attention yet, which its config names
+        super().__setstate__(state)
+        from .bidirectional import register
+
+        register()
+
     def __init__(self, model, tokenizer, pooling_mode="mean", max_length=512, doc_max_length=400,
                  skip_instruction=True, prompts=None, instruction_span="compat"):
         super().__init__()

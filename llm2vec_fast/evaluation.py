@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import check_count, check_output_file, iter_jsonl
+from ._io import check_count, check_output_file, iter_jsonl, require_input
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,7 @@ def task_result(task_name, scores: dict, evaluation_time: float, split: str = "t
 def load_sts(path) -> tuple[list[str], list[str], np.ndarray]:
     """Read an STS-B TSV or a SICK file: (sentences 1, sentences 2, gold scores)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"STS data file {str(path)!r} not found")
+    require_input(path, "STS data file", "an STS-B TSV (sts-dev.csv) or a SICK file")
     lines = path.read_text(encoding="utf-8-sig").split("\n")
     s1, s2, gold = [], [], []
     header = lines[0].split("\t") if lines else []
@@ -243,8 +242,7 @@ def sts_split(path) -> str:
 # ---------------------------------------------------------------------- retrieval
 def _read_jsonl(path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found")
+    require_input(path, "file", "a JSON lines file")
     rows = []
     # split on "\n" only: str.splitlines would also break on U+2028 inside MS MARCO passages
     for n, row in iter_jsonl(path.read_text(encoding="utf-8-sig").split("\n"), path):
@@ -265,16 +263,15 @@ def _is_number(text: str) -> bool:
 def load_beir(folder, split="test"):
     """Read a BEIR folder: (corpus {id: "title text"}, queries {id: text}, qrels {qid: {doc_id: score}})."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"retrieval data folder {str(folder)!r} not found")
+    require_input(folder, "retrieval data folder", "a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)",
+                  folder=True)
     corpus = {}
     for row in _read_jsonl(folder / "corpus.jsonl"):
         title, text = (row.get("title") or "").strip(), row.get("text") or ""
         corpus[str(row["_id"])] = f"{title} {text}" if title else text
     queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(folder / "queries.jsonl")}
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        raise FileNotFoundError(f"qrels file {str(qrels_path)!r} not found")
+    require_input(qrels_path, "qrels file", "a TSV of query-id, corpus-id, score")
     qrels: dict[str, dict[str, int]] = {}
     lines = qrels_path.read_text(encoding="utf-8-sig").split("\n")
     for n, line in enumerate(lines, start=1):
@@ -404,8 +401,7 @@ def load_classification(path) -> tuple[list[str], list[str]]:
     """Read a CSV with a header naming a text column (``text``/``sentence``) and a label column
     (``label``/``category``): (texts, labels)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classification data file {str(path)!r} not found")
+    require_input(path, "classification data file", "a CSV file with text and label columns")
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -843,8 +839,7 @@ def load_reranking(path, split: str | None = None) -> list[dict]:
 def _read_reranking(path, split):
     """(samples, counts of what reading merged and dropped): see :func:`load_reranking`."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reranking data {str(path)!r} not found")
+    require_input(path, "reranking data", "a JSONL / JSON / CSV / TSV file of queries with positives and negatives")
     records = _reranking_records(path)
     groups: dict[str, dict] = {}
     seen_splits, unknown, rows, repeats = set(), set(), 0, 0

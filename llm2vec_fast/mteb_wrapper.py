@@ -16,6 +16,11 @@ its tokens are attended to but not pooled (``skip_instruction``). Which one:
    instruction for the task's kind (e.g. STS: "Retrieve semantically similar text."), when ``use_task_prompts``
    (default True);
 4. otherwise no instruction.
+
+The instruction is then written as LLM2Vec's MTEB evaluations write it (mteb's own ``LLM2VecModel``, the original's
+evaluation script): a trailing period becomes a colon, and a colon is added where none ends it ("Retrieve
+semantically similar text." → "Retrieve semantically similar text:"), so scores compare with published LLM2Vec
+figures; ``llm2vec_instruction_format=False`` passes instructions verbatim.
 """
 from __future__ import annotations
 
@@ -41,6 +46,13 @@ def _abstask_prompt(task_name: str) -> str | None:
         return None
 
 
+def llm2vec_instruction(instruction: str) -> str:
+    """An instruction as LLM2Vec's MTEB runs write it: periods stripped from the ends, one colon at the end."""
+    if instruction and not instruction.endswith(":"):
+        instruction = instruction.strip(".") + ":"
+    return instruction
+
+
 def _value(x):
     """Enum members (mteb's PromptType) and plain strings alike."""
     return getattr(x, "value", x)
@@ -58,10 +70,13 @@ class MTEBEncoder:
         batch_size: default batch size when mteb passes none.
         max_batch_tokens: token budget per packed batch, passed to ``encode``.
         use_task_prompts: fall back to the task's ``metadata.prompt`` for queries and symmetric tasks.
+        llm2vec_instruction_format: end every instruction with a colon as LLM2Vec's MTEB runs do (see the module
+            docstring); False passes them verbatim.
     """
 
     def __init__(self, l2v, prompts: dict | None = None, *, model_name: str | None = None, revision: str = "local",
-                 batch_size: int = 32, max_batch_tokens: int | None = None, use_task_prompts: bool = True):
+                 batch_size: int = 32, max_batch_tokens: int | None = None, use_task_prompts: bool = True,
+                 llm2vec_instruction_format: bool = True):
         self.model = l2v
         self.model_prompts = dict(prompts if prompts is not None else (getattr(l2v, "prompts", None) or {}))
         for k, v in self.model_prompts.items():
@@ -74,6 +89,7 @@ class MTEBEncoder:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.use_task_prompts = use_task_prompts
+        self.llm2vec_instruction_format = llm2vec_instruction_format
         self._meta = None
 
     def _default_name(self) -> str:
@@ -128,6 +144,8 @@ class MTEBEncoder:
             if not isinstance(t, str):
                 raise TypeError(f"input {i} must be a string, got {type(t).__name__}")
         instruction = self.get_instruction(task_metadata, prompt_type)
+        if instruction and self.llm2vec_instruction_format:
+            instruction = llm2vec_instruction(instruction)
         items = [[instruction, t] for t in texts] if instruction else texts
         enc_kwargs = dict(batch_size=kwargs.get("batch_size") or self.batch_size,
                           show_progress_bar=bool(kwargs.get("show_progress_bar", False)), convert_to_numpy=True)

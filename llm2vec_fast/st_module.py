@@ -21,7 +21,7 @@ from sentence_transformers.base.modules.input_module import InputModule
 from .encoder import LLM2Vec
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "auto": None}
+           "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}  # auto: the checkpoint's own dtype
 
 
 class LLM2VecSTModule(InputModule):

@@ -42,6 +42,20 @@ def test_load_sick_trial(data_dir):
     assert s2[0] == "There is no boy playing outdoors and there is no man smiling" and gold[0] == 3.6
 
 
+def test_inputs_of_the_wrong_kind_say_so(tmp_path):
+    """A path that exists but is a folder where a file is read (or the reverse) is named as such, not as missing."""
+    f = tmp_path / "a.csv"
+    f.write_text("text,label\nx,1\n")
+    for load, what in [(ev.load_sts, "STS data file"), (ev.load_classification, "classification data file"),
+                       (ev.load_reranking, "reranking data")]:
+        with pytest.raises(IsADirectoryError, match=f"{what} '{tmp_path}' is a folder; expected a"):
+            load(tmp_path)
+        with pytest.raises(FileNotFoundError, match=f"{what} '{tmp_path / 'nope'}' not found"):
+            load(tmp_path / "nope")
+    with pytest.raises(NotADirectoryError, match=r"retrieval data folder '.*a.csv' is a file; expected a BEIR folder"):
+        ev.load_beir(f)
+
+
 def test_load_sts_errors(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("g\tf\t2012\t0001\t4.0\ta\tb\ng\tf\t2012\t0002\tfour\ta\tb\n")

@@ -49,8 +49,20 @@ def test_query_gets_instruction_document_does_not():
     q = _enc(w, ["what is a cat", "why", "who"], prompt_type="query")
     d = _enc(w, ["cats are animals", "the sky"], prompt_type="document")
     assert q.shape == (3, 32) and d.shape == (2, 32) and q.dtype == np.float32
-    assert fake.calls[0][0] == [["Given a question, retrieve passages", t] for t in ["what is a cat", "why", "who"]]
+    # written as LLM2Vec's MTEB runs write it (mteb's LLM2VecModel): a colon at the end
+    assert fake.calls[0][0] == [["Given a question, retrieve passages:", t] for t in ["what is a cat", "why", "who"]]
     assert fake.calls[1][0] == ["cats are animals", "the sky"]
+
+
+@pytest.mark.parametrize("given,written", [("Retrieve similar text.", "Retrieve similar text:"),
+                                           ("Classify it:", "Classify it:"), ("..Odd..", "Odd:")])
+def test_instructions_end_with_a_colon_as_llm2vec_mteb_runs_write_them(given, written):
+    fake = FakeEncoder(prompts={"query": given})
+    _enc(MTEBEncoder(fake), ["a"], prompt_type="query")
+    _enc(MTEBEncoder(fake, llm2vec_instruction_format=False), ["a"], prompt_type="query")
+    assert fake.calls[0][0] == [[written, "a"]] and fake.calls[1][0] == [[given, "a"]]
+    mteb_models = pytest.importorskip("mteb.models.model_implementations.llm2vec_models")
+    assert mteb_models.llm2vec_instruction(given) == written  # the same rule as mteb's own LLM2Vec wrapper
 
 
 def test_prompt_priority_like_mteb():
@@ -156,7 +168,7 @@ def test_mteb_evaluate_local_sts_task(mteb, data_dir):
                         show_progress_bar=False)
     assert not res.exceptions
     score = res.task_results[0].get_score()
-    assert all(item[0] == "Retrieve semantically similar text" for call in fake.calls for item in call[0])
+    assert all(item[0] == "Retrieve semantically similar text:" for call in fake.calls for item in call[0])
     ours = ev.sts_scores(FakeEncoder().encode(s1), FakeEncoder().encode(s2), gold)
     assert score == pytest.approx(ours["cosine_spearman"], abs=1e-6)
 
@@ -171,7 +183,7 @@ def test_real_model_query_matches_llm2vec_encode():
     texts = ["how do cats purr", "capital of France"]
     q = _enc(w, texts, prompt_type="query")
     d = _enc(w, ["Cats purr by vibrating their larynx."], prompt_type="document")
-    ref_q = l2v.encode([["Given a web search query, retrieve relevant passages", t] for t in texts],
+    ref_q = l2v.encode([["Given a web search query, retrieve relevant passages:", t] for t in texts],
                        show_progress_bar=False, convert_to_numpy=True)
     ref_d = l2v.encode(["Cats purr by vibrating their larynx."], show_progress_bar=False, convert_to_numpy=True)
     np.testing.assert_allclose(q, ref_q, atol=1e-5)

@@ -108,6 +108,36 @@ def test_reload_with_llm2vec_and_st_save_round_trip(sentence_transformers, tiny_
     _check_same(st2.encode(TEXTS, convert_to_numpy=True), ref)
 
 
+def test_dtype_auto_loads_the_checkpoints_dtype(sentence_transformers, tiny_encoder_dir, tmp_path):
+    import torch
+
+    l2v = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype="bfloat16")
+    path = str(save_sentence_transformers(l2v, tmp_path / "st"))
+    auto = sentence_transformers.SentenceTransformer(path, trust_remote_code=True, device="cpu",
+                                                     model_kwargs={"torch_dtype": "auto"})
+    assert next(auto.parameters()).dtype == torch.bfloat16
+    plain = sentence_transformers.SentenceTransformer(path, trust_remote_code=True, device="cpu")
+    assert next(plain.parameters()).dtype == torch.float32  # sentence-transformers' own default
+
+
+def test_sentence_transformer_pickled_into_a_fresh_process(sentence_transformers, tiny_encoder_dir, tmp_path):
+    """What sentence-transformers' multi-process pool does: the model is pickled to workers whose transformers has
+    not registered llm2vec_fast's attention yet."""
+    import pickle
+    import subprocess
+    import sys
+
+    path = save_sentence_transformers(_load(tiny_encoder_dir), tmp_path / "st")
+    st = sentence_transformers.SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
+    ref = st.encode(TEXTS, convert_to_numpy=True)
+    (tmp_path / "st.pkl").write_bytes(pickle.dumps(st))
+    code = ("import pickle, sys, numpy; st = pickle.load(open(sys.argv[1], 'rb')); "
+            "numpy.save(sys.argv[2], st.encode(sys.argv[3:], convert_to_numpy=True))")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "st.pkl"), str(tmp_path / "out.npy"), *TEXTS],
+                   check=True, capture_output=True, timeout=300)
+    _check_same(np.load(tmp_path / "out.npy"), ref)
+
+
 def test_untrusted_load_is_refused_clearly(sentence_transformers, tiny_encoder_dir, tmp_path):
     path = save_sentence_transformers(_load(tiny_encoder_dir), tmp_path / "st")
     with pytest.raises(ValueError, match="trust_remote_code"):
