@@ -457,9 +457,26 @@ def add_step_callbacks(trainer, max_train_seconds=None):
     limit = TimeLimit(max_train_seconds) if max_train_seconds else None
     if limit is not None:
         trainer.add_callback(limit)
+    trainer.add_callback(LogWhereItCounts())  # after the stop decisions above, before the guard reads should_log
     if isinstance(trainer, AdapterTrainer):
         trainer.add_callback(FiniteLossGuard(trainer))  # last: it sees the stop and save decisions of the others
     return counter, limit
+
+
+class LogWhereItCounts(TrainerCallback):
+    """Logs the loss at every step where the run saves, evaluates or stops, besides every ``logging_steps``.
+
+    The Trainer's log holds the mean loss since the previous log; steps after the last log appear nowhere (its own
+    ``train_loss`` covers only the steps of the process that ran them). Logging where a checkpoint is written makes a
+    resumed run's history cover every step up to it, and logging at the last step covers the rest, so the logged
+    losses, weighted by their step counts, are the mean of the whole run (the result line's ``mean_train_loss``).
+    Evaluation steps are logged too: an early stop happens at one of them.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_evaluate or control.should_training_stop \
+                or state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class FiniteLossGuard(TrainerCallback):

@@ -42,6 +42,24 @@ def test_resume_reproduces_loss_curve(straight_run, tiny_model_dir, tiny_text_fi
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+def test_logged_losses_cover_every_step_for_the_mean(straight_run, tiny_model_dir, tiny_text_file, tmp_path):
+    """Logging every 4 steps of 6 with checkpoints at 3 and 6: the checkpoint steps and the last step are logged too,
+    so the result line's mean is the mean of all six steps, in one run and in a run resumed from step 3."""
+    from llm2vec_fast.training.cli import _mean_loss
+
+    _, every = straight_run  # the same run, logged at every step
+    whole = sum(r["loss"] for r in every["losses"]) / 6
+    a = train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path / "a", logging_steps=4))
+    assert [r["step"] for r in a["losses"]] == [1, 3, 4, 6]
+    assert _mean_loss(a) == pytest.approx(whole, rel=1e-5)
+    assert a["train_loss"] == pytest.approx(whole, rel=1e-5)  # the Trainer's own figure, for a run in one piece
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    b = train_mntp(_args(tiny_model_dir, tiny_text_file, tmp_path / "b", logging_steps=4,
+                         resume_from_checkpoint=True))
+    assert [r["step"] for r in b["losses"]] == [1, 3, 4, 6] and b["steps_run"] == 3
+    assert _mean_loss(b) == pytest.approx(whole, rel=1e-5)
+
+
 def test_output_loads_with_llm2vec(straight_run, tiny_model_dir):
     from llm2vec_fast import LLM2Vec
 
