@@ -151,6 +151,7 @@ def test_gpu_evidence_assembles_the_model_and_runs_both_stages(tmp_path):
     assert "sha256 mismatch" in (out / "summary.md").read_text()
 
 
+@pytest.mark.triton_cpu  # the Triton backend on CPU tensors
 def test_bench_attention_per_head_layout_runs_with_its_own_tuning_cache(monkeypatch):
     """bench_attention's per-head A/B ("ours_head"): inside, the kernels take the per-head layout with a tuning cache
     of their own; after, the flag and the tuner's cache are back as they were; the tuned-tile label reads configs."""
@@ -206,6 +207,7 @@ def test_training_evidence_helpers():
     assert lines == ["\n**cosent**: 3 steps in 12 s; loss 18.110 (step 1) → 4.900 (step 3)\n"]
 
 
+@pytest.mark.triton_cpu  # the Triton backend on CPU tensors
 def test_bench_attention_window_rows(monkeypatch):
     """The local-attention benchmark's rows on tiny shapes (interpreted kernel, CPU timer): every path timed, the
     ratios are the peers' times over the windowed kernel's."""

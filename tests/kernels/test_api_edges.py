@@ -11,6 +11,9 @@ from llm2vec_fast.kernels.reference import (
     rms_norm_ref,
 )
 
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = pytest.mark.triton_cpu
+
 CU = torch.tensor([0, 3, 7], dtype=torch.int32)
 
 

@@ -8,6 +8,9 @@ from llm2vec_fast.kernels.reference import fused_linear_cross_entropy_ref
 
 from .helpers import poison_empty
 
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = pytest.mark.triton_cpu
+
 IGN = -100
 
 

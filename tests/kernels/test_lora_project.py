@@ -7,6 +7,9 @@ from llm2vec_fast.kernels.reference import dropout_project_ref
 
 from .helpers import check_against_twin, compile_for_hopper, poison_empty
 
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = pytest.mark.triton_cpu
+
 HAS_CUDA = torch.cuda.is_available()
 # rows: one, below / across the 64-row block; K: across the 64-column block, not a power of two; rank: below the
 # dot's 16, at it, above it and not a power of two

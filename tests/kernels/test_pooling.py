@@ -4,6 +4,9 @@ import torch
 from llm2vec_fast.kernels import masked_pool
 from llm2vec_fast.kernels.reference import POOL_MODES, masked_pool_ref
 
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = pytest.mark.triton_cpu
+
 MODES = sorted(POOL_MODES)  # every canonical mode and alias
 # lengths with odd sizes, a length-1 segment beside a long one, and a zero-length sequence
 LENGTHS = [1, 2, 7, 33, 0, 5]

@@ -9,6 +9,9 @@ from llm2vec_fast.kernels.reference import rms_norm_ref
 
 from .helpers import check_against_twin, compile_for_hopper, poison_empty
 
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = pytest.mark.triton_cpu
+
 # odd sizes: a single feature, masked tails (80, 96, 576 = SmolLM2's hidden size), 3-D inputs, a single row
 SHAPES = [(1, 1), (7, 1), (1, 80), (7, 96), (130, 80), (7, 576), (130, 576), (2, 5, 96), (2, 5, 1)]
 

@@ -8,6 +8,9 @@ from llm2vec_fast.kernels.reference import rope_ref
 
 from .helpers import check_against_twin, compile_for_hopper, poison_empty
 
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = pytest.mark.triton_cpu
+
 rope_mod = importlib.import_module("llm2vec_fast.kernels.rotary")
 
 # MHA, MQA and GQA 3:1; head dims that are a power of two and one that is not (masked half-width block)

@@ -9,7 +9,8 @@ from llm2vec_fast.kernels.reference import gelu_tanh_mul_ref, silu_mul_ref
 from .helpers import assert_lowp_close, check_against_twin, compile_for_hopper, poison_empty
 
 # the interpreter computes the sigmoid with numpy, which warns when exp(-gate) overflows to inf (sigmoid is then 0)
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+# tensors on the CPU unless a test is gpu-marked: the interpreter runs these (skipped where it is off)
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"), pytest.mark.triton_cpu]
 
 # a single element, sizes below / at / across the 1024-element block, 3-D, SmolLM2's hidden size
 SHAPES = [(1,), (7, 80), (1, 1024), (130, 96), (2, 5, 576), (3, 1, 1)]

@@ -117,6 +117,7 @@ def test_converting_one_model_leaves_a_model_sharing_its_config_as_it_was(conver
         assert (converted - causal_a).abs().max() > 1e-2
 
 
+@pytest.mark.triton_cpu  # the Triton backend on CPU tensors
 def test_bidirectional_model_keeps_no_kv_cache_by_default(monkeypatch):
     """A converted encoder's forward builds no KV cache unless asked (config.use_cache False), so a packed forward
     without use_cache=False takes the fused RoPE attention path rather than HF's own; the causal conversion keeps the

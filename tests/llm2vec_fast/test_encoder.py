@@ -781,6 +781,7 @@ def test_tokenizer_backend_path_equals_tokenizer_call(tiny, monkeypatch, data_di
     assert len(tok(long)["input_ids"]) > 512 and tok(long)["input_ids"] == tok([long])["input_ids"][0]
 
 
+@pytest.mark.triton_cpu  # the Triton backend on CPU tensors
 def test_forward_reads_no_cu_seqlens_back_from_the_device(tokenizer, tmp_path, monkeypatch):
     """encode primes the attention kernels and the pooling with each batch's host copies of cu_seqlens and
     pool_start (pack's cu_seqlens_host, pool_start_host), so neither the forward nor the pooling copies them back from
