@@ -208,7 +208,8 @@ def _sdpa_padded(q, k, v, mask):
 # ----------------------------------------------------------------------------------------------------------------------
 def _tuned_tiles():
     """The autotuner's picks for the last call of our forward and dQ kernels: "BMxBN/warps/stages", "+pack" for
-    GQA-packed rows (the layout that fills short sequences' tiles G times better)."""
+    GQA-packed rows (the layout that fills short sequences' tiles G times better), "+multi" for the forward's
+    multi-sequence tiles (several sentences per tile)."""
     from llm2vec_fast.kernels import attention as A
 
     out = []
@@ -216,7 +217,8 @@ def _tuned_tiles():
         c = getattr(kernel, "best_config", None)
         if c is not None:
             kw = c.kwargs
-            out.append(f"{name} {kw['BM']}x{kw['BN']}/{c.num_warps}/{c.num_stages}{'+pack' if kw.get('PACK') else ''}")
+            out.append(f"{name} {kw['BM']}x{kw['BN']}/{c.num_warps}/{c.num_stages}{'+pack' if kw.get('PACK') else ''}"
+                       f"{'+multi' if kw.get('MULTI') else ''}")
     return ", ".join(out) or None
 
 

@@ -38,6 +38,9 @@ _FORCE_TMA = False
 # Forces the query-row layout of the pointer forward, dQ and dK/dV (True: GQA-packed rows, False: per-head rows); None
 # lets the autotuner choose on the GPU and takes per-head rows under the interpreter. Tests set it.
 _FORCE_PACK = None
+# Forces the pointer forward's multi-sequence tiles (True) or per-sequence tiles (False); None lets the autotuner
+# choose on the GPU for sentence-length packs, and takes per-sequence tiles under the interpreter. Tests set it.
+_FORCE_MULTI = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,38 +118,44 @@ _SHORT_TILES = {
     "dkdv": {},
     "dq": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)]},
 }
+# Multi-sequence tiles of the pointer forward (MULTI, see _fwd_multi), offered for sentences only: BM consecutive rows
+# of the whole pack, whichever sequences they hold. Same shapes as the per-sequence tiles above (no new register
+# pressure); whether they beat per-sequence tiles on a pack is the autotuner's call.
+_MULTI_TILES = {64: [(128, 64, 4, 2), (64, 64, 4, 2)], 128: [(128, 64, 8, 2), (64, 64, 4, 2)], 256: []}
 _CLASSES = (64, 128, 256)
 
 
-def _class_tiles(kind, c):
-    # the class's tiles, then its sentence-only ones
-    return _TILES[kind][c] + _SHORT_TILES[kind].get(c, [])
+def _class_tiles(kind, c, multi=False):
+    # the class's tiles, then its sentence-only ones, as (BM, BN, warps, stages, multi-sequence)
+    tiles = [(*t, False) for t in _TILES[kind][c] + _SHORT_TILES[kind].get(c, [])]
+    return tiles + [(*t, True) for t in _MULTI_TILES[c]] if multi else tiles
 
 
 def _head_class(bd):
     return 64 if bd <= 64 else 128 if bd <= 128 else 256
 
 
-def _configs(kind, pack=False):
+def _configs(kind, pack=False, multi=False):
     """The autotuner's candidates for one kernel: every head-dim class's tiles, in _CLASSES order. With ``pack`` (the
     pointer forward, dQ and dK/dV) each tile comes twice, PACK False then True: per-head rows, or GQA-packed rows (the G
-    query heads of a kv head interleaved token by token in one tile; see _attn_fwd_kernel)."""
+    query heads of a kv head interleaved token by token in one tile; see _attn_fwd_kernel). With ``multi`` (the
+    pointer forward) every config carries MULTI, True for the multi-sequence tiles (_MULTI_TILES)."""
     if INTERPRET:
         # the interpreter cannot autotune: one small tile per kernel, unequal sides (as on the GPU) so that CPU tests
         # cross block edges and the causal diagonal with BM > BN (forward, dQ) and BM < BN (dK/dV); the launchers
-        # pass PACK themselves (_FORCE_PACK)
+        # pass PACK and MULTI themselves (_FORCE_PACK, _FORCE_MULTI)
         BM, BN = (32, 64) if kind == "dkdv" else (64, 32)
         return [triton.Config({"BM": BM, "BN": BN}, num_warps=4, num_stages=1)]
     packs = (False, True) if pack else (None,)
-    return [triton.Config({"BM": BM, "BN": BN} if p is None else {"BM": BM, "BN": BN, "PACK": p},
+    return [triton.Config({"BM": BM, "BN": BN, **({} if p is None else {"PACK": p}), **({"MULTI": m} if multi else {})},
                           num_warps=w, num_stages=s)
-            for c in _CLASSES for BM, BN, w, s in _class_tiles(kind, c) for p in packs]
+            for c in _CLASSES for BM, BN, w, s, m in _class_tiles(kind, c, multi) for p in packs]
 
 
-def _prune(kind, pack=False):
+def _prune(kind, pack=False, multi=False):
     # configs arrive as the per-class lists concatenated in _CLASSES order: keep the slice of this head dim
     per_tile = 2 if pack else 1
-    sizes = [len(_class_tiles(kind, c)) * per_tile for c in _CLASSES]
+    sizes = [len(_class_tiles(kind, c, multi)) * per_tile for c in _CLASSES]
 
     def prune(configs, named_args, **kwargs):
         return _prune_impl(configs, named_args, kwargs)[:_autotune_limit()]
@@ -155,6 +164,8 @@ def _prune(kind, pack=False):
         if kwargs.get("PREC") == "ieee":
             # exact fp32 runs on FMA units, not tensor cores: larger tiles spill heavily or overflow shared memory
             extra = {} if not pack else {"PACK": bool(_FORCE_PACK)}
+            if multi:
+                extra["MULTI"] = bool(_FORCE_MULTI) and not kwargs.get("HAS_WINDOW")
             return [triton.Config({"BM": 32, "BN": 32, **extra}, num_warps=4, num_stages=1)]
         bd = kwargs.get("BD", named_args.get("BD"))
         if bd is None or len(configs) != sum(sizes):
@@ -167,6 +178,13 @@ def _prune(kind, pack=False):
         if not short:
             only_short = set(_SHORT_TILES[kind].get(_CLASSES[k], []))
             tiles = [c for c in tiles if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) not in only_short]
+        if multi:
+            # multi-sequence tiles: sentences only, never with a window (the launcher passes SB only then)
+            if _FORCE_MULTI is not None:
+                want = _FORCE_MULTI and not kwargs.get("HAS_WINDOW")
+                tiles = [c for c in tiles if c.kwargs["MULTI"] == want]
+            elif not short or kwargs.get("HAS_WINDOW"):
+                tiles = [c for c in tiles if not c.kwargs["MULTI"]]
         if pack:
             g = named_args.get("G", kwargs.get("G"))
             rank = {id(c): i // 2 for i, c in enumerate(tiles)}  # each tile's index (both layouts listed per tile)
@@ -183,6 +201,10 @@ def _prune(kind, pack=False):
             # the likelier winners and come first (what a limited tuning run, LLM2VEC_FAST_AUTOTUNE=2, tries); of
             # one tile, the GQA-packed layout first: it holds G times as many real rows of a short sequence
             tiles = sorted(tiles, key=lambda c: (c.kwargs["BM"] * c.kwargs["BN"], not c.kwargs.get("PACK", False)))
+            # and the first multi-sequence tile second, so that a limited tuning run weighs both kinds
+            first_multi = next((i for i, c in enumerate(tiles) if c.kwargs.get("MULTI")), None)
+            if first_multi is not None and first_multi > 1:
+                tiles.insert(1, tiles.pop(first_multi))
         return tiles
 
     return prune
@@ -231,11 +253,11 @@ def _autotune_kwargs():
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def _autotune(kind, pack=False):
-    """The autotuner of one attention kernel: ``kind``'s tiles (both row layouts with ``pack``), pruned to the head
-    dim's class, keyed by _KEY, timed briefly, results cached on disk."""
-    return triton.autotune(configs=_configs(kind, pack), key=_KEY, do_bench=_tune_bench,
-                           prune_configs_by={"early_config_prune": _prune(kind, pack)}, **_autotune_kwargs())
+def _autotune(kind, pack=False, multi=False):
+    """The autotuner of one attention kernel: ``kind``'s tiles (both row layouts with ``pack``, the multi-sequence
+    tiles too with ``multi``), pruned to the head dim's class, keyed by _KEY, timed briefly, results cached on disk."""
+    return triton.autotune(configs=_configs(kind, pack, multi), key=_KEY, do_bench=_tune_bench,
+                           prune_configs_by={"early_config_prune": _prune(kind, pack, multi)}, **_autotune_kwargs())
 
 
 @triton.jit
@@ -323,82 +345,162 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
     return b_mn, b_li, b_acc
 
 
-@_autotune("fwd", pack=True)
-@triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, ORDER,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
-    G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, PACK: tl.constexpr,
-):
-    # Row layouts. Per-head (PACK False): program (i_m, query head, sequence) holds BM tokens of one query head.
-    # GQA-packed (PACK True): program (i_m, kv head, sequence) holds BM rows of the L·G rows (token t, head g) of the
-    # kv head's G query heads, row r = t·G + g: a short sequence fills its tiles G times better, and each K/V block
-    # loaded serves G heads.
-    bos, L, n_rows, i_x, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, PACK)
-    if empty:
-        return
+@triton.jit
+def _fwd_multi(Q, K, V, O, LSE, SB, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+               stride_oh, T, qk_mul, cap_mul, dropout_p, drop_scale, seed, G, D: tl.constexpr, BD: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               CAUSAL: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr):
+    # The forward of one multi-sequence tile (MULTI): program (i_t, head) holds BM consecutive rows of the whole pack
+    # (tokens of one query head, or with PACK the GQA-packed rows t·G + g of a kv head), whatever sequences they
+    # belong to, and streams the keys from the first row's sequence start to the last row's sequence end, each score
+    # masked to the row's own sequence (SB: every token's sequence start, then its sequence end, absolute indices).
+    # For packs of short sentences this replaces many nearly empty per-sequence tiles by few full ones: more scores
+    # are computed than used, in far fewer programs.
+    i_t, i_x = tl.program_id(0), tl.program_id(1)
     EVEN_D: tl.constexpr = BD == D
-
-    o_n = tl.arange(0, BN)
+    o_r = i_t * BM + tl.arange(0, BM)
     o_d = tl.arange(0, BD)
-    bos64 = bos.to(tl.int64)
-    p_k = K + bos64 * stride_kt + i_h * stride_kh
-    p_v = V + bos64 * stride_vt + i_h * stride_vh
     if PACK:
-        o_r = i_m * BM + tl.arange(0, BM)
-        m_r = o_r < n_rows
-        o_m = o_r // G  # each row's token
-        o_hq = i_h * G + o_r % G  # and query head
-        b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)  # [BM, BD]
-        o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]  # dropout counter base per query row
-        t0 = i_m * BM // G
-        t_end = ((i_m + 1) * BM - 1) // G + 1
+        m_r = o_r < T * G
+        o_t = o_r // G  # each row's token
+        o_hq = i_x * G + o_r % G  # and query head
+        i_h = i_x
+        t_last = tl.minimum(((i_t + 1) * BM - 1) // G, T - 1)
+        t_first = i_t * BM // G
     else:
-        o_m = i_m * BM + tl.arange(0, BM)
-        b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
-        o_row = ((i_x * T + bos64 + o_m) * T)[:, None]
-        t0 = i_m * BM
-        t_end = t0 + BM
+        m_r = o_r < T
+        o_t = o_r
+        o_hq = i_x
+        i_h = i_x // G
+        t_last = tl.minimum((i_t + 1) * BM - 1, T - 1)
+        t_first = i_t * BM
+    o_t64 = tl.minimum(o_t, T - 1).to(tl.int64)  # rows past the pack read the last token's bounds (never stored)
+    b_lo = tl.load(SB + o_t64)  # [BM] each row's sequence [start, end)
+    b_hi = tl.load(SB + T + o_t64)
+    k_lo = tl.load(SB + t_first)
+    k_hi = tl.load(SB + T + t_last)
+    b_q = _load_at(Q + o_t64 * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)  # [BM, BD]
+    o_row = ((o_hq * T + o_t64) * T)[:, None]  # dropout counter base per query row
+    p_k = K + i_h * stride_kh
+    p_v = V + i_h * stride_vh
+    o_n0 = tl.arange(0, BN)
 
     b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_li = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for start_n in range(k_lo, k_hi, BN):
+        o_n = (start_n + o_n0).to(tl.int64)
+        b_k = _load_rows(p_k, o_n, o_d, stride_kt, k_hi, D, True, EVEN_D)  # [BN, BD]
+        b_v = _load_rows(p_v, o_n, o_d, stride_vt, k_hi, D, True, EVEN_D)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
+            s_mul = 1.0
+        else:
+            s_mul = qk_mul
+        m_s = (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])
+        if CAUSAL:
+            m_s = m_s & (o_n[None, :] <= o_t[:, None])
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        # a block can hold only other sequences' keys for some rows: their max stays -inf, so subtract 0 there
+        b_mn = tl.maximum(b_mi, tl.max(b_s, 1) * s_mul)
+        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s * s_mul - b_mz[:, None])
+        b_alpha = tl.exp2(b_mi - b_mz)
+        b_li = b_li * b_alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            b_p = tl.where(tl.rand(seed, o_row + o_n[None, :]) >= dropout_p, b_p, 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_mi = b_mn
 
-    # full key blocks load without masks; only the last, partial block (and, when causal, the blocks crossing the
-    # diagonal) pay for them
-    lo, full_lo, full_hi, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:  # the band's first blocks, partly outside it
-        for start_n in range(lo, full_lo, BN):
+    # every row sees at least its own token's key (its sequence lies inside [k_lo, k_hi)): b_li > 0
+    b_acc = (b_acc * (drop_scale / b_li)[:, None]).to(O.dtype.element_ty)
+    b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
+    _store_at(O + o_t64 * stride_ot + o_hq * stride_oh, b_acc, m_r, o_d, D, EVEN_D)
+    tl.store(LSE + o_hq * T + o_t64, b_lse, mask=m_r)
+
+
+@_autotune("fwd", pack=True, multi=True)
+@triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU, ORDER, SB,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    T, qk_mul, cap_mul, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
+    G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr, PACK: tl.constexpr, MULTI: tl.constexpr,
+):
+    if MULTI:  # tiles of consecutive rows of the whole pack, several short sequences each
+        _fwd_multi(Q, K, V, O, LSE, SB, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+                   stride_oh, T, qk_mul, cap_mul, dropout_p, drop_scale, seed, G, D, BD, BM, BN, HAS_SOFTCAP,
+                   HAS_DROPOUT, CAUSAL, PREC, PACK)
+    else:
+        # Row layouts. Per-head (PACK False): program (i_m, query head, sequence) holds BM tokens of one query
+        # head. GQA-packed (PACK True): program (i_m, kv head, sequence) holds BM rows of the L·G rows (token t,
+        # head g) of the kv head's G query heads, row r = t·G + g: a short sequence fills its tiles G times better,
+        # and each K/V block loaded serves G heads.
+        bos, L, n_rows, i_x, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, PACK)
+        if empty:
+            return
+        EVEN_D: tl.constexpr = BD == D
+
+        o_n = tl.arange(0, BN)
+        o_d = tl.arange(0, BD)
+        bos64 = bos.to(tl.int64)
+        p_k = K + bos64 * stride_kt + i_h * stride_kh
+        p_v = V + bos64 * stride_vt + i_h * stride_vh
+        if PACK:
+            o_r = i_m * BM + tl.arange(0, BM)
+            m_r = o_r < n_rows
+            o_m = o_r // G  # each row's token
+            o_hq = i_h * G + o_r % G  # and query head
+            b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)  # [BM, BD]
+            o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]  # dropout counter base per query row
+            t0 = i_m * BM // G
+            t_end = ((i_m + 1) * BM - 1) // G + 1
+        else:
+            o_m = i_m * BM + tl.arange(0, BM)
+            b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
+            o_row = ((i_x * T + bos64 + o_m) * T)[:, None]
+            t0 = i_m * BM
+            t_end = t0 + BM
+
+        b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_li = tl.zeros([BM], dtype=tl.float32)
+        b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+
+        # full key blocks load without masks; only the last, partial block (and, when causal, the blocks crossing the
+        # diagonal) pay for them
+        lo, full_lo, full_hi, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+        if HAS_WINDOW:  # the band's first blocks, partly outside it
+            for start_n in range(lo, full_lo, BN):
+                b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
+                b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
+                b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L,
+                                               qk_mul, cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
+                                               HAS_SOFTCAP, HAS_DROPOUT, PREC)
+        for start_n in range(full_lo, full_hi, BN):
+            b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
+            b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
+            b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
+                                           cap_mul, dropout_p, seed, WIN_L, WIN_R, False, CAUSAL, HAS_WINDOW,
+                                           HAS_SOFTCAP, HAS_DROPOUT, PREC)
+        for start_n in range(full_hi, hi, BN):
             b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
             b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
-            b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L,
-                                           qk_mul, cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
+            b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
+                                           cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
                                            HAS_SOFTCAP, HAS_DROPOUT, PREC)
-    for start_n in range(full_lo, full_hi, BN):
-        b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L, D, False, EVEN_D)  # [BN, BD]
-        b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L, D, False, EVEN_D)  # [BN, BD]
-        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, WIN_L, WIN_R, False, CAUSAL, HAS_WINDOW,
-                                       HAS_SOFTCAP, HAS_DROPOUT, PREC)
-    for start_n in range(full_hi, hi, BN):
-        b_k = _load_rows(p_k + start_n * stride_kt, o_n, o_d, stride_kt, L - start_n, D, True, EVEN_D)
-        b_v = _load_rows(p_v + start_n * stride_vt, o_n, o_d, stride_vt, L - start_n, D, True, EVEN_D)
-        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul,
-                                       cap_mul, dropout_p, seed, WIN_L, WIN_R, True, CAUSAL, HAS_WINDOW,
-                                       HAS_SOFTCAP, HAS_DROPOUT, PREC)
 
-    b_acc = (b_acc * (drop_scale / b_li)[:, None]).to(O.dtype.element_ty)
-    # natural-log lse of the *undropped* softmax: what the backward needs to rebuild P
-    b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
-    if PACK:
-        _store_at(O + (bos64 + o_m) * stride_ot + o_hq * stride_oh, b_acc, m_r, o_d, D, EVEN_D)
-        tl.store(LSE + o_hq * T + bos64 + o_m, b_lse, mask=m_r)
-    else:
-        _store_rows(O + bos64 * stride_ot + i_x * stride_oh, b_acc, o_m, o_d, stride_ot, L, D, EVEN_D)
-        tl.store(LSE + i_x * T + bos64 + o_m, b_lse, mask=o_m < L)
+        b_acc = (b_acc * (drop_scale / b_li)[:, None]).to(O.dtype.element_ty)
+        # natural-log lse of the *undropped* softmax: what the backward needs to rebuild P
+        b_lse = (b_mi + tl.log2(b_li)) * 0.6931471805599453
+        if PACK:
+            _store_at(O + (bos64 + o_m) * stride_ot + o_hq * stride_oh, b_acc, m_r, o_d, D, EVEN_D)
+            tl.store(LSE + o_hq * T + bos64 + o_m, b_lse, mask=m_r)
+        else:
+            _store_rows(O + bos64 * stride_ot + i_x * stride_oh, b_acc, o_m, o_d, stride_ot, L, D, EVEN_D)
+            tl.store(LSE + i_x * T + bos64 + o_m, b_lse, mask=o_m < L)
 
 
 @_autotune("fwd")
@@ -809,14 +911,24 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
     qk_mul, cap_mul, drop_scale = _scalars(scale, softcap, dropout_p)
     has_window, win_l, win_r = _window_args(window_size, T)
 
+    bucket = _seq_bucket(tune_len or max_seqlen, T)
+    sb = ()
     kernel, extra = _attn_fwd_kernel, _pack_arg()
     if not has_window and _use_tma(q, k, v):
         _set_tma_allocator()
         kernel, extra = _attn_fwd_tma_kernel, {}
-    kernel[_row_grid(max_seqlen, HQ, HKV, B)](
-        q, k, v, o, lse, cu_seqlens, order,
+    else:
+        # the multi-sequence tiles read every token's sequence bounds: built where they may run (a placeholder
+        # otherwise, never read)
+        multi = not has_window and (_FORCE_MULTI if _FORCE_MULTI is not None or INTERPRET
+                                    else bucket - bucket % 2 == 256)
+        sb = (_seq_bounds(cu_seqlens, T) if multi else cu_seqlens,)
+        if INTERPRET:
+            extra["MULTI"] = bool(multi)
+    kernel[_row_grid(max_seqlen, HQ, HKV, B, T)](
+        q, k, v, o, lse, cu_seqlens, order, *sb,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        T, qk_mul, cap_mul, float(dropout_p), drop_scale, kernel_seed(seed), _seq_bucket(tune_len or max_seqlen, T),
+        T, qk_mul, cap_mul, float(dropout_p), drop_scale, kernel_seed(seed), bucket,
         win_l, win_r, G=HQ // HKV, D=D, BD=next_power_of_2(D),
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, CAUSAL=bool(causal), HAS_WINDOW=has_window,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", **extra,
@@ -824,15 +936,35 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
     return o, lse
 
 
-def _row_grid(max_seqlen, HQ, HKV, B):
+def _row_grid(max_seqlen, HQ, HKV, B, T=None):
     # query-row programs of the forward and dQ: BM rows of one query head, or with PACK BM of a kv head's
-    # G·max_seqlen GQA-packed rows
+    # G·max_seqlen GQA-packed rows; multi-sequence tiles (MULTI): BM rows of the whole pack's T (or T·G) rows
     def grid(meta):
+        if meta.get("MULTI"):
+            return (cdiv(T * (HQ // HKV), meta["BM"]), HKV, 1) if meta.get("PACK") else (cdiv(T, meta["BM"]), HQ, 1)
         if meta.get("PACK"):
             return (cdiv(max_seqlen * (HQ // HKV), meta["BM"]), HKV, B)
         return (cdiv(max_seqlen, meta["BM"]), HQ, B)
 
     return grid
+
+
+def _seq_bounds(cu_seqlens, T):
+    """int32 ``[2·T]``: every token's sequence start, then its sequence end (absolute token indices), built on the
+    device without a host copy; kept with the pack's launch order (_SEQ_CACHE) while that one holds."""
+    key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), T)
+    ref = _SEQ_CACHE["ref"]
+    cached = ref is not None and ref() is cu_seqlens and _SEQ_CACHE["key"][:3] == key \
+        and (_SEQ_CACHE["primed"] or not cu_seqlens.is_inference())
+    if cached and _SEQ_CACHE.get("sb") is not None:
+        return _SEQ_CACHE["sb"]
+    cu = cu_seqlens.to(torch.int32)
+    lens = cu[1:] - cu[:-1]
+    sb = torch.cat([torch.repeat_interleave(cu[:-1], lens, output_size=T),
+                    torch.repeat_interleave(cu[1:], lens, output_size=T)])
+    if cached:
+        _SEQ_CACHE["sb"] = sb
+    return sb
 
 
 def _pack_arg():
@@ -898,7 +1030,7 @@ def dropout_keep_mask(seed, dropout_p, num_heads, total_tokens, device):
 
 # one-entry cache: the HF adapter passes the same cu_seqlens tensor to every layer of a forward, so validation (a
 # host copy) and the longest-first order run once per batch, not once per layer
-_SEQ_CACHE = {"ref": None, "key": None, "info": None, "primed": False}
+_SEQ_CACHE = {"ref": None, "key": None, "info": None, "primed": False, "sb": None}
 
 
 def _seq_info(cu_seqlens, total_tokens, max_seqlen):
@@ -918,7 +1050,7 @@ def _seq_info(cu_seqlens, total_tokens, max_seqlen):
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
     info = (order, _work_length(lens_host))
-    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=info, primed=False)
+    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=info, primed=False, sb=None)
     return info
 
 
@@ -941,7 +1073,8 @@ def prime_seq_info(cu_seqlens, cu_host, max_seqlen):
     else:
         order = order.to(cu_seqlens.device)
     key = (version_of(cu_seqlens), cu_seqlens.data_ptr(), total, int(max_seqlen))
-    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=(order, _work_length(lens_host)), primed=True)
+    _SEQ_CACHE.update(ref=weakref.ref(cu_seqlens), key=key, info=(order, _work_length(lens_host)), primed=True,
+                      sb=None)
 
 
 def _work_length(lens):

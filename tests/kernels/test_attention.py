@@ -276,6 +276,108 @@ def test_gqa_packed_rows_dropout_matches_reference_with_the_kernels_mask(poison,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Multi-sequence tiles (MULTI): the forward's tiles hold consecutive rows of the whole pack, several short sequences
+# each, every score masked to its row's own sequence. The autotuner weighs them against per-sequence tiles for
+# sentence-length packs on the GPU; _FORCE_MULTI runs them under the interpreter.
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def multi(monkeypatch):
+    monkeypatch.setattr(attn, "_FORCE_MULTI", True)
+    monkeypatch.setattr(attn._attn_fwd_kernel, "cache", {})
+
+
+# sentences: many sequences per 64-row tile, a length-1 and an empty one, one crossing two tiles
+SHORT_LENS = (3, 1, 5, 9, 0, 2, 17, 30, 4, 70, 6)
+
+CASES_MULTI = [
+    pytest.param(SHORT_LENS, 64, 2, 2, 0.0, False, False, torch.float32, id="short-D64-mha-fp32"),
+    pytest.param(SHORT_LENS, 80, 6, 2, 2.0, False, True, torch.float32, id="short-D80-gqa3-packed-softcap-fp32"),
+    pytest.param(SHORT_LENS, 64, 8, 2, 0.0, True, True, torch.float32, id="short-D64-gqa4-packed-causal-fp32"),
+    pytest.param(SHORT_LENS, 32, 4, 1, 0.0, True, False, torch.float32, id="short-D32-mqa-causal-fp32"),
+    pytest.param(LENS, 64, 6, 2, 0.0, False, True, torch.float32, id="LENS-D64-gqa3-packed-fp32"),
+    pytest.param(SHORT_LENS, 128, 4, 1, 0.0, False, True, torch.float16, id="short-D128-mqa-packed-fp16"),
+    pytest.param(SHORT_LENS, 96, 6, 2, 2.0, True, True, torch.bfloat16, id="short-D96-gqa3-softcap-causal-bf16",
+                 marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("lens, d, hq, hkv, softcap, causal, pack, dtype", CASES_MULTI)
+def test_multi_sequence_tiles_match_reference(poison, multi, monkeypatch, lens, d, hq, hkv, softcap, causal, pack,
+                                              dtype):
+    monkeypatch.setattr(attn, "_FORCE_PACK", pack)
+    cu = _cu(lens)
+    q, k, v, do = _inputs(lens, hq, hkv, d, dtype, qscale=3.0 if softcap else 1.0, seed=11)
+    _check_against_reference(q, k, v, do, cu, max(lens), softcap=softcap, causal=causal)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_multi_sequence_tiles_equal_per_sequence_tiles_dropout_included(monkeypatch, pack):
+    """The same rows meet the same keys, in other blocks: equal to float rounding; dropout's counter is the row's head
+    and token and the key's token, not a tile slot, so both draw the same bits (the backward, per sequence, then
+    regenerates the forward's mask)."""
+    monkeypatch.setattr(attn, "_FORCE_PACK", pack)
+    cu = _cu(SHORT_LENS)
+    q, k, v, do = _inputs(SHORT_LENS, 6, 2, 32, torch.float32, seed=4)
+    kw = dict(dropout_p=0.3, seed=21)
+    monkeypatch.setattr(attn, "_FORCE_MULTI", False)
+    per_seq = _run(flash_attention, q, k, v, do, cu, max(SHORT_LENS), **kw)
+    monkeypatch.setattr(attn, "_FORCE_MULTI", True)
+    tiled = _run(flash_attention, q, k, v, do, cu, max(SHORT_LENS), **kw)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), tiled, per_seq, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_multi_sequence_tiles_leave_windows_to_per_sequence_tiles(poison, multi):
+    """A local window keeps the per-sequence tiles (they visit only the band's blocks): forcing MULTI changes
+    nothing there."""
+    cu = _cu(SHORT_LENS)
+    q, k, v, do = _inputs(SHORT_LENS, 4, 2, 32, torch.float32, seed=6)
+    _check_against_reference(q, k, v, do, cu, max(SHORT_LENS), window_size=(3, 2))
+
+
+def test_multi_sequence_bounds_and_their_cache():
+    cu = _cu((2, 0, 3))
+    sb = attn._seq_bounds(cu, 5)
+    assert sb.tolist() == [0, 0, 2, 2, 2, 2, 2, 5, 5, 5]
+    attn._seq_info(cu, 5, 3)  # the pack's validated launch order: its bounds are kept with it
+    assert attn._seq_bounds(cu, 5) is attn._seq_bounds(cu, 5)
+    cu[1] = 1  # an in-place edit: new bounds
+    attn._seq_info(cu, 5, 3)
+    assert attn._seq_bounds(cu, 5).tolist() == [0, 1, 2, 2, 2, 1, 2, 5, 5, 5]
+
+
+def test_multi_sequence_tiles_are_offered_for_sentences_only(monkeypatch):
+    """The pointer forward's candidates: the multi-sequence tiles join the per-sequence ones for the sentence bucket
+    (the first of them second in line, so a limited tuning run weighs both kinds), never for longer packs or with a
+    window; _FORCE_MULTI keeps one kind."""
+    import triton
+
+    monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
+    configs = [triton.Config({"BM": BM, "BN": BN, "PACK": p, "MULTI": m}, num_warps=w, num_stages=s)
+               for c in attn._CLASSES for BM, BN, w, s, m in attn._class_tiles("fwd", c, multi=True)
+               for p in (False, True)]
+    prune = attn._prune("fwd", pack=True, multi=True)
+
+    def got(**kw):
+        return [c.kwargs["MULTI"] for c in prune(configs, {"G": kw.pop("G", 4)}, BD=128, **kw)]
+
+    assert not any(got(SEQ_BUCKET=1024)) and not any(got(SEQ_BUCKET=8193))
+    short = got(SEQ_BUCKET=256)
+    assert short.count(True) == 2 * len(attn._MULTI_TILES[128]) and short[:2] == [False, True]
+    assert got(SEQ_BUCKET=257) == short
+    assert not any(got(SEQ_BUCKET=256, HAS_WINDOW=True))
+    monkeypatch.setattr(attn, "_FORCE_MULTI", True)
+    assert all(got(SEQ_BUCKET=1024)) and got(SEQ_BUCKET=256, PREC="ieee") == [True]
+    assert got(SEQ_BUCKET=256, PREC="ieee", HAS_WINDOW=True) == [False]
+    monkeypatch.setattr(attn, "_FORCE_MULTI", False)
+    assert not any(got(SEQ_BUCKET=256))
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "2")
+    assert got(SEQ_BUCKET=256) == [False, False]  # forced off: only per-sequence tiles, limited to two
+    monkeypatch.setattr(attn, "_FORCE_MULTI", None)
+    assert got(SEQ_BUCKET=256) == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # local window (window_size, FlashAttention's convention): query i sees keys i - left .. i + right of its sequence
 # ---------------------------------------------------------------------------------------------------------------------
 CASES_WINDOW = [
@@ -630,6 +732,9 @@ todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_fwd_kernel
         ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True),
         # sentence-only tiles
         ("_attn_fwd_kernel", 64, 32, 4, 2, 80, False, True), ("_attn_bwd_dq_kernel", 64, 32, 4, 2, 80, True, True),
+        # multi-sequence tiles of the forward, per-head and packed rows
+        ("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, "multi"),
+        ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, "multi+"),
         # a local window (HAS_WINDOW) on the pointer kernels, per-head and packed rows
         ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, "window"),
         ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, False, "window"),
@@ -639,27 +744,33 @@ if hasattr(tl, "make_tensor_descriptor"):
 for name, BM, BN, w, s, D, causal, pack in todo:
     fn = getattr(A, name).fn
     window = pack == "window"
+    multi = isinstance(pack, str) and pack.startswith("multi")
     if window:
         pack = name != "_attn_fwd_kernel"
+    elif multi:
+        pack = pack == "multi+"
     consts = dict(D=D, BD=128, BM=BM, BN=BN, HAS_SOFTCAP=True, HAS_DROPOUT=True, CAUSAL=causal, HAS_WINDOW=window,
                   PREC="tf32")
     if pack is not None:
         consts["PACK"] = pack
+    if name == "_attn_fwd_kernel":
+        consts["MULTI"] = multi
     sig = {}
     for n in fn.arg_names:
         sig[n] = ("constexpr" if n in consts else "*bf16" if n in ptrs else "*fp32" if n in ("LSE", "DELTA")
-                  else "*i32" if n in ("CU", "ORDER") else "i64" if n == "seed"
+                  else "*i32" if n in ("CU", "ORDER", "SB") else "i64" if n == "seed"
                   else "fp32" if n in ("qk_mul", "cap_mul", "dropout_p", "drop_scale", "scale") else "i32")
     attrs = aligned(fn, sig)
     k = sm90(fn, sig, consts, attrs, num_warps=w, num_stages=s)
     assert "wgmma" in k.asm["ptx"], f"{name}: no Hopper tensor-core MMA in the PTX"
-    print("OK", name, "causal" if causal else "", "packed" if pack else "", "window" if window else "")
+    print("OK", name, "causal" if causal else "", "packed" if pack else "", "window" if window else "",
+          "multi" if multi else "")
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=12)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=14)
 
 
 def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
@@ -670,7 +781,7 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
 
     for kind in ("fwd", "dkdv", "dq"):
         configs = [triton.Config({"BM": BM, "BN": BN}, num_warps=w, num_stages=s)
-                   for c in attn._CLASSES for BM, BN, w, s in attn._class_tiles(kind, c)]
+                   for c in attn._CLASSES for BM, BN, w, s, _ in attn._class_tiles(kind, c)]
         prune = attn._prune(kind)
         monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
         for bd, cls in ((64, 64), (128, 128), (80, 128)):
@@ -687,7 +798,7 @@ def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
         monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "2")
         short = prune(configs, {}, BD=64, SEQ_BUCKET=256)
         assert len(short) == 2 and short[0].kwargs["BM"] * short[0].kwargs["BN"] == min(
-            a * b for a, b, _, _ in attn._class_tiles(kind, 64))
+            a * b for a, b, _, _, _ in attn._class_tiles(kind, 64))
 
 
 def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monkeypatch):
@@ -699,7 +810,7 @@ def test_packed_layout_is_a_tuning_choice_only_where_heads_share_a_kv_head(monke
     monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
     for kind in ("fwd", "dkdv", "dq"):
         configs = [triton.Config({"BM": BM, "BN": BN, "PACK": p}, num_warps=w, num_stages=s)
-                   for c in attn._CLASSES for BM, BN, w, s in attn._class_tiles(kind, c) for p in (False, True)]
+                   for c in attn._CLASSES for BM, BN, w, s, _ in attn._class_tiles(kind, c) for p in (False, True)]
         prune = attn._prune(kind, pack=True)
         tiles = [(BM, BN) for BM, BN, _, _ in attn._TILES[kind][128]]
         with_short = tiles + [(BM, BN) for BM, BN, _, _ in attn._SHORT_TILES[kind].get(128, [])]
