@@ -252,14 +252,17 @@ class LLM2Vec(nn.Module):
     # ------------------------------------------------------------------ tokenization
     def prepare_for_tokenization(self, text: str) -> str:
         """The original's per-model wrapping (chat templates for a few named models, the eos suffix)."""
-        return self._preparer()(text)
+        return self._preparer(idempotent=True)(text)
 
     def _template_name(self) -> str:
         return getattr(self, "template_name", None) or getattr(self.model.config, "_name_or_path", "") or ""
 
-    def _preparer(self):
+    def _preparer(self, idempotent=False):
         """:meth:`prepare_for_tokenization` as a function of the text alone: the model-dependent choices (template,
-        eos suffix) made once per call instead of once per text. None when it returns every text unchanged."""
+        eos suffix) made once per call instead of once per text; ``_unchanged`` when it returns every text unchanged.
+        ``idempotent``: a text that already carries the wrapping is left as it is (the original's low-level path,
+        where its collators prepare before they tokenize); otherwise every text is wrapped, as the original's
+        ``encode`` does, even one that happens to end with the eos string already."""
         if type(self).prepare_for_tokenization is not LLM2Vec.prepare_for_tokenization:
             return self.prepare_for_tokenization  # a subclass's own wrapping
         name = self._template_name()
@@ -275,10 +278,10 @@ class LLM2Vec(nn.Module):
         def prepare(text):
             # idempotent: a text prepared already (the original's collators prepare before they tokenize) is not
             # wrapped or suffixed twice
-            if template is not None and not (text.lstrip().startswith(template[0].strip())
+            if template is not None and not (idempotent and text.lstrip().startswith(template[0].strip())
                                              and text.rstrip().endswith(template[1].strip())):
                 text = template[0] + text.strip() + template[1]
-            if suffix is not None and not text.rstrip().endswith(suffix.strip()):
+            if suffix is not None and not (idempotent and text.rstrip().endswith(suffix.strip())):
                 text = text.strip() + suffix
             return text
 
@@ -318,10 +321,11 @@ class LLM2Vec(nn.Module):
         ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
         return self.tokenizer.decode(ids)
 
-    def _joint_strings(self, pairs):
-        """Build what the original tokenizes; returns (joint strings, character offset where the text starts)."""
+    def _joint_strings(self, pairs, prepared_ok=False):
+        """Build what the original tokenizes; returns (joint strings, character offset where the text starts).
+        ``prepared_ok``: texts may be prepared already (:meth:`tokenize`), see :meth:`_preparer`."""
         joints, cuts, texts = [], [], []
-        prepare = self._preparer()
+        prepare = self._preparer(idempotent=prepared_ok)
         plain = prepare is _unchanged
         for instruction, text in pairs:
             if plain and not instruction and SEPARATOR not in text:  # what the marking below gives, without it
@@ -336,16 +340,17 @@ class LLM2Vec(nn.Module):
             texts.append(parts[1] if len(parts) > 1 else "")
         return joints, cuts, texts
 
-    def tokenize_items(self, pairs):
+    def tokenize_items(self, pairs, prepared_ok=False):
         """Tokenize ``(instruction, text)`` pairs: token ids (list of int32 arrays) and pooled-span starts.
 
         One batched tokenizer call with character offsets; only texts near ``doc_max_length`` are tokenized again.
+        ``prepared_ok``: texts may carry :meth:`prepare_for_tokenization`'s wrapping already (not added twice).
         """
-        ids, n_text = self._encode_joint(pairs)
+        ids, n_text = self._encode_joint(pairs, prepared_ok)
         # near the word-truncation limit: apply the original's rule exactly (rare for sentence-length inputs)
         long = [i for i, n in enumerate(n_text) if n > self.doc_max_length - 16]
         if long:
-            ids2, n2 = self._encode_joint([(pairs[i][0], self._shorten(pairs[i][1])) for i in long])
+            ids2, n2 = self._encode_joint([(pairs[i][0], self._shorten(pairs[i][1])) for i in long], prepared_ok)
             for k, i in enumerate(long):
                 ids[i] = ids2[k]
                 n_text[i] = n2[k]
@@ -356,12 +361,12 @@ class LLM2Vec(nn.Module):
             starts = np.zeros(len(ids), dtype=np.int32)
         return ids, np.maximum(starts, 0), np.asarray(n_text)
 
-    def _encode_joint(self, pairs):
+    def _encode_joint(self, pairs, prepared_ok=False):
         """One batched call on the joint strings: (token ids, one int32 array per item; the text's token counts).
         The count comes from offsets, or (``instruction_span="compat"``, the default) from one more batched call on
         the instructed items' texts alone, which is what the original counts: " Orange" inside a joint string is one
         token, "Orange" alone two."""
-        joints, cuts, texts = self._joint_strings(pairs)
+        joints, cuts, texts = self._joint_strings(pairs, prepared_ok)
         # character offsets only where an instruction precedes the text (they cost ~20 % of the tokenizer's time)
         ids, special, offsets = self._tokenize_batch(joints, True, any(cuts))
         n_text = self._count_text_tokens(special, offsets, cuts)
@@ -443,7 +448,7 @@ class LLM2Vec(nn.Module):
         """
         pairs = [tuple(t.split(SEPARATOR, 1)) if not i and SEPARATOR in t else (i, t)
                  for i, t in _normalize_inputs(items)]
-        ids, starts, _ = self.tokenize_items(pairs)
+        ids, starts, _ = self.tokenize_items(pairs, prepared_ok=True)
         return pack(ids, starts)
 
     # ------------------------------------------------------------------ model

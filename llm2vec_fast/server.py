@@ -205,9 +205,10 @@ class EmbeddingServer:
         self._count_tokenizer, self._count_lock = copy.deepcopy(l2v.tokenizer), threading.Lock()
         self.requests = {}  # (route, status) -> count
         self._lock = threading.Lock()
-        # the listen backlog holds as many connections as may wait (the default of 5 resets bursts of clients)
+        # the listen backlog holds every connection that may be open at once, and at least 128 (the default of 5
+        # resets bursts of clients instead of answering them; the kernel caps it at net.core.somaxconn)
         self.httpd = _HTTPServer((host, int(port)), _handler_class(self), int(max_connections),
-                                 int(max_concurrent_requests), lambda status: self._count("other", status))
+                                 max(int(max_connections), 128), lambda status: self._count("other", status))
         self._thread = None
 
     @property
@@ -609,6 +610,10 @@ def _handler_class(server: EmbeddingServer):
                 return self._error(RequestError(413, f"request body of {length} bytes is over the payload limit "
                                                 f"of {server.payload_limit} bytes"))
             raw = self.rfile.read(length) if length else b""
+            if len(raw) < length:  # the client closed (or was cut off at shutdown) before sending the whole body
+                self.close_connection = True
+                return self._error(RequestError(400, f"incomplete request body: {len(raw)} of the {length} bytes "
+                                                "that Content-Length announced arrived"))
             if not self._authorized():
                 return
             if path not in routes_post:

@@ -731,7 +731,7 @@ def test_joint_strings_fast_path_equals_the_marked_path(tiny, monkeypatch):
     pairs = [("", "a plain text"), ("", ""), ("", f"has {SEPARATOR} inside"), ("an instruction", "text"),
              ("", " leading space"), ("  ", "blank instruction")]
     fast = tiny._joint_strings(pairs)
-    monkeypatch.setattr(tiny, "_preparer", lambda: (lambda t: t))  # an identity that is not _unchanged: marked
+    monkeypatch.setattr(tiny, "_preparer", lambda **kw: (lambda t: t))  # an identity that is not _unchanged: marked
     assert fast == tiny._joint_strings(pairs)
 
 
@@ -926,6 +926,11 @@ def test_tokenize_reads_the_originals_joint_strings(tiny):
         with torch.no_grad():
             got = tiny(tiny.tokenize([prepared]))
         torch.testing.assert_close(got, tiny.encode(["a short text"], show_progress_bar=False), rtol=1e-5, atol=1e-6)
+        # encode wraps every text as the original's encode does, even one that ends with the eos string already
+        text = "Close the strikethrough with </s>"
+        ids, _, _ = tiny.tokenize_items([("", text)])
+        want_ids = tiny.tokenizer(text + " </s>")["input_ids"]
+        assert ids[0].tolist() == want_ids and len(want_ids) > len(tiny.tokenizer(text)["input_ids"])
     finally:
         tiny.pooling_mode = mode
 

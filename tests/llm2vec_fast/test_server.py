@@ -364,6 +364,43 @@ def test_a_burst_of_clients_is_served(server):
     assert results == [200] * 32
 
 
+def test_a_burst_past_the_request_limit_is_answered_not_reset(l2v):
+    """40 connections at once on a server that takes 2 requests and 4 connections: each gets an HTTP answer (200, 429
+    past the requests, 503 past the connections), none a reset: the listen backlog is not the request limit."""
+    with EmbeddingServer(l2v, port=0, max_concurrent_requests=2, max_wait_ms=200).start() as s:
+        results, start = [], threading.Barrier(40)
+
+        def client(i):
+            start.wait()
+            try:
+                results.append(call(s, "/embed", {"inputs": [f"client {i}"]})[0])
+            except OSError as e:  # a reset connection
+                results.append(type(e).__name__)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(results) == 40 and set(results) <= {200, 429, 503} and 200 in results, results
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(server):
+    import http.client
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    body = b'{"inputs": ["hi"]}'
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100"
+                     b"\r\n\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)  # the client is done: 18 of the 100 bytes announced
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        status, answer = resp.status, json.loads(resp.read())
+    assert status == 400 and f"incomplete request body: {len(body)} of the 100 bytes" in answer["error"]
+
+
 # ---------------------------------------------------------------- production review: isolation, limits, shutdown
 def test_a_bad_request_fails_alone(l2v, monkeypatch):
     """A lone surrogate is refused up front (422); a request whose encode fails for another reason fails alone
