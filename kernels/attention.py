@@ -118,17 +118,21 @@ _SHORT_TILES = {
     "dkdv": {},
     "dq": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)]},
 }
-# Multi-sequence tiles of the pointer forward (MULTI, see _fwd_multi), offered for sentences only: BM consecutive rows
-# of the whole pack, whichever sequences they hold. Same shapes as the per-sequence tiles above (no new register
-# pressure); whether they beat per-sequence tiles on a pack is the autotuner's call.
-_MULTI_TILES = {64: [(128, 64, 4, 2), (64, 64, 4, 2)], 128: [(128, 64, 8, 2), (64, 64, 4, 2)], 256: []}
+# Multi-sequence tiles (MULTI, see _fwd_multi, _dq_multi, _dkdv_multi), offered for sentences only: BM consecutive
+# rows (dK/dV: BN consecutive keys) of the whole pack, whichever sequences they hold. Shapes of the per-sequence
+# tiles above (no new register pressure); whether they beat those on a pack is the autotuner's call.
+_MULTI_TILES = {
+    "fwd": {64: [(128, 64, 4, 2), (64, 64, 4, 2)], 128: [(128, 64, 8, 2), (64, 64, 4, 2)], 256: []},
+    "dkdv": {64: [(64, 64, 8, 2), (32, 64, 4, 2)], 128: [(64, 64, 8, 2), (32, 64, 4, 2)], 256: []},
+    "dq": {64: [(128, 64, 8, 2), (64, 64, 4, 2)], 128: [(128, 64, 8, 2), (64, 64, 4, 2)], 256: []},
+}
 _CLASSES = (64, 128, 256)
 
 
 def _class_tiles(kind, c, multi=False):
     # the class's tiles, then its sentence-only ones, as (BM, BN, warps, stages, multi-sequence)
     tiles = [(*t, False) for t in _TILES[kind][c] + _SHORT_TILES[kind].get(c, [])]
-    return tiles + [(*t, True) for t in _MULTI_TILES[c]] if multi else tiles
+    return tiles + [(*t, True) for t in _MULTI_TILES[kind][c]] if multi else tiles
 
 
 def _head_class(bd):
@@ -612,105 +616,262 @@ def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o
     return b_dk, b_dv
 
 
-@_autotune("dkdv", pack=True)
+@triton.jit
+def _multi_rows(SB, i_t, T, G, BM: tl.constexpr, PACK: tl.constexpr):
+    # the rows of a multi-sequence row tile: (valid, token as int64, query head offset in the group or None-like 0,
+    # first token, last token); rows past the pack read the last token (never stored)
+    o_r = i_t * BM + tl.arange(0, BM)
+    if PACK:
+        m_r = o_r < T * G
+        o_t = o_r // G
+        o_g = o_r % G
+        t_first = i_t * BM // G
+        t_last = tl.minimum(((i_t + 1) * BM - 1) // G, T - 1)
+    else:
+        m_r = o_r < T
+        o_t = o_r
+        o_g = o_r * 0
+        t_first = i_t * BM
+        t_last = tl.minimum((i_t + 1) * BM - 1, T - 1)
+    return m_r, tl.minimum(o_t, T - 1).to(tl.int64), o_g, t_first, t_last
+
+
+@triton.jit
+def _dq_multi(Q, K, V, DO, LSE, DELTA, DQ, SB, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+              stride_dot, stride_doh, stride_dqt, stride_dqh, T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed,
+              G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr):
+    # dQ of one multi-sequence row tile (see _fwd_multi): P rebuilt from the lse, every score masked to the row's own
+    # sequence
+    i_t, i_x = tl.program_id(0), tl.program_id(1)
+    EVEN_D: tl.constexpr = BD == D
+    m_r, o_t, o_g, t_first, t_last = _multi_rows(SB, i_t, T, G, BM, PACK)
+    if PACK:
+        o_hq = i_x * G + o_g
+        i_h = i_x
+    else:
+        o_hq = i_x + o_g  # o_g is 0: the program's query head
+        i_h = i_x // G
+    o_d = tl.arange(0, BD)
+    b_lo = tl.load(SB + o_t)
+    b_hi = tl.load(SB + T + o_t)
+    k_lo = tl.load(SB + t_first)
+    k_hi = tl.load(SB + T + t_last)
+    b_q = _load_at(Q + o_t * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)
+    b_do = _load_at(DO + o_t * stride_dot + o_hq * stride_doh, m_r, o_d, D, EVEN_D)
+    b_lse2 = tl.load(LSE + o_hq * T + o_t) * 1.4426950408889634
+    b_delta = tl.load(DELTA + o_hq * T + o_t)
+    o_row = ((o_hq * T + o_t) * T)[:, None]
+    p_k = K + i_h * stride_kh
+    p_v = V + i_h * stride_vh
+    o_n0 = tl.arange(0, BN)
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    for start_n in range(k_lo, k_hi, BN):
+        o_n = (start_n + o_n0).to(tl.int64)
+        b_k = _load_rows(p_k, o_n, o_d, stride_kt, k_hi, D, True, EVEN_D)  # [BN, BD]
+        b_v = _load_rows(p_v, o_n, o_d, stride_vt, k_hi, D, True, EVEN_D)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_tc = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
+            b_p = tl.exp2(cap_mul * b_tc - b_lse2[:, None])
+        else:
+            b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
+        m_p = (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])
+        if CAUSAL:
+            m_p = m_p & (o_n[None, :] <= o_t[:, None])
+        b_p = tl.where(m_p, b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        if HAS_DROPOUT:
+            b_keep = tl.rand(seed, o_row + o_n[None, :]) >= dropout_p
+            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        if HAS_SOFTCAP:
+            b_ds = b_ds * (1.0 - b_tc * b_tc)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq = (b_dq * scale).to(DQ.dtype.element_ty)
+    _store_at(DQ + o_t * stride_dqt + o_hq * stride_dqh, b_dq, m_r, o_d, D, EVEN_D)
+
+
+@triton.jit
+def _dkdv_multi(Q, K, V, DO, LSE, DELTA, DK, DV, SB, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, T, qk_mul, cap_mul, scale,
+                dropout_p, drop_scale, seed, G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+                PREC: tl.constexpr, PACK: tl.constexpr):
+    # dK/dV of one multi-sequence key tile: BN consecutive tokens of the whole pack, one kv head; the query rows of
+    # the G heads of its group are streamed from the first key's sequence start to the last key's sequence end, each
+    # P^T entry masked to the key's own sequence (transposed tiles, as in _dkdv_block)
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    EVEN_D: tl.constexpr = BD == D
+    o_n_raw = i_t * BN + tl.arange(0, BN)
+    m_n = o_n_raw < T
+    o_n = tl.minimum(o_n_raw, T - 1).to(tl.int64)  # keys past the pack read the last token (never stored)
+    o_d = tl.arange(0, BD)
+    kb_lo = tl.load(SB + o_n)
+    kb_hi = tl.load(SB + T + o_n)
+    q_lo = tl.load(SB + i_t * BN)
+    q_hi = tl.load(SB + T + tl.minimum(i_t * BN + BN - 1, T - 1))
+    b_k = _load_at(K + o_n * stride_kt + i_h * stride_kh, m_n, o_d, D, EVEN_D)  # [BN, BD]
+    b_v = _load_at(V + o_n * stride_vt + i_h * stride_vh, m_n, o_d, D, EVEN_D)
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    o_m0 = tl.arange(0, BM)
+    if PACK:
+        n_groups = 1
+        r_lo = q_lo * G
+        r_hi = q_hi * G
+    else:
+        n_groups = G
+        r_lo = q_lo
+        r_hi = q_hi
+    for g in range(n_groups):
+        for start_m in range(r_lo, r_hi, BM):
+            o_r = start_m + o_m0
+            m_m = o_r < r_hi
+            if PACK:
+                o_m = (o_r // G).to(tl.int64)  # each row's token
+                o_hq = i_h * G + o_r % G  # and query head
+            else:
+                o_m = o_r.to(tl.int64)
+                o_hq = i_h * G + g + o_r * 0
+            o_mc = tl.minimum(o_m, T - 1)
+            b_q = _load_at(Q + o_mc * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
+            b_do = _load_at(DO + o_mc * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)
+            # rows outside the tile's rows get lse = +inf: P exactly 0
+            b_lse2 = tl.load(LSE + o_hq * T + o_mc, mask=m_m, other=float("inf")) * 1.4426950408889634
+            b_delta = tl.load(DELTA + o_hq * T + o_mc, mask=m_m, other=0.0)
+            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
+            if HAS_SOFTCAP:
+                b_tT = 1.0 - 2.0 / (tl.exp2(b_sT * qk_mul * 2.8853900817779268) + 1.0)
+                b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
+            else:
+                b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
+            m_p = (o_m[None, :] >= kb_lo[:, None]) & (o_m[None, :] < kb_hi[:, None])
+            if CAUSAL:
+                m_p = m_p & (o_m[None, :] >= o_n[:, None])
+            b_pT = tl.where(m_p, b_pT, 0.0)
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
+            if HAS_DROPOUT:
+                b_keep = tl.rand(seed, ((o_hq * T + o_m) * T)[None, :] + o_n[:, None]) >= dropout_p
+                b_pdT = tl.where(b_keep, b_pT * drop_scale, 0.0)
+                b_dpT = tl.where(b_keep, b_dpT * drop_scale, 0.0)
+            else:
+                b_pdT = b_pT
+            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PREC)
+            b_dsT = b_pT * (b_dpT - b_delta[None, :])
+            if HAS_SOFTCAP:
+                b_dsT = b_dsT * (1.0 - b_tT * b_tT)
+            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PREC)
+    b_dk = b_dk * scale
+    _store_at(DK + o_n * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), m_n, o_d, D, EVEN_D)
+    _store_at(DV + o_n * stride_dvt + i_h * stride_dvh, b_dv.to(DV.dtype.element_ty), m_n, o_d, D, EVEN_D)
+
+
+@_autotune("dkdv", pack=True, multi=True)
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, ORDER, SB,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, PACK: tl.constexpr,
+    PREC: tl.constexpr, PACK: tl.constexpr, MULTI: tl.constexpr,
 ):
-    # one program owns BN keys of one kv head and streams the queries of the G query heads of its group: dK/dV are
-    # summed in registers, no atomics, deterministic. Per head (PACK False): G passes over the L query tokens.
-    # GQA-packed (PACK True): one pass over the L·G rows (token t, head g), row r = t·G + g, as in the forward: fewer,
-    # fuller query blocks for short sequences.
-    i_n, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b = tl.load(ORDER + i_s)
-    bos = tl.load(CU + i_b)
-    L = tl.load(CU + i_b + 1) - bos
-    if i_n * BN >= L:
-        return
-    EVEN_D: tl.constexpr = BD == D
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_m0 = tl.arange(0, BM)
-    o_d = tl.arange(0, BD)
-    bos64 = bos.to(tl.int64)
-
-    # [BN, BD]
-    b_k = _load_rows(K + bos64 * stride_kt + i_h * stride_kh, o_n, o_d, stride_kt, L, D, True, EVEN_D)
-    b_v = _load_rows(V + bos64 * stride_vt + i_h * stride_vh, o_n, o_d, stride_vt, L, D, True, EVEN_D)
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    o_col = (bos64 + o_n)[:, None]
-    # the query tokens that can see this key block: [t_lo, t_hi)
-    t_lo = i_n * BN * 0
-    t_hi = L
-    if CAUSAL:  # tokens before this key block never see it
-        t_lo = i_n * BN
-    if HAS_WINDOW:
-        t_lo = tl.maximum(t_lo, i_n * BN - WIN_R)
-        t_hi = tl.minimum(L, i_n * BN + BN + WIN_L)
-
-    # query blocks wholly inside the sequence ([lo, mid)) load their rows, lse and delta without masks; only the
-    # block running past the last row ([mid, hi)) pays for them
-    if PACK:
-        lo = (t_lo * G // BM) * BM
-        hi = t_hi * G
-        mid = tl.maximum(lo, tl.minimum(tl.cdiv(hi, BM) * BM, (L * G // BM) * BM))
-        for start_m in range(lo, mid, BM):
-            o_r = start_m + o_m0
-            o_m = o_r // G  # each row's token
-            o_hq = i_h * G + o_r % G  # and query head
-            b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, o_r, o_d, D, EVEN_D, False)
-            b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, o_r, o_d, D, EVEN_D, False)
-            b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, o_r, o_m,
-                                     o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                     dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                     HAS_DROPOUT, PREC, False)
-        for start_m in range(mid, hi, BM):
-            o_r = start_m + o_m0
-            m_m = o_r < L * G
-            o_m = o_r // G
-            o_hq = i_h * G + o_r % G
-            b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
-            b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)  # [BM, BD]
-            b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m, o_m,
-                                     o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                     dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                     HAS_DROPOUT, PREC, True)
+    if MULTI:  # key tiles of consecutive tokens of the whole pack, several short sequences each
+        _dkdv_multi(Q, K, V, DO, LSE, DELTA, DK, DV, SB, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                    stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, T, qk_mul,
+                    cap_mul, scale, dropout_p, drop_scale, seed, G, D, BD, BM, BN, HAS_SOFTCAP, HAS_DROPOUT, CAUSAL,
+                    PREC, PACK)
     else:
-        lo = (t_lo // BM) * BM
-        mid = tl.maximum(lo, tl.minimum(tl.cdiv(t_hi, BM) * BM, (L // BM) * BM))
-        for g in range(G):
-            i_hq = i_h * G + g
-            p_q = Q + bos64 * stride_qt + i_hq * stride_qh
-            p_do = DO + bos64 * stride_dot + i_hq * stride_doh
+        # one program owns BN keys of one kv head and streams the queries of the G query heads of its group: dK/dV
+        # are summed in registers, no atomics, deterministic. Per head (PACK False): G passes over the L query
+        # tokens. GQA-packed (PACK True): one pass over the L·G rows (token t, head g), row r = t·G + g, as in the
+        # forward: fewer, fuller query blocks for short sequences.
+        i_n, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_b = tl.load(ORDER + i_s)
+        bos = tl.load(CU + i_b)
+        L = tl.load(CU + i_b + 1) - bos
+        if i_n * BN >= L:
+            return
+        EVEN_D: tl.constexpr = BD == D
+        o_n = i_n * BN + tl.arange(0, BN)
+        o_m0 = tl.arange(0, BM)
+        o_d = tl.arange(0, BD)
+        bos64 = bos.to(tl.int64)
+
+        # [BN, BD]
+        b_k = _load_rows(K + bos64 * stride_kt + i_h * stride_kh, o_n, o_d, stride_kt, L, D, True, EVEN_D)
+        b_v = _load_rows(V + bos64 * stride_vt + i_h * stride_vh, o_n, o_d, stride_vt, L, D, True, EVEN_D)
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+        o_col = (bos64 + o_n)[:, None]
+        # the query tokens that can see this key block: [t_lo, t_hi)
+        t_lo = i_n * BN * 0
+        t_hi = L
+        if CAUSAL:  # tokens before this key block never see it
+            t_lo = i_n * BN
+        if HAS_WINDOW:
+            t_lo = tl.maximum(t_lo, i_n * BN - WIN_R)
+            t_hi = tl.minimum(L, i_n * BN + BN + WIN_L)
+
+        # query blocks wholly inside the sequence ([lo, mid)) load their rows, lse and delta without masks; only the
+        # block running past the last row ([mid, hi)) pays for them
+        if PACK:
+            lo = (t_lo * G // BM) * BM
+            hi = t_hi * G
+            mid = tl.maximum(lo, tl.minimum(tl.cdiv(hi, BM) * BM, (L * G // BM) * BM))
             for start_m in range(lo, mid, BM):
-                o_m = start_m + o_m0
-                b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, False, EVEN_D)  # [BM, BD]
-                b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, False, EVEN_D)  # [BM, BD]
-                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, o_m,
-                                         o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                o_r = start_m + o_m0
+                o_m = o_r // G  # each row's token
+                o_hq = i_h * G + o_r % G  # and query head
+                b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, o_r, o_d, D, EVEN_D, False)
+                b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, o_r, o_d, D, EVEN_D, False)
+                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, o_r, o_m,
+                                         o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
                                          dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                          HAS_DROPOUT, PREC, False)
-            for start_m in range(mid, t_hi, BM):
-                o_m = start_m + o_m0
-                m_m = o_m < L
-                b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
-                b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
-                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, m_m,
-                                         o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+            for start_m in range(mid, hi, BM):
+                o_r = start_m + o_m0
+                m_m = o_r < L * G
+                o_m = o_r // G
+                o_hq = i_h * G + o_r % G
+                b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
+                b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)  # [BM, BD]
+                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m, o_m,
+                                         o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
                                          dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                          HAS_DROPOUT, PREC, True)
+        else:
+            lo = (t_lo // BM) * BM
+            mid = tl.maximum(lo, tl.minimum(tl.cdiv(t_hi, BM) * BM, (L // BM) * BM))
+            for g in range(G):
+                i_hq = i_h * G + g
+                p_q = Q + bos64 * stride_qt + i_hq * stride_qh
+                p_do = DO + bos64 * stride_dot + i_hq * stride_doh
+                for start_m in range(lo, mid, BM):
+                    o_m = start_m + o_m0
+                    b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, False, EVEN_D)  # [BM, BD]
+                    b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, False, EVEN_D)  # [BM, BD]
+                    b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, o_m,
+                                             o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                                             dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                             HAS_DROPOUT, PREC, False)
+                for start_m in range(mid, t_hi, BM):
+                    o_m = start_m + o_m0
+                    m_m = o_m < L
+                    b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
+                    b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
+                    b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, m_m,
+                                             o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
+                                             dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                             HAS_DROPOUT, PREC, True)
 
-    b_dk = b_dk * scale
-    _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L, D,
-                EVEN_D)
-    _store_rows(DV + bos64 * stride_dvt + i_h * stride_dvh, b_dv.to(DV.dtype.element_ty), o_n, o_d, stride_dvt, L, D,
-                EVEN_D)
+        b_dk = b_dk * scale
+        _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L,
+                    D, EVEN_D)
+        _store_rows(DV + bos64 * stride_dvt + i_h * stride_dvh, b_dv.to(DV.dtype.element_ty), o_n, o_d, stride_dvt, L,
+                    D, EVEN_D)
 
 
 @triton.jit
@@ -745,70 +906,75 @@ def _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, o_n, o_m, o_row, o_d, 
     return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
 
-@_autotune("dq", pack=True)
+@_autotune("dq", pack=True, multi=True)
 @triton.jit(do_not_specialize=["T", "seed", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, ORDER, SB,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     T, qk_mul, cap_mul, scale, dropout_p, drop_scale, seed, SEQ_BUCKET, WIN_L, WIN_R,
     G, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, PACK: tl.constexpr,
+    PREC: tl.constexpr, PACK: tl.constexpr, MULTI: tl.constexpr,
 ):
-    # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic. Rows
-    # per head or GQA-packed, as in the forward (PACK).
-    bos, L, n_rows, i_x, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, PACK)
-    if empty:
-        return
-    EVEN_D: tl.constexpr = BD == D
-    o_r = i_m * BM + tl.arange(0, BM)
-    o_n0 = tl.arange(0, BN)
-    o_d = tl.arange(0, BD)
-    m_r = o_r < n_rows
-    bos64 = bos.to(tl.int64)
-    if PACK:
-        o_m = o_r // G  # each row's token
-        o_hq = i_h * G + o_r % G  # and query head
-        b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)
-        b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_r, o_d, D, EVEN_D)
-        t0 = i_m * BM // G
-        t_end = ((i_m + 1) * BM - 1) // G + 1
+    if MULTI:  # row tiles of the whole pack, as the forward's
+        _dq_multi(Q, K, V, DO, LSE, DELTA, DQ, SB, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                  stride_dot, stride_doh, stride_dqt, stride_dqh, T, qk_mul, cap_mul, scale, dropout_p, drop_scale,
+                  seed, G, D, BD, BM, BN, HAS_SOFTCAP, HAS_DROPOUT, CAUSAL, PREC, PACK)
     else:
-        o_m = o_r
-        o_hq = i_x
-        b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
-        b_do = _load_rows(DO + bos64 * stride_dot + i_x * stride_doh, o_m, o_d, stride_dot, L, D, True, EVEN_D)
-        t0 = i_m * BM
-        t_end = (i_m + 1) * BM
-    b_lse2 = tl.load(LSE + o_hq * T + bos64 + o_m, mask=m_r, other=float("inf")) * 1.4426950408889634
-    b_delta = tl.load(DELTA + o_hq * T + bos64 + o_m, mask=m_r, other=0.0)
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    p_k = K + bos64 * stride_kt + i_h * stride_kh
-    p_v = V + bos64 * stride_vt + i_h * stride_vh
-    o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]
+        # dQ in its own pass (recomputing P) instead of atomics into dQ from the dK/dV programs: deterministic. Rows
+        # per head or GQA-packed, as in the forward (PACK).
+        bos, L, n_rows, i_x, i_h, i_m, empty = _query_block(ORDER, CU, G, BM, CAUSAL, PACK)
+        if empty:
+            return
+        EVEN_D: tl.constexpr = BD == D
+        o_r = i_m * BM + tl.arange(0, BM)
+        o_n0 = tl.arange(0, BN)
+        o_d = tl.arange(0, BD)
+        m_r = o_r < n_rows
+        bos64 = bos.to(tl.int64)
+        if PACK:
+            o_m = o_r // G  # each row's token
+            o_hq = i_h * G + o_r % G  # and query head
+            b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_r, o_d, D, EVEN_D)
+            b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_r, o_d, D, EVEN_D)
+            t0 = i_m * BM // G
+            t_end = ((i_m + 1) * BM - 1) // G + 1
+        else:
+            o_m = o_r
+            o_hq = i_x
+            b_q = _load_rows(Q + bos64 * stride_qt + i_x * stride_qh, o_m, o_d, stride_qt, L, D, True, EVEN_D)
+            b_do = _load_rows(DO + bos64 * stride_dot + i_x * stride_doh, o_m, o_d, stride_dot, L, D, True, EVEN_D)
+            t0 = i_m * BM
+            t_end = (i_m + 1) * BM
+        b_lse2 = tl.load(LSE + o_hq * T + bos64 + o_m, mask=m_r, other=float("inf")) * 1.4426950408889634
+        b_delta = tl.load(DELTA + o_hq * T + bos64 + o_m, mask=m_r, other=0.0)
+        b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+        p_k = K + bos64 * stride_kt + i_h * stride_kh
+        p_v = V + bos64 * stride_vt + i_h * stride_vh
+        o_row = ((o_hq * T + bos64 + o_m) * T)[:, None]
 
-    # whole blocks every row sees load and score without masks; the band's edges (a window), the diagonal (causal)
-    # and the partial last block are masked
-    lo, full_lo, full_hi, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:
-        for start_n in range(lo, full_lo, BN):
+        # whole blocks every row sees load and score without masks; the band's edges (a window), the diagonal (causal)
+        # and the partial last block are masked
+        lo, full_lo, full_hi, hi = _key_blocks(t0, t_end, L, WIN_L, WIN_R, BN, CAUSAL, HAS_WINDOW)
+        if HAS_WINDOW:
+            for start_n in range(lo, full_lo, BN):
+                b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
+                                 stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, True,
+                                 CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
+        for start_n in range(full_lo, full_hi, BN):
+            b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
+                             stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, False,
+                             CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
+        for start_n in range(full_hi, hi, BN):
             b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
                              stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, True,
                              CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
-    for start_n in range(full_lo, full_hi, BN):
-        b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
-                         stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, False,
-                         CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
-    for start_n in range(full_hi, hi, BN):
-        b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, start_n + o_n0, o_m, o_row, o_d, bos64, L,
-                         stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, True,
-                         CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC)
 
-    b_dq = (b_dq * scale).to(DQ.dtype.element_ty)
-    if PACK:
-        _store_at(DQ + (bos64 + o_m) * stride_dqt + o_hq * stride_dqh, b_dq, m_r, o_d, D, EVEN_D)
-    else:
-        _store_rows(DQ + bos64 * stride_dqt + i_x * stride_dqh, b_dq, o_m, o_d, stride_dqt, L, D, EVEN_D)
+        b_dq = (b_dq * scale).to(DQ.dtype.element_ty)
+        if PACK:
+            _store_at(DQ + (bos64 + o_m) * stride_dqt + o_hq * stride_dqh, b_dq, m_r, o_d, D, EVEN_D)
+        else:
+            _store_rows(DQ + bos64 * stride_dqt + i_x * stride_dqh, b_dq, o_m, o_d, stride_dqt, L, D, EVEN_D)
 
 
 @triton.jit(do_not_specialize=["T", "seed"])
@@ -918,13 +1084,9 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
         _set_tma_allocator()
         kernel, extra = _attn_fwd_tma_kernel, {}
     else:
-        # the multi-sequence tiles read every token's sequence bounds: built where they may run (a placeholder
-        # otherwise, never read)
-        multi = not has_window and (_FORCE_MULTI if _FORCE_MULTI is not None or INTERPRET
-                                    else bucket - bucket % 2 == 256)
-        sb = (_seq_bounds(cu_seqlens, T) if multi else cu_seqlens,)
-        if INTERPRET:
-            extra["MULTI"] = bool(multi)
+        sb, multi = _multi_args(cu_seqlens, T, bucket, has_window)
+        sb = (sb,)
+        extra.update(multi)
     kernel[_row_grid(max_seqlen, HQ, HKV, B, T)](
         q, k, v, o, lse, cu_seqlens, order, *sb,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -947,6 +1109,16 @@ def _row_grid(max_seqlen, HQ, HKV, B, T=None):
         return (cdiv(max_seqlen, meta["BM"]), HQ, B)
 
     return grid
+
+
+def _multi_args(cu_seqlens, T, bucket, has_window):
+    """(SB, extra kernel kwargs) of a pointer kernel: the token bounds that multi-sequence tiles read, built where
+    those tiles may run (forced, or a sentence-length pack without a window; a placeholder otherwise, never read),
+    and under the interpreter the MULTI flag itself (it cannot autotune)."""
+    multi = not has_window and (bool(_FORCE_MULTI) if _FORCE_MULTI is not None or INTERPRET
+                                else bucket - bucket % 2 == 256)
+    sb = _seq_bounds(cu_seqlens, T) if multi else cu_seqlens
+    return sb, ({"MULTI": multi} if INTERPRET else {})
 
 
 def _seq_bounds(cu_seqlens, T):
@@ -1000,15 +1172,20 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, kernel_seed(seed),
                _seq_bucket(tune_len or max_seqlen, T), win_l, win_r)
 
-    _attn_bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen, meta["BN"]), HKV, B)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, order,
+    sb, extra = _multi_args(cu_seqlens, T, runtime[7], has_window)
+
+    def dkdv_grid(meta):
+        return (cdiv(T, meta["BN"]), HKV, 1) if meta.get("MULTI") else (cdiv(max_seqlen, meta["BN"]), HKV, B)
+
+    _attn_bwd_dkdv_kernel[dkdv_grid](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, order, sb,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common, **_pack_arg(),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *runtime, **common, **_pack_arg(), **extra,
     )
-    _attn_bwd_dq_kernel[_row_grid(max_seqlen, HQ, HKV, B)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, order,
+    _attn_bwd_dq_kernel[_row_grid(max_seqlen, HQ, HKV, B, T)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, order, sb,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), *runtime, **common, **_pack_arg(),
+        dq.stride(0), dq.stride(1), *runtime, **common, **_pack_arg(), **extra,
     )
     return dq, dk, dv
 

@@ -276,14 +276,15 @@ def test_gqa_packed_rows_dropout_matches_reference_with_the_kernels_mask(poison,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Multi-sequence tiles (MULTI): the forward's tiles hold consecutive rows of the whole pack, several short sequences
-# each, every score masked to its row's own sequence. The autotuner weighs them against per-sequence tiles for
-# sentence-length packs on the GPU; _FORCE_MULTI runs them under the interpreter.
+# Multi-sequence tiles (MULTI): the forward's and dQ's tiles hold consecutive rows of the whole pack (dK/dV's
+# consecutive keys), several short sequences each, every score masked to its row's own sequence. The autotuner weighs
+# them against per-sequence tiles for sentence-length packs on the GPU; _FORCE_MULTI runs them under the interpreter.
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def multi(monkeypatch):
     monkeypatch.setattr(attn, "_FORCE_MULTI", True)
-    monkeypatch.setattr(attn._attn_fwd_kernel, "cache", {})
+    for kernel in (attn._attn_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
 
 
 # sentences: many sequences per 64-row tile, a length-1 and an empty one, one crossing two tiles
@@ -346,7 +347,8 @@ def test_multi_sequence_bounds_and_their_cache():
     assert attn._seq_bounds(cu, 5).tolist() == [0, 1, 2, 2, 2, 1, 2, 5, 5, 5]
 
 
-def test_multi_sequence_tiles_are_offered_for_sentences_only(monkeypatch):
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_multi_sequence_tiles_are_offered_for_sentences_only(monkeypatch, kind):
     """The pointer forward's candidates: the multi-sequence tiles join the per-sequence ones for the sentence bucket
     (the first of them second in line, so a limited tuning run weighs both kinds), never for longer packs or with a
     window; _FORCE_MULTI keeps one kind."""
@@ -354,16 +356,16 @@ def test_multi_sequence_tiles_are_offered_for_sentences_only(monkeypatch):
 
     monkeypatch.delenv("LLM2VEC_FAST_AUTOTUNE", raising=False)
     configs = [triton.Config({"BM": BM, "BN": BN, "PACK": p, "MULTI": m}, num_warps=w, num_stages=s)
-               for c in attn._CLASSES for BM, BN, w, s, m in attn._class_tiles("fwd", c, multi=True)
+               for c in attn._CLASSES for BM, BN, w, s, m in attn._class_tiles(kind, c, multi=True)
                for p in (False, True)]
-    prune = attn._prune("fwd", pack=True, multi=True)
+    prune = attn._prune(kind, pack=True, multi=True)
 
     def got(**kw):
         return [c.kwargs["MULTI"] for c in prune(configs, {"G": kw.pop("G", 4)}, BD=128, **kw)]
 
     assert not any(got(SEQ_BUCKET=1024)) and not any(got(SEQ_BUCKET=8193))
     short = got(SEQ_BUCKET=256)
-    assert short.count(True) == 2 * len(attn._MULTI_TILES[128]) and short[:2] == [False, True]
+    assert short.count(True) == 2 * len(attn._MULTI_TILES[kind][128]) and short[:2] == [False, True]
     assert got(SEQ_BUCKET=257) == short
     assert not any(got(SEQ_BUCKET=256, HAS_WINDOW=True))
     monkeypatch.setattr(attn, "_FORCE_MULTI", True)
@@ -732,9 +734,12 @@ todo = [("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_fwd_kernel
         ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, False), ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, True),
         # sentence-only tiles
         ("_attn_fwd_kernel", 64, 32, 4, 2, 80, False, True), ("_attn_bwd_dq_kernel", 64, 32, 4, 2, 80, True, True),
-        # multi-sequence tiles of the forward, per-head and packed rows
+        # multi-sequence tiles, per-head and packed rows
         ("_attn_fwd_kernel", 128, 64, 8, 2, 80, True, "multi"),
         ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, "multi+"),
+        ("_attn_bwd_dkdv_kernel", 64, 64, 8, 2, 80, True, "multi"),
+        ("_attn_bwd_dkdv_kernel", 64, 64, 8, 2, 80, False, "multi+"),
+        ("_attn_bwd_dq_kernel", 128, 64, 8, 2, 80, True, "multi+"),
         # a local window (HAS_WINDOW) on the pointer kernels, per-head and packed rows
         ("_attn_fwd_kernel", 128, 64, 8, 2, 80, False, "window"),
         ("_attn_bwd_dkdv_kernel", 32, 128, 8, 2, 80, False, "window"),
@@ -753,7 +758,7 @@ for name, BM, BN, w, s, D, causal, pack in todo:
                   PREC="tf32")
     if pack is not None:
         consts["PACK"] = pack
-    if name == "_attn_fwd_kernel":
+    if name != "_attn_fwd_tma_kernel":
         consts["MULTI"] = multi
     sig = {}
     for n in fn.arg_names:
@@ -770,7 +775,7 @@ for name, BM, BN, w, s, D, causal, pack in todo:
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    compile_for_hopper(_AOT, tmp_path, expected_ok=14)
+    compile_for_hopper(_AOT, tmp_path, expected_ok=17)
 
 
 def test_tile_order_favours_small_tiles_for_sentences(monkeypatch):
