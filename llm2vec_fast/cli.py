@@ -83,6 +83,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             target = sub
         for module, func in hooks:
             _try_add(module, func, target)
+        if name == "bench" and "encode" not in target.choices:
+            # benchmarks/ lives in the source tree, not in an installed package: say so instead of a usage error
+            target.add_parser("encode", help="encode throughput against peers (needs a source checkout)"
+                              ).set_defaults(func=_bench_needs_checkout)
         if name not in sub.choices:  # its module could not be imported: say why instead of a bare usage error
             sub.add_parser(name, help=help_text).set_defaults(func=_missing_family(name, hooks))
     return parser
@@ -99,6 +103,12 @@ FAMILIES = {
     "bench": ("benchmarks: encode throughput, results report",
               [("benchmarks.bench_encode", "add_bench_encode"), ("llm2vec_fast.report", "add_bench_report")]),
 }
+
+
+def _bench_needs_checkout(args):
+    raise CLIError("'bench encode' runs benchmarks/bench_encode.py, which lives in the source tree of llm2vec_fast "
+                   "and is not installed with the package: run it from a clone (python -m llm2vec_fast bench encode "
+                   "... in its root, or python benchmarks/bench_encode.py)")
 
 
 def _missing_family(name, hooks):
@@ -362,7 +372,9 @@ def main(argv=None) -> int:
             print(f"llm2vec-fast: error: {e}", file=sys.stderr)
             return 2
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "func", None) is not _bench_needs_checkout:
+        parser.parse_args(argv)  # argparse's own error for the unknown arguments
     try:
         return int(args.func(args) or 0)
     except CLIError as e:

@@ -43,12 +43,28 @@ def stsb_spearman(model=None, peft=None, bidirectional=True, pooling="mean", dat
     return float(next(iter(res["scores"].values()))[0]["main_score"])
 
 
-def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="training_evidence") -> dict:
-    """JSON + markdown (+ PNG with matplotlib) of what has run so far."""
+def _bench_common():
+    """benchmarks/common.py of the source checkout this module runs from (the report's environment block and
+    tables). The evidence runs are the project's own records: an installed package, which ships no benchmarks/,
+    is refused before any training starts."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from benchmarks.common import environment, markdown_table
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "common.py").is_file():
+        raise SystemExit(f"llm2vec_fast.training.evidence writes the project's evidence reports with "
+                         f"benchmarks/common.py of a source checkout; none beside {root} (an installed package ships "
+                         f"no benchmarks/): run it from a clone of llm2vec_fast")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import benchmarks.common as common
+
+    return common
+
+
+def write_report(out, rows, runs, t0, model="SmolLM2-135M-Instruct", name="training_evidence") -> dict:
+    """JSON + markdown (+ PNG with matplotlib) of what has run so far."""
+    common = _bench_common()
+    environment, markdown_table = common.environment, common.markdown_table
 
     env = environment()
     n_pairs = rows[0]["sts_pairs"] if rows else 0
@@ -99,6 +115,8 @@ def _runtime(run: dict) -> str:
 def main(argv=None) -> int:
     from llm2vec_fast.training.contrastive import ContrastiveArguments, train_contrastive
     from llm2vec_fast.training.mntp import MNTPArguments, train_mntp
+
+    _bench_common()  # refused up front where the report could not be written at the end
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")

@@ -156,6 +156,17 @@ def test_help_explains_options():
     assert "encode" in top.stdout and "mine" in top.stdout
 
 
+def test_bench_encode_without_a_source_checkout_says_so(monkeypatch, capsys):
+    """An installed package ships no benchmarks/: 'bench encode' explains that instead of a usage error."""
+    import llm2vec_fast.cli as cli
+
+    real = cli._try_add
+    monkeypatch.setattr(cli, "_try_add", lambda module, func, sub: None if module.startswith("benchmarks.")
+                        else real(module, func, sub))
+    code, _, err = run(["bench", "encode", "--model", "smollm2"], capsys)
+    assert code == 2 and "'bench encode' runs benchmarks/bench_encode.py" in err and "from a clone" in err
+
+
 def test_stream_to_folder_and_resume(model_args, tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"text number {i}\n" for i in range(21)))
