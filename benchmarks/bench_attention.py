@@ -25,7 +25,9 @@ headline columns are ratios of our TFLOP/s to the peers'. Ours is timed twice on
 (pointer loads) and the opt-in TMA forward (``LLM2VEC_FAST_ATTN_TMA=1``, column ``ours_tma``); ratios use the
 better one (column ``best``), so the run tells whether TMA should become the default. With grouped heads, ``ours``
 is the autotuner's pick between per-head and GQA-packed query rows (column ``tiles``) and ``ours_head`` the per-head
-layout alone: ``×ours_head`` is what the packed layout gained.
+layout alone: ``×ours_head`` is what the packed layout gained. For sentence-length packs the tuner also weighs
+multi-sequence tiles (several sentences per tile, "+multi" in ``tiles``); ``ours_seq`` is the per-sequence tiles
+alone, so ``×ours_seq`` is what they gained.
 """
 import argparse
 import contextlib
@@ -277,22 +279,26 @@ _LAYOUT_CACHES = {}
 
 
 @contextlib.contextmanager
-def _per_head_layout():
-    """Our kernels with the per-head query-row layout forced (the layout before GQA packing), forward and backward,
-    with tuning choices of their own: the A/B of the packed layout where the autotuner picked it."""
+def _forced_layout(flag="_FORCE_PACK", value=False):
+    """Our kernels with one tiling choice forced, forward and backward, with tuning choices of their own (a cache per
+    forced choice): ``_FORCE_PACK`` False gives the per-head query rows (the layout before GQA packing),
+    ``_FORCE_MULTI`` False the per-sequence tiles alone: the A/B of what the autotuner picked."""
     from llm2vec_fast.kernels import attention as attn_mod
 
     kernels = (attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel, attn_mod._attn_bwd_dq_kernel)
-    saved, old = [k.cache for k in kernels], attn_mod._FORCE_PACK
-    attn_mod._FORCE_PACK = False
+    saved, old = [k.cache for k in kernels], getattr(attn_mod, flag)
+    setattr(attn_mod, flag, value)
     for k in kernels:
-        k.cache = _LAYOUT_CACHES.setdefault(id(k), {})
+        k.cache = _LAYOUT_CACHES.setdefault((id(k), flag, value), {})
     try:
         yield
     finally:
-        attn_mod._FORCE_PACK = old
+        setattr(attn_mod, flag, old)
         for k, c in zip(kernels, saved, strict=True):
             k.cache = c
+
+
+_VARIANTS = {"ours_head": ("_FORCE_PACK", False), "ours_seq": ("_FORCE_MULTI", False)}
 
 
 def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
@@ -322,6 +328,9 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
     packed = [("ours", flash_attention)]
     if hq != hkv and peers.get("others", True):  # grouped heads: the tuner weighs the packed layout; A/B it
         packed.append(("ours_head", flash_attention))
+    if sum(x * x for x in lens) <= 256 * T and peers.get("others", True):
+        # sentences: the tuner weighs multi-sequence tiles too; the per-sequence tiles alone are the A/B
+        packed.append(("ours_seq", flash_attention))
     if _tma_possible(q):
         packed.append(("ours_tma", _with_tma(flash_attention)))
     if peers["varlen"]:
@@ -334,7 +343,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
         except Exception as e:  # noqa: BLE001
             print(f"    flex unavailable: {e}", file=sys.stderr)
     for pname, fn in packed:
-        with _per_head_layout() if pname == "ours_head" else contextlib.nullcontext():
+        with _forced_layout(*_VARIANTS[pname]) if pname in _VARIANTS else contextlib.nullcontext():
             for bwd in (False, True):
                 ms = _time(fn, (q, k, v, cu, m), do, bwd, W, R)
                 res[(pname, bwd)] = _tflops(real * (3.5 if bwd else 1.0), ms)
@@ -379,7 +388,7 @@ def bench_case(name, lens, hq, hkv, d, dense_S, args, peers, causal=False):
         ours_f, ours_b, row["best"] = tma_f, max(ours_b or 0, tma_b or 0) or None, "tma"
     else:
         row["best"] = "ptr"
-    for pname in ("varlen", "cudnn", "sdpa_flash", "sdpa_pad", "flex", "flash_attn", "ours_head"):
+    for pname in ("varlen", "cudnn", "sdpa_flash", "sdpa_pad", "flex", "flash_attn", "ours_head", "ours_seq"):
         for bwd, ours in ((False, ours_f), (True, ours_b)):
             peer = res.get((pname, bwd))
             if peer and ours:

@@ -152,9 +152,11 @@ def test_gpu_evidence_assembles_the_model_and_runs_both_stages(tmp_path):
 
 
 @pytest.mark.triton_cpu  # the Triton backend on CPU tensors
-def test_bench_attention_per_head_layout_runs_with_its_own_tuning_cache(monkeypatch):
-    """bench_attention's per-head A/B ("ours_head"): inside, the kernels take the per-head layout with a tuning cache
-    of their own; after, the flag and the tuner's cache are back as they were; the tuned-tile label reads configs."""
+@pytest.mark.parametrize("flag", ["_FORCE_PACK", "_FORCE_MULTI"])
+def test_bench_attention_forced_layouts_run_with_their_own_tuning_cache(monkeypatch, flag):
+    """bench_attention's A/B variants ("ours_head": per-head rows; "ours_seq": per-sequence tiles): inside, the
+    kernels take the forced choice with a tuning cache of their own; after, the flag and the tuner's cache are back
+    as they were; the tuned-tile label reads configs."""
     import torch
     import triton
     from llm2vec_fast.kernels import attention as A
@@ -167,14 +169,14 @@ def test_bench_attention_per_head_layout_runs_with_its_own_tuning_cache(monkeypa
     lens = (3, 9)
     cu = torch.tensor([0, 3, 12], dtype=torch.int32)
     q, k, v = torch.randn(12, 4, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 32)
-    with bench_attention._per_head_layout():
-        assert A._FORCE_PACK is False and all(a.cache is not b for a, b in zip(kernels, before, strict=True))
+    with bench_attention._forced_layout(flag, False):
+        assert getattr(A, flag) is False and all(a.cache is not b for a, b in zip(kernels, before, strict=True))
         inside = flash_attention(q, k, v, cu, max(lens))
-    assert A._FORCE_PACK is None and all(a.cache is b for a, b in zip(kernels, before, strict=True))
+    assert getattr(A, flag) is None and all(a.cache is b for a, b in zip(kernels, before, strict=True))
     torch.testing.assert_close(inside, flash_attention(q, k, v, cu, max(lens)))
-    best = triton.Config({"BM": 64, "BN": 32, "PACK": True}, num_warps=4, num_stages=3)
+    best = triton.Config({"BM": 64, "BN": 32, "PACK": True, "MULTI": True}, num_warps=4, num_stages=3)
     monkeypatch.setattr(A._attn_fwd_kernel, "best_config", best, raising=False)
-    assert bench_attention._tuned_tiles().startswith("fwd 64x32/4/3+pack")
+    assert bench_attention._tuned_tiles().startswith("fwd 64x32/4/3+pack+multi")
 
 
 @pytest.mark.parametrize("mode, launches", [("encode", {"attn_fwd", "rms_norm_fwd", "rope", "silu_mul_fwd"}),
