@@ -186,7 +186,8 @@ def _prune(kind, pack=False, multi=False):
             # multi-sequence tiles: sentences only, never with a window (the launcher passes SB only then)
             if _FORCE_MULTI is not None:
                 want = _FORCE_MULTI and not kwargs.get("HAS_WINDOW")
-                tiles = [c for c in tiles if c.kwargs["MULTI"] == want]
+                # a class without multi-sequence tiles (D=256) keeps its per-sequence ones: never an empty list
+                tiles = [c for c in tiles if c.kwargs["MULTI"] == want] or [c for c in tiles if not c.kwargs["MULTI"]]
             elif not short or kwargs.get("HAS_WINDOW"):
                 tiles = [c for c in tiles if not c.kwargs["MULTI"]]
         if pack:
@@ -1084,7 +1085,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen, order, scale, softcap, dropou
         _set_tma_allocator()
         kernel, extra = _attn_fwd_tma_kernel, {}
     else:
-        sb, multi = _multi_args(cu_seqlens, T, bucket, has_window)
+        sb, multi = _multi_args(cu_seqlens, T, bucket, has_window, next_power_of_2(D))
         sb = (sb,)
         extra.update(multi)
     kernel[_row_grid(max_seqlen, HQ, HKV, B, T)](
@@ -1111,12 +1112,12 @@ def _row_grid(max_seqlen, HQ, HKV, B, T=None):
     return grid
 
 
-def _multi_args(cu_seqlens, T, bucket, has_window):
+def _multi_args(cu_seqlens, T, bucket, has_window, bd):
     """(SB, extra kernel kwargs) of a pointer kernel: the token bounds that multi-sequence tiles read, built where
-    those tiles may run (forced, or a sentence-length pack without a window; a placeholder otherwise, never read),
-    and under the interpreter the MULTI flag itself (it cannot autotune)."""
+    those tiles may run (forced, or a sentence-length pack without a window whose head-dim class has such tiles; a
+    placeholder otherwise, never read), and under the interpreter the MULTI flag itself (it cannot autotune)."""
     multi = not has_window and (bool(_FORCE_MULTI) if _FORCE_MULTI is not None or INTERPRET
-                                else bucket - bucket % 2 == 256)
+                                else bucket - bucket % 2 == 256 and bool(_MULTI_TILES["fwd"][_head_class(bd)]))
     sb = _seq_bounds(cu_seqlens, T) if multi else cu_seqlens
     return sb, ({"MULTI": multi} if INTERPRET else {})
 
@@ -1172,7 +1173,7 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, order, scale, sof
     runtime = (T, qk_mul, cap_mul, float(scale), float(dropout_p), drop_scale, kernel_seed(seed),
                _seq_bucket(tune_len or max_seqlen, T), win_l, win_r)
 
-    sb, extra = _multi_args(cu_seqlens, T, runtime[7], has_window)
+    sb, extra = _multi_args(cu_seqlens, T, runtime[7], has_window, BD)
 
     def dkdv_grid(meta):
         return (cdiv(T, meta["BN"]), HKV, 1) if meta.get("MULTI") else (cdiv(max_seqlen, meta["BN"]), HKV, B)

@@ -370,6 +370,9 @@ def test_multi_sequence_tiles_are_offered_for_sentences_only(monkeypatch, kind):
     assert not any(got(SEQ_BUCKET=256, HAS_WINDOW=True))
     monkeypatch.setattr(attn, "_FORCE_MULTI", True)
     assert all(got(SEQ_BUCKET=1024)) and got(SEQ_BUCKET=256, PREC="ieee") == [True]
+    # a head-dim class without multi-sequence tiles (256) keeps its per-sequence ones rather than none
+    d256 = [c.kwargs["MULTI"] for c in prune(configs, {"G": 4}, BD=256, SEQ_BUCKET=256)]
+    assert d256 and not any(d256)
     assert got(SEQ_BUCKET=256, PREC="ieee", HAS_WINDOW=True) == [False]
     monkeypatch.setattr(attn, "_FORCE_MULTI", False)
     assert not any(got(SEQ_BUCKET=256))
