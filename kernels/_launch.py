@@ -1,5 +1,6 @@
-"""What several kernel launchers share (torch only, no triton): Philox seeds, the card's SM count, and host-side
-integer helpers."""
+"""What several kernel launchers share (torch only, no triton): Philox seeds, the card's SM count, the device guard,
+and host-side integer helpers."""
+import contextlib
 import functools
 
 import torch
@@ -60,5 +61,26 @@ def first_order_only(backward):
                                "second-order terms would be lost): use the PyTorch twin in llm2vec_fast.kernels."
                                "reference for higher-order gradients")
         return backward(ctx, *grads)
+
+    return wrapper
+
+
+def device_of(t):
+    """A context that makes ``t``'s CUDA device the current one, where it is not already (else a no-op): Triton
+    launches on the *current* device and stream, so a kernel on tensors of ``cuda:1`` while ``cuda:0`` is current
+    would run on the wrong GPU (an illegal access, or a race with the tensors' own stream)."""
+    if isinstance(t, torch.Tensor) and t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(fn):
+    """Decorate a public op whose first argument is a tensor: it runs with that tensor's device current
+    (:func:`device_of`); its autograd backward then runs on autograd's thread for that device, which sets it."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with device_of(x):
+            return fn(x, *args, **kwargs)
 
     return wrapper

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, first_order_only, kernel_seed, new_seed, next_power_of_2, version_of
+from ._launch import cdiv, first_order_only, kernel_seed, new_seed, next_power_of_2, on_input_device, version_of
 from .reference import check_attention_args, check_seed
 from .reference import validate_cu_seqlens as _validate_cu_seqlens
 
@@ -1294,6 +1294,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Public function
 # ----------------------------------------------------------------------------------------------------------------------
+@on_input_device
 def flash_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, softcap=0.0, dropout_p=0.0, seed=None,
                     return_lse=False, causal=False, window_size=(-1, -1)):
     """Bidirectional (non-causal) exact softmax attention over packed variable-length sequences.

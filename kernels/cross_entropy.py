@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import first_order_only, next_power_of_2
+from ._launch import first_order_only, next_power_of_2, on_input_device
 from .reference import _check_ce_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -147,6 +147,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None, None, None
 
 
+@on_input_device
 def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, bias=None,
                                _chunk_rows=None, _block_v=None):
     """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without full [N, V] logits.

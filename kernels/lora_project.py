@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, first_order_only, kernel_seed, new_seed, next_power_of_2, num_sms
+from ._launch import cdiv, first_order_only, kernel_seed, new_seed, next_power_of_2, num_sms, on_input_device
 from .reference import DROPOUT_PROJECT_MAX_RANK as MAX_RANK
 from .reference import _check_dropout_project_args, check_seed
 
@@ -227,6 +227,7 @@ class DropoutProjectFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
+@on_input_device
 def dropout_project(x, weight, dropout_p=0.0, seed=None):
     """``dropout(x, dropout_p) @ weight.T`` in one pass over ``x``, differentiable in both: a LoRA layer's down
     projection with its input dropout.

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, first_order_only, next_power_of_2
+from ._launch import cdiv, first_order_only, next_power_of_2, on_input_device
 from .reference import (  # noqa: F401 (prime_pool_args re-exported: priming belongs with the op)
     _check_pool_args,
     check_flag,
@@ -199,6 +199,7 @@ class MaskedPoolFunction(torch.autograd.Function):
         return dh, None, None, None, None
 
 
+@on_input_device
 def masked_pool(hidden, cu_seqlens, mode="mean", pool_start=None, normalize=False):
     """Pool packed hidden states into one vector per sequence (Triton, forward and backward).
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, first_order_only, next_power_of_2, num_sms
+from ._launch import cdiv, first_order_only, next_power_of_2, num_sms, on_input_device
 from .reference import _check_rms_norm_args, check_flag
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -167,6 +167,7 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
+@on_input_device
 def rms_norm(x, weight, eps=1e-6, *, unit_offset=False):
     """RMS-normalise the last dim of ``x`` and scale it by ``weight`` (Triton, forward and backward).
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, first_order_only, next_power_of_2
+from ._launch import cdiv, first_order_only, next_power_of_2, on_input_device
 from .reference import _check_rope_args, rope_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -142,6 +142,7 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None
 
 
+@on_input_device
 def rope(q, k, cos, sin):
     """Apply rotary position embeddings to packed queries and keys in one kernel (Triton, forward and backward).
 

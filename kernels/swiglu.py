@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, first_order_only
+from ._launch import cdiv, first_order_only, on_input_device
 from .reference import _check_silu_mul_args
 
 BLOCK = 1024  # 8 values per thread at 4 warps: 16-byte loads of bf16 on the GPU
@@ -104,6 +104,7 @@ class SiluMulFunction(torch.autograd.Function):
         return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None), None
 
 
+@on_input_device
 def silu_mul(gate, up):
     """``silu(gate) * up`` in one kernel (Triton, forward and backward): the activation of a SwiGLU MLP.
 
@@ -132,6 +133,7 @@ def silu_mul(gate, up):
     return SiluMulFunction.apply(gate.contiguous(), up.contiguous(), "silu")
 
 
+@on_input_device
 def gelu_tanh_mul(gate, up):
     """``gelu_tanh(gate) * up`` in one kernel (Triton, forward and backward): the activation of Gemma's GeGLU MLP.
 

@@ -526,6 +526,11 @@ class LLM2Vec(nn.Module):
         f = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
         if device.type == "cpu" and 0 < f["input_ids"].numel() < _MIN_CPU_TOKENS:
             f = _add_filler(f, _MIN_CPU_TOKENS - f["input_ids"].numel())
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            # the fused ops' Triton kernels launch on the current device: make it the model's (cuda:1 while cuda:0
+            # is current, or a server's encode thread, which starts on device 0)
+            with torch.cuda.device(device):
+                return f, self.hidden_states(f)
         return f, self.hidden_states(f)
 
     def hidden_states(self, f):
