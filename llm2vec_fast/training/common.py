@@ -368,8 +368,17 @@ class AdapterTrainer(Trainer):
         logger.warning("load_best_model_at_end is not supported for adapter checkpoints; keeping the last model")
 
 
+def mixed_precision(dtype) -> dict:
+    """The Trainer's autocast for a run's weight dtype (``--dtype``): on CUDA, bf16 autocast for bfloat16 (the
+    default), fp16 autocast with loss scaling for float16 (fp16 gradients underflow without it; the LoRA weights
+    are fp32, which the scaler needs); none for float32 and on the CPU."""
+    cuda = torch.cuda.is_available()
+    name = str(dtype).replace("torch.", "") if dtype is not None else None
+    return {"bf16": cuda and name in (None, "bfloat16"), "fp16": cuda and name == "float16"}
+
+
 def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max_steps, warmup_steps=0,
-                       logging_steps=10, save_steps=200, save_total_limit=None, seed=42, bf16=None,
+                       logging_steps=10, save_steps=200, save_total_limit=None, seed=42, bf16=None, fp16=False,
                        dataloader_num_workers=0, report_to="none", disable_tqdm=None, drop_last=False,
                        weight_decay=0.0, lr_scheduler_type="linear", extra: dict | None = None):
     """TrainingArguments with our conventions: no column pruning (collators take raw examples), adapter
@@ -395,6 +404,7 @@ def training_arguments(output_dir, *, batch_size, grad_accum, learning_rate, max
         seed=seed,
         data_seed=seed,
         bf16=bf16,
+        fp16=fp16,
         remove_unused_columns=False,
         dataloader_num_workers=dataloader_num_workers,
         dataloader_drop_last=drop_last,

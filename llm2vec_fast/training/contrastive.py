@@ -38,6 +38,7 @@ from .common import (
     check_run_arguments,
     enable_checkpointing,
     loss_history,
+    mixed_precision,
     prepare_output_dir,
     run_identity,
     schedule_steps,
@@ -519,7 +520,7 @@ def train_contrastive(args: ContrastiveArguments) -> dict:
         max_steps=min(args.max_steps, sched or args.max_steps), warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
-        bf16=torch.cuda.is_available() and (args.dtype in (None, "bfloat16")), disable_tqdm=args.disable_tqdm,
+        **mixed_precision(args.dtype), disable_tqdm=args.disable_tqdm,
         drop_last=True, extra=args.extra_training_args)
     cls = _SequentialTrainer if grouped else ContrastiveTrainer
     trainer = cls(model=ContrastiveModel(encoder), args=targs, train_dataset=dataset, data_collator=collator,

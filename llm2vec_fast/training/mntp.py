@@ -38,6 +38,7 @@ from .common import (
     default_dtype,
     enable_checkpointing,
     loss_history,
+    mixed_precision,
     prepare_output_dir,
     run_identity,
     schedule_steps,
@@ -336,7 +337,7 @@ def train_mntp(args: MNTPArguments) -> dict:
         max_steps=min(args.max_steps, sched or args.max_steps), warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
-        bf16=torch.cuda.is_available() and (args.dtype in (None, "bfloat16")), disable_tqdm=args.disable_tqdm,
+        **mixed_precision(args.dtype), disable_tqdm=args.disable_tqdm,
         dataloader_num_workers=args.dataloader_num_workers, extra=args.extra_training_args)
     trainer = MNTPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=stack_blocks,
                           processing_class=tokenizer, masker=collator)

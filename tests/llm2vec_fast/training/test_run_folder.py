@@ -208,3 +208,18 @@ def test_result_line_means_the_whole_run_and_says_a_time_stop(tiny_model_dir, ti
                                          r"not make a scheduler"):
         _mntp(tiny_model_dir, tiny_text_file, tmp_path / "u", extra_training_args={"lr_scheduler_kwargs":
                                                                                     {"min_lr": 0.1}})
+
+
+def test_mixed_precision_follows_the_weight_dtype(monkeypatch):
+    """bf16 autocast for bf16 weights (the CUDA default), fp16 autocast with loss scaling for fp16 weights (their
+    gradients underflow without it), none for fp32 or on the CPU."""
+    import torch
+
+    from llm2vec_fast.training.common import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert mixed_precision(None) == mixed_precision("bfloat16") == {"bf16": True, "fp16": False}
+    assert mixed_precision("float16") == mixed_precision(torch.float16) == {"bf16": False, "fp16": True}
+    assert mixed_precision("float32") == {"bf16": False, "fp16": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mixed_precision("float16") == mixed_precision(None) == {"bf16": False, "fp16": False}
