@@ -1239,14 +1239,19 @@ def default_batch_tokens(config, device, max_length=512, free_bytes=None, dtype=
     """Default token budget of a packed encode batch on ``device``.
 
     CPU: ``32 × max_length`` (the original's batch of 32 at full length). CUDA: as many tokens as half of the free
-    memory holds at a forward pass's live activations per token (residual stream, q/k/v/o and the MLP's gate, up and
-    activation, doubled for allocator and kernel workspace), capped at 65,536 (where a packed batch already fills an
-    H100) and never below ``max_length`` (one full-length text must fit).
+    memory (the device's, plus what PyTorch's allocator holds cached and unused) holds at a forward pass's live
+    activations per token (residual stream, q/k/v/o and the MLP's gate, up and activation, doubled for allocator
+    and kernel workspace), capped at 65,536 (where a packed batch already fills an H100) and never below
+    ``max_length`` (one full-length text must fit).
     """
     if torch.device(device).type != "cuda":
         return 32 * max_length
     if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+        dev = torch.device(device)
+        # what the device has free, plus what PyTorch's caching allocator holds but does not use (the last batch's
+        # freed activations): the budget stays the same from one call to the next in one process
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        free_bytes = torch.cuda.mem_get_info(dev)[0] + cached
     h = config.hidden_size
     inter = getattr(config, "intermediate_size", None) or 4 * h
     per_token = 2 * torch.finfo(dtype).bits // 8 * (6 * h + 3 * inter)

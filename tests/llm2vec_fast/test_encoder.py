@@ -458,6 +458,20 @@ def test_default_batch_tokens_per_device():
     assert fp32 < small
 
 
+def test_default_batch_tokens_counts_memory_the_allocator_caches(monkeypatch):
+    """A second encode in one process sees the first one's freed activations held by PyTorch's caching allocator:
+    they count as free, so the budget does not shrink from call to call."""
+    from types import SimpleNamespace
+
+    from llm2vec_fast.encoder import default_batch_tokens
+
+    cfg = SimpleNamespace(hidden_size=4096, intermediate_size=14336)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (2 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 1 * 2**30)
+    assert default_batch_tokens(cfg, "cuda:0", 512) == default_batch_tokens(cfg, "cuda", 512, free_bytes=4 * 2**30)
+
+
 def test_causal_encode_packed_equals_hf_causal(tiny_encoder_dir):
     """enable_bidirectional=False runs the packed per-sequence causal path; an explicit attn_implementation keeps
     Hugging Face's own, and both give the same embeddings."""
