@@ -938,7 +938,8 @@ class LLM2Vec(nn.Module):
             # one background thread tokenizes, packs and copies ahead; batch i is collected after batch i + 1 is
             # launched, so the device never waits for the host between batches
             pending = None
-            for rows, feats, skipped in _ahead(self._packed_batches(pairs, live, budget, dev), depth=2):
+            stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+            for rows, feats, skipped in _ahead(self._packed_batches(pairs, live, budget, dev, stream), depth=2):
                 bar.update(skipped)
                 if feats is None:
                     continue
@@ -961,7 +962,7 @@ class LLM2Vec(nn.Module):
             bar.close()
         return out[0] if single else out
 
-    def _packed_batches(self, pairs, live, budget, device):
+    def _packed_batches(self, pairs, live, budget, device, stream=None):
         """Yield ``(rows, packed features on device, texts skipped)`` for the texts ``live`` of ``pairs``.
 
         Texts are tokenized in chunks that grow from ``_FIRST_CHUNK`` to ``_TOKENIZE_CHUNK`` texts, so the device
@@ -970,7 +971,9 @@ class LLM2Vec(nn.Module):
         join the next chunk, so that batches are full. Except while the chunks still grow: a chunk smaller than
         ``_TOKENIZE_CHUNK`` that fills no whole batch runs at once, so the device works on it while the next,
         twice larger chunk is tokenized, instead of idling until a full budget of texts is ready
-        (``_EARLY_PARTIAL``). The batches depend on the input only, never on timing.
+        (``_EARLY_PARTIAL``). The batches depend on the input only, never on timing. ``stream``: the consumer's CUDA
+        stream, which the copies to the device join (this generator runs on a thread of its own, whose current
+        stream would otherwise be the default one, unordered with a caller's ``torch.cuda.stream(...)``).
         """
         pin = device.type == "cuda"
         held = []  # (row, ids, pool start) carried into the next chunk
@@ -1006,8 +1009,9 @@ class LLM2Vec(nn.Module):
                 chosen = [items[order[j]] for j in sel]
                 feats = pack([x[1] for x in chosen], [x[2] for x in chosen])
                 if pin:
-                    feats = {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                             for k, v in feats.items()}
+                    with torch.cuda.stream(stream):
+                        feats = {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+                                     else v) for k, v in feats.items()}
                 yield [x[0] for x in chosen], feats, 0
 
 

@@ -636,6 +636,20 @@ def test_non_finite_embeddings_name_their_rows(tiny, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_encode_under_a_side_stream(tiny_encoder_dir):
+    """Encode called under the caller's own CUDA stream: the background thread's copies join that stream, so the
+    result equals an encode on the default stream."""
+    l2v = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cuda")
+    texts = [f"sentence number {i} " * (1 + i % 7) for i in range(200)]
+    want = l2v.encode(texts, show_progress_bar=False)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = l2v.encode(texts, show_progress_bar=False)
+    side.synchronize()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
 def test_gpu_bf16_encode_matches_fp32_reference(data_dir):
     """The fast path on CUDA (bf16, Triton attention, fused RMSNorm/SwiGLU, packed batches) against the reference
     path (fp32, PyTorch attention, HF's modules): per-row cosine ≥ 0.999, on 300 STS-B sentences and instructed
