@@ -154,7 +154,7 @@ class LLM2Vec(nn.Module):
         # how to load this again (encode worker processes with load="reload"); plain values only
         source = dict(base_model_name_or_path=path, peft_model_name_or_path=peft_model_name_or_path,
                       merge_peft=merge_peft, enable_bidirectional=enable_bidirectional, attn_backend=attn_backend,
-                      dtype=str(dtype).replace("torch.", ""), fused_ops=fused_ops,
+                      dtype="auto" if dtype is None else str(dtype).replace("torch.", ""), fused_ops=fused_ops,
                       **{k: v for k, v in hf_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))})
 
         config_addr = peft_model_name_or_path if peft_model_name_or_path is not None else path
@@ -433,12 +433,13 @@ class LLM2Vec(nn.Module):
                 counts.append(sum(1 for (_, end), s in zip(offsets[i], sp, strict=True) if not s and end > cut))
         return counts
 
-    def tokenize(self, items):
+    def tokenize(self, items, prepared_ok=True):
         """Packed features for ``items`` (strings or ``[instruction, text]`` pairs), ready for :meth:`forward`.
 
         A string in the original's own form, ``"instruction; " + SEPARATOR + "text"`` (``SEPARATOR`` is
         ``"!@#$%^&*()"``, as its training collators build them, usually after ``prepare_for_tokenization``), is the
         pair it stands for: the instruction attends but is not pooled, and a prepared text is not prepared twice.
+        ``prepared_ok=False`` wraps every text as :meth:`encode` does (raw texts that may end with the eos string).
 
         Returns a dict: ``input_ids`` int64 ``[T]``, ``position_ids`` int64 ``[T]``, ``cu_seqlens`` int32
         ``[B + 1]``, ``max_seqlen`` int, ``pool_start`` int32 ``[B]`` (instruction tokens at each sequence start),
@@ -448,7 +449,7 @@ class LLM2Vec(nn.Module):
         """
         pairs = [tuple(t.split(SEPARATOR, 1)) if not i and SEPARATOR in t else (i, t)
                  for i, t in _normalize_inputs(items)]
-        ids, starts, _ = self.tokenize_items(pairs, prepared_ok=True)
+        ids, starts, _ = self.tokenize_items(pairs, prepared_ok=prepared_ok)
         return pack(ids, starts)
 
     # ------------------------------------------------------------------ model

@@ -72,13 +72,13 @@ class LLM2VecSTModule(InputModule):
         def items(rows):
             return [[prompt, texts[i]] if prompt else texts[i] for i in rows]
 
-        feats = self.l2v.tokenize(items(live)) if live else None
+        feats = self.l2v.tokenize(items(live), prepared_ok=False) if live else None
         if feats is not None and self.l2v.skip_instruction:
             cu = feats["cu_seqlens"].long()
             pooled = (cu[1:] - cu[:-1]) - feats["pool_start"].long()
             if (pooled <= 0).any():  # the instruction filled the whole window: nothing of the text to pool
                 live = [r for r, n in zip(live, pooled.tolist(), strict=True) if n > 0]
-                feats = self.l2v.tokenize(items(live)) if live else None
+                feats = self.l2v.tokenize(items(live), prepared_ok=False) if live else None
         out = dict(feats or {})
         out["llm2vec_rows"] = torch.tensor(live, dtype=torch.long)
         out["llm2vec_batch"] = len(texts)

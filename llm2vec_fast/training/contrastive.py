@@ -325,7 +325,7 @@ class ContrastiveTrainer(AdapterTrainer):
         self.gradcache_chunk_tokens = gradcache_chunk_tokens
 
     def _encode(self, model, texts):
-        return model(self.model.encoder.tokenize(texts))
+        return model(self.model.encoder.tokenize(texts, prepared_ok=False))
 
     def _guide_embeddings(self, texts):
         """The frozen guide's embeddings of a batch's texts (GISTEmbed), on the training device, outside autograd."""

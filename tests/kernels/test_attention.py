@@ -320,10 +320,16 @@ def test_multi_sequence_tiles_equal_per_sequence_tiles_dropout_included(monkeypa
     cu = _cu(SHORT_LENS)
     q, k, v, do = _inputs(SHORT_LENS, 6, 2, 32, torch.float32, seed=4)
     kw = dict(dropout_p=0.3, seed=21)
-    monkeypatch.setattr(attn, "_FORCE_MULTI", False)
-    per_seq = _run(flash_attention, q, k, v, do, cu, max(SHORT_LENS), **kw)
-    monkeypatch.setattr(attn, "_FORCE_MULTI", True)
-    tiled = _run(flash_attention, q, k, v, do, cu, max(SHORT_LENS), **kw)
+
+    def run(force):
+        # the tuner's choices are keyed without the flags: a fresh scratch cache per forced choice (on the GPU the
+        # second run would otherwise reuse the first one's tiles)
+        monkeypatch.setattr(attn, "_FORCE_MULTI", force)
+        for kernel in (attn._attn_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel):
+            monkeypatch.setattr(kernel, "cache", {})
+        return _run(flash_attention, q, k, v, do, cu, max(SHORT_LENS), **kw)
+
+    per_seq, tiled = run(False), run(True)
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), tiled, per_seq, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 

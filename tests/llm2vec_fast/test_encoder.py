@@ -1121,3 +1121,12 @@ def test_shard_folder_model_path_spellings_and_write_errors(tiny_encoder_dir, tm
     with pytest.raises(OSError, match=r"cannot write .*manifest.json: File too large"):
         absolute.encode_to_disk(["d", "e"], tmp_path / "u", chunk_size=2, show_progress_bar=False)
     assert not list((tmp_path / "u").glob("*.partial"))
+
+
+def test_dtype_auto_is_recorded_for_reloading_workers(tiny_encoder_dir):
+    """dtype="auto" (the checkpoint's own dtype, as sentence-transformers' torch_dtype "auto" asks) is what a
+    reloading worker process is told, not "None"."""
+    l2v = LLM2Vec.from_pretrained(str(tiny_encoder_dir), device="cpu", dtype="auto")
+    assert l2v._source["dtype"] == "auto"
+    again = LLM2Vec.from_pretrained(**l2v._source)
+    assert next(again.parameters()).dtype == next(l2v.parameters()).dtype

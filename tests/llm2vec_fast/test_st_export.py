@@ -9,7 +9,8 @@ from llm2vec_fast.st_export import MODULE_CLASS, is_st_folder, load_st_folder, s
 
 INSTR = "Given a web search query, retrieve relevant passages that answer the query"
 TEXTS = ["A man is playing a guitar.", "Cats purr.", "", "   ",
-         "The quick brown fox jumps over the lazy dog near the river bank, twice.", "Orange"]
+         "The quick brown fox jumps over the lazy dog near the river bank, twice.", "Orange",
+         "a text that ends with the end string </s>"]  # eos_token pooling still appends one, as encode does
 
 
 def _cos(a, b):
