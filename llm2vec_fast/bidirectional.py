@@ -321,7 +321,26 @@ def packed_torch_attention(q, k, v, cu_seqlens, max_seqlen, scale, softcap=0.0, 
 
     total, hq, dim = q.shape
     # the kernels' checks, with their messages (this path reads the lengths on the host below anyway)
-    validate_cu_seqlens(cu_seqlens.tolist(), total, int(max_seqlen))
+    cu_host = cu_seqlens.tolist()
+    validate_cu_seqlens(cu_host, total, int(max_seqlen))
+    # runs of neighbouring sequences of one length: where each length makes one run (encode packs its batches
+    # longest first), every group is a slice of the pack, attended in place of a gather and a scatter of all tokens
+    runs = []
+    for a, b in zip(cu_host[:-1], cu_host[1:], strict=True):
+        if runs and runs[-1][0] == b - a:
+            runs[-1][1] += 1
+        else:
+            runs.append([b - a, 1, a])
+    if len({length for length, _, _ in runs}) == len(runs):
+        out = torch.empty_like(q)
+        for length, n, start in sorted(runs):  # ascending lengths: the groups (and dropout draws) of the path below
+            if length == 0:
+                continue
+            span = slice(start, start + n * length)
+            grp = [t[span].reshape(n, length, t.shape[1], dim).transpose(1, 2) for t in (q, k, v)]
+            out[span] = _torch_attention(*grp, None, scale, softcap, dropout, window, causal).reshape(n * length, hq,
+                                                                                                     dim)
+        return out
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     # tokens reordered so that sequences of one length are contiguous: [group of n_L sequences × L tokens] ...
     seq_order = torch.argsort(lengths, stable=True)

@@ -344,3 +344,30 @@ def test_torch_backend_checks_packed_boundaries(cu, max_len, message):
     with pytest.raises(ValueError, match=message), torch.no_grad():
         model(input_ids=ids, position_ids=torch.arange(10)[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
               max_length_q=max_len, max_length_k=max_len)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_torch_attention_slices_and_gathers_alike(causal):
+    """The torch backend attends each length's sequences together: in place where each length is one run of
+    neighbours (encode's longest-first packs), through a gather otherwise; the same groups either way, so each
+    sequence's output is bit-for-bit the same, and equal to its own attention alone."""
+    from llm2vec_fast.bidirectional import _torch_attention, packed_torch_attention
+
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 5, 3, 3, 0, 1]
+    seqs = [[torch.randn(n, h, 16, generator=g) for h in (4, 2, 2)] for n in lens]
+
+    def run(order):
+        q, k, v = (torch.cat([seqs[i][j] for i in order]) for j in range(3))
+        cu = torch.tensor([0, *torch.tensor([lens[i] for i in order]).cumsum(0).tolist()], dtype=torch.int32)
+        out = packed_torch_attention(q, k, v, cu, 5, 0.25, causal=causal)
+        return {i: out[cu[j]:cu[j + 1]] for j, i in enumerate(order)}
+
+    runs = run([0, 1, 2, 3, 4, 5])  # one run per length: sliced in place
+    gathered = run([0, 2, 1, 4, 3, 5])  # lengths interleaved: gathered
+    for i, (q, k, v) in enumerate(seqs):
+        assert torch.equal(runs[i], gathered[i])
+        if lens[i]:
+            alone = _torch_attention(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2), None,
+                                     0.25, 0.0, 0.0, None, causal)[0]
+            torch.testing.assert_close(runs[i], alone, rtol=1e-5, atol=1e-6)
