@@ -580,10 +580,12 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o_n, o_drop, qk_mul, cap_mul, dropout_p,
                 drop_scale, seed, WIN_L, WIN_R, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, MASK_M: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, MASK_M: tl.constexpr,
+                kb_lo=None, kb_hi=None, SEQ_MASK: tl.constexpr = False):
     # one query block's contribution to a key block's dK/dV: o_stat indexes the rows' lse and delta ([Hq, T] flat),
     # o_m holds each row's token (causal mask), o_drop the dropout counters [BN, BM]; MASK_M: the block runs past
-    # the sequence's last row (m_m), whose padded rows get lse = +inf so that their P is exactly 0
+    # the sequence's last row (m_m), whose padded rows get lse = +inf so that their P is exactly 0; SEQ_MASK (the
+    # multi-sequence tiles, absolute token indices): a row outside its key's sequence [kb_lo, kb_hi) gets P = 0
     if MASK_M:
         b_lse2 = tl.load(LSE + o_stat, mask=m_m, other=float("inf")) * 1.4426950408889634
         b_delta = tl.load(DELTA + o_stat, mask=m_m, other=0.0)
@@ -598,6 +600,8 @@ def _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_stat, m_m, o_m, o
         b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
     else:
         b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
+    if SEQ_MASK:
+        b_pT = tl.where((o_m[None, :] >= kb_lo[:, None]) & (o_m[None, :] < kb_hi[:, None]), b_pT, 0.0)
     if CAUSAL:
         b_pT = tl.where(o_m[None, :] >= o_n[:, None], b_pT, 0.0)
     if HAS_WINDOW:
@@ -738,31 +742,11 @@ def _dkdv_multi(Q, K, V, DO, LSE, DELTA, DK, DV, SB, stride_qt, stride_qh, strid
             o_mc = tl.minimum(o_m, T - 1)
             b_q = _load_at(Q + o_mc * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
             b_do = _load_at(DO + o_mc * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)
-            # rows outside the tile's rows get lse = +inf: P exactly 0
-            b_lse2 = tl.load(LSE + o_hq * T + o_mc, mask=m_m, other=float("inf")) * 1.4426950408889634
-            b_delta = tl.load(DELTA + o_hq * T + o_mc, mask=m_m, other=0.0)
-            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
-            if HAS_SOFTCAP:
-                b_tT = 1.0 - 2.0 / (tl.exp2(b_sT * qk_mul * 2.8853900817779268) + 1.0)
-                b_pT = tl.exp2(cap_mul * b_tT - b_lse2[None, :])
-            else:
-                b_pT = tl.exp2(b_sT * qk_mul - b_lse2[None, :])
-            m_p = (o_m[None, :] >= kb_lo[:, None]) & (o_m[None, :] < kb_hi[:, None])
-            if CAUSAL:
-                m_p = m_p & (o_m[None, :] >= o_n[:, None])
-            b_pT = tl.where(m_p, b_pT, 0.0)
-            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
-            if HAS_DROPOUT:
-                b_keep = tl.rand(seed, ((o_hq * T + o_m) * T)[None, :] + o_n[:, None]) >= dropout_p
-                b_pdT = tl.where(b_keep, b_pT * drop_scale, 0.0)
-                b_dpT = tl.where(b_keep, b_dpT * drop_scale, 0.0)
-            else:
-                b_pdT = b_pT
-            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PREC)
-            b_dsT = b_pT * (b_dpT - b_delta[None, :])
-            if HAS_SOFTCAP:
-                b_dsT = b_dsT * (1.0 - b_tT * b_tT)
-            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PREC)
+            # rows past the tile's rows get lse = +inf in the block: P exactly 0
+            b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + o_mc, m_m, o_m, o_n,
+                                     ((o_hq * T + o_m) * T)[None, :] + o_n[:, None], qk_mul, cap_mul, dropout_p,
+                                     drop_scale, seed, 0, 0, CAUSAL, False, HAS_SOFTCAP, HAS_DROPOUT, PREC, True,
+                                     kb_lo, kb_hi, True)
     b_dk = b_dk * scale
     _store_at(DK + o_n * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), m_n, o_d, D, EVEN_D)
     _store_at(DV + o_n * stride_dvt + i_h * stride_dvh, b_dv.to(DV.dtype.element_ty), m_n, o_d, D, EVEN_D)
