@@ -672,27 +672,10 @@ def _dq_multi(Q, K, V, DO, LSE, DELTA, DQ, SB, stride_qt, stride_qh, stride_kt, 
     o_n0 = tl.arange(0, BN)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     for start_n in range(k_lo, k_hi, BN):
-        o_n = (start_n + o_n0).to(tl.int64)
-        b_k = _load_rows(p_k, o_n, o_d, stride_kt, k_hi, D, True, EVEN_D)  # [BN, BD]
-        b_v = _load_rows(p_v, o_n, o_d, stride_vt, k_hi, D, True, EVEN_D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
-        if HAS_SOFTCAP:
-            b_tc = 1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0)
-            b_p = tl.exp2(cap_mul * b_tc - b_lse2[:, None])
-        else:
-            b_p = tl.exp2(b_s * qk_mul - b_lse2[:, None])
-        m_p = (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])
-        if CAUSAL:
-            m_p = m_p & (o_n[None, :] <= o_t[:, None])
-        b_p = tl.where(m_p, b_p, 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        if HAS_DROPOUT:
-            b_keep = tl.rand(seed, o_row + o_n[None, :]) >= dropout_p
-            b_dp = tl.where(b_keep, b_dp * drop_scale, 0.0)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        if HAS_SOFTCAP:
-            b_ds = b_ds * (1.0 - b_tc * b_tc)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        # keys past k_hi masked as past a sequence's end (L = k_hi, no base offset: indices are absolute)
+        b_dq = _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, (start_n + o_n0).to(tl.int64), o_t, o_row, o_d, 0,
+                         k_hi, stride_kt, stride_vt, qk_mul, cap_mul, dropout_p, drop_scale, seed, 0, 0, True, CAUSAL,
+                         False, HAS_SOFTCAP, HAS_DROPOUT, D, EVEN_D, PREC, b_lo, b_hi, True)
     b_dq = (b_dq * scale).to(DQ.dtype.element_ty)
     _store_at(DQ + o_t * stride_dqt + o_hq * stride_dqh, b_dq, m_r, o_d, D, EVEN_D)
 
@@ -863,9 +846,10 @@ def _attn_bwd_dkdv_kernel(
 def _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, o_n, o_m, o_row, o_d, bos64, L, stride_kt, stride_vt, qk_mul,
               cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, MASK: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, D: tl.constexpr,
-              EVEN_D: tl.constexpr, PREC: tl.constexpr):
+              EVEN_D: tl.constexpr, PREC: tl.constexpr, r_lo=None, r_hi=None, SEQ_MASK: tl.constexpr = False):
     # one key block's contribution to a query block's dQ (P rebuilt from the lse); MASK: keys past the sequence end,
-    # after the query (causal) or outside its window are zeroed, else the block is whole and visible to every row
+    # after the query (causal) or outside its window are zeroed, else the block is whole and visible to every row;
+    # SEQ_MASK (the multi-sequence tiles, absolute token indices): keys outside each row's sequence [r_lo, r_hi) too
     b_k = _load_rows(p_k, o_n, o_d, stride_kt, L, D, MASK, EVEN_D)  # [BN, BD]
     b_v = _load_rows(p_v, o_n, o_d, stride_vt, L, D, MASK, EVEN_D)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
@@ -880,6 +864,8 @@ def _dq_block(b_q, b_do, b_dq, b_lse2, b_delta, p_k, p_v, o_n, o_m, o_row, o_d, 
             m_p = m_p & (o_m[:, None] >= o_n[None, :])
         if HAS_WINDOW:
             m_p = m_p & (o_m[:, None] - o_n[None, :] <= WIN_L) & (o_n[None, :] - o_m[:, None] <= WIN_R)
+        if SEQ_MASK:
+            m_p = m_p & (o_n[None, :] >= r_lo[:, None]) & (o_n[None, :] < r_hi[:, None])
         b_p = tl.where(m_p, b_p, 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
     if HAS_DROPOUT:
