@@ -313,9 +313,11 @@ def _query_block(ORDER, CU, G, BM: tl.constexpr, CAUSAL: tl.constexpr, PACK: tl.
 @triton.jit
 def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64, L, qk_mul, cap_mul, dropout_p, seed,
                WIN_L, WIN_R, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, r_lo=None, r_hi=None,
+               SEQ_MASK: tl.constexpr = False):
     # one key block of the forward: scores (log2 units, softcapped), then the online-softmax update that rescales
-    # the running sum and accumulator to the new row maximum. Returns (row max, row sum, accumulator).
+    # the running sum and accumulator to the new row maximum. Returns (row max, row sum, accumulator). SEQ_MASK (the
+    # multi-sequence tiles, absolute token indices): keys outside each row's sequence [r_lo, r_hi) are masked too.
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
     if HAS_SOFTCAP:
         b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
@@ -331,11 +333,14 @@ def _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_m, o_n, o_row, bos64
         if HAS_WINDOW:
             m_s = m_s & (o_m[:, None] - (start_n + o_n)[None, :] <= WIN_L) \
                 & ((start_n + o_n)[None, :] - o_m[:, None] <= WIN_R)
+        if SEQ_MASK:
+            m_s = m_s & ((start_n + o_n)[None, :] >= r_lo[:, None]) & ((start_n + o_n)[None, :] < r_hi[:, None])
         # without a window no row is all -inf here: key 0 (in the first block visited) is visible to every query row
         b_s = tl.where(m_s, b_s, float("-inf"))
     b_mn = tl.maximum(b_mi, tl.max(b_s, 1) * s_mul)
-    if HAS_WINDOW:
-        # a row that has seen no key yet keeps max -inf: subtract 0 instead, so its p and alpha are 0, not NaN
+    if HAS_WINDOW or SEQ_MASK:
+        # a row that has seen no key yet keeps max -inf (a window's edge, or a block of other sequences' keys):
+        # subtract 0 instead, so its p and alpha are 0, not NaN
         b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
         b_p = tl.exp2(b_s * s_mul - b_mz[:, None])
         b_alpha = tl.exp2(b_mi - b_mz)
@@ -397,26 +402,10 @@ def _fwd_multi(Q, K, V, O, LSE, SB, stride_qt, stride_qh, stride_kt, stride_kh, 
         o_n = (start_n + o_n0).to(tl.int64)
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, k_hi, D, True, EVEN_D)  # [BN, BD]
         b_v = _load_rows(p_v, o_n, o_d, stride_vt, k_hi, D, True, EVEN_D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
-        if HAS_SOFTCAP:
-            b_s = cap_mul * (1.0 - 2.0 / (tl.exp2(b_s * qk_mul * 2.8853900817779268) + 1.0))
-            s_mul = 1.0
-        else:
-            s_mul = qk_mul
-        m_s = (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])
-        if CAUSAL:
-            m_s = m_s & (o_n[None, :] <= o_t[:, None])
-        b_s = tl.where(m_s, b_s, float("-inf"))
-        # a block can hold only other sequences' keys for some rows: their max stays -inf, so subtract 0 there
-        b_mn = tl.maximum(b_mi, tl.max(b_s, 1) * s_mul)
-        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_p = tl.exp2(b_s * s_mul - b_mz[:, None])
-        b_alpha = tl.exp2(b_mi - b_mz)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        if HAS_DROPOUT:
-            b_p = tl.where(tl.rand(seed, o_row + o_n[None, :]) >= dropout_p, b_p, 0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_mi = b_mn
+        # absolute indices: no base offset, keys past k_hi masked as past a sequence's end
+        b_mi, b_li, b_acc = _fwd_block(b_q, b_k, b_v, b_mi, b_li, b_acc, start_n, o_t, o_n0, o_row, 0, k_hi, qk_mul,
+                                       cap_mul, dropout_p, seed, 0, 0, True, CAUSAL, False, HAS_SOFTCAP, HAS_DROPOUT,
+                                       PREC, b_lo, b_hi, True)
 
     # every row sees at least its own token's key (its sequence lies inside [k_lo, k_hi)): b_li > 0
     b_acc = (b_acc * (drop_scale / b_li)[:, None]).to(O.dtype.element_ty)
