@@ -773,32 +773,24 @@ def _attn_bwd_dkdv_kernel(
             t_hi = tl.minimum(L, i_n * BN + BN + WIN_L)
 
         # query blocks wholly inside the sequence ([lo, mid)) load their rows, lse and delta without masks; only the
-        # block running past the last row ([mid, hi)) pays for them
+        # block running past the last row ([mid, hi)) pays for them: two passes, MASKED a compile-time 0 then 1
         if PACK:
             lo = (t_lo * G // BM) * BM
             hi = t_hi * G
             mid = tl.maximum(lo, tl.minimum(tl.cdiv(hi, BM) * BM, (L * G // BM) * BM))
-            for start_m in range(lo, mid, BM):
-                o_r = start_m + o_m0
-                o_m = o_r // G  # each row's token
-                o_hq = i_h * G + o_r % G  # and query head
-                b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, o_r, o_d, D, EVEN_D, False)
-                b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, o_r, o_d, D, EVEN_D, False)
-                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, o_r, o_m,
-                                         o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                         dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                         HAS_DROPOUT, PREC, False)
-            for start_m in range(mid, hi, BM):
-                o_r = start_m + o_m0
-                m_m = o_r < L * G
-                o_m = o_r // G
-                o_hq = i_h * G + o_r % G
-                b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D)  # [BM, BD]
-                b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D)  # [BM, BD]
-                b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m, o_m,
-                                         o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                         dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                         HAS_DROPOUT, PREC, True)
+            for MASKED in tl.static_range(2):
+                for start_m in range(mid if MASKED else lo, hi if MASKED else mid, BM):
+                    o_r = start_m + o_m0
+                    m_m = o_r < L * G
+                    o_m = o_r // G  # each row's token
+                    o_hq = i_h * G + o_r % G  # and query head
+                    b_q = _load_at(Q + (bos64 + o_m) * stride_qt + o_hq * stride_qh, m_m, o_d, D, EVEN_D, MASKED == 1)
+                    b_do = _load_at(DO + (bos64 + o_m) * stride_dot + o_hq * stride_doh, m_m, o_d, D, EVEN_D,
+                                    MASKED == 1)
+                    b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, o_hq * T + bos64 + o_m, m_m,
+                                             o_m, o_n, ((o_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul,
+                                             cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW,
+                                             HAS_SOFTCAP, HAS_DROPOUT, PREC, MASKED == 1)
         else:
             lo = (t_lo // BM) * BM
             mid = tl.maximum(lo, tl.minimum(tl.cdiv(t_hi, BM) * BM, (L // BM) * BM))
@@ -806,23 +798,15 @@ def _attn_bwd_dkdv_kernel(
                 i_hq = i_h * G + g
                 p_q = Q + bos64 * stride_qt + i_hq * stride_qh
                 p_do = DO + bos64 * stride_dot + i_hq * stride_doh
-                for start_m in range(lo, mid, BM):
-                    o_m = start_m + o_m0
-                    b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, False, EVEN_D)  # [BM, BD]
-                    b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, False, EVEN_D)  # [BM, BD]
-                    b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, o_m,
-                                             o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                             dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                             HAS_DROPOUT, PREC, False)
-                for start_m in range(mid, t_hi, BM):
-                    o_m = start_m + o_m0
-                    m_m = o_m < L
-                    b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, True, EVEN_D)  # [BM, BD]
-                    b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, True, EVEN_D)  # [BM, BD]
-                    b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m, m_m,
-                                             o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col, qk_mul, cap_mul,
-                                             dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                             HAS_DROPOUT, PREC, True)
+                for MASKED in tl.static_range(2):
+                    for start_m in range(mid if MASKED else lo, t_hi if MASKED else mid, BM):
+                        o_m = start_m + o_m0
+                        b_q = _load_rows(p_q, o_m, o_d, stride_qt, L, D, MASKED == 1, EVEN_D)  # [BM, BD]
+                        b_do = _load_rows(p_do, o_m, o_d, stride_dot, L, D, MASKED == 1, EVEN_D)  # [BM, BD]
+                        b_dk, b_dv = _dkdv_block(b_k, b_v, b_q, b_do, b_dk, b_dv, LSE, DELTA, i_hq * T + bos64 + o_m,
+                                                 o_m < L, o_m, o_n, ((i_hq * T + bos64 + o_m) * T)[None, :] + o_col,
+                                                 qk_mul, cap_mul, dropout_p, drop_scale, seed, WIN_L, WIN_R, CAUSAL,
+                                                 HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, PREC, MASKED == 1)
 
         b_dk = b_dk * scale
         _store_rows(DK + bos64 * stride_dkt + i_h * stride_dkh, b_dk.to(DK.dtype.element_ty), o_n, o_d, stride_dkt, L,
